@@ -1,0 +1,162 @@
+"""PyTorch reference of URM-LLaMa-3.1-8B (`LlamaForSequenceClassificationWithNormal_Weights`).
+
+This file is copied into exported Hugging Face checkpoints as `modeling_custom.py` and loaded with
+`AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`, so it must stay
+self-contained: it imports only torch and transformers.
+
+Parameter names match the released checkpoint exactly:
+    model.*                       stock LlamaModel backbone (no lm_head)
+    score.weight                  [num_labels=10, hidden] value head, interleaved (mean_k, log_std_k)
+    weights.fc.{0,2,4}.{weight,bias}  gating MLP (indices 1 and 3 are parameter-free SELUs)
+
+Two deliberate differences from the released remote code (outputs on unpadded input are identical):
+* Position ids: when `position_ids` is None and an `attention_mask` is given we use
+  `cumsum(mask) - 1` (clamped at 0), so a left-padded row gets the same positions, hence the same
+  score, as the unpadded row. The released code passed no position ids (arange), so left-padded
+  scores drift with the amount of padding.
+* Pooling: the rightmost token whose id != pad_token_id (transformers 5 rule, works for left and
+  right padding). transformers 4.4x used "first pad - 1", which picks the wrong token when
+  pad == eos or when the batch is left-padded; the two rules agree for right-padded rows whose
+  pad id never occurs inside the text.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
+from transformers.utils import ModelOutput
+
+NUM_ATTRIBUTES_PER_LABEL = 2  # score outputs are (mean, log_std) pairs
+
+_GATE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def gate_dtype_from_config(config) -> torch.dtype:
+    """The gate's dtype: float16 as in the released code unless the config names another."""
+    name = getattr(config, "gate_dtype", None) or "float16"
+    if isinstance(name, torch.dtype):
+        return name
+    name = str(name).removeprefix("torch.")
+    if name not in _GATE_DTYPES:
+        raise ValueError(f"gate_dtype must be one of {sorted(_GATE_DTYPES)}, got {name!r}")
+    return _GATE_DTYPES[name]
+
+
+@dataclass
+class URMOutput(ModelOutput):
+    """Pooled outputs. `logits` is the scalar reward, as in the released class."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None  # reward sum_k means_k * gate_k, [B, 1]
+    value_logits: torch.FloatTensor | None = None  # raw score head z, [B, 10]
+    means: torch.FloatTensor | None = None  # z.view(B, 5, 2)[..., 0], [B, 5]
+    log_stds: torch.FloatTensor | None = None  # z.view(B, 5, 2)[..., 1], [B, 5]
+    gate_weights: torch.FloatTensor | None = None  # gate MLP output w, [B, 5]
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class Weights(nn.Module):
+    """Gating MLP. Created with an explicit dtype (fp16 in the released code) that survives
+    `from_pretrained(dtype=...)`, because transformers casts each loaded tensor to the dtype of the
+    parameter it fills."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size, dtype=dtype),
+            nn.SELU(),
+            nn.Linear(hidden_size, hidden_size, dtype=dtype),
+            nn.SELU(),
+            nn.Linear(hidden_size, num_labels // NUM_ATTRIBUTES_PER_LABEL, dtype=dtype),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The released code casts the (bf16/fp32) hidden state to the gate dtype and runs in it.
+        return self.fc(x.to(self.fc[0].weight.dtype))
+
+
+def pooling_index(input_ids, attention_mask, pad_token_id, seq_len, batch_size, device):
+    """Index of the last real token per row.
+
+    With ids: the rightmost token whose id != pad_token_id (transformers 5 rule). With
+    inputs_embeds (or no pad id): the rightmost position where attention_mask == 1, else the last.
+    """
+    positions = torch.arange(seq_len, device=device)
+    if input_ids is not None and pad_token_id is not None:
+        real = (input_ids != pad_token_id).to(device, torch.long)
+    elif attention_mask is not None:
+        real = (attention_mask != 0).to(device, torch.long)
+    else:
+        return torch.full((batch_size,), seq_len - 1, device=device, dtype=torch.long)
+    return (positions * real).argmax(-1)
+
+
+class LlamaForSequenceClassificationWithNormal_Weights(LlamaPreTrainedModel):
+    config_class = LlamaConfig
+    config: LlamaConfig
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = LlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.weights = Weights(config.hidden_size, self.num_labels, dtype=gate_dtype_from_config(config))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,  # accepted for API compatibility; no loss is computed
+        return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if position_ids is None and attention_mask is not None:
+            # Padding-invariant positions (the released code used arange; see module docstring).
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs.setdefault("use_cache", False)  # scoring never needs a KV cache
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # [B, L, H], after the final RMSNorm
+        batch_size, seq_len = hidden.shape[:2]
+
+        idx = pooling_index(
+            input_ids, attention_mask, self.config.pad_token_id, seq_len, batch_size, hidden.device
+        )
+        # Pool first: score and gate act per position, so pooling before them gives the same numbers.
+        pooled = hidden[torch.arange(batch_size, device=hidden.device), idx]  # [B, H]
+        z = self.score(pooled)  # [B, 10]
+        w = self.weights(pooled)  # [B, 5], gate dtype
+        pairs = z.view(batch_size, -1, NUM_ATTRIBUTES_PER_LABEL)
+        means, log_stds = pairs[..., 0], pairs[..., 1]
+        # Plain type promotion, as in the released code: bf16 * fp16 -> fp32, fp32 * fp16 -> fp32.
+        reward = (means * w).sum(-1, keepdim=True)
+
+        if not return_dict:
+            return (z, w)  # exactly what the released class returns
+        return URMOutput(
+            loss=None,
+            logits=reward,
+            value_logits=z,
+            means=means,
+            log_stds=log_stds,
+            gate_weights=w,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+        )

@@ -1,0 +1,263 @@
+"""Typed model configuration, read from (and written back to) a Hugging Face `config.json`.
+
+The HF dict is the source of truth on disk; `ModelConfig` is the validated view the JAX code uses.
+Both RoPE spellings are read: transformers-4 style (top-level `rope_theta` + `rope_scaling`, as in
+the real URM checkpoint) and transformers-5 style (`rope_parameters`). Anything the JAX model cannot
+reproduce exactly (biases, other activations, unknown RoPE types) fails here, at load, with a
+message that names the field, rather than producing silently different numbers later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+ARCHITECTURE = "LlamaForSequenceClassificationWithNormal_Weights"
+AUTO_MAP = {"AutoModelForSequenceClassification": f"modeling_custom.{ARCHITECTURE}"}
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config that the model cannot honour exactly."""
+
+
+def canonical_dtype(name: Any, *, what: str = "dtype") -> str:
+    """Normalise 'bf16', 'torch.bfloat16', np.dtype(...) etc. to one of DTYPES."""
+    text = str(getattr(name, "name", name)).replace("torch.", "").lower()
+    aliases = {"fp32": "float32", "f32": "float32", "float": "float32", "bf16": "bfloat16",
+               "fp16": "float16", "f16": "float16", "half": "float16"}
+    text = aliases.get(text, text)
+    if text not in DTYPES:
+        raise ConfigError(f"{what} {name!r} is not one of {', '.join(DTYPES)}")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "RopeConfig":
+        params = hf.get("rope_parameters")
+        if params is None:  # transformers-4 style
+            if "rope_theta" not in hf:
+                raise ConfigError("config.json has neither `rope_parameters` nor `rope_theta`")
+            params = dict(hf.get("rope_scaling") or {})
+            params["rope_theta"] = hf["rope_theta"]
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"unsupported RoPE type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if "rope_theta" not in params:
+            raise ConfigError("RoPE parameters lack `rope_theta`")
+        kwargs: dict[str, Any] = {"theta": float(params["rope_theta"]), "rope_type": rope_type}
+        if rope_type in ("linear", "llama3"):
+            if "factor" not in params:
+                raise ConfigError(f"RoPE type {rope_type!r} needs `factor`")
+            kwargs["factor"] = float(params["factor"])
+        if rope_type == "llama3":
+            missing = [k for k in ("low_freq_factor", "high_freq_factor",
+                                   "original_max_position_embeddings") if k not in params]
+            if missing:
+                raise ConfigError(f"llama3 RoPE scaling lacks {', '.join(missing)}")
+            kwargs.update(low_freq_factor=float(params["low_freq_factor"]),
+                          high_freq_factor=float(params["high_freq_factor"]),
+                          original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+            if kwargs["high_freq_factor"] <= kwargs["low_freq_factor"]:
+                raise ConfigError("llama3 RoPE needs high_freq_factor > low_freq_factor")
+        return cls(**kwargs)
+
+    def hf_parameters(self) -> dict:
+        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        if self.rope_type in ("linear", "llama3"):
+            out["factor"] = self.factor
+        if self.rope_type == "llama3":
+            out.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
+                       original_max_position_embeddings=self.original_max_position_embeddings)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    pad_token_id: int | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    num_labels: int = 2 * len(ATTRIBUTES)
+    torch_dtype: str = "float32"  # the checkpoint's backbone dtype, as config.json declares it
+    gate_dtype: str = "float16"  # dtype the HF reference builds and runs the gate in
+    hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def num_attributes(self) -> int:
+        return self.num_labels // 2
+
+    @property
+    def gate_hidden_size(self) -> int:
+        return self.hidden_size
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, *, source: str = "config.json") -> "ModelConfig":
+        def need(key):
+            if key not in hf:
+                raise ConfigError(f"{source}: missing `{key}`")
+            return hf[key]
+
+        model_type = hf.get("model_type", "llama")
+        if model_type != "llama":
+            raise ConfigError(f"{source}: model_type {model_type!r} is not 'llama'")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act {act!r} unsupported (Llama uses 'silu')")
+        for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            if hf.get(flag, False):
+                raise ConfigError(f"{source}: `{flag}: true` is not part of the URM architecture")
+        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        kv_heads = int(hf.get("num_key_value_heads") or heads)
+        head_dim = int(hf.get("head_dim") or hidden // heads)
+        if heads % kv_heads:
+            raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of "
+                              f"num_key_value_heads {kv_heads}")
+        if head_dim % 2:
+            raise ConfigError(f"{source}: head_dim {head_dim} must be even for RoPE")
+        num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2 * len(ATTRIBUTES))
+        if num_labels != 2 * len(ATTRIBUTES):
+            raise ConfigError(f"{source}: num_labels is {num_labels}; URM needs "
+                              f"{2 * len(ATTRIBUTES)} (mean and log-std of {len(ATTRIBUTES)} attributes)")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+        vocab = int(need("vocab_size"))
+        pad = hf.get("pad_token_id")
+        if pad is not None and not 0 <= int(pad) < vocab:
+            raise ConfigError(f"{source}: pad_token_id {pad} outside the vocabulary (size {vocab})")
+        return cls(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            rope=RopeConfig.from_hf(hf),
+            pad_token_id=None if pad is None else int(pad),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            num_labels=num_labels,
+            torch_dtype=canonical_dtype(hf.get("dtype") or hf.get("torch_dtype") or "float32",
+                                        what=f"{source}: dtype"),
+            gate_dtype=canonical_dtype(hf.get("gate_dtype", "float16"), what=f"{source}: gate_dtype"),
+            hf_config=dict(hf),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise ConfigError(f"{file}: not found")
+        try:
+            hf = json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{file}: not valid JSON ({err})") from None
+        return cls.from_hf_dict(hf, source=str(file))
+
+    def to_hf_dict(self, *, torch_dtype: str | None = None, gate_dtype: str | None = None) -> dict:
+        """The config.json an exported checkpoint carries.
+
+        Keeps every field of the source config, writes RoPE both as transformers-5
+        `rope_parameters` and as v4 `rope_theta`/`rope_scaling` (older loaders, sglang), and points
+        `auto_map` at the shipped `modeling_custom.py`.
+        """
+        hf = dict(self.hf_config)
+        hf.pop("torch_dtype", None)
+        rope = self.rope.hf_parameters()
+        hf["rope_parameters"] = rope
+        hf["rope_theta"] = self.rope.theta
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        hf["rope_scaling"] = None if self.rope.rope_type == "default" else scaling
+        hf.update(
+            model_type="llama",
+            architectures=[ARCHITECTURE],
+            auto_map=dict(AUTO_MAP),
+            num_labels=self.num_labels,
+            id2label={str(i): f"LABEL_{i}" for i in range(self.num_labels)},
+            label2id={f"LABEL_{i}": i for i in range(self.num_labels)},
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=torch_dtype or self.torch_dtype,
+            gate_dtype=gate_dtype or self.gate_dtype,
+        )
+        return hf
+
+    def param_count(self) -> dict[str, int]:
+        d, f, v, layers = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = d * q * 2 + d * kv * 2 + 3 * d * f + 2 * d
+        backbone = v * d + layers * per_layer + d
+        score = d * self.num_labels
+        gate = 2 * (d * d + d) + d * self.num_attributes + self.num_attributes
+        return {"backbone": backbone, "score": score, "gate": gate, "total": backbone + score + gate}
+
+
+@dataclasses.dataclass(frozen=True)
+class DTypePolicy:
+    """The dtypes of one model instance, each named.
+
+    param: storage dtype of backbone and value head (None keeps each tensor's checkpoint dtype);
+    compute: activations and matmuls of backbone and value head;
+    gate: storage and compute dtype of the gating MLP (None follows the checkpoint's gate_dtype,
+    float16 in the real model, as the HF reference runs it).
+    """
+
+    param: str | None = None
+    compute: str = "float32"
+    gate: str | None = None
+
+    def __post_init__(self):
+        if self.param is not None:
+            object.__setattr__(self, "param", canonical_dtype(self.param, what="param dtype"))
+        object.__setattr__(self, "compute", canonical_dtype(self.compute, what="compute dtype"))
+        if self.gate is not None:
+            object.__setattr__(self, "gate", canonical_dtype(self.gate, what="gate dtype"))
+
+    @classmethod
+    def for_checkpoint(cls, cfg: ModelConfig, compute: str | None = None) -> "DTypePolicy":
+        """What the HF reference does with this checkpoint: compute in its dtype, gate in its gate dtype."""
+        return cls(param=None, compute=compute or cfg.torch_dtype, gate=cfg.gate_dtype)
+
+    def gate_dtype(self, cfg: ModelConfig) -> str:
+        return self.gate or cfg.gate_dtype
+
+
+def np_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if canonical_dtype(name) == "bfloat16" else np.dtype(name)

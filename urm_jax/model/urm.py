@@ -1,0 +1,290 @@
+"""The URM reward model in Flax NNX: a Llama-3.1 backbone, a value head (mean and log-std for five
+attributes) and a gating MLP whose outputs weigh the means into one reward.
+
+Numerics follow the HF reference op by op so fp32 parity is tight and bf16 parity is explainable:
+RMSNorm in float32 then cast back before the weight multiply; RoPE tables in float32 cast to the
+compute dtype; attention logits in the compute dtype, softmax in float32; the gate in its own dtype
+(float16 in the real model) on the pooled hidden state; reward in the promoted dtype of means and
+gate weights (bf16 x fp16 -> fp32, as torch promotes).
+
+Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`: one compile for any
+depth and one on-disk layout. Every parameter carries `logical_axes` metadata for the sharding
+rules in `urm_jax.sharding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from urm_jax.config import DTypePolicy, ModelConfig
+from urm_jax.model.rope import apply_rope, cos_sin, inv_frequencies
+from urm_jax.sharding import constrain
+
+SELU_SCALE = 1.0507009873554805
+SELU_ALPHA = 1.6732632423543772
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class URMOutputs(NamedTuple):
+    reward: jax.Array  # [B]
+    means: jax.Array  # [B, 5]
+    log_stds: jax.Array  # [B, 5]
+    gate: jax.Array  # [B, 5]
+    uncertainty: jax.Array  # [B]: sum_k exp(2 log_std_k), float32
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    dtypes: DTypePolicy = DTypePolicy()
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} not in {sorted(REMAT_POLICIES)}")
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str, fan_in: int = 1) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros" or rngs is None:
+        value = jnp.zeros(shape, dtype)
+    else:  # unit-variance outputs: random models give O(1) rewards, so relative parity is meaningful
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def _precision(dtype) -> jax.lax.Precision:
+    # fp32 compute means "exact": without HIGHEST, TPUs and GPUs would run fp32 matmuls in bf16/tf32.
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF LlamaRMSNorm: normalise in float32, cast back to the input dtype, then scale."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its contiguous run of equal segment ids (0 at each run start).
+
+    For a padding mask (segment 1 = real tokens) this equals cumsum(mask) - 1 on real tokens for
+    left and right padding alike, so a row's numbers never depend on how it was padded."""
+    idx = jnp.arange(segment_ids.shape[-1])
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    run_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - run_start
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the rightmost real token of each row (derived from the mask, not from pad ids)."""
+    length = attention_mask.shape[-1]
+    return length - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=-1)
+
+
+def attention(q, k, v, allowed, precision):
+    """Grouped-query attention. q [B,L,Hq,D]; k, v [B,L,Hkv,D]; allowed [B,L,L] bool."""
+    batch, length, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, precision=precision) * jnp.asarray(
+        head_dim ** -0.5, q.dtype)
+    # A finite minimum instead of -inf: fully masked rows (padding queries) stay NaN-free.
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, precision=precision)
+    return out.reshape(batch, length, q_heads, head_dim)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading `layers` axis (kernels are [in, out])."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
+        n, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+        hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.input_norm = _param(rngs, (n, d), ("layers", "norm"), dtype, "ones")
+        self.q_proj = _param(rngs, (n, d, hq, hd), ("layers", "embed", "q_heads", "head_dim"), dtype, "normal", d)
+        self.k_proj = _param(rngs, (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype, "normal", d)
+        self.v_proj = _param(rngs, (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype, "normal", d)
+        self.o_proj = _param(rngs, (n, hq, hd, d), ("layers", "q_heads", "head_dim", "embed"), dtype, "normal", hq * hd)
+        self.post_attn_norm = _param(rngs, (n, d), ("layers", "norm"), dtype, "ones")
+        self.gate_proj = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), dtype, "normal", d)
+        self.up_proj = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), dtype, "normal", d)
+        self.down_proj = _param(rngs, (n, f, d), ("layers", "mlp", "embed"), dtype, "normal", f)
+
+
+def decoder_layer(cfg: ModelConfig, x, w: dict, cos, sin, allowed):
+    """One pre-norm Llama block on one layer's slice of the stacked weights."""
+    dtype = x.dtype
+    prec = _precision(dtype)
+
+    def c(name):
+        return w[name].astype(dtype)
+
+    h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("ble,ehd->blhd", h, c("q_proj"), precision=prec)
+    k = jnp.einsum("ble,ehd->blhd", h, c("k_proj"), precision=prec)
+    v = jnp.einsum("ble,ehd->blhd", h, c("v_proj"), precision=prec)
+    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
+    attn = attention(q, k, v, allowed, prec)
+    x = x + jnp.einsum("blhd,hde->ble", attn, c("o_proj"), precision=prec)
+    x = constrain(x, ("batch", "seq", "act_embed"))
+
+    h = rms_norm(x, w["post_attn_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("ble,ef->blf", h, c("gate_proj"), precision=prec)
+    up = jnp.einsum("ble,ef->blf", h, c("up_proj"), precision=prec)
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+    x = x + jnp.einsum("blf,fe->ble", act, c("down_proj"), precision=prec)
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
+class Backbone(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, "normal")
+        self.layers = DecoderLayers(cfg, dtype, rngs)
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), dtype, "ones")
+
+
+class Dense(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, axes, dtype, rngs: nnx.Rngs | None, bias: bool = True):
+        self.kernel = _param(rngs, (d_in, d_out), axes, dtype, "normal", d_in)
+        self.bias = _param(rngs, (d_out,), axes[1:], dtype, "zeros") if bias else None
+
+    def __call__(self, x):
+        prec = _precision(x.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(x.dtype), precision=prec)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class Gate(nnx.Module):
+    """weights.fc: Linear -> SELU -> Linear -> SELU -> Linear, with biases (indices 1 and 3 are
+    the parameter-free SELUs of the HF Sequential)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
+        d, k = cfg.hidden_size, cfg.num_attributes
+        self.fc0 = Dense(d, d, ("embed", "gate_hidden"), dtype, rngs)
+        self.fc2 = Dense(d, d, ("gate_hidden", "embed"), dtype, rngs)
+        self.fc4 = Dense(d, k, ("embed", "attributes"), dtype, rngs)
+
+    def __call__(self, x):
+        return self.fc4(selu(self.fc2(selu(self.fc0(x)))))
+
+
+def selu(x):
+    return (SELU_SCALE * jnp.where(x > 0, x, SELU_ALPHA * jnp.expm1(x))).astype(x.dtype)
+
+
+class URM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, options: ModelOptions = ModelOptions(), *,
+                 rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        self.options = options
+        dt = options.dtypes
+        param_dtype = jnp.dtype(dt.param or cfg.torch_dtype)
+        self.backbone = Backbone(cfg, param_dtype, rngs)
+        self.value_head = Dense(cfg.hidden_size, cfg.num_labels, ("embed", "labels"), param_dtype,
+                                rngs, bias=False)
+        self.gate = Gate(cfg, jnp.dtype(dt.gate_dtype(cfg)), rngs)
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Final-norm hidden states [B, L, D] in the compute dtype."""
+        cfg = self.cfg
+        compute = jnp.dtype(self.options.dtypes.compute)
+        segment_ids = attention_mask.astype(jnp.int32)
+        positions = segment_positions(segment_ids)
+        cos, sin = cos_sin(positions, inv_frequencies(cfg.rope, cfg.head_dim))
+        causal = jnp.tril(jnp.ones((input_ids.shape[1],) * 2, bool))
+        allowed = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]) \
+            & (segment_ids[:, None, :] != 0)
+
+        x = jnp.take(self.backbone.embed_tokens[...], input_ids, axis=0).astype(compute)
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        layer_weights = {name: p[...] for name, p in vars(self.backbone.layers).items()
+                         if isinstance(p, nnx.Param)}
+
+        def body(carry, w):
+            return decoder_layer(cfg, carry, w, cos, sin, allowed), None
+
+        policy = REMAT_POLICIES[self.options.remat]
+        if self.options.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, layer_weights)
+        return rms_norm(x, self.backbone.final_norm[...], cfg.rms_norm_eps)
+
+    def pooled(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Hidden state of each row's last real token [B, D] (all the heads ever look at)."""
+        h = self.hidden_states(input_ids, attention_mask)
+        idx = last_token_index(attention_mask)
+        return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+
+    def heads(self, pooled: jax.Array) -> URMOutputs:
+        """Value head, gate and reward on pooled hidden states (stage 2 trains on cached ones)."""
+        z = self.value_head(pooled.astype(self.options.dtypes.compute))
+        means, log_stds = z[:, 0::2], z[:, 1::2]  # interleaved: view(B, 5, 2)
+        gate = self.gate(pooled.astype(self.gate.fc0.kernel.dtype))
+        reward_dtype = jnp.promote_types(means.dtype, gate.dtype)
+        reward = jnp.sum(means.astype(reward_dtype) * gate.astype(reward_dtype), axis=-1)
+        uncertainty = jnp.sum(jnp.exp(2.0 * log_stds.astype(jnp.float32)), axis=-1)
+        return URMOutputs(reward, means, log_stds, gate, uncertainty)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> URMOutputs:
+        return self.heads(self.pooled(input_ids, attention_mask))
+
+
+def init_random(cfg: ModelConfig, options: ModelOptions = ModelOptions(), seed: int = 0) -> URM:
+    return URM(cfg, options, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, options: ModelOptions = ModelOptions()) -> URM:
+    """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, nothing allocated."""
+    return nnx.eval_shape(lambda: URM(cfg, options, rngs=None))
+
+
+def param_logical_axes(model: URM) -> dict:
+    """Pure-dict tree of each parameter's logical axes, matching `nnx.state(model).to_pure_dict()`."""
+    state = nnx.state(model, nnx.Param)
+    axes = jax.tree.map(lambda p: p.get_metadata()["logical_axes"], state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.State(axes).to_pure_dict() if not isinstance(axes, dict) else axes
+
+
+def model_from_params(cfg: ModelConfig, params: dict, options: ModelOptions = ModelOptions()) -> URM:
+    """A URM holding `params` (the pure-dict tree of a checkpoint, numpy or jax arrays, possibly
+    sharded). Backbone and value head are cast to `options.dtypes.param` when set (else each keeps
+    its dtype); the gate to the policy's gate dtype."""
+    graphdef, abstract = nnx.split(abstract_model(cfg, options))
+    expected = abstract.to_pure_dict()
+    got_paths = {p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want_paths = {p for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    if got_paths != want_paths:
+        fmt = lambda ps: sorted(jax.tree_util.keystr(p) for p in ps)  # noqa: E731
+        raise ValueError(f"parameter tree mismatch: missing {fmt(want_paths - got_paths)}, "
+                         f"unexpected {fmt(got_paths - want_paths)}")
+    gate_dtype = jnp.dtype(options.dtypes.gate_dtype(cfg))
+    param_dtype = options.dtypes.param
+
+    def cast(path, value, want):
+        if tuple(value.shape) != tuple(want.shape):
+            raise ValueError(f"{jax.tree_util.keystr(path)}: shape {tuple(value.shape)}, "
+                             f"model expects {tuple(want.shape)}")
+        is_gate = jax.tree_util.keystr(path).startswith("['gate']")
+        dtype = gate_dtype if is_gate else (jnp.dtype(param_dtype) if param_dtype else value.dtype)
+        return value if value.dtype == dtype else jnp.asarray(value).astype(dtype)
+
+    values = jax.tree_util.tree_map_with_path(cast, params, expected)
+    abstract.replace_by_pure_dict(values)
+    return nnx.merge(graphdef, abstract)

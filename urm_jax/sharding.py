@@ -1,0 +1,120 @@
+"""Mesh and logical-axis rules: every parameter and activation names its axes logically
+("embed", "mlp", "q_heads", ...); one rule table maps those names onto the (data, fsdp, tensor)
+mesh. Changing the parallelism means changing the table or the mesh shape, never the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisRules:
+    """Logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated)."""
+
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("seq", None),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("act_embed", None),
+        ("q_heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("layers", None),
+        ("norm", None),
+        ("labels", None),
+        ("gate_hidden", "tensor"),
+        ("attributes", None),
+    )
+
+    def __post_init__(self):
+        names = [n for n, _ in self.rules]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"logical axes with two rules: {sorted(dup)}")
+
+    def mesh_axes(self, logical: str | None):
+        if logical is None:
+            return None
+        for name, target in self.rules:
+            if name == logical:
+                return target
+        raise KeyError(f"no sharding rule for logical axis {logical!r}")
+
+    def spec(self, logical_axes: Sequence[str | None], mesh: Mesh | None = None,
+             shape: Sequence[int] | None = None) -> P:
+        """PartitionSpec for an array with these logical axes. A mesh axis is used at most once
+        (the first array dim that asks for it gets it); axes of size 1, and axes that do not divide
+        the dim (vocab 128257 over tensor=2) are dropped, so any mesh shape gives a valid spec from
+        the same rules."""
+        used: set[str] = set()
+        out = []
+        for i, logical in enumerate(logical_axes):
+            target = self.mesh_axes(logical)
+            targets = (target,) if isinstance(target, str) else tuple(target or ())
+            keep: tuple[str, ...] = ()
+            for t in targets:
+                size = 1 if mesh is None else mesh.shape[t]
+                split = int(np.prod([mesh.shape[k] for k in keep])) * size if mesh is not None else 1
+                if t in used or size == 1 or (shape is not None and shape[i] % split):
+                    continue
+                keep += (t,)
+            used.update(keep)
+            out.append(keep[0] if len(keep) == 1 else (keep or None))
+        return P(*out)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes (plain indexing keeps working); -1 takes the
+    remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                         f"{len(devices)} available")
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: AxisRules | None = None) -> Iterator[None]:
+    """Activate a mesh + rules so `constrain` inside traced model code shards activations."""
+    prev = getattr(_state, "active", None)
+    _state.active = None if mesh is None else (mesh, rules or AxisRules())
+    try:
+        yield
+    finally:
+        _state.active = prev
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical names; a no-op outside `use_mesh`."""
+    active = getattr(_state, "active", None)
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = rules.spec(logical_axes, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int],
+                   rules: AxisRules | None = None) -> NamedSharding:
+    return NamedSharding(mesh, (rules or AxisRules()).spec(logical_axes, mesh, shape))
