@@ -11,13 +11,15 @@ Parameter names match the released checkpoint exactly:
 
 Two deliberate differences from the released remote code (outputs on unpadded input are identical):
 * Position ids: when `position_ids` is None and an `attention_mask` is given we use
-  `cumsum(mask) - 1` (clamped at 0), so a left-padded row gets the same positions, hence the same
-  score, as the unpadded row. The released code passed no position ids (arange), so left-padded
-  scores drift with the amount of padding.
-* Pooling: the rightmost token whose id != pad_token_id (transformers 5 rule, works for left and
-  right padding). transformers 4.4x used "first pad - 1", which picks the wrong token when
-  pad == eos or when the batch is left-padded; the two rules agree for right-padded rows whose
-  pad id never occurs inside the text.
+  `cumsum(mask) - 1` (clamped at 0), so a left-padded row gets exactly the positions, hence the
+  score, of the unpadded row. The released code passed none (arange), which shifts a left-padded
+  row's positions by its padding. RoPE is relative, so that shift changes scores only through
+  rounding (~1e-6 in fp32, more in bf16 where cos/sin are rounded at different angles), but it
+  makes left-padded scores depend on the batch.
+* Pooling: the rightmost token whose id != pad_token_id (transformers 5 rule, left or right
+  padding). transformers 4.4x used "first pad - 1" (wrapping to the last position when a row has
+  no pad), which agrees for left- and right-padded rows as long as the pad id never occurs in the
+  text, and breaks when it does, e.g. pad == eos with an eos-terminated row.
 """
 
 from dataclasses import dataclass

@@ -82,6 +82,8 @@ def _rewrite_config_v4(out_dir: Path, rope_parameters: dict) -> None:
         cfg["rope_scaling"] = {"type": rope["rope_type"], **rope}  # v4 kept the legacy "type" too
     if "dtype" in cfg:
         cfg["torch_dtype"] = cfg.pop("dtype")
+    if cfg.get("gate_dtype") == "float16":
+        del cfg["gate_dtype"]  # the released config has no such field; fp16 is the model's default
     cfg["transformers_version"] = "4.44.0"
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 

@@ -1,0 +1,61 @@
+"""python -m convert from_hf HF_DIR OUT_DIR | to_hf CKPT_DIR OUT_DIR  (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convert.core import ConversionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("from_hf", help="HF safetensors dir -> urm-jax checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],
+                   help="backbone + value head dtype (default: each tensor keeps its own)")
+    p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="gate dtype (default: keep the checkpoint's, float16 in the real model)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors holding NaN/Inf")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+
+    p = sub.add_parser("to_hf", help="urm-jax checkpoint -> HF safetensors dir (trust_remote_code)")
+    p.add_argument("ckpt_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"])
+    p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from convert import core
+    from convert.hf_io import WeightsError
+    from urm_jax.checkpoint import CheckpointError
+    from urm_jax.config import ConfigError
+    from urm_jax.io_utils import OutputExistsError
+
+    try:
+        if args.command == "from_hf":
+            out = core.from_hf(args.hf_dir, args.out_dir, dtype=args.dtype,
+                               gate_dtype=args.gate_dtype, overwrite=args.overwrite,
+                               allow_nonfinite=args.allow_nonfinite)
+        else:
+            out = core.to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype,
+                             gate_dtype=args.gate_dtype, max_shard_size=args.max_shard_size,
+                             overwrite=args.overwrite)
+    except (ConversionError, WeightsError, ConfigError, CheckpointError, OutputExistsError,
+            ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
