@@ -32,6 +32,7 @@ def render_ids(
     *,
     max_length: int | None,
     truncation: str = "error",
+    vocab_size: int | None = None,
 ) -> list[int]:
     """Token ids for one example.
 
@@ -39,7 +40,8 @@ def render_ids(
       * ``{"messages": [{"role": ..., "content": ...}, ...]}`` (last role must be "assistant"),
       * ``{"prompt": str, "response": str}`` (a user turn then an assistant turn),
       * ``{"input_ids": [int, ...]}`` (used as given after validation).
-    Other keys (``id``, labels, ...) are ignored.
+    Other keys (``id``, labels, ...) are ignored. ``tokenizer`` may be None for ``input_ids``
+    examples (checked against ``vocab_size``, the model's, when given).
 
     Chats render as ``tokenizer.apply_chat_template(messages, tokenize=False)`` followed by
     ``tokenizer(text, add_special_tokens=True)``.  If both the template and the tokenizer add a
@@ -58,10 +60,12 @@ def render_ids(
     if not isinstance(example, dict):
         raise ValueError(f"example must be a JSON object (dict), got {type(example).__name__}")
 
-    bos = tokenizer.bos_token_id
+    bos = tokenizer.bos_token_id if tokenizer is not None else None
     if "input_ids" in example:
         _only_schema(example, "input_ids")
-        ids = _validate_ids(example["input_ids"], len(tokenizer))
+        ids = _validate_ids(example["input_ids"], vocab_size or len(tokenizer))
+    elif tokenizer is None:
+        raise ValueError("this model has no tokenizer files, so examples must give 'input_ids'")
     else:
         messages = _messages(example)
         text = tokenizer.apply_chat_template(messages, tokenize=False)

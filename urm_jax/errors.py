@@ -1,0 +1,9 @@
+"""Exceptions that mean "bad input", reported as one `error:` line and a non-zero exit rather
+than a traceback. Programming errors are not listed here and still show their traceback."""
+
+from urm_jax.checkpoint import CheckpointError
+from urm_jax.config import ConfigError
+from urm_jax.io_utils import OutputExistsError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, OutputExistsError,
+                                                FileNotFoundError, ValueError)

@@ -1,0 +1,191 @@
+"""Numerical parity of the JAX model against the HF PyTorch reference on the same token ids.
+
+The reference is whatever the HF directory declares: its own `modeling_custom.py` through
+`trust_remote_code` when it ships one (the code its users run), else our reference class. Both
+are called with `return_dict=False`, which every version of the URM class supports, and reward is
+recomputed from (z, w) the way the real class does. Differences are reported per output as the
+largest absolute difference and the largest relative one, relative = max|jax - hf| / max|hf|
+(normalised by the output's scale, so values near zero do not blow it up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from urm_jax.config import ModelConfig
+from urm_jax.data.tokenization import pad_batch
+from urm_jax.scoring import Scorer, read_jsonl
+
+OUTPUTS = ("reward", "means", "log_stds", "gate")
+
+# Largest relative difference accepted, by (compute dtype, gate dtype). Measured on tiny random
+# models by tests/test_parity.py and bench/parity_bounds.py; each bound leaves ~5x headroom.
+TOLERANCES = {
+    ("float32", "float32"): 1e-5,
+    ("float32", "float16"): 5e-3,
+    ("float32", "bfloat16"): 3e-2,
+    ("bfloat16", "float16"): 6e-2,
+    ("bfloat16", "bfloat16"): 6e-2,
+    ("bfloat16", "float32"): 6e-2,
+    ("float16", "float16"): 2e-2,
+}
+
+
+@dataclasses.dataclass
+class ParityReport:
+    rows: int
+    lengths: tuple[int, int]
+    compute_dtype: str
+    gate_dtype: str
+    reference: str
+    max_abs: dict
+    max_rel: dict
+    tolerance: float
+    golden: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(v <= self.tolerance for v in self.max_rel.values()) and all(
+            g["ok"] for g in self.golden)
+
+    def format(self) -> str:
+        lines = [f"reference: {self.reference}",
+                 f"{self.rows} sequences, {self.lengths[0]}..{self.lengths[1]} tokens; "
+                 f"compute {self.compute_dtype}, gate {self.gate_dtype}; "
+                 f"tolerance {self.tolerance:.1e} (max relative)",
+                 f"{'output':<10} {'max_abs':>12} {'max_rel':>12}  ok"]
+        for name in OUTPUTS:
+            ok = "yes" if self.max_rel[name] <= self.tolerance else "NO"
+            lines.append(f"{name:<10} {self.max_abs[name]:12.3e} {self.max_rel[name]:12.3e}  {ok}")
+        for g in self.golden:
+            lines.append(f"golden {g['id']}: expected {g['expected']:.6f}, jax {g['jax']:.6f}, "
+                         f"|diff| {abs(g['jax'] - g['expected']):.2e} {'ok' if g['ok'] else 'NO'}")
+        lines.append("PASS" if self.ok else "FAIL")
+        return "\n".join(lines)
+
+
+def load_reference(hf_dir: str | Path, dtype: str):
+    """(torch model, description). dtype 'keep' keeps each checkpoint tensor's dtype."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch_dtype = "auto" if dtype == "keep" else getattr(torch, dtype)
+    hf_dir = Path(hf_dir)
+    if (hf_dir / "modeling_custom.py").is_file():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            hf_dir, trust_remote_code=True, dtype=torch_dtype, attn_implementation="eager")
+        source = f"{hf_dir}/modeling_custom.py (trust_remote_code)"
+    else:
+        from convert.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights as Ref
+
+        model = Ref.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="eager")
+        source = "urm-jax's reference class (the directory ships no modeling_custom.py)"
+    return model.eval(), source
+
+
+def reference_outputs(model, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        z, w = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                     attention_mask=torch.as_tensor(mask, dtype=torch.long), return_dict=False)[:2]
+        pairs = z.view(z.shape[0], -1, 2)
+        means, log_stds = pairs[..., 0], pairs[..., 1]
+        reward = (means * w).sum(-1)  # torch promotion, like the real class
+    f64 = lambda t: t.detach().to(torch.float64).numpy()  # noqa: E731
+    return {"reward": f64(reward), "means": f64(means), "log_stds": f64(log_stds), "gate": f64(w)}
+
+
+def synthetic_sequences(cfg: ModelConfig, long_length: int, seed: int = 0) -> list[list[int]]:
+    """Seeded random ids, one row past 4x the RoPE `original_max_position_embeddings` (capped),
+    because short prompts barely rotate and hide RoPE bugs."""
+    rng = np.random.default_rng(seed)
+    avoid = {cfg.pad_token_id}
+    lengths = [5, 37, 130, long_length]
+
+    def row(n):
+        ids = rng.integers(0, cfg.vocab_size, n)
+        return [int(i) if i not in avoid else int((i + 1) % cfg.vocab_size) for i in ids]
+
+    return [row(n) for n in lengths]
+
+
+def default_long_length(cfg: ModelConfig, cap: int = 1024) -> int:
+    orig = cfg.rope.original_max_position_embeddings or 64
+    return int(min(4 * orig + 37, cap, cfg.max_position_embeddings))
+
+
+def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batch_size: int = 4,
+               tolerance: float | None = None, golden_path=None, golden_tolerance: float = 2e-2,
+               long_length: int | None = None) -> ParityReport:
+    compute = None if dtype == "keep" else dtype
+    # A named dtype casts the HF backbone's storage too; mirror it (the gate keeps its own dtype).
+    scorer = Scorer(model_path, compute_dtype=compute, param_dtype=compute, batch_size=batch_size)
+    cfg = scorer.cfg
+    reference, source = load_reference(hf_dir, dtype)
+    if input_path:
+        _, sequences = read_jsonl(input_path, scorer.encode)
+    else:
+        sequences = synthetic_sequences(cfg, long_length or default_long_length(cfg))
+        if scorer.tokenizer is not None:
+            from urm_jax.data.samples import sample_examples
+
+            sequences = [scorer.encode(e) for e in sample_examples()] + sequences
+
+    jax_out = scorer.score_ids(sequences)
+    hf_rows = {k: [] for k in OUTPUTS}
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start:start + batch_size]
+        ids, mask = pad_batch(batch, pad_id=scorer.pad_id)
+        out = reference_outputs(reference, ids, mask)
+        for k in OUTPUTS:
+            hf_rows[k].append(out[k])
+    hf = {k: np.concatenate(v) for k, v in hf_rows.items()}
+    jx = {"reward": np.array([r.reward for r in jax_out]),
+          "means": np.stack([r.means for r in jax_out]).astype(np.float64),
+          "log_stds": np.stack([r.log_stds for r in jax_out]).astype(np.float64),
+          "gate": np.stack([r.gate for r in jax_out]).astype(np.float64)}
+    max_abs = {k: float(np.max(np.abs(jx[k] - hf[k]))) for k in OUTPUTS}
+    max_rel = {k: max_abs[k] / max(float(np.max(np.abs(hf[k]))), 1e-30) for k in OUTPUTS}
+    compute_dtype = scorer.model.options.dtypes.compute
+    gate_dtype = scorer.model.options.dtypes.gate_dtype(cfg)
+    tol = tolerance if tolerance is not None else TOLERANCES.get((compute_dtype, gate_dtype), 6e-2)
+    report = ParityReport(len(sequences), (min(map(len, sequences)), max(map(len, sequences))),
+                          compute_dtype, gate_dtype, source, max_abs, max_rel, tol)
+    if golden_path:
+        report.golden = check_goldens(scorer, golden_path, golden_tolerance)
+    return report
+
+
+def check_goldens(scorer: Scorer, path, tolerance: float) -> list[dict]:
+    """Examples with a known `expected_reward` (e.g. the model card's): JAX reward within tolerance."""
+    examples, sequences = read_jsonl(path, scorer.encode)
+    results = scorer.score_ids(sequences)
+    out = []
+    for n, (example, result) in enumerate(zip(examples, results)):
+        if "expected_reward" not in example:
+            raise ValueError(f"{path}: example {n + 1} has no 'expected_reward'")
+        expected = float(example["expected_reward"])
+        out.append({"id": example.get("id", n), "expected": expected, "jax": result.reward,
+                    "ok": abs(result.reward - expected) <= tolerance})
+    return out
+
+
+def main_parity(args) -> int:
+    report = run_parity(args.hf, args.model, input_path=args.input, dtype=args.dtype,
+                        batch_size=args.batch_size, tolerance=args.tolerance,
+                        golden_path=args.golden, golden_tolerance=args.golden_tolerance,
+                        long_length=args.long_length)
+    print(report.format())
+    if args.json:
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=2))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `urm-jax parity`")
