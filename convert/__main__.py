@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                              gate_dtype=args.gate_dtype, max_shard_size=args.max_shard_size,
                              overwrite=args.overwrite)
     except (ConversionError, WeightsError, ConfigError, CheckpointError, OutputExistsError,
-            ValueError) as err:
+            ValueError, OSError) as err:  # OSError: disk full, permissions, unreadable input
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -291,10 +291,14 @@ def test_to_hf_gate_dtype_float32_changes_only_the_gate(bf16_src, bf16_ckpt, tmp
     auto = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
     assert all(p.dtype == torch.float32 for p in auto.weights.parameters())
     assert auto.model.embed_tokens.weight.dtype == torch.bfloat16
+    # Same numbers as the reference with its fp16 gate weights upcast to fp32 (an exact cast).
+    ref = load_reference(bf16_src)
+    ref.weights.to(torch.float32)
     ids, mask = inputs()
-    res = reference_outputs(auto, ids, mask)
-    assert all(np.isfinite(v).all() for v in res.values())
-    np.testing.assert_allclose(res["gate"].sum(-1), 1.0, rtol=1e-6)
+    want, got = reference_outputs(ref, ids, mask), reference_outputs(auto, ids, mask)
+    for key in want:
+        assert np.isfinite(got[key]).all()
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +523,11 @@ def test_to_hf_other_layout_version(bf16_ckpt, tmp_path, capsys):
     line = run_err(capsys, ["to_hf", str(ckpt), str(tmp_path / "out")], tmp_path / "out",
                    "urm_jax.json", "layout version 2")
     assert "version 1" in line
+
+
+def test_to_hf_bad_max_shard_size(bf16_ckpt, tmp_path, capsys):
+    run_err(capsys, ["to_hf", str(bf16_ckpt), str(tmp_path / "out"), "--max-shard-size", "lots"],
+            tmp_path / "out", "'lots'")
 
 
 # ---------------------------------------------------------------------------------------------

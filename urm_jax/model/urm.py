@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from urm_jax.config import DTypePolicy, ModelConfig
-from urm_jax.model.rope import apply_rope, cos_sin, inv_frequencies
+from urm_jax.model.rope import apply_rope, cos_sin
 from urm_jax.sharding import constrain
 
 SELU_SCALE = 1.0507009873554805
@@ -206,7 +206,7 @@ class URM(nnx.Module):
         compute = jnp.dtype(self.options.dtypes.compute)
         segment_ids = attention_mask.astype(jnp.int32)
         positions = segment_positions(segment_ids)
-        cos, sin = cos_sin(positions, inv_frequencies(cfg.rope, cfg.head_dim))
+        cos, sin = cos_sin(positions, cfg.rope, cfg.head_dim)
         causal = jnp.tril(jnp.ones((input_ids.shape[1],) * 2, bool))
         allowed = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]) \
             & (segment_ids[:, None, :] != 0)
@@ -288,3 +288,14 @@ def model_from_params(cfg: ModelConfig, params: dict, options: ModelOptions = Mo
     values = jax.tree_util.tree_map_with_path(cast, params, expected)
     abstract.replace_by_pure_dict(values)
     return nnx.merge(graphdef, abstract)
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules=None, options: ModelOptions = ModelOptions()) -> dict:
+    """Pure-dict tree of NamedSharding for every parameter, from its logical axes and shape."""
+    from urm_jax.sharding import named_sharding
+
+    model = abstract_model(cfg, options)
+    shapes = nnx.state(model).to_pure_dict()
+    return jax.tree.map(lambda axes, s: named_sharding(mesh, axes, s.shape, rules),
+                        param_logical_axes(model), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x))

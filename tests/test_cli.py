@@ -1,0 +1,466 @@
+"""`urm-jax score` and `urm-jax parity` end to end on tiny random checkpoints.
+
+The CLI runs in-process through `urm_jax.cli.main` (and `convert.__main__.main` to build JAX
+checkpoints); one subprocess run proves the installed `urm-jax` console script. Checkpoints are
+tiny random URMs (hidden 64, 2 layers, vocab 512, fp32 backbone and fp32 gate) built here; the
+chat tests use a vocab-128257 model carrying the real Llama-3 tokenizer built offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from convert.__main__ import main as convert_main
+from hf_fixtures import load_reference, make_tiny_urm, reference_outputs
+from urm_jax.checkpoint import load_config, load_params, save_checkpoint
+from urm_jax.cli import main as cli_main
+from urm_jax.config import ATTRIBUTES
+from urm_jax.data.tokenization import render_ids
+
+VOCAB, PAD = 512, 511
+LENGTHS = [3, 17, 150, 40, 5, 64, 100, 9, 33, 128, 2, 77, 17, 64]
+NAMES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def score(model, inp, out, *extra) -> int:
+    return cli_main(["score", "--model", str(model), "--input", str(inp), "--output", str(out),
+                     *map(str, extra)])
+
+
+def score_ok(model, inp, out, *extra) -> list[dict]:
+    assert score(model, inp, out, *extra) == 0
+    return read_jsonl(out)
+
+
+def temp_siblings(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}*"))
+
+
+def score_err(capsys, model, inp, out: Path, *needles: str, extra=()) -> str:
+    """Expect a refusal: exit 2, one `error:` line holding `needles`, no traceback, and neither the
+    output file nor a temporary sibling of it left behind."""
+    capsys.readouterr()
+    rc = score(model, inp, out, *extra)
+    err = capsys.readouterr().err
+    assert rc == 2, f"exit code {rc}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert not out.exists(), f"{out} left behind"
+    assert temp_siblings(out) == [], temp_siblings(out)
+    return lines[0]
+
+
+def by_id(records: list[dict]) -> dict:
+    return {r["id"]: r for r in records}
+
+
+def assert_same_record(a: dict, b: dict, rtol: float, atol: float) -> None:
+    assert a["num_tokens"] == b["num_tokens"]
+    np.testing.assert_allclose(a["reward"], b["reward"], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(a["uncertainty"], b["uncertainty"], rtol=rtol, atol=atol)
+    for key in ("mean", "log_std", "gate"):
+        np.testing.assert_allclose([a[key][n] for n in NAMES], [b[key][n] for n in NAMES],
+                                   rtol=rtol, atol=atol, err_msg=key)
+
+
+def numbers(record: dict) -> dict:
+    """Every score field of an output record, without its id."""
+    return {k: v for k, v in record.items() if k != "id"}
+
+
+def parity(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = cli_main(["parity", *map(str, argv)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    return rc, captured.out
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_tiny_urm(tmp_path_factory.mktemp("cli") / "hf", vocab=VOCAB, gate_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def jax_dir(hf_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_jax") / "ckpt"
+    assert convert_main(["from_hf", str(hf_dir), str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tampered_dir(hf_dir, tmp_path_factory):
+    """A conversion re-saved with one value head entry moved by 1e-2."""
+    out = tmp_path_factory.mktemp("cli_tampered") / "ckpt"
+    assert convert_main(["from_hf", str(hf_dir), str(out)]) == 0
+    params = load_params(out)
+    kernel = np.array(params["value_head"]["kernel"])
+    kernel[0, 0] += 1e-2  # column 0: the helpfulness mean
+    params["value_head"]["kernel"] = kernel
+    save_checkpoint(out, params, load_config(out), overwrite=True)
+    assert np.array(load_params(out)["value_head"]["kernel"])[0, 0] == kernel[0, 0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def id_rows():
+    rng = random.Random(0)
+    # Ids 0 .. VOCAB-2: never the pad id, which the HF reference would treat as padding.
+    return [{"input_ids": [rng.randrange(0, PAD) for _ in range(n)], "id": f"row{i}"}
+            for i, n in enumerate(LENGTHS)]
+
+
+@pytest.fixture(scope="module")
+def id_input(id_rows, tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("cli_in") / "ids.jsonl", id_rows)
+
+
+@pytest.fixture(scope="module")
+def scored_hf(hf_dir, id_input, tmp_path_factory):
+    """Default-options score of the id lines from the HF directory."""
+    return score_ok(hf_dir, id_input, tmp_path_factory.mktemp("cli_out") / "hf.jsonl")
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    """Tiny URM with Llama-3.1's vocabulary (128257, [PAD] 128256) and the real tokenizer files."""
+    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+
+    out = make_tiny_urm(tmp_path_factory.mktemp("cli_chat") / "hf", vocab=128257,
+                        pad_token_id=128256, hidden=32, intermediate=64, gate_dtype="float32")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("URM_JAX_CACHE", str(tmp_path_factory.mktemp("urm_cache")))
+        tok_dir = cached_llama3_tokenizer_dir()
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. score: schema of the output and parity with the HF reference
+
+
+def test_score_output_schema_and_order(scored_hf, id_rows):
+    assert len(scored_hf) == len(id_rows)
+    assert [r["id"] for r in scored_hf] == [r["id"] for r in id_rows]
+    assert tuple(ATTRIBUTES) == NAMES
+    for row, rec in zip(id_rows, scored_hf):
+        assert rec["num_tokens"] == len(row["input_ids"])
+        assert isinstance(rec["reward"], float) and math.isfinite(rec["reward"])
+        for key in ("mean", "log_std", "gate"):
+            assert list(rec[key]) == list(NAMES), key
+            assert all(math.isfinite(v) for v in rec[key].values()), key
+        log_std = np.array([rec["log_std"][n] for n in NAMES], np.float64)
+        np.testing.assert_allclose(rec["uncertainty"], np.exp(2 * log_std).sum(), rtol=1e-5)
+        # The reward is the gate-weighted sum of the attribute means.
+        np.testing.assert_allclose(rec["reward"], sum(rec["mean"][n] * rec["gate"][n] for n in NAMES),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_score_matches_hf_reference(scored_hf, id_rows, hf_dir):
+    reference = load_reference(hf_dir)  # fp32 backbone, fp32 gate
+    assert reference.model.embed_tokens.weight.dtype == reference.weights.fc[0].weight.dtype
+    ref = [reference_outputs(reference, np.array([row["input_ids"]])) for row in id_rows]
+    for key, field in (("reward", "reward"), ("means", "mean"), ("log_stds", "log_std"), ("gate", "gate")):
+        want = np.array([np.ravel(r[key]) for r in ref])
+        got = np.array([[rec[field]] if field == "reward" else [rec[field][n] for n in NAMES]
+                        for rec in scored_hf])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_score_jax_checkpoint_equals_hf_dir(scored_hf, jax_dir, id_input, tmp_path):
+    from_jax = score_ok(jax_dir, id_input, tmp_path / "jax.jsonl")
+    assert from_jax == scored_hf
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. batch composition never changes a score
+
+
+def test_score_independent_of_batching_and_order(scored_hf, hf_dir, id_rows, tmp_path):
+    reference = by_id(scored_hf)  # --batch-size 8 (the default)
+    shuffled = list(id_rows)
+    random.Random(1).shuffle(shuffled)
+    shuffled_in = write_jsonl(tmp_path / "shuffled.jsonl", shuffled)
+    ordered_in = write_jsonl(tmp_path / "ordered.jsonl", id_rows)
+    runs = {
+        "bs1": score_ok(hf_dir, ordered_in, tmp_path / "bs1.jsonl", "--batch-size", 1),
+        "bs3": score_ok(hf_dir, ordered_in, tmp_path / "bs3.jsonl", "--batch-size", 3),
+        "bs8": score_ok(hf_dir, ordered_in, tmp_path / "bs8.jsonl", "--batch-size", 8),
+        "shuffled": score_ok(hf_dir, shuffled_in, tmp_path / "sh.jsonl", "--batch-size", 3),
+    }
+    assert [r["id"] for r in runs["shuffled"]] == [r["id"] for r in shuffled]
+    for name, records in runs.items():
+        assert len(records) == len(id_rows), name
+        got = by_id(records)
+        assert got.keys() == reference.keys(), name
+        for key, rec in got.items():
+            assert_same_record(rec, reference[key], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. chat inputs through the real Llama-3 tokenizer
+
+
+CHAT = [
+    {"id": "multi", "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6, of course."}]},
+    {"id": "pr", "prompt": "Name a prime number.", "response": "Seven is prime."},
+    {"id": "msg", "messages": [{"role": "user", "content": "Name a prime number."},
+                               {"role": "assistant", "content": "Seven is prime."}]},
+    {"id": "unicode", "prompt": "Écris « bonjour » 🙂", "response": "bonjour — 你好"},
+]
+
+
+def test_score_chat_lines(chat_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    records = score_ok(chat_dir, write_jsonl(tmp_path / "chat.jsonl", CHAT), tmp_path / "out.jsonl")
+    assert [r["id"] for r in records] == [c["id"] for c in CHAT]
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    reference = load_reference(chat_dir)
+    for example, rec in zip(CHAT, records):
+        ids = render_ids(tok, example, max_length=None)
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        assert ids[-1] == eot
+        assert rec["num_tokens"] == len(ids)
+        ref = reference_outputs(reference, np.array([ids]))
+        np.testing.assert_allclose(rec["reward"], ref["reward"][0], rtol=1e-5, atol=1e-6)
+    out = by_id(records)
+    assert numbers(out["pr"]) == numbers(out["msg"])
+    assert out["multi"]["reward"] != out["msg"]["reward"]
+
+
+def test_score_chat_unknown_schema(capsys, chat_dir, tmp_path):
+    rows = [CHAT[1], {"id": "x", "text": "no schema"}]
+    score_err(capsys, chat_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "o.jsonl",
+              ":2:", "unknown example schema")
+
+
+def test_score_chat_last_turn_must_be_assistant(capsys, chat_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}]}]
+    score_err(capsys, chat_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "o.jsonl",
+              ":1:", "assistant")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. bad input: one clear error line, exit 2, no output
+
+
+def test_score_invalid_json(capsys, hf_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [4, 5]}, {"input_ids": [6, 7]}, '{"input_ids": [1,'])
+    score_err(capsys, hf_dir, inp, tmp_path / "out.jsonl", f"{inp}:3:", "invalid JSON")
+
+
+def test_score_bad_line_keeps_existing_output(capsys, hf_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous\n")
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [4, 5]}, "not json"])
+    capsys.readouterr()
+    assert score(hf_dir, inp, out) == 2
+    assert ":2:" in capsys.readouterr().err
+    assert out.read_text() == "previous\n"
+    assert temp_siblings(out) == []
+
+
+@pytest.mark.parametrize("row, needles", [
+    ({"id": 1, "text": "hello"}, ()),  # unknown schema (this model has no tokenizer either)
+    ({"input_ids": [4, VOCAB]}, ("outside the vocabulary",)),
+    ({"input_ids": [4, -1]}, ("outside the vocabulary",)),
+    ({"input_ids": []}, ("input_ids",)),
+    ({"input_ids": [4, 5.5]}, ("input_ids[1]",)),
+    ({"input_ids": [4], "prompt": "a", "response": "b"}, ("mixes schemas",)),
+    ({"prompt": "hi", "response": "hello"}, ("no tokenizer",)),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     ("no tokenizer",)),
+    ([1, 2, 3], ("JSON object",)),
+], ids=["unknown-schema", "id-past-vocab", "negative-id", "empty-ids", "float-id", "mixed",
+        "prompt-no-tokenizer", "messages-no-tokenizer", "not-an-object"])
+def test_score_bad_line(capsys, hf_dir, tmp_path, row, needles):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [4, 5, 6]}, row])
+    score_err(capsys, hf_dir, inp, tmp_path / "out.jsonl", f"{inp}:2:", *needles)
+
+
+def test_score_over_long_line(capsys, hf_dir, tmp_path):
+    rows = [{"id": "short", "input_ids": list(range(4, 14))},
+            {"id": "long", "input_ids": list(range(4, 54))}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    score_err(capsys, hf_dir, inp, tmp_path / "out.jsonl", f"{inp}:2:", "max_length=16",
+              extra=("--max-length", 16))
+    score_err(capsys, hf_dir, inp, tmp_path / "out.jsonl", f"{inp}:2:",
+              extra=("--max-length", 16, "--truncation", "error"))
+
+    records = score_ok(hf_dir, inp, tmp_path / "out.jsonl", "--max-length", 16, "--truncation", "left")
+    assert [r["id"] for r in records] == ["short", "long"]
+    assert [r["num_tokens"] for r in records] == [10, 16]
+    # Left truncation keeps the tail: the same score as scoring the last 16 ids directly.
+    tail = write_jsonl(tmp_path / "tail.jsonl", [{"id": "long", "input_ids": list(range(38, 54))}])
+    (direct,) = score_ok(hf_dir, tail, tmp_path / "tail_out.jsonl")
+    assert_same_record(records[1], direct, rtol=1e-6, atol=1e-6)
+
+
+def test_score_missing_model(capsys, id_input, tmp_path):
+    line = score_err(capsys, tmp_path / "no_such_model", id_input, tmp_path / "out.jsonl", "no_such_model")
+    assert len(line) < 300
+
+
+def test_score_missing_input(capsys, hf_dir, tmp_path):
+    score_err(capsys, hf_dir, tmp_path / "missing.jsonl", tmp_path / "out.jsonl", "missing.jsonl")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n"], ids=["empty", "blank-lines"])
+def test_score_empty_input(capsys, hf_dir, tmp_path, text):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(text)
+    score_err(capsys, hf_dir, inp, tmp_path / "out.jsonl", "no examples")
+
+
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_score_bad_batch_size(capsys, hf_dir, id_input, tmp_path, bad):
+    with pytest.raises(SystemExit) as exc:
+        score(hf_dir, id_input, tmp_path / "out.jsonl", "--batch-size", bad)
+    assert exc.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_score_without_required_flag(capsys, id_input, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["score", "--input", str(id_input), "--output", str(tmp_path / "o.jsonl")])
+    assert exc.value.code == 2
+    assert "--model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. parity
+
+
+def test_parity_pass_with_json_and_golden(capsys, hf_dir, jax_dir, tmp_path):
+    # The JAX reward of one example, to use as its golden value.
+    golden_row = {"id": "g1", "input_ids": [4, 9, 33, 200, 7, 7, 310]}
+    (rec,) = score_ok(jax_dir, write_jsonl(tmp_path / "g.jsonl", [golden_row]), tmp_path / "g_out.jsonl")
+    golden = write_jsonl(tmp_path / "golden.jsonl", [{**golden_row, "expected_reward": rec["reward"]}])
+
+    report_path = tmp_path / "report.json"
+    rc, out = parity(capsys, "--hf", hf_dir, "--model", jax_dir, "--json", report_path,
+                     "--golden", golden)
+    assert rc == 0, out
+    assert out.strip().splitlines()[-1] == "PASS"
+    assert "FAIL" not in out
+    assert "golden g1" in out
+    # Printed table: every output's max_abs and max_rel at fp32 level.
+    table = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+             if line.split() and line.split()[0] in ("reward", "means", "log_stds", "gate")}
+    assert set(table) == {"reward", "means", "log_stds", "gate"}
+    for name, (max_abs, max_rel, ok) in table.items():
+        assert float(max_rel) <= 1e-5 and ok == "yes", (name, max_abs, max_rel)
+
+    report = json.loads(report_path.read_text())
+    assert report["compute_dtype"] == "float32" and report["gate_dtype"] == "float32"
+    assert report["tolerance"] == pytest.approx(1e-5)
+    assert report["rows"] >= 4 and report["lengths"][1] > 4 * 32  # past 4x the original context
+    for name in ("reward", "means", "log_stds", "gate"):
+        assert 0 <= report["max_rel"][name] <= 1e-5, name
+        assert 0 <= report["max_abs"][name] <= 1e-4, name
+    assert [g["id"] for g in report["golden"]] == ["g1"] and report["golden"][0]["ok"]
+
+
+def test_parity_hf_dir_both_sides(capsys, hf_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [4, 5, 6]}, {"input_ids": list(range(4, 90))}])
+    rc, out = parity(capsys, "--hf", hf_dir, "--model", hf_dir, "--input", inp)
+    assert rc == 0 and out.strip().endswith("PASS"), out
+    assert "2 sequences, 3..86 tokens" in out
+
+
+def test_parity_tampered_checkpoint_fails(capsys, hf_dir, tampered_dir, tmp_path):
+    report_path = tmp_path / "report.json"
+    rc, out = parity(capsys, "--hf", hf_dir, "--model", tampered_dir, "--json", report_path)
+    assert rc == 1, out
+    assert out.strip().splitlines()[-1] == "FAIL"
+    report = json.loads(report_path.read_text())
+    assert report["max_rel"]["means"] > 1e-4 and report["max_rel"]["reward"] > 1e-4
+    assert report["max_rel"]["log_stds"] <= 1e-5 and report["max_rel"]["gate"] <= 1e-5
+
+
+def test_parity_wrong_golden_fails(capsys, hf_dir, jax_dir, tmp_path):
+    golden_row = {"id": "g1", "input_ids": [4, 9, 33, 200, 7, 7, 310]}
+    (rec,) = score_ok(jax_dir, write_jsonl(tmp_path / "g.jsonl", [golden_row]), tmp_path / "g_out.jsonl")
+    golden = write_jsonl(tmp_path / "golden.jsonl", [{**golden_row, "expected_reward": rec["reward"] + 0.5}])
+    rc, out = parity(capsys, "--hf", hf_dir, "--model", jax_dir, "--golden", golden)
+    assert rc == 1, out
+    assert out.strip().splitlines()[-1] == "FAIL"
+    assert "golden g1" in out and " NO" in out
+
+
+def test_parity_golden_without_expected_reward(capsys, hf_dir, jax_dir, tmp_path):
+    golden = write_jsonl(tmp_path / "golden.jsonl", [{"id": "g", "input_ids": [4, 5]}])
+    capsys.readouterr()
+    rc = cli_main(["parity", "--hf", str(hf_dir), "--model", str(jax_dir), "--golden", str(golden),
+                   "--long-length", "40"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "expected_reward" in err
+
+
+def test_parity_bfloat16(capsys, hf_dir, jax_dir):
+    rc, out = parity(capsys, "--hf", hf_dir, "--model", jax_dir, "--dtype", "bfloat16")
+    assert rc == 0, out
+    assert "compute bfloat16, gate float32" in out
+    assert out.strip().splitlines()[-1] == "PASS"
+
+
+def test_parity_missing_hf_dir(capsys, jax_dir, tmp_path):
+    capsys.readouterr()
+    rc = cli_main(["parity", "--hf", str(tmp_path / "nope"), "--model", str(jax_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert "nope" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the installed console script, end to end
+
+
+def test_console_script_end_to_end(hf_dir, id_input, scored_hf, tmp_path):
+    script = Path(sys.executable).parent / "urm-jax"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "urm_jax.cli"]
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([*cmd, "score", "--model", str(hf_dir), "--input", str(id_input),
+                           "--output", str(out), "--batch-size", "8"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"scored {len(LENGTHS)} examples" in proc.stdout
+    assert read_jsonl(out) == scored_hf
