@@ -1,8 +1,9 @@
-"""python -m convert from_hf HF_DIR OUT_DIR | to_hf CKPT_DIR OUT_DIR  (see --help)."""
+"""python -m convert from_hf HF_DIR OUT_DIR | to_hf CKPT_DIR OUT_DIR | verify HF_DIR CKPT_DIR"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from convert.core import ConversionError
@@ -29,7 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+
+    p = sub.add_parser("verify", help="compare every tensor of an HF dir and a urm-jax checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("ckpt_dir")
+    p.add_argument("--all", action="store_true", help="print every tensor, not only differences")
     return parser
+
+
+def print_verify(rows: list[dict], show_all: bool) -> bool:
+    bad = [r for r in rows if not r["identical"]]
+    for r in rows if show_all else bad:
+        state = "identical" if r["identical"] else f"DIFFERS (max |diff| {r['max_abs_diff']:.3e})"
+        print(f"{r['key']:<55} {str(r['shape']):<16} {r['hf_dtype']:>9} vs {r['ckpt_dtype']:<9} {state}")
+    total = sum(math.prod(r["shape"]) for r in rows)
+    print(f"{len(rows) - len(bad)}/{len(rows)} tensors identical ({total:,} values)")
+    return not bad
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from urm_jax.io_utils import OutputExistsError
 
     try:
+        if args.command == "verify":
+            return 0 if print_verify(core.verify(args.hf_dir, args.ckpt_dir), args.all) else 1
         if args.command == "from_hf":
             out = core.from_hf(args.hf_dir, args.out_dir, dtype=args.dtype,
                                gate_dtype=args.gate_dtype, overwrite=args.overwrite,

@@ -172,3 +172,25 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
         shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
         copy_tokenizer_files(ckpt_dir, tmp)
     return Path(out_dir)
+
+
+def verify(hf_dir, ckpt_dir, *, progress: bool = True) -> list[dict]:
+    """Compare every tensor of an HF directory with a urm-jax checkpoint: names, shapes, dtypes
+    and values bit for bit. Returns one row per HF tensor; raises nothing for a mismatch (the
+    caller decides), but a missing/unexpected tensor or an unreadable file raises as usual."""
+    weights = HFWeights(hf_dir)
+    cfg = load_config(ckpt_dir)
+    _check_keys(weights, cfg)
+    params = load_params(ckpt_dir)
+    sizes, produce = params_to_hf_tensors(params, cfg)
+    rows = []
+    for key, _ in tqdm(sizes, desc="verify", unit="tensor", disable=not progress, file=sys.stderr):
+        ours, theirs = produce(key), weights.get(key)
+        same_shape = ours.shape == theirs.shape
+        same_dtype = ours.dtype == theirs.dtype
+        same_bits = same_shape and same_dtype and ours.tobytes() == theirs.tobytes()
+        diff = (float(np.max(np.abs(ours.astype(np.float64) - theirs.astype(np.float64))))
+                if same_shape else float("nan"))
+        rows.append({"key": key, "shape": list(theirs.shape), "hf_dtype": theirs.dtype.name,
+                     "ckpt_dtype": ours.dtype.name, "identical": bool(same_bits), "max_abs_diff": diff})
+    return rows

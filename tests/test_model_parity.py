@@ -198,3 +198,16 @@ def test_sharded_forward_matches_single_device(tmp_path_factory, mesh_shape):
     assert any(len(a.sharding.device_set) > 1 for a in jax.tree.leaves(params))
     for k in OUTPUTS:
         np.testing.assert_allclose(np.asarray(getattr(out, k)), want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_shipped_model_configs_load():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "configs" / "model"
+    real = ModelConfig.from_hf_dict(json.loads((root / "urm-llama-3.1-8b.json").read_text()))
+    assert real.param_count()["total"] == 7_538_552_837
+    assert (real.torch_dtype, real.gate_dtype, real.rope.original_max_position_embeddings) == (
+        "bfloat16", "float16", 8192)
+    tiny = ModelConfig.from_hf_dict(json.loads((root / "urm-tiny.json").read_text()))
+    assert tiny.vocab_size == real.vocab_size and tiny.rope == real.rope

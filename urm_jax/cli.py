@@ -6,6 +6,16 @@ import argparse
 import sys
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="urm-jax", description="URM reward model in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -15,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help='JSONL: {"messages": [...]}, {"prompt", "response"} '
                    'or {"input_ids": [...]}, optional "id"')
     p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=None,
                    help="default: the model's max_position_embeddings")
     p.add_argument("--truncation", choices=["error", "left"], default="error",
                    help="over --max-length: reject the line, or drop tokens from the start")
@@ -32,13 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "synthetic ids, one row past 4x the RoPE original context)")
     p.add_argument("--dtype", choices=["keep", "float32", "bfloat16"], default="keep",
                    help="keep: each side uses the checkpoint's dtypes; else cast backbone (gate keeps its own)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--tolerance", type=float, default=None, help="max relative difference "
                    "(default: the measured bound for the dtypes, see urm_jax/parity.py)")
     p.add_argument("--golden", default=None, help="JSONL examples with expected_reward "
                    "(e.g. urm_jax/data/model_card_goldens.jsonl for the real weights)")
     p.add_argument("--golden-tolerance", type=float, default=2e-2)
-    p.add_argument("--long-length", type=int, default=None, help="length of the long synthetic row")
+    p.add_argument("--long-length", type=positive_int, default=None, help="length of the long synthetic row")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     return parser
 

@@ -5,5 +5,6 @@ from urm_jax.checkpoint import CheckpointError
 from urm_jax.config import ConfigError
 from urm_jax.io_utils import OutputExistsError
 
+# OSError: unreadable input, an HF dir without weights, an unwritable output, disk full.
 USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, OutputExistsError,
-                                                FileNotFoundError, ValueError)
+                                                OSError, ValueError)

@@ -76,6 +76,8 @@ def load_reference(hf_dir: str | Path, dtype: str):
 
     torch_dtype = "auto" if dtype == "keep" else getattr(torch, dtype)
     hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir}/config.json: not found (--hf must be an HF model directory)")
     if (hf_dir / "modeling_custom.py").is_file():
         model = AutoModelForSequenceClassification.from_pretrained(
             hf_dir, trust_remote_code=True, dtype=torch_dtype, attn_implementation="eager")

@@ -72,6 +72,10 @@ class Scorer:
     def __init__(self, model: str | Path, *, compute_dtype: str | None = None,
                  param_dtype: str | None = None, gate_dtype: str | None = None,
                  batch_size: int = 8, max_length: int | None = None, truncation: str = "error"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
         self.model, self.cfg = load_model(model, compute_dtype=compute_dtype,
                                           param_dtype=param_dtype, gate_dtype=gate_dtype)
         self.tokenizer = load_tokenizer(model)

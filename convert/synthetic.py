@@ -1,0 +1,91 @@
+"""Random URM checkpoints in the real HF format, written straight from the mapping table (no
+torch, no model in memory: one tensor at a time), for the demo and for benchmarks at any size up
+to the real 8B shape.
+
+Values are drawn so a random model gives O(1) rewards: embeddings N(0, 1), Linear weights
+N(0, 1/fan_in), norm weights 1 + 0.1 N(0, 1), biases 0.1 N(0, 1). Each tensor is seeded from its
+own key, so the same seed gives the same tensor whatever the sharding or write order."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from convert.hf_io import parse_size, write_sharded
+from convert.mapping import TABLE, is_gate
+from urm_jax.config import ModelConfig, np_dtype
+from urm_jax.io_utils import atomic_dir
+
+MODELING_FILE = Path(__file__).with_name("modeling_custom.py")
+
+
+def tiny_hf_config(*, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                   num_heads=4, num_kv_heads=2, pad_token_id=None, bos_token_id=1,
+                   eos_token_id=(2, 3), original_max_position_embeddings=32,
+                   max_position_embeddings=4096, rope_theta=10000.0) -> dict:
+    """A transformers-5 style config.json dict for a small URM with llama3 RoPE scaling."""
+    return {
+        "model_type": "llama", "architectures": ["LlamaForSequenceClassificationWithNormal_Weights"],
+        "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads, "head_dim": hidden_size // num_heads,
+        "hidden_act": "silu", "rms_norm_eps": 1e-5, "max_position_embeddings": max_position_embeddings,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": rope_theta, "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": original_max_position_embeddings},
+        "pad_token_id": vocab_size - 1 if pad_token_id is None else pad_token_id,
+        "bos_token_id": bos_token_id, "eos_token_id": list(eos_token_id),
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+        "num_labels": 10, "dtype": "float32", "gate_dtype": "float16",
+    }
+
+
+def _random_tensor(key: str, shape, dtype, seed: int, fan_in: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    if key.endswith("norm.weight"):
+        value = 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
+    elif key.endswith(".bias"):
+        value = 0.1 * rng.standard_normal(shape, np.float32)
+    elif key == "model.embed_tokens.weight":
+        value = rng.standard_normal(shape, np.float32)
+    else:
+        value = rng.standard_normal(shape, np.float32) / np.float32(np.sqrt(fan_in))
+    return value.astype(dtype)
+
+
+def write_random_hf(out_dir, hf_config: dict, *, dtype: str = "float32", gate_dtype: str = "float16",
+                    seed: int = 0, max_shard_size="5GB", tokenizer_dir=None, overwrite=False,
+                    progress: bool = True) -> Path:
+    """Write config.json + safetensors (+ index when sharded) + modeling_custom.py (+ tokenizer)."""
+    from convert.core import jax_shapes
+
+    hf = dict(hf_config, dtype=dtype, gate_dtype=gate_dtype)
+    cfg = ModelConfig.from_hf_dict(hf)
+    shapes = jax_shapes(cfg)
+    owners, sizes = {}, []
+    for entry in TABLE:
+        shape = entry.hf_shape(shapes[entry.path])
+        out = np_dtype(gate_dtype if is_gate(entry) else dtype)
+        for key in entry.hf_keys(cfg.num_layers):
+            owners[key] = (shape, out)
+            sizes.append((key, int(np.prod(shape)) * out.itemsize))
+
+    def produce(key):
+        shape, out = owners[key]
+        return _random_tensor(key, shape, out, seed, fan_in=shape[-1])
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with tqdm(total=len(sizes), desc="random weights", unit="tensor", disable=not progress) as bar:
+            write_sharded(tmp, sizes, produce, parse_size(max_shard_size), progress=bar.update)
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True))
+        shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
+        if tokenizer_dir is not None:
+            from urm_jax.checkpoint import copy_tokenizer_files
+
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(out_dir)

@@ -1,0 +1,308 @@
+"""Fixed-shape batches, sequence packing and a resumable, multi-host-aware iterator.
+
+Every batch has the same shapes, so the jitted train step compiles once.  An epoch is planned
+up front from the example lengths alone: shuffle with a generator seeded by ``(seed, epoch)``,
+then (when packing) first-fit the conversations into rows of ``seq_len`` tokens.  The plan is a
+pure function of ``(lengths, seed, epoch, settings)``, which is what makes resumption exact and
+lets every host of a multi-host job compute the same global batches and keep only its slice.
+
+Stage-1 batch (``B`` rows on this host, ``L`` = seq_len, ``S`` = max segments per row):
+  input_ids   int32   [B, L]     pad_id on padding
+  segment_ids int32   [B, L]     0 on padding, 1..S = which packed conversation the token is in
+  pool_index  int32   [B, S]     position of each segment's last token (its final <|eot_id|>)
+  pool_mask   float32 [B, S]     1 for a real segment, 0 for an empty slot
+  labels      float32 [B, S, 5]  HelpSteer2 attributes, 0 for empty slots
+Stage-2 batch (``B`` pairs on this host): rows 0..B-1 chosen, B..2B-1 the matching rejected:
+  input_ids, segment_ids [2B, L]; pool_index int32 [2B, 1]; pool_mask float32 [2B, 1];
+  pair_mask float32 [B] (0 for padding pairs of a final partial batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from urm_jax.data.datasets import PairExample, RegressionExample
+
+NUM_ATTRIBUTES = 5
+STATE_VERSION = 1
+
+
+# --- planning (lengths only) --------------------------------------------------------------
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's shuffle: a permutation that depends on ``(seed, epoch)`` and nothing else."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def first_fit_rows(order: Sequence[int], lengths: Sequence[int], seq_len: int, max_segments: int, window: int = 128) -> list[list[int]]:
+    """Greedy first-fit of examples (in ``order``) into rows of ``seq_len`` tokens.
+
+    Each example goes into the oldest open row with room for it, else a new row.  Only the
+    ``window`` most recent rows stay open (so the cost is O(n * window), not O(n * rows));
+    a row also closes once it holds ``max_segments`` examples or nothing could fit any more.
+    Rows are returned in the order they were opened, which keeps the shuffle's randomness.
+    """
+    smallest = int(min(lengths)) if len(lengths) else 1
+    rows: list[list[int]] = []
+    free: list[int] = []
+    open_rows: list[int] = []  # indices into rows, oldest first
+    for i in order:
+        n = int(lengths[i])
+        k = next((r for r in open_rows if free[r] >= n), None)
+        if k is None:
+            rows.append([])
+            free.append(seq_len)
+            k = len(rows) - 1
+            open_rows.append(k)
+            if len(open_rows) > window:
+                open_rows.pop(0)
+        rows[k].append(int(i))
+        free[k] -= n
+        if (len(rows[k]) == max_segments or free[k] < smallest) and k in open_rows:
+            open_rows.remove(k)
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """The global rows of one epoch, in batch order, and how full they are."""
+
+    rows: list[list[int]]  # example indices per row (per pair for stage 2)
+    batch_size: int  # global rows (pairs) per batch
+    real_tokens: int
+    tokens_per_row: int  # seq_len, or 2 * seq_len for a pair
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    @property
+    def padding_efficiency(self) -> float:
+        """Fraction of the epoch's token slots (final partial batch included) holding real tokens."""
+        capacity = self.num_batches * self.batch_size * self.tokens_per_row
+        return self.real_tokens / capacity if capacity else 0.0
+
+    def batch_rows(self, step: int) -> list[list[int]]:
+        """Global rows of batch ``step``; a final partial batch is filled with empty rows."""
+        rows = self.rows[step * self.batch_size : (step + 1) * self.batch_size]
+        return rows + [[] for _ in range(self.batch_size - len(rows))]
+
+
+def plan_epoch(
+    lengths: Sequence[int],
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    epoch: int,
+    pack: bool,
+    max_segments: int,
+    pack_window: int = 128,
+    tokens_per_row: int | None = None,
+) -> EpochPlan:
+    """Plan one epoch from example lengths (for pairs: chosen + rejected lengths, unpacked)."""
+    order = epoch_order(len(lengths), seed, epoch)
+    if pack:
+        rows = first_fit_rows(order, lengths, seq_len, max_segments, pack_window)
+    else:
+        rows = [[int(i)] for i in order]
+    return EpochPlan(rows, batch_size, int(np.sum(lengths, dtype=np.int64)), tokens_per_row or seq_len)
+
+
+def padding_efficiency(lengths: Sequence[int], *, batch_size: int, seq_len: int, pack: bool,
+                       max_segments: int = 8, seed: int = 0, epoch: int = 0) -> float:
+    """Fraction of non-pad tokens over one epoch (handy with ``synthetic_helpsteer_lengths``)."""
+    return plan_epoch(lengths, batch_size=batch_size, seq_len=seq_len, seed=seed, epoch=epoch,
+                      pack=pack, max_segments=max_segments).padding_efficiency
+
+
+# --- assembly (token arrays) ----------------------------------------------------------------
+
+
+def regression_batch(rows: list[list[int]], examples: Sequence[RegressionExample], *, seq_len: int,
+                     max_segments: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Stage-1 batch from rows of example indices (an empty row is padding)."""
+    b = len(rows)
+    batch = {
+        "input_ids": np.full((b, seq_len), pad_id, np.int32),
+        "segment_ids": np.zeros((b, seq_len), np.int32),
+        "pool_index": np.zeros((b, max_segments), np.int32),
+        "pool_mask": np.zeros((b, max_segments), np.float32),
+        "labels": np.zeros((b, max_segments, NUM_ATTRIBUTES), np.float32),
+    }
+    for r, row in enumerate(rows):
+        if len(row) > max_segments:
+            raise ValueError(f"row {r} has {len(row)} segments, more than max_segments={max_segments}")
+        start = 0
+        for s, i in enumerate(row):
+            ids = examples[i].input_ids
+            end = start + len(ids)
+            if end > seq_len:
+                raise ValueError(f"row {r} overflows seq_len={seq_len}")
+            batch["input_ids"][r, start:end] = ids
+            # Segments are numbered from 1 so that 0 can mean padding.
+            batch["segment_ids"][r, start:end] = s + 1
+            batch["pool_index"][r, s] = end - 1
+            batch["pool_mask"][r, s] = 1.0
+            batch["labels"][r, s] = examples[i].labels
+            start = end
+    return batch
+
+
+def pair_batch(rows: list[list[int]], examples: Sequence[PairExample], *, seq_len: int,
+               pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Stage-2 batch from rows of one pair index each (an empty row is a padding pair)."""
+    b = len(rows)
+    batch = {
+        "input_ids": np.full((2 * b, seq_len), pad_id, np.int32),
+        "segment_ids": np.zeros((2 * b, seq_len), np.int32),
+        "pool_index": np.zeros((2 * b, 1), np.int32),
+        "pool_mask": np.zeros((2 * b, 1), np.float32),
+        "pair_mask": np.zeros((b,), np.float32),
+    }
+    for r, row in enumerate(rows):
+        if not row:
+            continue
+        (i,) = row
+        for out_row, ids in ((r, examples[i].chosen_ids), (b + r, examples[i].rejected_ids)):
+            batch["input_ids"][out_row, : len(ids)] = ids
+            batch["segment_ids"][out_row, : len(ids)] = 1
+            batch["pool_index"][out_row, 0] = len(ids) - 1
+            batch["pool_mask"][out_row, 0] = 1.0
+        batch["pair_mask"][r] = 1.0
+    return batch
+
+
+# --- the iterator ---------------------------------------------------------------------------
+
+
+class BatchIterator:
+    """Deterministic, resumable batches over regression examples or preference pairs.
+
+    ``batch_size`` is GLOBAL (rows for stage 1, pairs for stage 2).  Each host computes the same
+    global plan and yields only rows ``[k*B/P, (k+1)*B/P)`` of every batch, where
+    ``k = process_index`` and ``P = process_count``.  Without packing each row holds one
+    conversation and ``max_segments`` is 1; pairs are never packed.  ``num_epochs=None``
+    iterates forever.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[RegressionExample] | Sequence[PairExample],
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        pack: bool = True,
+        max_segments: int = 8,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_epochs: int | None = None,
+        pad_id: int = 0,  # any id works (padding is masked by segment_ids); 0 exists in every vocab
+        pack_window: int = 128,
+    ):
+        if not examples:
+            raise ValueError("BatchIterator needs at least one example")
+        self.pairs = isinstance(examples[0], PairExample)
+        if self.pairs and pack:
+            raise ValueError("preference pairs are not packed: pass pack=False")
+        if batch_size < 1 or batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
+        if pack and max_segments < 1:
+            raise ValueError(f"max_segments must be >= 1, got {max_segments}")
+        self.examples = examples
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, int(seed)
+        self.pack = pack
+        self.max_segments = max_segments if pack else 1
+        self.process_index, self.process_count = process_index, process_count
+        self.num_epochs, self.pad_id, self.pack_window = num_epochs, pad_id, pack_window
+        self.lengths = self._lengths()
+        self.epoch, self.step = 0, 0
+        self._plan: tuple[int, EpochPlan] | None = None
+
+    def _lengths(self) -> np.ndarray:
+        if self.pairs:
+            per_side = [(len(e.chosen_ids), len(e.rejected_ids)) for e in self.examples]
+            longest = np.array([max(p) for p in per_side])
+            lengths = np.array([sum(p) for p in per_side], np.int64)
+        else:
+            lengths = longest = np.array([len(e.input_ids) for e in self.examples], np.int64)
+        bad = np.flatnonzero((longest > self.seq_len) | (longest < 1))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"example {i} has {int(longest[i])} tokens; each must have 1..seq_len={self.seq_len} "
+                             "(render with max_length=seq_len)")
+        return lengths
+
+    # -- planning --
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The global plan of ``epoch`` (cached for the current epoch)."""
+        if self._plan is None or self._plan[0] != epoch:
+            plan = plan_epoch(self.lengths, batch_size=self.batch_size, seq_len=self.seq_len, seed=self.seed,
+                              epoch=epoch, pack=self.pack, max_segments=self.max_segments,
+                              pack_window=self.pack_window, tokens_per_row=(2 if self.pairs else 1) * self.seq_len)
+            self._plan = (epoch, plan)
+        return self._plan[1]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Global batches in ``epoch`` (packing makes it vary slightly between epochs)."""
+        return self.plan(epoch).num_batches
+
+    def epoch_stats(self, epoch: int) -> dict:
+        """Rows, batches and padding efficiency (fraction of non-pad tokens) of ``epoch``."""
+        plan = self.plan(epoch)
+        return {"epoch": epoch, "examples": len(self.examples), "rows": len(plan.rows), "batches": plan.num_batches,
+                "real_tokens": plan.real_tokens, "padding_efficiency": plan.padding_efficiency, "packed": self.pack}
+
+    # -- iteration --
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while self.step >= self.steps_in_epoch(self.epoch):
+            self.epoch, self.step = self.epoch + 1, 0
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        global_rows = self.plan(self.epoch).batch_rows(self.step)
+        per_host = self.batch_size // self.process_count
+        rows = global_rows[self.process_index * per_host : (self.process_index + 1) * per_host]
+        self.step += 1
+        if self.pairs:
+            return pair_batch(rows, self.examples, seq_len=self.seq_len, pad_id=self.pad_id)
+        return regression_batch(rows, self.examples, seq_len=self.seq_len, max_segments=self.max_segments,
+                                pad_id=self.pad_id)
+
+    # -- checkpointing --
+
+    def _settings(self) -> dict:
+        # Everything the global plan depends on; process_index/count are not, so a job may
+        # resume on a different number of hosts.
+        return {"num_examples": len(self.examples), "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "pack": self.pack, "max_segments": self.max_segments, "pack_window": self.pack_window,
+                "pairs": self.pairs}
+
+    def state(self) -> dict:
+        """JSON-serialisable position: the next batch is ``step`` of ``epoch``."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "step": self.step, "seed": self.seed, **self._settings()}
+
+    def restore(self, state: dict) -> None:
+        """Continue from ``state``; refuses a state from a different dataset or settings."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"iterator state version {state.get('version')!r}, expected {STATE_VERSION}")
+        expected = {"seed": self.seed, **self._settings()}
+        diff = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(f"iterator state does not match this data/settings (saved, current): {diff}")
+        epoch, step = state["epoch"], state["step"]
+        if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0 and step >= 0):
+            raise ValueError(f"bad iterator position epoch={epoch!r} step={step!r}")
+        self.epoch, self.step = epoch, step

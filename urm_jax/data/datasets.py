@@ -1,0 +1,294 @@
+"""Training data: load rows, turn them into token ids, and account for every row.
+
+Stage 1 regresses the five HelpSteer2 attributes; stage 2 fits the gate on preference pairs
+(Skywork-Reward-Preference-80K schema).  Every row goes through the one tokenisation policy
+(:func:`urm_jax.data.tokenization.render_ids`, left truncation) and is either used or dropped
+with a named reason counted in a :class:`DatasetReport`; nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from urm_jax.data.tokenization import helpsteer_prompt_to_messages, render_ids
+
+HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+HELPSTEER_COLUMNS = ("prompt", "response", *HELPSTEER_ATTRIBUTES)
+PAIR_COLUMNS = ("chosen", "rejected")
+LABEL_RANGE = (0, 4)  # HelpSteer2's Likert scale
+
+_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_START_HEADER = "<|start_header_id|>"
+
+
+class DatasetSchemaError(ValueError):
+    """The source is not the dataset we expected (a required column is missing)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionExample:
+    """One HelpSteer2 row: rendered ids (ending in the final ``<|eot_id|>``) and 5 labels."""
+
+    input_ids: np.ndarray  # int32 [n]
+    labels: np.ndarray  # float32 [5], HELPSTEER_ATTRIBUTES order
+
+
+@dataclasses.dataclass(frozen=True)
+class PairExample:
+    """One preference pair, both sides rendered with the same policy."""
+
+    chosen_ids: np.ndarray  # int32 [n]
+    rejected_ids: np.ndarray  # int32 [m]
+
+
+@dataclasses.dataclass
+class DatasetReport:
+    """What happened to each row of a source: used (possibly left-truncated) or dropped."""
+
+    source: str
+    total: int = 0
+    used: int = 0
+    truncated: int = 0  # used rows that lost tokens from the start
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The first few row numbers per reason, so a surprising count can be looked at.
+    dropped_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    def drop(self, reason: str, row: int) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        rows = self.dropped_rows.setdefault(reason, [])
+        if len(rows) < 3:
+            rows.append(row)
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def format(self) -> str:
+        """One line for logs, e.g. ``src: 100 rows, 97 used (4 truncated), 3 dropped (empty_response=3 [rows 5, 9, 17])``."""
+        line = f"{self.source}: {self.total} rows, {self.used} used ({self.truncated} truncated), {self.num_dropped} dropped"
+        if self.dropped:
+            parts = [
+                f"{reason}={n} [rows {', '.join(map(str, self.dropped_rows[reason]))}{', ...' if n > 3 else ''}]"
+                for reason, n in sorted(self.dropped.items())
+            ]
+            line += f" ({'; '.join(parts)})"
+        return line
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def load_rows(source: str, split: str = "train", *, cache_dir: str | None = None):
+    """A ``datasets.Dataset`` from a local ``.jsonl``/``.json``/``.parquet`` file or a hub name.
+
+    A local file is loaded as the given ``split`` (any name); anything else (``nvidia/HelpSteer2``,
+    a local dataset directory) goes to ``datasets.load_dataset(source, split=split)``.
+    Errors name the source.
+    """
+    import datasets  # heavy; only needed when actually loading
+
+    path = Path(source).expanduser()
+    fmt = _LOCAL_FORMATS.get(path.suffix.lower())
+    if fmt is not None and not path.is_file():
+        raise FileNotFoundError(f"dataset file {source!r} does not exist")
+    if fmt is None and path.is_file():
+        raise ValueError(f"dataset file {source!r}: unsupported format; use one of {sorted(_LOCAL_FORMATS)}")
+    try:
+        if fmt is not None:
+            return datasets.load_dataset(fmt, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+    except Exception as e:  # hub, network and parse errors come in many types; keep the cause
+        raise ValueError(f"could not load dataset {source!r} (split {split!r}): {type(e).__name__}: {e}") from e
+
+
+def _require_columns(rows: Any, required: Iterable[str], source: str, what: str) -> None:
+    columns = getattr(rows, "column_names", None)
+    if columns is None:  # a plain list of dicts: the first row stands for the schema
+        columns = list(rows[0]) if len(rows) else list(required)
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DatasetSchemaError(
+            f"{source}: missing column(s) {missing} for {what} (found {sorted(columns)}); is this the right dataset?"
+        )
+
+
+# --- HelpSteer2 (stage 1) -------------------------------------------------------------------
+
+
+def helpsteer2_examples(
+    rows: Any, tokenizer: Any, *, max_length: int, source: str = "<rows>", progress: bool = False
+) -> tuple[list[RegressionExample], DatasetReport]:
+    """Render HelpSteer2 rows (a ``Dataset`` or list of dicts) into examples plus a report."""
+    _require_columns(rows, HELPSTEER_COLUMNS, source, "HelpSteer2 attribute regression")
+    report = DatasetReport(source)
+    examples: list[RegressionExample] = []
+    for i, row in enumerate(_progress(rows, progress, "HelpSteer2")):
+        report.total += 1
+        prompt, response = row.get("prompt"), row.get("response")
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            report.drop("not_text", i)
+            continue
+        if not response.strip():
+            report.drop("empty_response", i)
+            continue
+        labels, reason = _labels(row)
+        if reason:
+            report.drop(reason, i)
+            continue
+        try:
+            messages = helpsteer_prompt_to_messages(prompt, response)
+        except ValueError:
+            report.drop("bad_turn_markers", i)
+            continue
+        ids, reason = _render(tokenizer, messages, max_length)
+        if reason:
+            report.drop(reason, i)
+            continue
+        report.used += 1
+        report.truncated += ids.truncated
+        examples.append(RegressionExample(ids.array, labels))
+    return examples, report
+
+
+def _labels(row: dict) -> tuple[np.ndarray | None, str | None]:
+    out = np.zeros(len(HELPSTEER_ATTRIBUTES), np.float32)
+    for k, name in enumerate(HELPSTEER_ATTRIBUTES):
+        v = row.get(name)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None, "missing_label"
+        # bool is an int subclass; true/false in a score column is a data bug.
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            return None, "bad_label"
+        if not LABEL_RANGE[0] <= v <= LABEL_RANGE[1]:
+            return None, "label_out_of_range"
+        out[k] = v
+    return out, None
+
+
+def load_helpsteer2(
+    source: str,
+    tokenizer: Any,
+    *,
+    split: str = "train",
+    max_length: int = 4096,
+    cache_dir: str | None = None,
+    progress: bool = False,
+) -> tuple[list[RegressionExample], DatasetReport]:
+    """Load and render HelpSteer2 (``nvidia/HelpSteer2`` or a local file with its columns)."""
+    rows = load_rows(source, split, cache_dir=cache_dir)
+    return helpsteer2_examples(rows, tokenizer, max_length=max_length, source=f"{source}[{split}]", progress=progress)
+
+
+# --- preference pairs (stage 2) -------------------------------------------------------------
+
+
+def preference_pair_examples(
+    rows: Any, tokenizer: Any, *, max_length: int, source: str = "<rows>", progress: bool = False
+) -> tuple[list[PairExample], DatasetReport]:
+    """Render Skywork-style pairs (``chosen``/``rejected`` message lists) plus a report."""
+    _require_columns(rows, PAIR_COLUMNS, source, "preference pairs")
+    report = DatasetReport(source)
+    examples: list[PairExample] = []
+    for i, row in enumerate(_progress(rows, progress, "pairs")):
+        report.total += 1
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        if not isinstance(chosen, list) or not isinstance(rejected, list) or not chosen or not rejected:
+            report.drop("not_messages", i)
+            continue
+        if chosen == rejected:  # contributes a constant log 2 to the loss and no gradient
+            report.drop("identical_pair", i)
+            continue
+        if any(_empty_final_turn(side) for side in (chosen, rejected)):
+            report.drop("empty_response", i)
+            continue
+        (c, c_reason), (r, r_reason) = (_render(tokenizer, side, max_length) for side in (chosen, rejected))
+        if c_reason or r_reason:
+            report.drop(c_reason or r_reason, i)
+            continue
+        report.used += 1
+        report.truncated += c.truncated or r.truncated
+        examples.append(PairExample(c.array, r.array))
+    return examples, report
+
+
+def _empty_final_turn(messages: list) -> bool:
+    last = messages[-1]
+    return isinstance(last, dict) and isinstance(last.get("content"), str) and not last["content"].strip()
+
+
+def load_preference_pairs(
+    source: str,
+    tokenizer: Any,
+    *,
+    split: str = "train",
+    max_length: int = 4096,
+    cache_dir: str | None = None,
+    progress: bool = False,
+) -> tuple[list[PairExample], DatasetReport]:
+    """Load and render pairs (``Skywork/Skywork-Reward-Preference-80K-v0.1`` or a local file)."""
+    rows = load_rows(source, split, cache_dir=cache_dir)
+    return preference_pair_examples(rows, tokenizer, max_length=max_length, source=f"{source}[{split}]", progress=progress)
+
+
+# --- shared rendering -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rendered:
+    array: np.ndarray
+    truncated: bool
+
+
+def _render(tokenizer: Any, messages: list, max_length: int) -> tuple[_Rendered | None, str | None]:
+    """Render with left truncation, refusing a cut into the final assistant turn.
+
+    Left truncation drops earlier turns, which is what we want; but if the final turn alone
+    is longer than ``max_length`` the cut removes its header and the start of the response,
+    and the model would be trained on a fragment it never sees when scoring.  Such rows are
+    dropped as ``final_turn_too_long``.
+    """
+    try:
+        full = render_ids(tokenizer, {"messages": messages}, max_length=None)
+    except ValueError:
+        return None, "bad_messages"
+    if len(full) <= max_length:
+        return _Rendered(np.asarray(full, np.int32), False), None
+    header = tokenizer.convert_tokens_to_ids(_START_HEADER)
+    last_header = max((k for k, t in enumerate(full) if t == header), default=None)
+    keep = max_length - 1 if full[0] == tokenizer.bos_token_id else max_length  # the BOS stays
+    if last_header is None or len(full) - last_header > keep:
+        return None, "final_turn_too_long"
+    # Same policy function, applied to the ids we already have (no second tokenisation).
+    cut = render_ids(tokenizer, {"input_ids": full}, max_length=max_length, truncation="left")
+    return _Rendered(np.asarray(cut, np.int32), True), None
+
+
+def _progress(rows: Any, enabled: bool, desc: str):
+    if not enabled:
+        return rows
+    from tqdm import tqdm
+
+    return tqdm(rows, desc=desc, unit="row")
+
+
+# --- synthetic lengths for benchmarks -------------------------------------------------------
+
+
+def synthetic_helpsteer_lengths(n: int, seed: int, *, max_length: int = 4096) -> np.ndarray:
+    """``n`` token lengths resembling rendered HelpSteer2 conversations, int32.
+
+    ASSUMPTION (not measured here; the hub is unreachable): rendered HelpSteer2 rows are
+    long-tailed with a median near 600 tokens and a maximum near 4000 (prompts include long
+    multi-turn contexts and pasted documents; responses run from one line to a few pages).
+    We model this as a log-normal with median 600 and sigma 0.75 (about 1% of rows above
+    3,400 tokens), clipped to [24, min(4000, max_length)].  Use it for padding/throughput
+    benchmarks, and re-measure with the real dataset where the hub is reachable.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = rng.lognormal(mean=math.log(600), sigma=0.75, size=n)
+    return np.clip(np.rint(lengths), 24, min(4000, max_length)).astype(np.int32)

@@ -1,0 +1,109 @@
+"""The embedded demo, end to end on CPU (`make demo`):
+
+real Llama-3 tokenizer (built offline) -> small random URM in the real HF format (bf16 backbone,
+fp16 gate, vocab 128257, llama3 RoPE) -> `convert from_hf` -> score the model-card pair and the
+bundled samples -> `convert to_hf` -> bit-exact verify -> load the export in transformers
+(trust_remote_code) -> `urm-jax parity` in the checkpoint dtypes and in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m urm_jax.demo", description=__doc__)
+    parser.add_argument("--workdir", default="build/demo")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.time()
+
+    from convert import core
+    from convert.__main__ import print_verify
+    from convert.synthetic import tiny_hf_config, write_random_hf
+    from urm_jax.data.samples import data_path, sample_examples
+    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+    from urm_jax.parity import run_parity
+    from urm_jax.scoring import Scorer, score_file
+
+    step("1. Llama-3 tokenizer from Meta's llama-models wheel (offline), [PAD] = 128256")
+    tok_dir = cached_llama3_tokenizer_dir()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    print(f"{tok_dir}: {len(tok)} tokens, bos {tok.bos_token_id}, eot {tok.convert_tokens_to_ids('<|eot_id|>')}, "
+          f"pad {tok.pad_token_id}")
+
+    step("2. a random URM in the real HF format (bf16 backbone, fp16 gate, llama3 RoPE)")
+    hf_cfg = tiny_hf_config(vocab_size=128257, pad_token_id=128256, bos_token_id=128000,
+                            eos_token_id=(128001, 128008, 128009), hidden_size=64,
+                            intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
+                            original_max_position_embeddings=8192, max_position_embeddings=131072,
+                            rope_theta=500000.0)
+    hf_dir = write_random_hf(work / "hf", hf_cfg, dtype="bfloat16", gate_dtype="float16",
+                             seed=0, tokenizer_dir=tok_dir, progress=False)
+    print(f"{hf_dir}: {sorted(p.name for p in hf_dir.iterdir())}")
+
+    step("3. python -m convert from_hf")
+    ckpt = core.from_hf(hf_dir, work / "jax", progress=False)
+    marker = json.loads((ckpt / "urm_jax.json").read_text())
+    print(f"{ckpt}: layout v{marker['layout_version']}, {len(marker['dtypes'])} arrays, dtypes "
+          f"{sorted(set(marker['dtypes'].values()))}")
+
+    step("4. urm-jax score: the model-card sigmoid pair and the bundled samples")
+    scorer = Scorer(ckpt, batch_size=4)
+    inputs = work / "inputs.jsonl"
+    cards = [json.loads(line) for line in data_path("model_card_goldens.jsonl").read_text().splitlines()]
+    with open(inputs, "w") as out:
+        for example in cards + sample_examples():
+            out.write(json.dumps({k: v for k, v in example.items() if k != "note"}) + "\n")
+    n = score_file(scorer, inputs, work / "scores.jsonl")
+    print(f"{n} examples -> {work / 'scores.jsonl'} (random weights: the card's rewards "
+          f"{[c['expected_reward'] for c in cards]} need the real model)")
+    print(f"{'id':<16} {'tokens':>6} {'reward':>9} {'uncert.':>9}  gate weights")
+    for line in (work / "scores.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        gate = " ".join(f"{v:+.2f}" for v in r["gate"].values())
+        print(f"{r['id']:<16} {r['num_tokens']:>6} {r['reward']:>9.4f} {r['uncertainty']:>9.3f}  {gate}")
+
+    step("5. python -m convert to_hf, then verify every tensor bit for bit")
+    export = core.to_hf(ckpt, work / "hf_export", max_shard_size="2MB", progress=False)
+    print(f"{export}: {sorted(p.name for p in export.iterdir())}")
+    ok_export = print_verify(core.verify(export, ckpt, progress=False), show_all=False)
+    ok_source = print_verify(core.verify(hf_dir, ckpt, progress=False), show_all=False)
+
+    step("6. the export in transformers: AutoModelForSequenceClassification(trust_remote_code=True)")
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True)
+    ids = scorer.encode(sample_examples()[0])
+    with torch.no_grad():
+        hf_reward = model(torch.tensor([ids])).logits[0, 0].item()
+    jax_reward = scorer.score_ids([ids])[0].reward
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    print(f"{type(model).__name__} ({dtypes}): reward {hf_reward:.6f}; urm-jax {jax_reward:.6f}")
+
+    ok = ok_export and ok_source
+    for dtype in ("keep", "float32"):
+        step(f"7. urm-jax parity --hf {export.name} --model {ckpt.name} --dtype {dtype}")
+        report = run_parity(export, ckpt, dtype=dtype)
+        print(report.format())
+        ok = ok and report.ok
+    print(f"\ndemo {'OK' if ok else 'FAILED'} in {time.time() - started:.0f} s; files in {work}/")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
