@@ -148,10 +148,10 @@ def tampered_dir(hf_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def id_rows():
     rng = random.Random(0)
-    # Ids 0 .. VOCAB-2: never the pad id, which the HF reference would treat as padding.
-    # ids: strings and ints, both passed through as given.
-    return [{"input_ids": [rng.randrange(0, PAD) for _ in range(n)], "id": i if i % 3 == 0 else f"row{i}"}
-            for i, n in enumerate(LENGTHS)]
+    # Token ids 0 .. VOCAB-2: never the pad id, which the HF reference would treat as padding.
+    # Line ids are strings or ints; both must come back as given.
+    return [{"input_ids": [rng.randrange(0, PAD) for _ in range(n)],
+             "id": i if i % 3 == 0 else f"row{i}"} for i, n in enumerate(LENGTHS)]
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +294,8 @@ def test_score_chat_last_turn_must_be_assistant(capsys, chat_dir, tmp_path):
 
 
 def test_score_invalid_json(capsys, hf_dir, tmp_path):
-    inp = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [4, 5]}, {"input_ids": [6, 7]}, '{"input_ids": [1,'])
+    inp = write_jsonl(tmp_path / "in.jsonl",
+                      [{"input_ids": [4, 5]}, {"input_ids": [6, 7]}, '{"input_ids": [1,'])
     score_err(capsys, hf_dir, inp, tmp_path / "out.jsonl", f"{inp}:3:", "invalid JSON")
 
 

@@ -23,16 +23,19 @@ from urm_jax.scoring import Scorer, read_jsonl
 
 OUTPUTS = ("reward", "means", "log_stds", "gate")
 
-# Largest relative difference accepted, by (compute dtype, gate dtype). Measured on tiny random
-# models by tests/test_parity.py and bench/parity_bounds.py; each bound leaves ~5x headroom.
+# Largest relative difference accepted, by (compute dtype, gate dtype). bench/parity_bounds.py
+# measured (worst over seeds, GQA 1/2/4, two sizes): fp32/fp32 3.2e-6, fp32/fp16 1.6e-3 (the
+# fp16 gate), bf16/fp16 3.6e-2 -- and HF's own bf16 run is 2.8e-2 from fp32, so bf16 differences
+# are rounding noise that grows with depth. A real bug (wrong RoPE, pooling, layout) moves
+# outputs by O(1), far past every bound.
 TOLERANCES = {
     ("float32", "float32"): 1e-5,
     ("float32", "float16"): 5e-3,
     ("float32", "bfloat16"): 3e-2,
-    ("bfloat16", "float16"): 6e-2,
-    ("bfloat16", "bfloat16"): 6e-2,
-    ("bfloat16", "float32"): 6e-2,
-    ("float16", "float16"): 2e-2,
+    ("bfloat16", "float16"): 1e-1,
+    ("bfloat16", "bfloat16"): 1e-1,
+    ("bfloat16", "float32"): 1e-1,
+    ("float16", "float16"): 5e-2,
 }
 
 
@@ -156,7 +159,7 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
     max_rel = {k: max_abs[k] / max(float(np.max(np.abs(hf[k]))), 1e-30) for k in OUTPUTS}
     compute_dtype = scorer.model.options.dtypes.compute
     gate_dtype = scorer.model.options.dtypes.gate_dtype(cfg)
-    tol = tolerance if tolerance is not None else TOLERANCES.get((compute_dtype, gate_dtype), 6e-2)
+    tol = tolerance if tolerance is not None else TOLERANCES.get((compute_dtype, gate_dtype), 1e-1)
     report = ParityReport(len(sequences), (min(map(len, sequences)), max(map(len, sequences))),
                           compute_dtype, gate_dtype, source, max_abs, max_rel, tol)
     if golden_path:

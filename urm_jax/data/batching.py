@@ -39,7 +39,8 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def first_fit_rows(order: Sequence[int], lengths: Sequence[int], seq_len: int, max_segments: int, window: int = 128) -> list[list[int]]:
+def first_fit_rows(order: Sequence[int], lengths: Sequence[int], seq_len: int, max_segments: int,
+                   window: int = 128) -> list[list[int]]:
     """Greedy first-fit of examples (in ``order``) into rows of ``seq_len`` tokens.
 
     Each example goes into the oldest open row with room for it, else a new row.  Only the

@@ -69,8 +69,10 @@ class DatasetReport:
         return sum(self.dropped.values())
 
     def format(self) -> str:
-        """One line for logs, e.g. ``src: 100 rows, 97 used (4 truncated), 3 dropped (empty_response=3 [rows 5, 9, 17])``."""
-        line = f"{self.source}: {self.total} rows, {self.used} used ({self.truncated} truncated), {self.num_dropped} dropped"
+        """One line for logs, e.g.
+        ``src: 100 rows, 97 used (4 truncated), 3 dropped (empty_response=3 [rows 5, 9, 17])``."""
+        line = (f"{self.source}: {self.total} rows, {self.used} used ({self.truncated} truncated), "
+                f"{self.num_dropped} dropped")
         if self.dropped:
             parts = [
                 f"{reason}={n} [rows {', '.join(map(str, self.dropped_rows[reason]))}{', ...' if n > 3 else ''}]"
@@ -232,7 +234,8 @@ def load_preference_pairs(
 ) -> tuple[list[PairExample], DatasetReport]:
     """Load and render pairs (``Skywork/Skywork-Reward-Preference-80K-v0.1`` or a local file)."""
     rows = load_rows(source, split, cache_dir=cache_dir)
-    return preference_pair_examples(rows, tokenizer, max_length=max_length, source=f"{source}[{split}]", progress=progress)
+    return preference_pair_examples(rows, tokenizer, max_length=max_length, source=f"{source}[{split}]",
+                                    progress=progress)
 
 
 # --- shared rendering -----------------------------------------------------------------------

@@ -64,10 +64,10 @@ def render_ids(
     if "input_ids" in example:
         _only_schema(example, "input_ids")
         ids = _validate_ids(example["input_ids"], vocab_size or len(tokenizer))
-    elif tokenizer is None:
-        raise ValueError("this model has no tokenizer files, so examples must give 'input_ids'")
     else:
-        messages = _messages(example)
+        messages = _messages(example)  # schema errors first: they say what is wrong with the line
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer files, so examples must give 'input_ids'")
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
         # A template that already writes BOS (stock Llama-3) plus the tokenizer's own BOS.
