@@ -1,44 +1,117 @@
-"""Safetensors I/O for HF checkpoints: a validating lazy reader (single file or sharded with
-`model.safetensors.index.json`) and a streaming sharded writer. Tensors are read one at a time
-(safetensors maps the file; nothing else is resident), and every failure names the file or tensor.
+"""Safetensors I/O for HF checkpoints, streamed both ways.
+
+Reading: every file's header is parsed and validated up front (so a truncated shard, a corrupt
+header or an index naming a missing shard fails before anything is written); tensor data is then
+read with `os.pread` into a private buffer, a whole tensor or a range of its rows at a time. No
+mmap: mapped file pages count towards the process's resident memory, and touching a 5 GB shard
+through a mapping would make peak RSS depend on the model's size.
+
+Writing: each shard's header is computed from the planned tensors, then their bytes are written in
+order as they are produced (a tensor may arrive in row pieces), so one piece is resident at a time
+whatever --max-shard-size says.
+
 Pickle-based `.bin` weights are refused: unpickling an untrusted file can run arbitrary code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 import re
 from pathlib import Path
 from typing import Callable, Iterable
 
+import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-SINGLE_NAME = "model.safetensors"
+DTYPE_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+MAX_HEADER = 100 * 2**20  # what the safetensors library accepts
 
 
 class WeightsError(ValueError):
     """A checkpoint that cannot be read as it claims to be."""
 
 
+def np_dtype_of(name: str) -> np.dtype:
+    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str  # numpy-style name: 'bfloat16', 'float16', ...
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np_dtype_of(self.dtype).itemsize
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header the way the safetensors library does: sane
+    length, valid JSON, known dtypes, offsets that match the shapes and tile the data region
+    exactly, and a file long enough to hold it (a truncated download fails here)."""
+    def bad(why: str) -> WeightsError:
+        return WeightsError(f"{file}: corrupt or truncated safetensors file ({why})")
+
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise bad("shorter than 8 bytes")
+        length = int.from_bytes(head, "little")
+        if length > min(MAX_HEADER, size - 8):
+            raise bad(f"header length {length} past the end of a {size}-byte file")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise bad(f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    infos, spans = {}, []
+    for key, meta in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"bad entry for tensor {key}: {meta!r}") from None
+        info = TensorInfo(file, dtype, shape, 8 + length + begin)
+        if end - begin != info.nbytes or min(shape, default=0) < 0:
+            raise bad(f"tensor {key}: shape {list(shape)} {dtype} needs {info.nbytes} bytes, "
+                      f"offsets give {end - begin}")
+        infos[key] = info
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise bad(f"tensor data overlaps or leaves a gap at byte {position}")
+        position = end
+    if 8 + length + position > size:
+        raise bad(f"data needs {8 + length + position} bytes, the file has {size}")
+    return infos
+
+
 class HFWeights:
-    """Lazy, validated view of an HF directory's safetensors weights."""
+    """Lazy, validated view of an HF directory's safetensors weights (thread-safe reads)."""
 
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
-        self.key_to_file: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self.info: dict[str, TensorInfo] = {}
         index, single = self.dir / INDEX_NAME, self.dir / SINGLE_NAME
         if index.is_file():
             self._open_index(index)
         elif single.is_file():
-            for key in self._open(single).keys():
-                self.key_to_file[key] = single
+            self.info = read_header(single)
         else:
             found = sorted(p.name for p in self.dir.glob("*.safetensors"))
             bins = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(
@@ -53,72 +126,85 @@ class HFWeights:
                 raise WeightsError(f"{self.dir}: safetensors files {found} but neither "
                                    f"{SINGLE_NAME} nor {INDEX_NAME}")
             raise WeightsError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME}")
-
-    def _open(self, file: Path):
-        if file not in self._handles:
-            if not file.is_file():
-                raise WeightsError(f"{file}: shard missing")
-            try:
-                self._handles[file] = safe_open(str(file), framework="numpy")
-            except SafetensorError as err:
-                raise WeightsError(f"{file}: corrupt or truncated safetensors file ({err})") from None
-        return self._handles[file]
+        self._fds = {file: os.open(file, os.O_RDONLY) for file in {i.file for i in self.info.values()}}
 
     def _open_index(self, index: Path) -> None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise WeightsError(f"{index}: not a valid safetensors index ({err})") from None
-        files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (self.dir / f).is_file()]
         if missing:
             raise WeightsError(f"{index}: names missing shard(s) {', '.join(missing)}")
-        seen: dict[str, Path] = {}
+        seen: dict[str, TensorInfo] = {}
         for name in files:
-            file = self.dir / name
-            for key in self._open(file).keys():
+            for key, info in read_header(self.dir / name).items():
                 if key in seen:
-                    raise WeightsError(f"tensor {key} appears in both {seen[key].name} and {name}")
-                seen[key] = file
+                    raise WeightsError(f"tensor {key} appears in both {seen[key].file.name} and {name}")
+                seen[key] = info
         for key, name in weight_map.items():
             if key not in seen:
                 raise WeightsError(f"{index}: lists {key} in {name}, but no shard holds it")
-            if seen[key].name != name:
-                raise WeightsError(f"{index}: lists {key} in {name}, but it is in {seen[key].name}")
+            if seen[key].file.name != name:
+                raise WeightsError(f"{index}: lists {key} in {name}, but it is in {seen[key].file.name}")
         extra = sorted(set(seen) - set(weight_map))
         if extra:
             raise WeightsError(f"{index}: shards hold tensors the index does not list: {extra[:5]}")
-        self.key_to_file = seen
+        self.info = seen
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def keys(self) -> list[str]:
-        return list(self.key_to_file)
+        return list(self.info)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.key_to_file
+        return key in self.info
 
-    def _slice(self, key: str):
-        if key not in self.key_to_file:
+    def _info(self, key: str) -> TensorInfo:
+        if key not in self.info:
             raise WeightsError(f"{self.dir}: tensor {key} missing")
-        return self._open(self.key_to_file[key]).get_slice(key)
+        return self.info[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._slice(key).get_shape())
+        return self._info(key).shape
 
     def dtype(self, key: str) -> str:
         """numpy-style dtype name from the header (no data read): 'bfloat16', 'float16', ..."""
-        code = self._slice(key).get_dtype()
-        return SAFETENSORS_DTYPES.get(code, code.lower())
+        return self._info(key).dtype
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A tensor, or rows [start, stop) of its first dimension (contiguous on disk)."""
+        info = self._info(key)
+        shape = info.shape
+        if rows is not None:
+            shape = (rows[1] - rows[0], *shape[1:])
+        out = np.empty(shape, np_dtype_of(info.dtype))
+        row_bytes = out.itemsize * math.prod(info.shape[1:])
+        offset = info.offset + (rows[0] * row_bytes if rows else 0)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < out.nbytes:  # pread may return less than asked
+            got = os.preadv(self._fds[info.file], [view[done:]], offset + done)
+            if got == 0:
+                raise WeightsError(f"{info.file}: truncated while reading tensor {key}")
+            done += got
+        return out
 
     def get(self, key: str) -> np.ndarray:
-        try:
-            return self._open(self.key_to_file[key]).get_tensor(key)
-        except KeyError:
-            raise WeightsError(f"{self.dir}: tensor {key} missing") from None
-        except (SafetensorError, OSError, ValueError) as err:
-            raise WeightsError(f"{self.key_to_file[key]}: cannot read tensor {key} ({err})") from None
+        return self.read(key)
 
     def where(self, key: str) -> str:
-        return self.key_to_file[key].name if key in self.key_to_file else str(self.dir)
+        return self.info[key].file.name if key in self.info else str(self.dir)
 
 
 def parse_size(text: str | int) -> int:
@@ -148,25 +234,73 @@ def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[l
     return shards
 
 
-def write_sharded(out_dir: Path, sizes: list[tuple[str, int]], produce: Callable[[str], np.ndarray],
-                  max_shard_size: int, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Write `model.safetensors` or `model-0000k-of-0000n.safetensors` + index, one shard resident
-    at a time; `produce(key)` makes each tensor on demand."""
+def _header(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
+    """Safetensors header for tensors laid out in the given order, padded to 8 bytes."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    position = 0
+    for key, dtype, shape in specs:
+        nbytes = math.prod(shape) * np_dtype_of(dtype).itemsize
+        header[key] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape),
+                       "data_offsets": [position, position + nbytes]}
+        position += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def open_output(path: Path):
+    """The one place output files are opened (tests swap it to simulate a full disk)."""
+    return open(path, "wb")
+
+
+def write_pieces(handle, path: Path, pieces: Iterable[np.ndarray]) -> int:
+    """Write arrays' bytes (C order) to an open file; an OSError names the file."""
+    written = 0
+    try:
+        for piece in pieces:
+            flat = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+            handle.write(memoryview(flat))
+            written += flat.nbytes
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    return written
+
+
+def write_sharded(out_dir: Path, specs: list[tuple[str, str, tuple[int, ...]]],
+                  pieces: Iterable[tuple[str, np.ndarray]], max_shard_size: int,
+                  progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Write `model.safetensors` or `model-0000k-of-0000n.safetensors` + index.
+
+    `specs` lists (key, dtype name, shape) in write order; `pieces` yields (key, array) in that
+    same order, each tensor's bytes in one or more consecutive pieces (row blocks). Nothing is
+    buffered beyond the current piece. `progress(nbytes, tensors_finished)` after each piece."""
+    sizes = [(key, math.prod(shape) * np_dtype_of(dtype).itemsize) for key, dtype, shape in specs]
+    size_of = dict(sizes)
+    spec_of = {key: (dtype, shape) for key, dtype, shape in specs}
     shards = plan_shards(sizes, max_shard_size)
     names = ([SINGLE_NAME] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-    weight_map, total = {}, 0
+    pieces = iter(pieces)
+    weight_map = {}
     for name, keys in zip(names, shards):
-        tensors = {}
-        for key in keys:
-            tensors[key] = produce(key)
-            total += tensors[key].nbytes
-            weight_map[key] = name
-        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
-        if progress:
-            progress(len(keys))
-        del tensors
+        path = out_dir / name
+        with open_output(path) as handle:
+            write_pieces(handle, path, [np.frombuffer(_header(
+                [(k, *spec_of[k]) for k in keys]), np.uint8)])
+            for key in keys:
+                want, done = size_of[key], 0
+                while done < want:
+                    got_key, piece = next(pieces)
+                    if got_key != key or np_dtype_of(spec_of[key][0]) != piece.dtype:
+                        raise AssertionError(f"writer expected {key} {spec_of[key][0]}, "
+                                             f"got {got_key} {piece.dtype}")
+                    done += write_pieces(handle, path, [piece])
+                    if progress:
+                        progress(piece.nbytes, int(done == want))
+                if done != want:
+                    raise AssertionError(f"{key}: wrote {done} bytes, expected {want}")
+                weight_map[key] = name
     if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": sum(size_of.values())}, "weight_map": weight_map}
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
     return names

@@ -12,8 +12,30 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Callable
 
 import numpy as np
+
+Box = tuple[slice, ...]  # one [start, stop) slice per dim (step 1), as sharding indices give
+
+
+def transpose2d(a: np.ndarray) -> np.ndarray:
+    """C-contiguous a.T. numpy's plain strided copy runs at ~0.2 GB/s for 2-byte dtypes (each
+    destination cache line is written from many source rows); copying 16 source rows at a time
+    keeps the source block in cache and runs ~5x faster. numpy drops the GIL here, so several
+    threads transpose in parallel."""
+    out = np.empty(a.shape[::-1], a.dtype)
+    for i in range(0, a.shape[0], 16):
+        out[:, i:i + 16] = a[i:i + 16].T
+    return out
+
+
+def full_box(shape: tuple[int, ...]) -> Box:
+    return tuple(slice(0, n) for n in shape)
+
+
+def normalize_box(box, shape: tuple[int, ...]) -> Box:
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +67,36 @@ class Entry:
         shape = tuple(jax_shape[1:] if self.stacked else jax_shape)
         if self.n_in is None:
             return hf_array.reshape(shape)
-        return hf_array.T.reshape(shape)
+        return transpose2d(hf_array).reshape(shape)
 
     def to_hf(self, jax_array: np.ndarray) -> np.ndarray:
         """One JAX array (one layer's slice when stacked) -> its HF tensor, C-contiguous."""
         if self.n_in is None:
             return np.ascontiguousarray(jax_array)
         shape = jax_array.shape
-        flat = jax_array.reshape(math.prod(shape[:self.n_in]), math.prod(shape[self.n_in:]))
-        return np.ascontiguousarray(flat.T)
+        return transpose2d(jax_array.reshape(math.prod(shape[:self.n_in]), -1))
+
+    def to_jax_box(self, read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...],
+                   box: Box) -> np.ndarray:
+        """The sub-box `box` of one HF tensor's JAX form (`shape`: one layer's JAX shape when
+        stacked), reading only the HF rows it needs through `read_rows(start, stop)`.
+
+        HF rows are the JAX output dims flattened, so a box that cuts only the first output dim
+        (tensor parallelism over heads or mlp) is one contiguous row range; other cuts read the
+        whole tensor and slice it."""
+        if self.n_in is None:  # same shape on both sides: rows are the first JAX dim
+            return read_rows(box[0].start, box[0].stop)[(slice(None), *box[1:])]
+        ins, outs = shape[:self.n_in], shape[self.n_in:]
+        out_box = box[self.n_in:]
+        if all(s == slice(0, n) for s, n in zip(out_box[1:], outs[1:])):
+            stride = math.prod(outs[1:])
+            rows = read_rows(out_box[0].start * stride, out_box[0].stop * stride)
+            outs = (out_box[0].stop - out_box[0].start, *outs[1:])
+            out_box = (slice(None),) * len(outs)
+        else:
+            rows = read_rows(0, math.prod(outs))
+        value = transpose2d(rows).reshape(*ins, *outs)
+        return value[(*box[:self.n_in], *out_box)]
 
 
 LAYER = "model.layers.{i}"

@@ -2,28 +2,45 @@
 
     urm_jax.json   format marker + layout version (checked on load) + each tensor's dtype
     config.json    the HF-style model config (source of truth for shapes and RoPE)
-    params/        Orbax (OCDBT) tree of parameters in the stacked-layer layout
+    params/        Orbax tree of parameters in the stacked-layer layout
     tokenizer files, when the source had them
 
+`params/` is what `orbax.checkpoint.StandardCheckpointer` writes with `use_ocdbt=False`: one zarr
+(v2) array per parameter named by its dotted path, plus Orbax's `_METADATA` tree file. We write
+that layout ourselves, one chunk at a time, because Orbax's save takes whole arrays and a stacked
+8B parameter (gate_proj: 32 x 4096 x 14336 bf16 = 3.8 GB) does not fit the memory budget of a
+conversion. Chunks are one layer of a big stacked array (or up to CHUNK_BYTES of rows), stored
+uncompressed (bf16 weights barely compress and zstd would dominate conversion time). Orbax
+restores it unchanged (`load_params`), sharded or not; `ParamsReader` reads single chunks back,
+from this layout or from any Orbax `StandardCheckpointer` params dir (OCDBT, zarr3).
+
 A layout change bumps LAYOUT_VERSION, and loading an older or newer layout fails loudly instead
-of loading wrong numbers (MaxText's scanned/unscanned and Linen/NNX drift)."""
+of loading wrong numbers (MaxText's scanned/unscanned and Linen/NNX drift). The storage details
+above (chunking, OCDBT or not) are not part of the layout: Orbax and `ParamsReader` read both."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import shutil
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from urm_jax.config import ModelConfig
-from urm_jax.io_utils import atomic_dir
+from urm_jax.io_utils import atomic_dir, open_output, write_arrays
 
 FORMAT = "urm-jax"
 LAYOUT_VERSION = 1
 MARKER = "urm_jax.json"
 PARAMS_DIR = "params"
+ORBAX_METADATA = "_METADATA"
+CHUNK_BYTES = 64 * 2**20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json",
                    "added_tokens.json", "generation_config.json")
@@ -48,26 +65,126 @@ def copy_tokenizer_files(src: str | Path | None, dst: Path) -> list[str]:
     return copied
 
 
+def keystr(path: tuple[str, ...]) -> str:
+    """The name `jax.tree_util.keystr` gives a leaf of a nested dict: "['gate']['fc0']['bias']"."""
+    return "".join(f"[{name!r}]" for name in path)
+
+
 def dtype_summary(params: dict) -> dict[str, str]:
     return {jax.tree_util.keystr(path): str(leaf.dtype)
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+def chunk_rows(shape: tuple[int, ...], dtype) -> int:
+    """Rows of the first dim per chunk: one layer of a big stacked array, else as many rows as fit
+    in CHUNK_BYTES. Conversions work a chunk at a time, so this bounds their memory."""
+    row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+    return max(1, min(shape[0], CHUNK_BYTES // max(row_bytes, 1)))
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype.name == "bfloat16" else dtype.str  # '<f4': zarr v2 wants the order
+
+
+class ParamsWriter:
+    """Writes Orbax's `use_ocdbt=False` params layout chunk by chunk. Thread-safe across chunks.
+
+    An uncompressed zarr v2 chunk is the chunk's C-order bytes in a file named by its chunk
+    index ("3.0.0"); the last chunk along the first dim is padded to full size, as zarr requires."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True)
+        self.arrays: dict[tuple[str, ...], dict] = {}
+        self._lock = threading.Lock()
+
+    def add(self, path: tuple[str, ...], shape: tuple[int, ...], dtype, rows: int | None = None) -> int:
+        """Declare a parameter; returns the rows per chunk (pass `rows` to choose it)."""
+        shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+        if not shape:
+            raise CheckpointError(f"{keystr(path)}: scalars are not parameters")
+        rows = rows or chunk_rows(shape, dtype)
+        array_dir = self.dir / ".".join(path)
+        array_dir.mkdir()
+        zarray = {"chunks": [rows, *shape[1:]], "compressor": None, "dimension_separator": ".",
+                  "dtype": _zarr_dtype(dtype), "fill_value": None, "filters": None, "order": "C",
+                  "shape": list(shape), "zarr_format": 2}
+        (array_dir / ".zarray").write_text(json.dumps(zarray))
+        self.arrays[path] = {"shape": shape, "dtype": dtype, "rows": rows, "dir": array_dir,
+                             "todo": set(range(0, shape[0], rows))}
+        return rows
+
+    def write(self, path: tuple[str, ...], start: int, block: np.ndarray) -> None:
+        """Write rows [start, start + len(block)) of a parameter; whole chunks only."""
+        meta = self.arrays[path]
+        shape, rows = meta["shape"], meta["rows"]
+        stop = start + block.shape[0]
+        if (start % rows or (stop % rows and stop != shape[0]) or tuple(block.shape[1:]) != shape[1:]
+                or block.dtype != meta["dtype"]):
+            raise AssertionError(f"{keystr(path)}: block {block.dtype}{list(block.shape)} at row "
+                                 f"{start} does not fit chunks of {rows} rows of {shape} {meta['dtype']}")
+        suffix = ".0" * (len(shape) - 1)
+        for first in range(start, stop, rows):
+            chunk = block[first - start:first - start + rows]
+            file = meta["dir"] / f"{first // rows}{suffix}"
+            with open_output(file) as handle:
+                write_arrays(handle, file, [chunk])
+                if len(chunk) < rows:  # zarr stores edge chunks at full size
+                    write_arrays(handle, file, [np.zeros((rows - len(chunk), *shape[1:]), chunk.dtype)])
+            with self._lock:
+                meta["todo"].discard(first)
+
+    def write_array(self, path: tuple[str, ...], value) -> None:
+        """Declare and write a whole in-memory array (numpy or a fully addressable jax.Array),
+        one chunk at a time: a sharded jax.Array is gathered chunk by chunk, never whole."""
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            raise CheckpointError(f"{keystr(path)}: spans several hosts; gather it first, or save "
+                                  "with an Orbax CheckpointManager")
+        rows = self.add(path, value.shape, value.dtype)
+        for start in range(0, value.shape[0], rows):
+            self.write(path, start, np.asarray(value[start:start + rows]))
+
+    def finish(self) -> dict[str, str]:
+        """Check every chunk was written, write Orbax's tree metadata; returns each dtype."""
+        for path, meta in self.arrays.items():
+            if meta["todo"]:
+                raise AssertionError(f"{keystr(path)}: rows {sorted(meta['todo'])[:4]}... not written")
+        tree = {str(path): {"key_metadata": [{"key": name, "key_type": 2} for name in path],
+                            "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
+                for path in self.arrays}  # key_type 2: a dict key
+        metadata = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+                    "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        (self.dir / ORBAX_METADATA).write_text(json.dumps(metadata))
+        return {keystr(path): meta["dtype"].name for path, meta in sorted(self.arrays.items())}
+
+
+@contextlib.contextmanager
+def checkpoint_writer(out_dir: str | Path, hf_config: dict, *, tokenizer_dir: str | Path | None = None,
+                      overwrite: bool = False) -> Iterator[ParamsWriter]:
+    """Yield a ParamsWriter inside a temporary sibling of `out_dir`; when the block finishes, add
+    config, tokenizer and, last, the marker, then rename into place. An error or a kill leaves no
+    `out_dir` (and the temporary has no marker until everything else is written)."""
+    out_dir = Path(out_dir).absolute()
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = ParamsWriter(tmp / PARAMS_DIR)
+        yield writer
+        dtypes = writer.finish()
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        copy_tokenizer_files(tokenizer_dir, tmp)
+        marker = {"format": FORMAT, "layout_version": LAYOUT_VERSION, "layers": "stacked",
+                  "rope": "rotate_half", "kernels": "[in, out]", "dtypes": dtypes}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+
+
 def save_checkpoint(out_dir: str | Path, params: dict, cfg: ModelConfig, *,
                     tokenizer_dir: str | Path | None = None, overwrite: bool = False,
                     hf_config: dict | None = None) -> Path:
-    """Write params + config + tokenizer atomically (temporary sibling, then rename)."""
-    out_dir = Path(out_dir).absolute()
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
-        (tmp / "config.json").write_text(json.dumps(hf_config or cfg.hf_config, indent=2, sort_keys=True))
-        copy_tokenizer_files(tokenizer_dir, tmp)
-        marker = {"format": FORMAT, "layout_version": LAYOUT_VERSION, "layers": "stacked",
-                  "rope": "rotate_half", "kernels": "[in, out]", "dtypes": dtype_summary(params)}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-    return out_dir
+    """Write an in-memory params tree (numpy or jax arrays) + config + tokenizer atomically."""
+    with checkpoint_writer(out_dir, hf_config or cfg.hf_config, tokenizer_dir=tokenizer_dir,
+                           overwrite=overwrite) as writer:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            writer.write_array(tuple(str(k.key) for k in path), leaf)
+    return Path(out_dir).absolute()
 
 
 def read_marker(path: str | Path) -> dict:
@@ -92,13 +209,17 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf_dir(path)
 
 
-def stored_param_metadata(path: str | Path) -> dict:
-    """Tree of jax.ShapeDtypeStruct with each tensor's stored shape and dtype."""
+def _params_dir(path: str | Path) -> Path:
     read_marker(path)
     params_dir = Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing")
-    meta = ocp.StandardCheckpointer().metadata(params_dir).item_metadata
+    return params_dir
+
+
+def stored_param_metadata(path: str | Path) -> dict:
+    """Tree of jax.ShapeDtypeStruct with each tensor's stored shape and dtype."""
+    meta = ocp.StandardCheckpointer().metadata(_params_dir(path)).item_metadata
     tree = getattr(meta, "tree", meta)
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
                         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
@@ -112,3 +233,57 @@ def load_params(path: str | Path, shardings=None) -> dict:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               target, shardings)
     return ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, target)
+
+
+class ParamsReader:
+    """Reads row ranges of single parameters from a checkpoint's Orbax params dir with
+    TensorStore, never the whole tree: this package's layout, or whatever Orbax's
+    StandardCheckpointer wrote (OCDBT, zarr3), as `_METADATA` says. Reads touch whole chunks, so
+    memory follows the checkpoint's chunk size (one layer for checkpoints written here; Orbax's
+    own saves chunk by device shard)."""
+
+    def __init__(self, path: str | Path):
+        import tensorstore as ts
+
+        self._ts = ts
+        self.dir = _params_dir(path)
+        try:
+            metadata = json.loads((self.dir / ORBAX_METADATA).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{self.dir / ORBAX_METADATA}: unreadable ({err})") from None
+        self.ocdbt = bool(metadata.get("use_ocdbt", True))
+        self.zarr3 = bool(metadata.get("use_zarr3", False))
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        self._arrays: dict = {}
+        self._lock = threading.Lock()
+
+    def array(self, path: tuple[str, ...]):
+        with self._lock:
+            if path not in self._arrays:
+                name = ".".join(path)
+                kvstore = ({"driver": "ocdbt", "base": f"file://{self.dir}/", "path": name}
+                           if self.ocdbt else {"driver": "file", "path": str(self.dir / name)})
+                spec = {"driver": "zarr3" if self.zarr3 else "zarr", "kvstore": kvstore}
+                try:
+                    self._arrays[path] = self._ts.open(spec, open=True, read=True,
+                                                       context=self._context).result()
+                except ValueError as err:
+                    raise CheckpointError(f"{self.dir}: cannot open parameter {name} ({err})") from None
+            return self._arrays[path]
+
+    def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(self.array(path).shape)
+
+    def dtype(self, path: tuple[str, ...]) -> np.dtype:
+        return np.dtype(self.array(path).dtype.numpy_dtype)
+
+    def chunk_rows(self, path: tuple[str, ...]) -> int:
+        """Rows of the first dim per stored chunk (reads aligned to these touch each chunk once)."""
+        return int(self.array(path).chunk_layout.read_chunk.shape[0])
+
+    def read(self, path: tuple[str, ...], start: int, stop: int) -> np.ndarray:
+        try:
+            return self.array(path)[start:stop].read().result()
+        except ValueError as err:
+            raise CheckpointError(f"{self.dir}: cannot read parameter {'.'.join(path)} rows "
+                                  f"{start}:{stop} ({err})") from None

@@ -1,4 +1,4 @@
-"""`urm-jax` command line: score, parity (train and eval arrive with their issues)."""
+"""`urm-jax` command line: score, eval, parity (train arrives with its issue)."""
 
 from __future__ import annotations
 
@@ -16,24 +16,98 @@ def positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="urm-jax", description="URM reward model in JAX")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("score", help="score a JSONL file of conversations")
-    p.add_argument("--model", required=True, help="HF directory or urm-jax checkpoint")
-    p.add_argument("--input", required=True, help='JSONL: {"messages": [...]}, {"prompt", "response"} '
-                   'or {"input_ids": [...]}, optional "id"')
-    p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=positive_int, default=8)
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by score and eval: which model(s), how to batch, tokenise and fail."""
+    p.add_argument("--model", required=True, action="append", metavar="PATH",
+                   help="HF directory or urm-jax checkpoint; give it several times for an ensemble "
+                   "(URME: adds the members' reward mean, largest reward gap and covariance norm)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="rows per batch (rounded up to a multiple of the device count)")
+    p.add_argument("--batch-tokens", type=positive_int, default=None,
+                   help="token budget per batch: long length buckets get fewer rows")
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="default: the model's max_position_embeddings")
     p.add_argument("--truncation", choices=["error", "left"], default="error",
-                   help="over --max-length: reject the line, or drop tokens from the start")
+                   help="over --max-length: reject the line, or drop tokens from the start "
+                   "(keeping BOS), the policy training uses")
+    p.add_argument("--on-bad-line", choices=["error", "skip"], default="error",
+                   help="error: stop at the first bad line (file:line); skip: leave it out and report it")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: the checkpoint's backbone dtype")
     p.add_argument("--gate-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: the checkpoint's gate dtype (float16 in the real model)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def load_ensemble(args):
+    from urm_jax.scoring import Ensemble
+
+    return Ensemble.load(args.model, compute_dtype=args.compute_dtype, gate_dtype=args.gate_dtype,
+                         batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                         max_length=args.max_length, truncation=args.truncation)
+
+
+def run_score(args) -> int:
+    from urm_jax.scoring import score_jsonl
+
+    if args.bad_lines and args.on_bad_line != "skip":
+        raise ValueError("--bad-lines needs --on-bad-line skip")
+    run = score_jsonl(load_ensemble(args), args.input, args.output, chunk_size=args.chunk_size,
+                      on_bad_line=args.on_bad_line, bad_lines_path=args.bad_lines,
+                      progress=not args.no_progress)
+    if len(run.skipped):
+        print(f"warning: {run.skipped.summary()}", file=sys.stderr)
+    print(f"scored {run.written} examples -> {args.output} ({run.tokens} tokens, "
+          f"{run.tokens / max(run.seconds, 1e-9):.0f} tokens/s, {run.shapes} batch shapes"
+          f"{f', {len(run.skipped)} bad lines skipped' if len(run.skipped) else ''})")
+    return 0
+
+
+def run_eval_command(args) -> int:
+    from pathlib import Path
+
+    from urm_jax.eval import check_output_dir, format_summary, run_eval
+
+    out_dir = args.output_dir or f"eval-{Path(args.pairs).stem}"
+    check_output_dir(out_dir, args.overwrite)  # before the (slow) model load
+    if not Path(args.pairs).is_file():
+        raise FileNotFoundError(f"{args.pairs}: no such pairs file")
+    run = run_eval(load_ensemble(args), args.pairs, out_dir, measure=args.uncertainty,
+                   chunk_size=args.chunk_size, on_bad_line=args.on_bad_line, bins=args.bins,
+                   overwrite=args.overwrite, progress=not args.no_progress,
+                   meta={"models": list(args.model)})
+    if len(run.skipped):
+        print(f"warning: {run.skipped.summary()}", file=sys.stderr)
+    print(format_summary(run))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="urm-jax", description="URM reward model in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score a JSONL file of conversations (streamed, in input order)")
+    add_model_options(p)
+    p.add_argument("--input", required=True, help='JSONL: {"messages": [...]}, {"prompt", "response"} '
+                   'or {"input_ids": [...]}, optional "id"')
+    p.add_argument("--output", required=True, help="JSONL, one line per input line, in input order")
+    p.add_argument("--chunk-size", type=positive_int, default=1024,
+                   help="lines read, scored and written at a time (bounds memory)")
+    p.add_argument("--bad-lines", default=None, metavar="PATH",
+                   help="with --on-bad-line skip: write the skipped lines' numbers and errors here (JSONL)")
+
+    p = sub.add_parser("eval", help="accuracy on preference pairs (RewardBench format) with uncertainty")
+    add_model_options(p)
+    p.add_argument("--pairs", required=True, help='JSONL: "prompt", "chosen", "rejected", "subset" '
+                   "(strings or message lists); e.g. urm_jax/data/reward_pairs.jsonl")
+    p.add_argument("--output-dir", default=None,
+                   help="metrics.json, pairs.jsonl and two PNGs (default: eval-<pairs file stem>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument("--uncertainty", choices=["aleatoric", "reward_gap", "cov_frobenius"],
+                   default="aleatoric", help="per-response measure; a pair's is chosen + rejected "
+                   "(reward_gap needs several --model)")
+    p.add_argument("--bins", type=positive_int, default=10, help="reliability plot bins")
+    p.add_argument("--chunk-size", type=positive_int, default=256, help="pairs scored at a time")
 
     p = sub.add_parser("parity", help="compare against the HF PyTorch reference")
     p.add_argument("--hf", required=True, help="HF directory (the reference)")
@@ -59,14 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "score":
-            from urm_jax.scoring import Scorer, score_file
-
-            scorer = Scorer(args.model, compute_dtype=args.compute_dtype, gate_dtype=args.gate_dtype,
-                            batch_size=args.batch_size, max_length=args.max_length,
-                            truncation=args.truncation)
-            n = score_file(scorer, args.input, args.output)
-            print(f"scored {n} examples -> {args.output}")
-            return 0
+            return run_score(args)
+        if args.command == "eval":
+            return run_eval_command(args)
         if args.command == "parity":
             from urm_jax.parity import main_parity
 

@@ -233,20 +233,22 @@ class DTypePolicy:
 
     param: storage dtype of backbone and value head (None keeps each tensor's checkpoint dtype);
     compute: activations and matmuls of backbone and value head;
-    gate: storage and compute dtype of the gating MLP (None follows the checkpoint's gate_dtype,
-    float16 in the real model, as the HF reference runs it).
+    gate: compute dtype of the gating MLP (None follows the checkpoint's gate_dtype, float16 in
+    the real model, as the HF reference runs it);
+    gate_param: storage dtype of the gate (None: same as its compute dtype; training keeps float32
+    master weights and may still compute in float16).
     """
 
     param: str | None = None
     compute: str = "float32"
     gate: str | None = None
+    gate_param: str | None = None  # gate storage; None = the gate compute dtype (fp32 to train it)
 
     def __post_init__(self):
-        if self.param is not None:
-            object.__setattr__(self, "param", canonical_dtype(self.param, what="param dtype"))
+        for name in ("param", "gate", "gate_param"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, canonical_dtype(getattr(self, name), what=f"{name} dtype"))
         object.__setattr__(self, "compute", canonical_dtype(self.compute, what="compute dtype"))
-        if self.gate is not None:
-            object.__setattr__(self, "gate", canonical_dtype(self.gate, what="gate dtype"))
 
     @classmethod
     def for_checkpoint(cls, cfg: ModelConfig, compute: str | None = None) -> "DTypePolicy":
@@ -255,6 +257,9 @@ class DTypePolicy:
 
     def gate_dtype(self, cfg: ModelConfig) -> str:
         return self.gate or cfg.gate_dtype
+
+    def gate_param_dtype(self, cfg: ModelConfig) -> str:
+        return self.gate_param or self.gate_dtype(cfg)
 
 
 def np_dtype(name: str) -> np.dtype:

@@ -1,42 +1,70 @@
-"""Batch scoring: examples in, per-example reward, attribute means/log-stds, gate weights and
-uncertainty out, in input order.
+"""Batch scoring with uncertainty: token ids in, per-sequence reward, attribute means, log-stds,
+gate weights and uncertainty out, in input order, for one model or an ensemble (URME).
 
-Sequences are grouped into a small fixed set of padded shapes (lengths rounded up to a power of
-two, a fixed batch size), so a run compiles at most a handful of programs whatever the input mix.
-Pooling comes from the attention mask, so the padding never changes a score.
+How a batch is formed, and why:
+* Sequences are sorted by length and padded to the smallest of a fixed set of bucket lengths
+  (`bucket_lengths`: 16, 24, 32, 48, 64, ... half-octave steps, then max_length). Padding waste
+  is at most 1/3 and a run compiles at most one program per (bucket, rows) pair, whatever the
+  input mix.
+* Rows per batch are fixed per bucket (`batch_size`, or fewer for long buckets under a
+  `batch_tokens` budget) and rounded up to a multiple of the device count; a partial batch is
+  filled with copies of its first row, whose outputs are dropped.
+* The batch is sharded over all local devices on a 1-D `data` mesh with replicated parameters
+  (plain data parallelism: scoring needs no gradient, so nothing else is worth sharding for
+  models that fit one device).
+* Pooling comes from the attention mask, so padding never changes a score; batch shape can move
+  a score only by float rounding (XLA picks kernels per shape), measured in tests/test_scoring_scale.py.
+
+`Scorer.submit` dispatches a list of sequences without waiting for the device, so a caller can
+prepare the next chunk (read, tokenise) while this one runs; `Scorer.collect` gathers it.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
+import math
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from urm_jax.config import ATTRIBUTES, ModelConfig
 from urm_jax.data.tokenization import pad_batch, render_ids
-from urm_jax.io_utils import atomic_file
 from urm_jax.loading import load_model
 from urm_jax.model.urm import URM
+from urm_jax.sharding import make_mesh, use_mesh
+from urm_jax.io_utils import atomic_file
+from urm_jax.streaming import BadLines, InputError, chunked, count_lines, iter_jsonl
 
 MIN_BUCKET = 16
+UNCERTAINTY_MEASURES = ("aleatoric", "reward_gap", "cov_frobenius")
+
+__all__ = ["Scorer", "Ensemble", "Scores", "EnsembleScores", "ScoreResult", "InputError",
+           "bucket_lengths", "load_tokenizer", "read_jsonl", "ensemble_statistics"]
 
 
-class InputError(ValueError):
-    """A bad input line; the message names the file and line."""
-
-
-def bucket_length(n: int, max_length: int | None = None) -> int:
-    """Next power of two >= n (at least MIN_BUCKET), capped at max_length."""
-    length = max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
-    return min(length, max_length) if max_length and n <= max_length else length
+def bucket_lengths(max_length: int, min_bucket: int = MIN_BUCKET) -> tuple[int, ...]:
+    """The padded lengths a run may use: min_bucket * {1, 1.5, 2, 3, 4, 6, ...} below
+    max_length, then max_length itself (so nothing is ever padded past the limit)."""
+    out: list[int] = []
+    length = min_bucket
+    while length < max_length:
+        out.append(length)
+        if length * 3 // 2 < max_length:
+            out.append(length * 3 // 2)
+        length *= 2
+    out.append(max_length)
+    return tuple(out)
 
 
 def load_tokenizer(path: str | Path):
@@ -48,8 +76,161 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def encode_example(tokenizer, example: dict, *, max_length: int, truncation: str,
+                   vocab_size: int) -> tuple[list[int], bool]:
+    """(token ids, whether they were left-truncated) by the tokenisation policy training uses;
+    ValueError (about the example only) when it is unusable or too long under 'error'."""
+    full = render_ids(tokenizer, example, max_length=None, vocab_size=vocab_size)
+    if len(full) <= max_length:
+        return full, False
+    # The same policy function on the ids we have: 'error' raises, 'left' keeps BOS + tail.
+    return render_ids(tokenizer, {"input_ids": full}, max_length=max_length,
+                      truncation=truncation, vocab_size=vocab_size), True
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+def _named(values) -> dict:
+    return {a: float(x) for a, x in zip(ATTRIBUTES, values)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """One model's outputs for N sequences, as arrays (float32 unless noted).
+
+    reward [N]; means, log_stds, gate [N, 5] (attribute order `ATTRIBUTES`); uncertainty [N] =
+    sum_k exp(2 log_std_k), as computed by the model; num_tokens [N] int; truncated [N] bool.
+    """
+
+    reward: np.ndarray
+    means: np.ndarray
+    log_stds: np.ndarray
+    gate: np.ndarray
+    uncertainty: np.ndarray
+    num_tokens: np.ndarray
+    truncated: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.reward)
+
+    @property
+    def variance(self) -> np.ndarray:
+        """[N, 5] per-attribute variance exp(2 log_std), float64."""
+        return np.exp(2.0 * self.log_stds.astype(np.float64))
+
+    @property
+    def cov_frobenius(self) -> np.ndarray:
+        """[N] Frobenius norm of the diagonal covariance diag(exp(2 log_std)), float64."""
+        return np.sqrt(np.sum(np.exp(4.0 * self.log_stds.astype(np.float64)), axis=-1))
+
+    def measure(self, name: str) -> np.ndarray:
+        """[N] uncertainty by name: aleatoric (sum of variances) or cov_frobenius."""
+        if name == "aleatoric":
+            return self.uncertainty.astype(np.float64)
+        if name == "cov_frobenius":
+            return self.cov_frobenius
+        if name == "reward_gap":
+            raise ValueError("uncertainty 'reward_gap' needs an ensemble (several models)")
+        raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {name!r}")
+
+    def record(self, i: int) -> dict:
+        """The JSON output line of sequence i (without its id)."""
+        return {"reward": float(self.reward[i]), "mean": _named(self.means[i]),
+                "log_std": _named(self.log_stds[i]), "variance": _named(self.variance[i]),
+                "gate": _named(self.gate[i]), "uncertainty": float(self.uncertainty[i]),
+                "num_tokens": int(self.num_tokens[i]), "truncated": bool(self.truncated[i])}
+
+    def take(self, index) -> "Scores":
+        return Scores(*(np.asarray(getattr(self, f.name))[index] for f in dataclasses.fields(self)))
+
+    @staticmethod
+    def concat(parts: Sequence["Scores"]) -> "Scores":
+        return Scores(*(np.concatenate([getattr(p, f.name) for p in parts])
+                        for f in dataclasses.fields(Scores)))
+
+
+def ensemble_statistics(rewards: np.ndarray, log_stds: np.ndarray) -> dict[str, np.ndarray]:
+    """URME statistics from M members' rewards [M, N] and log-stds [M, N, 5] (float64 math).
+
+    reward_mean: the ensemble's reward; reward_gap: the largest pairwise difference of member
+    rewards, max_m r_m - min_m r_m; cov_frobenius: the largest over members of
+    ||diag(exp(2 log_std_m))||_F = sqrt(sum_k exp(4 log_std_mk)); aleatoric: the members' mean of
+    sum_k exp(2 log_std_mk).
+    """
+    r = np.asarray(rewards, np.float64)
+    s = np.asarray(log_stds, np.float64)
+    return {"reward_mean": r.mean(axis=0), "reward_gap": r.max(axis=0) - r.min(axis=0),
+            "cov_frobenius": np.sqrt(np.exp(4.0 * s).sum(axis=-1)).max(axis=0),
+            "aleatoric": np.exp(2.0 * s).sum(axis=-1).mean(axis=0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleScores:
+    """Outputs of an ensemble of URMs (URME) for N sequences: each member's `Scores`, in the
+    order the models were given, plus the ensemble statistics (see `ensemble_statistics`)."""
+
+    members: tuple[Scores, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "_stats", ensemble_statistics(
+            np.stack([m.reward for m in self.members]), np.stack([m.log_stds for m in self.members])))
+
+    def __len__(self) -> int:
+        return len(self.members[0])
+
+    @property
+    def reward(self) -> np.ndarray:
+        """[N] the ensemble's reward: the members' mean."""
+        return self._stats["reward_mean"]
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        """[N] aleatoric uncertainty, averaged over members."""
+        return self._stats["aleatoric"]
+
+    @property
+    def reward_gap(self) -> np.ndarray:
+        return self._stats["reward_gap"]
+
+    @property
+    def cov_frobenius(self) -> np.ndarray:
+        return self._stats["cov_frobenius"]
+
+    @property
+    def num_tokens(self) -> np.ndarray:
+        return self.members[0].num_tokens
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return self.members[0].truncated
+
+    def measure(self, name: str) -> np.ndarray:
+        if name not in UNCERTAINTY_MEASURES:
+            raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {name!r}")
+        return self._stats[name]
+
+    def record(self, i: int) -> dict:
+        members = []
+        for m in self.members:
+            rec = m.record(i)
+            del rec["num_tokens"], rec["truncated"]  # the same for every member: kept once
+            members.append(rec)
+        return {"reward": float(self.reward[i]), "reward_mean": float(self.reward[i]),
+                "max_reward_gap": float(self.reward_gap[i]),
+                "max_cov_frobenius": float(self.cov_frobenius[i]),
+                "uncertainty": float(self.uncertainty[i]),
+                "num_tokens": int(self.num_tokens[i]), "truncated": bool(self.truncated[i]),
+                "members": members}
+
+    def take(self, index) -> "EnsembleScores":
+        return EnsembleScores(tuple(m.take(index) for m in self.members))
+
+
 @dataclasses.dataclass
 class ScoreResult:
+    """One sequence's outputs (the per-row view `score_ids` returns)."""
+
     reward: float
     means: np.ndarray
     log_stds: np.ndarray
@@ -58,96 +239,306 @@ class ScoreResult:
     num_tokens: int
 
     def to_json(self) -> dict:
-        named = lambda v: {a: float(x) for a, x in zip(ATTRIBUTES, v)}  # noqa: E731
-        return {"reward": float(self.reward), "mean": named(self.means),
-                "log_std": named(self.log_stds),
-                "variance": named(np.exp(2.0 * self.log_stds.astype(np.float64))),
-                "gate": named(self.gate), "uncertainty": float(self.uncertainty),
+        return {"reward": float(self.reward), "mean": _named(self.means),
+                "log_std": _named(self.log_stds),
+                "variance": _named(np.exp(2.0 * self.log_stds.astype(np.float64))),
+                "gate": _named(self.gate), "uncertainty": float(self.uncertainty),
                 "num_tokens": self.num_tokens}
 
 
+# --- one model ---
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, input_ids, attention_mask):
+    """The model on one batch. Module-level with the graph definition static, so every scorer of
+    the same architecture shares compiled programs (per shape and device placement): loading a
+    second ensemble member, or a second Scorer of the same model, compiles nothing new.
+    Shardings come from the inputs (replicated state, batch on `data`)."""
+    return nnx.merge(graphdef, state)(input_ids, attention_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pending:
+    """Batches dispatched to the devices and not yet gathered."""
+
+    num_tokens: np.ndarray
+    truncated: np.ndarray
+    batches: list  # (row indices, URMOutputs of device arrays)
+
+
 class Scorer:
-    """Load once, score many. `model` may be an HF directory or a urm-jax checkpoint."""
+    """Load once, score many. `model` may be an HF directory or a urm-jax checkpoint.
+
+    ``devices``: where to run (default: all local devices, data parallel). ``batch_size``: rows
+    per batch; ``batch_tokens``: optional token budget per batch, giving short buckets up to
+    batch_size rows and long ones fewer (never under one row per device). ``max_length``
+    (default: the model's max_position_embeddings) and ``truncation`` ('error' | 'left') follow
+    the tokenisation policy training uses (`urm_jax.data.tokenization.render_ids`).
+    """
 
     def __init__(self, model: str | Path, *, compute_dtype: str | None = None,
                  param_dtype: str | None = None, gate_dtype: str | None = None,
-                 batch_size: int = 8, max_length: int | None = None, truncation: str = "error"):
+                 batch_size: int = 8, batch_tokens: int | None = None,
+                 max_length: int | None = None, truncation: str = "error", devices=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if batch_tokens is not None and batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
+        if truncation not in ("error", "left"):
+            raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
+        self.path = str(model)
         self.model, self.cfg = load_model(model, compute_dtype=compute_dtype,
                                           param_dtype=param_dtype, gate_dtype=gate_dtype)
         self.tokenizer = load_tokenizer(model)
-        self.batch_size = batch_size
         self.max_length = max_length or self.cfg.max_position_embeddings
         self.truncation = truncation
-        graphdef, state = nnx.split(self.model)
-        self._state = state
-        self._forward = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st)(ids, mask))
+        self.buckets = bucket_lengths(self.max_length)
+
+        self.mesh = make_mesh((-1, 1, 1), devices=devices if devices is not None else jax.local_devices())
+        self.num_devices = self.mesh.devices.size
+        self.batch_size = self._round_rows(batch_size)
+        self.batch_tokens = batch_tokens
+        self._rows = NamedSharding(self.mesh, P("data"))
+        self._graphdef, state = nnx.split(self.model)
+        # Replicate in place: the model object keeps pointing at the one copy of the weights.
+        self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
+        nnx.update(self.model, self._state)
+        self.compiled_shapes: set[tuple[int, int]] = set()
 
     @property
     def pad_id(self) -> int:
         return self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
 
+    def _round_rows(self, rows: int) -> int:
+        return math.ceil(rows / self.num_devices) * self.num_devices
+
+    def rows_for(self, length: int) -> int:
+        """Rows per batch at a bucket length (a multiple of the device count)."""
+        rows = self.batch_size
+        if self.batch_tokens is not None:
+            rows = min(rows, max(1, self.batch_tokens // length))
+        return self._round_rows(rows)
+
+    # -- tokenisation --
+
+    def encode_with_info(self, example: dict) -> tuple[list[int], bool]:
+        """(token ids, whether they were left-truncated); ValueError on a bad example."""
+        return encode_example(self.tokenizer, example, max_length=self.max_length,
+                              truncation=self.truncation, vocab_size=self.cfg.vocab_size)
+
     def encode(self, example: dict) -> list[int]:
-        return render_ids(self.tokenizer, example, max_length=self.max_length,
-                          truncation=self.truncation, vocab_size=self.cfg.vocab_size)
+        return self.encode_with_info(example)[0]
+
+    # -- batching and dispatch --
+
+    def plan(self, lengths: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """(bucket length, row indices) per batch: shortest first, each batch one bucket."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        batches: list[tuple[int, list[int]]] = []
+        current, rows = None, []
+        for i in order:
+            n = lengths[i]
+            if n < 1:
+                raise ValueError(f"sequence {i} is empty")
+            if n > self.max_length:
+                raise ValueError(f"sequence {i} has {n} tokens, more than max_length={self.max_length}")
+            bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+            if bucket != current or len(rows) == self.rows_for(bucket):
+                if rows:
+                    batches.append((current, rows))
+                current, rows = bucket, []
+            rows.append(i)
+        if rows:
+            batches.append((current, rows))
+        return batches
+
+    def submit(self, sequences: Sequence[Sequence[int]], truncated: Sequence[bool] | None = None) -> Pending:
+        """Dispatch every batch of `sequences` to the devices; returns without waiting."""
+        lengths = [len(s) for s in sequences]
+        pending = Pending(np.asarray(lengths, np.int64),
+                          np.zeros(len(lengths), bool) if truncated is None else np.asarray(truncated, bool),
+                          [])
+        for length, idx in self.plan(lengths):
+            rows = [sequences[i] for i in idx]
+            rows += [rows[0]] * (self.rows_for(length) - len(rows))  # fixed shape: no recompiles
+            ids, mask = pad_batch([list(r) for r in rows], pad_id=self.pad_id, length=length)
+            self.compiled_shapes.add(ids.shape)
+            with use_mesh(self.mesh):  # activation constraints (batch -> data) at trace time
+                out = _forward(self._graphdef, self._state, jax.device_put(ids, self._rows),
+                                jax.device_put(mask, self._rows))
+            pending.batches.append((np.asarray(idx), out))
+        return pending
+
+    def collect(self, pending: Pending) -> Scores:
+        """Gather dispatched batches into `Scores` in the submitted order."""
+        n = len(pending.num_tokens)
+        k = self.cfg.num_attributes
+        reward, unc = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        means, log_stds, gate = (np.zeros((n, k), np.float32) for _ in range(3))
+        for idx, out in pending.batches:
+            out = jax.device_get(out)
+            m = len(idx)
+            reward[idx] = np.asarray(out.reward[:m], np.float32)
+            means[idx] = np.asarray(out.means[:m], np.float32)
+            log_stds[idx] = np.asarray(out.log_stds[:m], np.float32)
+            gate[idx] = np.asarray(out.gate[:m], np.float32)
+            unc[idx] = np.asarray(out.uncertainty[:m], np.float32)
+        return Scores(reward, means, log_stds, gate, unc, pending.num_tokens, pending.truncated)
+
+    def score_arrays(self, sequences: Sequence[Sequence[int]], truncated=None) -> Scores:
+        return self.collect(self.submit(sequences, truncated))
 
     def score_ids(self, sequences: Sequence[list[int]], progress: bool = False) -> list[ScoreResult]:
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        results: list[ScoreResult | None] = [None] * len(sequences)
-        bar = tqdm(total=len(sequences), desc="score", unit="seq", disable=not progress, file=sys.stderr)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            rows = [sequences[i] for i in idx]
-            length = bucket_length(max(map(len, rows)), self.max_length)
-            rows += [rows[0]] * (self.batch_size - len(rows))  # fixed batch shape: no recompiles
-            ids, mask = pad_batch(rows, pad_id=self.pad_id, length=length)
-            out = jax.device_get(self._forward(self._state, jnp.asarray(ids), jnp.asarray(mask)))
-            for row, i in enumerate(idx):
-                results[i] = ScoreResult(float(out.reward[row]), np.asarray(out.means[row], np.float32),
-                                         np.asarray(out.log_stds[row], np.float32),
-                                         np.asarray(out.gate[row], np.float32),
-                                         float(out.uncertainty[row]), len(sequences[i]))
-            bar.update(len(idx))
-        bar.close()
-        return results  # type: ignore[return-value]
+        """Per-row results for token id lists (any order, any lengths up to max_length)."""
+        parts: list[tuple[np.ndarray, Scores]] = []
+        step = max(64 * self.batch_size, 1)
+        with tqdm(total=len(sequences), desc="score", unit="seq", disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, len(sequences), step):
+                chunk = sequences[start:start + step]
+                parts.append(self.score_arrays(chunk))
+                bar.update(len(chunk))
+        s = Scores.concat(parts) if parts else None
+        return [ScoreResult(float(s.reward[i]), s.means[i], s.log_stds[i], s.gate[i],
+                            float(s.uncertainty[i]), int(s.num_tokens[i])) for i in range(len(sequences))]
 
     def score(self, examples: Iterable[dict], progress: bool = False) -> list[ScoreResult]:
         return self.score_ids([self.encode(e) for e in examples], progress=progress)
 
 
+# --- several models (URME) --------------------------------------------------------------------
+
+
+class Ensemble:
+    """One or more scorers that score the same token ids: each member is loaded once; a chunk is
+    dispatched to every member, then gathered and merged. Members must share a vocabulary
+    (URME members differ only in their training seed); sequences are tokenised once, with the
+    first member's tokenizer, and limited by the smallest max_length."""
+
+    def __init__(self, scorers: Sequence[Scorer]):
+        if not scorers:
+            raise ValueError("an ensemble needs at least one model")
+        first = scorers[0]
+        for s in scorers[1:]:
+            if s.cfg.vocab_size != first.cfg.vocab_size:
+                raise ValueError(f"ensemble members disagree on the vocabulary: {first.path} has "
+                                 f"{first.cfg.vocab_size} tokens, {s.path} has {s.cfg.vocab_size}")
+        self.scorers = list(scorers)
+
+    @classmethod
+    def load(cls, paths: Sequence[str | Path], **scorer_kwargs) -> "Ensemble":
+        return cls([Scorer(p, **scorer_kwargs) for p in paths])
+
+    def __len__(self) -> int:
+        return len(self.scorers)
+
+    @property
+    def max_length(self) -> int:
+        return min(s.max_length for s in self.scorers)
+
+    def encode_with_info(self, example: dict) -> tuple[list[int], bool]:
+        first = self.scorers[0]
+        tokenizer = next((s.tokenizer for s in self.scorers if s.tokenizer is not None), None)
+        return encode_example(tokenizer, example, max_length=self.max_length,
+                              truncation=first.truncation, vocab_size=first.cfg.vocab_size)
+
+    def submit(self, sequences, truncated=None) -> list[Pending]:
+        return [s.submit(sequences, truncated) for s in self.scorers]
+
+    def collect(self, pending: list[Pending]) -> Scores | EnsembleScores:
+        members = tuple(s.collect(p) for s, p in zip(self.scorers, pending))
+        return members[0] if len(members) == 1 else EnsembleScores(members)
+
+    def score_arrays(self, sequences, truncated=None) -> Scores | EnsembleScores:
+        return self.collect(self.submit(sequences, truncated))
+
+
+# --- JSONL helpers ----------------------------------------------------------------------------
+
+
 def read_jsonl(path: str | Path, encode) -> tuple[list[dict], list[list[int]]]:
-    """Parse and encode every line; the first bad line raises InputError naming file and line."""
+    """Parse and encode every line (small files: parity, goldens); the first bad line raises
+    InputError naming file and line."""
     examples, sequences = [], []
-    with open(path) as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            try:
-                sequences.append(encode(example))
-            except ValueError as err:
-                raise InputError(f"{path}:{lineno}: {err}") from None
-            examples.append(example)
-    if not examples:
-        raise InputError(f"{path}: no examples")
+    for _, (example, ids) in iter_jsonl(path, lambda obj: (obj, encode(obj))):
+        examples.append(example)
+        sequences.append(ids)
     return examples, sequences
 
 
-def score_file(scorer: Scorer, input_path: str | Path, output_path: str | Path) -> int:
-    examples, sequences = read_jsonl(input_path, scorer.encode)
-    results = scorer.score_ids(sequences, progress=True)
-    with atomic_file(output_path) as out:
-        for example, result in zip(examples, results):
-            record = {"id": example["id"]} if "id" in example else {}
-            record.update(result.to_json())
-            out.write(json.dumps(record) + "\n")
-    return len(results)
+@dataclasses.dataclass
+class ScoreRun:
+    """What a `score_file` run did."""
+
+    written: int
+    skipped: BadLines
+    tokens: int
+    seconds: float
+    shapes: int  # distinct padded batch shapes (one compile each per member)
+
+
+_NO_ID = object()
+
+
+def score_file(models: Scorer | Ensemble, input_path, output_path, **kwargs) -> int:
+    """`score_jsonl`, returning the number of lines written."""
+    return score_jsonl(models, input_path, output_path, **kwargs).written
+
+
+def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_size: int = 1024,
+                on_bad_line: str = "error", bad_lines_path=None, progress: bool = True) -> ScoreRun:
+    """Stream-score a JSONL file into another, line for line in input order.
+
+    Memory is bounded by ``chunk_size`` lines: a chunk is read, tokenised and dispatched to every
+    member; while the devices work, the next chunk is read and tokenised; then the first is
+    gathered and written. The output appears only when the whole file succeeded (atomic rename);
+    a bad line stops the run naming ``file:line`` unless ``on_bad_line="skip"``, which leaves it
+    out and records it (written to ``bad_lines_path`` as JSONL when given).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    ensemble = models if isinstance(models, Ensemble) else Ensemble([models])
+    bad = BadLines(str(input_path))
+    started = time.perf_counter()
+
+    def parse(obj):
+        ids, truncated = ensemble.encode_with_info(obj)  # ValueError for a bad example
+        return obj.get("id", _NO_ID), ids, truncated
+
+    total = count_lines(input_path) if progress else None
+    written = tokens = counted_bad = 0
+    with atomic_file(output_path) as out, tqdm(total=total, desc="score", unit="line", file=sys.stderr,
+                                               disable=not progress, dynamic_ncols=True) as bar:
+        def emit(chunk, pending):
+            nonlocal written, tokens, counted_bad
+            scores = ensemble.collect(pending)
+            for row, (_, (example_id, _, _)) in enumerate(chunk):
+                record = {} if example_id is _NO_ID else {"id": example_id}
+                record.update(scores.record(row))
+                out.write(json.dumps(record) + "\n")
+            written += len(chunk)
+            tokens += int(scores.num_tokens.sum())
+            bar.update(len(chunk) + len(bad) - counted_bad)  # skipped lines are progress too
+            counted_bad = len(bad)
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", skipped=len(bad))
+
+        previous = None
+        for chunk in chunked(iter_jsonl(input_path, parse, on_bad_line=on_bad_line, bad=bad), chunk_size):
+            pending = ensemble.submit([ids for _, (_, ids, _) in chunk], [t for _, (_, _, t) in chunk])
+            if previous is not None:
+                emit(*previous)
+            previous = (chunk, pending)
+        if previous is not None:
+            emit(*previous)
+    if bad_lines_path is not None:
+        bad.write(bad_lines_path)
+    shapes = len(set().union(*(s.compiled_shapes for s in ensemble.scorers)))
+    return ScoreRun(written, bad, tokens, time.perf_counter() - started, shapes)
 
 
 def describe(cfg: ModelConfig, model: URM) -> str:

@@ -198,13 +198,17 @@ class URM(nnx.Module):
         self.backbone = Backbone(cfg, param_dtype, rngs)
         self.value_head = Dense(cfg.hidden_size, cfg.num_labels, ("embed", "labels"), param_dtype,
                                 rngs, bias=False)
-        self.gate = Gate(cfg, jnp.dtype(dt.gate_dtype(cfg)), rngs)
+        self.gate = Gate(cfg, jnp.dtype(dt.gate_param_dtype(cfg)), rngs)
 
-    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Final-norm hidden states [B, L, D] in the compute dtype."""
+    def hidden_states(self, input_ids: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """Final-norm hidden states [B, L, D] in the compute dtype.
+
+        `segment_ids` [B, L]: 0 marks padding, equal positive ids mark one sequence; an attention
+        mask is the one-sequence case. Tokens attend causally within their own segment only, and
+        positions restart at each segment, so packed rows equal their sequences run alone."""
         cfg = self.cfg
         compute = jnp.dtype(self.options.dtypes.compute)
-        segment_ids = attention_mask.astype(jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
         positions = segment_positions(segment_ids)
         cos, sin = cos_sin(positions, cfg.rope, cfg.head_dim)
         causal = jnp.tril(jnp.ones((input_ids.shape[1],) * 2, bool))
@@ -231,11 +235,18 @@ class URM(nnx.Module):
         idx = last_token_index(attention_mask)
         return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
 
+    def pooled_segments(self, input_ids: jax.Array, segment_ids: jax.Array,
+                        pool_index: jax.Array) -> jax.Array:
+        """Hidden states at `pool_index` [B, S] (each packed sequence's last token) -> [B, S, D]."""
+        h = self.hidden_states(input_ids, segment_ids)
+        return jnp.take_along_axis(h, pool_index[:, :, None], axis=1)
+
     def heads(self, pooled: jax.Array) -> URMOutputs:
-        """Value head, gate and reward on pooled hidden states (stage 2 trains on cached ones)."""
+        """Value head, gate and reward on pooled hidden states [..., D] (stage 2 trains on cached
+        ones). Leading dims are kept: [B, D] -> [B] rewards, [B, S, D] -> [B, S]."""
         z = self.value_head(pooled.astype(self.options.dtypes.compute))
-        means, log_stds = z[:, 0::2], z[:, 1::2]  # interleaved: view(B, 5, 2)
-        gate = self.gate(pooled.astype(self.gate.fc0.kernel.dtype))
+        means, log_stds = z[..., 0::2], z[..., 1::2]  # interleaved: view(B, 5, 2)
+        gate = self.gate(pooled.astype(self.options.dtypes.gate_dtype(self.cfg)))
         reward_dtype = jnp.promote_types(means.dtype, gate.dtype)
         reward = jnp.sum(means.astype(reward_dtype) * gate.astype(reward_dtype), axis=-1)
         uncertainty = jnp.sum(jnp.exp(2.0 * log_stds.astype(jnp.float32)), axis=-1)
@@ -274,7 +285,7 @@ def model_from_params(cfg: ModelConfig, params: dict, options: ModelOptions = Mo
         fmt = lambda ps: sorted(jax.tree_util.keystr(p) for p in ps)  # noqa: E731
         raise ValueError(f"parameter tree mismatch: missing {fmt(want_paths - got_paths)}, "
                          f"unexpected {fmt(got_paths - want_paths)}")
-    gate_dtype = jnp.dtype(options.dtypes.gate_dtype(cfg))
+    gate_dtype = jnp.dtype(options.dtypes.gate_param_dtype(cfg))
     param_dtype = options.dtypes.param
 
     def cast(path, value, want):
@@ -299,3 +310,16 @@ def param_shardings(cfg: ModelConfig, mesh, rules=None, options: ModelOptions = 
     return jax.tree.map(lambda axes, s: named_sharding(mesh, axes, s.shape, rules),
                         param_logical_axes(model), shapes,
                         is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x))
+
+
+class ModelBinder:
+    """Rebuilds a URM from a pure-dict params tree inside traced code (train steps, gradients):
+    the graph structure is fixed once from the abstract model; each call only swaps leaves."""
+
+    def __init__(self, cfg: ModelConfig, options: ModelOptions = ModelOptions()):
+        self.graphdef, self._abstract = nnx.split(abstract_model(cfg, options))
+
+    def __call__(self, params: dict) -> URM:
+        state = jax.tree.map(lambda x: x, self._abstract)
+        state.replace_by_pure_dict(params)
+        return nnx.merge(self.graphdef, state)

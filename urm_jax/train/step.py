@@ -1,0 +1,224 @@
+"""The jitted, sharded train step for both URM stages.
+
+State = (step, trainable params, optimiser state over the trainable params only). Frozen params
+(stage 1: the gate; stage 2: backbone and value head) are a separate argument: they get no
+gradient (JAX differentiates only w.r.t. the trainable tree), no optimiser state, and are never
+written, so stage 2 leaves them bit-identical by construction.
+
+One call = one optimiser update: a batch carries a leading gradient-accumulation axis
+[accum, micro, ...] that the step scans over, summing loss and gradient sums, then divides once by
+the number of real examples in the whole global batch (padding rows and empty pack slots count 0).
+Every random draw is keyed by (seed, step, micro-batch), so a resumed run draws exactly what an
+uninterrupted one would, on any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from urm_jax.config import ModelConfig
+from urm_jax.model.urm import ModelBinder, ModelOptions, param_shardings
+from urm_jax.train.losses import bradley_terry_loss, finalize_metrics, regression_loss
+
+TOP_LEVEL_GROUPS = ("backbone", "value_head", "gate")
+STAGE_TRAINABLE = {1: ("backbone", "value_head"), 2: ("gate",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    learning_rate: float = 2e-6
+    weight_decay: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    clip_norm: float | None = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    stage: int = 1
+    loss: str = "reparam"  # stage 1: reparam | nll; stage 2: bt
+    label_scale: float = 1.0
+    label_shift: float = 0.0
+    use_features: bool = False  # stage 2 fast path: batches carry pooled features, not tokens
+
+    def __post_init__(self):
+        valid = {1: ("reparam", "nll"), 2: ("bt",)}
+        if self.stage not in valid:
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.loss not in valid[self.stage]:
+            raise ValueError(f"stage {self.stage} loss must be one of {valid[self.stage]}, got {self.loss!r}")
+        if self.use_features and self.stage != 2:
+            raise ValueError("use_features is the stage-2 fast path")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimiser updates done
+    params: dict  # trainable params only
+    opt_state: Any
+
+
+def split_params(params: dict, trainable: tuple[str, ...]) -> tuple[dict, dict]:
+    unknown = set(trainable) - set(TOP_LEVEL_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown trainable groups {sorted(unknown)}; choose from {TOP_LEVEL_GROUPS}")
+    return ({k: v for k, v in params.items() if k in trainable},
+            {k: v for k, v in params.items() if k not in trainable})
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    return {**frozen, **trainable}
+
+
+def weight_decay_mask(params: dict) -> dict:
+    """Decay matrices only, not norm weights or biases (as the HF Trainer the recipe used)."""
+    def decays(path, _):
+        name = jax.tree_util.keystr(path)
+        return not (name.endswith("norm']") or name.endswith("bias']"))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(settings: OptimizerSettings, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine to min_lr_ratio * lr (HF's cosine-with-warmup)."""
+    total_steps = max(int(total_steps), 1)
+    warmup = int(math.ceil(settings.warmup_ratio * total_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=settings.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=settings.learning_rate * settings.min_lr_ratio)
+
+
+def make_optimizer(settings: OptimizerSettings, total_steps: int, trainable_params: dict):
+    schedule = learning_rate_schedule(settings, total_steps)
+    adamw = optax.adamw(schedule, b1=settings.b1, b2=settings.b2, eps=settings.eps,
+                        weight_decay=settings.weight_decay, mask=weight_decay_mask(trainable_params))
+    chain = [adamw] if not settings.clip_norm else [optax.clip_by_global_norm(settings.clip_norm), adamw]
+    return optax.chain(*chain), schedule
+
+
+def _loss_sums(model, settings: StepSettings, batch: dict, key: jax.Array):
+    """(loss_sum, metric_sums) of one micro-batch."""
+    if settings.stage == 1:
+        pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])
+        out = model.heads(pooled)  # [b, S, 5]
+        noise = jax.random.normal(key, out.means.shape, jnp.float32)
+        return regression_loss(out.means, out.log_stds, batch["labels"], batch["pool_mask"], noise,
+                               kind=settings.loss, label_scale=settings.label_scale,
+                               label_shift=settings.label_shift)
+    if settings.use_features:
+        pooled = batch["features"]  # [2b, D], cached by the frozen backbone
+    else:
+        pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])[:, 0]
+    reward = model.heads(pooled).reward
+    half = reward.shape[0] // 2
+    return bradley_terry_loss(reward[:half], reward[half:], batch["pair_mask"])
+
+
+def make_train_step(cfg: ModelConfig, options: ModelOptions, settings: StepSettings,
+                    optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    seed: int = 0) -> Callable:
+    """step(state, frozen, batch) -> (state, metrics); batch leaves have a leading accum axis."""
+    binder = ModelBinder(cfg, options)
+    base_key = jax.random.key(seed)
+
+    def micro_grads(trainable, frozen, micro, key):
+        def loss_fn(tp):
+            model = binder(merge_params(tp, jax.lax.stop_gradient(frozen)))
+            return _loss_sums(model, settings, micro, key)
+
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return grads, sums
+
+    def step(state: TrainState, frozen: dict, batch: dict):
+        step_key = jax.random.fold_in(base_key, state.step)
+        accum = jax.tree.leaves(batch)[0].shape[0]
+
+        def body(carry, inputs):
+            index, micro = inputs
+            grads, sums = micro_grads(state.params, frozen, micro, jax.random.fold_in(step_key, index))
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: micro_grads(state.params, frozen, jax.tree.map(lambda x: x[0], batch), step_key)))
+        (grad_sums, metric_sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), batch))
+        count = jnp.maximum(metric_sums["count"], 1.0)
+        grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grad_sums)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = finalize_metrics(metric_sums) | {"grad_norm": optax.global_norm(grads),
+                                                   "learning_rate": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step
+
+
+def cast_params(params: dict, cfg: ModelConfig, options: ModelOptions) -> dict:
+    """Storage dtypes for training: backbone/value head in the param dtype, gate in its own."""
+    dt = options.dtypes
+    backbone = jnp.dtype(dt.param or cfg.torch_dtype)
+    gate = jnp.dtype(dt.gate_param_dtype(cfg))
+    return {k: jax.tree.map(lambda x, d=(gate if k == "gate" else backbone): jnp.asarray(x).astype(d), v)
+            for k, v in params.items()}
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a training loop needs, placed on a mesh: the compiled step, the sharded state
+    and frozen params, and the batch sharding."""
+
+    step_fn: Callable
+    state: TrainState
+    frozen: dict
+    batch_sharding: Any
+    schedule: optax.Schedule
+    state_shardings: Any
+
+    def run(self, batch: dict) -> dict:
+        self.state, metrics = self.step_fn(self.state, self.frozen, batch)
+        return metrics
+
+
+def build_trainer(cfg: ModelConfig, params: dict, options: ModelOptions, settings: StepSettings,
+                  optim: OptimizerSettings, total_steps: int, mesh, rules=None, seed: int = 0,
+                  trainable: tuple[str, ...] | None = None) -> Trainer:
+    trainable = trainable or STAGE_TRAINABLE[settings.stage]
+    shardings = param_shardings(cfg, mesh, rules, options)
+    # A private copy: the step donates its state, which must never free the caller's arrays
+    # (device_put alone may reuse a buffer already on the right device).
+    private = jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
+                           cast_params(params, cfg, options))
+    params = jax.device_put(private, shardings)
+    train_params, frozen = split_params(params, trainable)
+    train_sh, frozen_sh = split_params(shardings, trainable)
+    optimizer, schedule = make_optimizer(optim, total_steps, train_params)
+    replicated = NamedSharding(mesh, P())
+    opt_abstract = jax.eval_shape(optimizer.init, train_params)
+    opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, s: s, opt_abstract, train_sh,
+                                              transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(train_params)
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), train_params, opt_state)
+    state_sh = TrainState(replicated, train_sh, opt_sh)
+    from urm_jax.sharding import AxisRules
+
+    batch_axes = (rules or AxisRules()).spec(("batch",), mesh)
+    # Leading accumulation axis unsharded; examples over the data-parallel axes.
+    batch_sharding = NamedSharding(mesh, P(None, *batch_axes))
+    step = make_train_step(cfg, options, settings, optimizer, schedule, seed)
+    from urm_jax.sharding import use_mesh
+
+    def step_in_mesh(state, frozen_params, batch):
+        with use_mesh(mesh, rules):
+            return step(state, frozen_params, batch)
+
+    compiled = jax.jit(step_in_mesh, in_shardings=(state_sh, frozen_sh, batch_sharding),
+                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    return Trainer(compiled, state, frozen, batch_sharding, schedule, state_sh)
