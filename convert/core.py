@@ -1,28 +1,42 @@
-"""HF <-> JAX conversion, both directions driven by `mapping.TABLE`.
+"""HF <-> JAX conversion, both directions driven by `mapping.TABLE`, streamed.
 
-`hf_to_params` and `params_to_hf_tensors` are the library; `from_hf` / `to_hf` add the checkpoint
-formats, dtype policy, atomic output and progress. Tensors are read lazily one at a time; the
-stacked JAX arrays are preallocated and filled layer by layer, so the model is never held twice.
+Every direction works one *unit* at a time: a chunk of rows of one JAX parameter (one layer of a
+big stacked array, a block of embedding rows, a few layers of a small one). from_hf reads the HF
+tensors (or rows) a unit needs and writes it as one checkpoint chunk; to_hf and verify read one
+checkpoint chunk and turn it into HF tensors (or rows); loading onto devices reads each device
+shard's box. A few units run at once on threads (reads, transposes and writes all drop the GIL)
+and at most a few are resident, so peak memory is a small multiple of the largest unit (one layer
+of gate_proj, 117 MB in the 8B model), whatever the model's size. Everything checkable from
+headers (keys, shapes, dtypes) is checked before the first byte is written.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
+import math
+import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from convert.hf_io import HFWeights, WeightsError, parse_size, write_sharded
-from convert.mapping import IGNORED_HF_KEYS, LAYER_KEY, TABLE, Entry, get_path, is_gate, set_path
-from urm_jax.checkpoint import copy_tokenizer_files, load_config, load_params, save_checkpoint
+from convert.mapping import (IGNORED_HF_KEYS, LAYER_KEY, TABLE, Box, Entry, full_box, get_path,
+                             is_gate, normalize_box, set_path)
+from urm_jax.checkpoint import ParamsReader, checkpoint_writer, chunk_rows, copy_tokenizer_files, load_config
 from urm_jax.config import ModelConfig, canonical_dtype, np_dtype
-from urm_jax.io_utils import atomic_dir
 
 MODELING_FILE = Path(__file__).with_name("modeling_custom.py")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+EXPONENT_MASKS = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00),
+                  "float32": (np.uint32, 0x7F800000)}
+WORKERS = min(4, os.cpu_count() or 1)
 
 
 class ConversionError(ValueError):
@@ -46,13 +60,91 @@ def target_dtype(entry: Entry, stored: str, dtype: str, gate_dtype: str | None) 
     return stored if dtype == "keep" else canonical_dtype(dtype)
 
 
-def _check_keys(weights: HFWeights, cfg: ModelConfig) -> None:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One table entry as it will be converted."""
+    entry: Entry
+    shape: tuple[int, ...]  # JAX shape (stacked)
+    stored: str  # dtype in the source
+    out: str  # dtype written
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return self.entry.path
+
+    def hf_keys(self) -> list[str]:
+        return self.entry.hf_keys(self.shape[0]) if self.entry.stacked else [self.entry.hf_key]
+
+    def hf_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        shape = self.entry.hf_shape(self.shape)
+        return [(key, self.out, shape) for key in self.hf_keys()]
+
+
+def output_dtypes(plans: list[Plan]) -> dict:
+    """{'torch_dtype', 'gate_dtype'} an output config.json records: what is actually stored."""
+    def pick(gate: bool) -> str:
+        names = {p.out for p in plans if is_gate(p.entry) == gate}
+        return "float32" if "float32" in names else sorted(names)[0]
+
+    return {"torch_dtype": pick(False), "gate_dtype": pick(True)}
+
+
+# ------------------------------------------------------------------------------------------------
+# plumbing: parallel units with bounded memory, progress
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int = WORKERS) -> Iterator:
+    """`map(fn, items)` on `workers` threads, results in order, at most workers + 1 items started
+    and not yet consumed (so memory stays bounded). An error cancels what has not started and is
+    raised once the running items finish (they may write into a temporary directory)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class Progress:
+    """A tqdm bar in bytes (so it shows MB/s) with a tensors counter."""
+
+    def __init__(self, desc: str, total_bytes: int, total_tensors: int, enabled: bool):
+        self.bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                        disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self.tensors, self.total = 0.0, total_tensors
+
+    def update(self, nbytes: int, tensors: float) -> None:
+        self.tensors += tensors
+        self.bar.set_postfix_str(f"{round(self.tensors)}/{self.total} tensors", refresh=False)
+        self.bar.update(nbytes)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# HF side
+
+
+def _check_keys(weights: HFWeights, num_layers: int) -> None:
     layers_in_file = sorted({int(m.group(1)) for k in weights.keys() if (m := LAYER_KEY.match(k))})
-    if layers_in_file and layers_in_file != list(range(cfg.num_layers)):
+    if layers_in_file and layers_in_file != list(range(num_layers)):
         raise ConversionError(
-            f"config.json says num_hidden_layers={cfg.num_layers} but the weights hold layers "
+            f"config.json says num_hidden_layers={num_layers} but the weights hold layers "
             f"{layers_in_file[0]}..{layers_in_file[-1]} ({len(layers_in_file)} layers)")
-    expected = [k for e in TABLE for k in e.hf_keys(cfg.num_layers)]
+    expected = [k for e in TABLE for k in e.hf_keys(num_layers)]
     missing = [k for k in expected if k not in weights]
     if missing:
         raise ConversionError(f"{weights.dir}: tensor {missing[0]} missing"
@@ -65,132 +157,272 @@ def _check_keys(weights: HFWeights, cfg: ModelConfig) -> None:
                               + " - not part of the URM architecture")
 
 
-def _checked(weights: HFWeights, key: str, want_shape, allow_nonfinite: bool) -> np.ndarray:
-    tensor = weights.get(key)
-    if tuple(tensor.shape) != tuple(want_shape):
-        raise ConversionError(f"{weights.where(key)}: tensor {key} has shape {list(tensor.shape)}, "
-                              f"config.json implies {list(want_shape)}")
-    if tensor.dtype.name not in FLOAT_DTYPES:
-        raise ConversionError(f"{weights.where(key)}: tensor {key} has dtype {tensor.dtype}; "
-                              f"the model takes {', '.join(FLOAT_DTYPES)}")
-    if not allow_nonfinite and not np.isfinite(tensor.astype(np.float32)).all():
-        raise ConversionError(f"{weights.where(key)}: tensor {key} holds NaN or Inf "
-                              "(pass --allow-nonfinite to convert it anyway)")
-    return tensor
+def plan_from_hf(weights: HFWeights, cfg: ModelConfig, dtype: str = "keep",
+                 gate_dtype: str | None = None) -> list[Plan]:
+    """Check keys, shapes and dtypes of every HF tensor from the headers alone (nothing read)."""
+    _check_keys(weights, cfg.num_layers)
+    plans = []
+    for entry, shape in zip(TABLE, jax_shapes(cfg).values()):
+        want = entry.hf_shape(shape)
+        keys = entry.hf_keys(cfg.num_layers)
+        for key in keys:
+            got = weights.dtype(key)
+            if got not in FLOAT_DTYPES:
+                raise ConversionError(f"{weights.where(key)}: tensor {key} has dtype {got}; "
+                                      f"the model takes {', '.join(FLOAT_DTYPES)}")
+            if weights.shape(key) != want:
+                raise ConversionError(f"{weights.where(key)}: tensor {key} has shape "
+                                      f"{list(weights.shape(key))}, config.json implies {list(want)}")
+            if got != weights.dtype(keys[0]):
+                raise ConversionError(f"{weights.where(key)}: tensor {key} is {got}, {keys[0]} is "
+                                      f"{weights.dtype(keys[0])}; a stacked tensor needs one dtype")
+        stored = weights.dtype(keys[0])
+        plans.append(Plan(entry, shape, stored, target_dtype(entry, stored, dtype, gate_dtype)))
+    return plans
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    """NaN/Inf test on the bits (exponent all ones), a block at a time: no float32 copy of a
+    1 GB embedding just to call isfinite."""
+    uint, mask = EXPONENT_MASKS[values.dtype.name]
+    bits = values.reshape(-1).view(uint)
+    for start in range(0, bits.size, 1 << 22):
+        if np.any(np.bitwise_and(bits[start:start + (1 << 22)], mask) == mask):
+            raise ConversionError(f"{what} holds NaN or Inf (pass --allow-nonfinite to convert "
+                                  "it anyway)")
+
+
+def read_box(weights: HFWeights, plan: Plan, box: Box, allow_nonfinite: bool = False) -> np.ndarray:
+    """The values of JAX box `box` of a parameter, in `plan.out`, reading only the HF tensors
+    (and, where the layout allows, only the rows) it covers."""
+    def rows_of(key: str):
+        def read(start: int, stop: int) -> np.ndarray:
+            values = weights.read(key, (start, stop))
+            if not allow_nonfinite:
+                _check_finite(values, f"{weights.where(key)}: tensor {key}")
+            return values
+        return read
+
+    entry, out = plan.entry, np_dtype(plan.out)
+    if not entry.stacked:
+        return np.asarray(entry.to_jax_box(rows_of(entry.hf_key), plan.shape, box)).astype(out, copy=False)
+    layers = range(box[0].start, box[0].stop)
+    parts = [entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:])
+             for i in layers[:1]]
+    if len(layers) == 1:  # one layer: no extra copy into a stacked buffer
+        return np.asarray(parts[0])[None].astype(out, copy=False)
+    block = np.empty((len(layers), *parts[0].shape), out)
+    block[0] = parts[0]
+    for k, i in enumerate(layers[1:], 1):
+        block[k] = entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:])
+    return block
+
+
+def _row_units(plans: list[Plan], rows_of: Callable[[Plan], int]) -> list[tuple[Plan, int, int]]:
+    return [(p, start, min(start + rows_of(p), p.shape[0]))
+            for p in plans for start in range(0, p.shape[0], rows_of(p))]
+
+
+def _unit_progress(plan: Plan, start: int, stop: int) -> tuple[int, float]:
+    """(source bytes, HF tensors) a unit of rows accounts for."""
+    nbytes = (stop - start) * math.prod(plan.shape[1:]) * np_dtype(plan.stored).itemsize
+    return nbytes, (stop - start) if plan.entry.stacked else (stop - start) / plan.shape[0]
+
+
+def _hf_chunk_rows(plan: Plan) -> int:
+    # A non-stacked kernel's HF rows are JAX columns: one chunk, so the tensor is read once.
+    if not plan.entry.stacked and plan.entry.n_in is not None:
+        return plan.shape[0]
+    return chunk_rows(plan.shape, np_dtype(plan.out))
 
 
 def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
                  gate_dtype: str | None = None, allow_nonfinite: bool = False,
-                 progress: bool = True) -> dict:
-    """HF tensors -> the JAX pure-dict params tree (numpy, stacked layers)."""
-    _check_keys(weights, cfg)
-    shapes = jax_shapes(cfg)
+                 progress: bool = True, shardings: dict | None = None) -> dict:
+    """HF tensors -> the JAX pure-dict params tree (stacked layers).
+
+    Without `shardings`: numpy arrays on the host. With a matching tree of `jax.sharding.Sharding`:
+    jax arrays, each device's shard read straight from the safetensors files (only the rows it
+    needs where the layout allows) and placed on its device before the next is read, so host
+    memory holds one shard, never the whole tensor or model."""
+    plans = plan_from_hf(weights, cfg, dtype, gate_dtype)
     params: dict = {}
-    total = sum(len(e.hf_keys(cfg.num_layers)) for e in TABLE)
-    with tqdm(total=total, desc="from_hf", unit="tensor", disable=not progress, file=sys.stderr) as bar:
-        for entry in TABLE:
-            shape = shapes[entry.path]
-            keys = entry.hf_keys(cfg.num_layers)
-            stored = weights.dtype(keys[0])
-            if stored not in FLOAT_DTYPES:
-                raise ConversionError(f"{weights.where(keys[0])}: tensor {keys[0]} has dtype "
-                                      f"{stored}; the model takes {', '.join(FLOAT_DTYPES)}")
-            out = np_dtype(target_dtype(entry, stored, dtype, gate_dtype))
-            array = np.empty(shape, out)
-            for i, key in enumerate(keys):
-                tensor = _checked(weights, key, entry.hf_shape(shape), allow_nonfinite)
-                if tensor.dtype.name != stored:
-                    raise ConversionError(f"{weights.where(key)}: tensor {key} is {tensor.dtype}, "
-                                          f"{keys[0]} is {stored}; a stacked tensor needs one dtype")
-                value = entry.to_jax(tensor, shape).astype(out, copy=False)
-                if entry.stacked:
-                    array[i] = value
-                else:
-                    array = np.ascontiguousarray(value)
-                bar.update()
-            set_path(params, entry.path, array)
+    total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
+    with Progress("load", total, sum(len(p.hf_keys()) for p in plans), progress) as bar:
+        if shardings is None:
+            for plan in plans:
+                set_path(params, plan.path, np.empty(plan.shape, np_dtype(plan.out)))
+
+            def fill(unit):
+                plan, start, stop = unit
+                box = (slice(start, stop), *full_box(plan.shape[1:]))
+                get_path(params, plan.path)[start:stop] = read_box(weights, plan, box, allow_nonfinite)
+                return _unit_progress(*unit)
+
+            for done in ordered_map(fill, _row_units(plans, _hf_chunk_rows)):
+                bar.update(*done)
+            return params
+        for plan in plans:
+            set_path(params, plan.path, _device_array(weights, plan, get_path(shardings, plan.path),
+                                                      allow_nonfinite, bar))
     return params
 
 
-def output_dtypes(params: dict, dtype: str = "keep", gate_dtype: str | None = None) -> dict:
-    """{'torch_dtype', 'gate_dtype'} an output config.json records: what is actually stored."""
-    def pick(gate: bool) -> str:
-        names = {target_dtype(e, get_path(params, e.path).dtype.name, dtype, gate_dtype)
-                 for e in TABLE if is_gate(e) == gate}
-        return "float32" if "float32" in names else sorted(names)[0]
+def _device_array(weights: HFWeights, plan: Plan, sharding, allow_nonfinite: bool, bar: Progress):
+    import jax
 
-    return {"torch_dtype": pick(False), "gate_dtype": pick(True)}
+    boxes: dict[Box, list] = {}  # replicas share a box: read it once
+    for device, index in sharding.addressable_devices_indices_map(plan.shape).items():
+        boxes.setdefault(normalize_box(index, plan.shape), []).append(device)
+    shards = []
+
+    def place(item):
+        box, devices = item
+        host = read_box(weights, plan, box, allow_nonfinite)
+        return [jax.device_put(host, device) for device in devices], host.size
+
+    for placed, size in ordered_map(place, boxes.items()):
+        shards += placed
+        bar.update(size * np_dtype(plan.stored).itemsize,
+                   size / math.prod(plan.shape) * (plan.shape[0] if plan.entry.stacked else 1))
+    return jax.make_array_from_single_device_arrays(plan.shape, sharding, shards)
 
 
 def from_hf(hf_dir, out_dir, *, dtype="keep", gate_dtype=None, overwrite=False,
             allow_nonfinite=False, progress=True) -> Path:
+    """HF dir -> urm-jax checkpoint, one chunk at a time (never the whole model in memory)."""
     hf_dir = Path(hf_dir)
     cfg = ModelConfig.from_hf_dir(hf_dir)
-    params = hf_to_params(HFWeights(hf_dir), cfg, dtype=dtype, gate_dtype=gate_dtype,
-                          allow_nonfinite=allow_nonfinite, progress=progress)
-    return save_checkpoint(out_dir, params, cfg, tokenizer_dir=hf_dir, overwrite=overwrite,
-                           hf_config=cfg.to_hf_dict(**output_dtypes(params)))
+    with HFWeights(hf_dir) as weights:
+        plans = plan_from_hf(weights, cfg, dtype, gate_dtype)
+        hf_config = cfg.to_hf_dict(**output_dtypes(plans))
+        with checkpoint_writer(out_dir, hf_config, tokenizer_dir=hf_dir, overwrite=overwrite) as writer:
+            for plan in plans:
+                writer.add(plan.path, plan.shape, np_dtype(plan.out), rows=_hf_chunk_rows(plan))
+
+            def convert(unit):
+                plan, start, stop = unit
+                box = (slice(start, stop), *full_box(plan.shape[1:]))
+                writer.write(plan.path, start, read_box(weights, plan, box, allow_nonfinite))
+                return _unit_progress(*unit)
+
+            units = _row_units(plans, _hf_chunk_rows)
+            total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
+            with Progress("from_hf", total, sum(len(p.hf_keys()) for p in plans), progress) as bar:
+                for done in ordered_map(convert, units):
+                    bar.update(*done)
+    return Path(out_dir)
 
 
-def params_to_hf_tensors(params: dict, cfg: ModelConfig, *, dtype="keep", gate_dtype=None):
-    """(sizes in write order, produce(key)) for the HF tensors of a JAX params tree."""
-    shapes = jax_shapes(cfg)
-    owners: dict[str, tuple[Entry, int | None, str]] = {}
-    sizes = []
-    for entry in TABLE:
-        array = get_path(params, entry.path)
-        if tuple(array.shape) != shapes[entry.path]:
-            raise ConversionError(f"parameter {entry.jax_name} has shape {list(array.shape)}, "
-                                  f"config.json implies {list(shapes[entry.path])}")
-        out = target_dtype(entry, canonical_dtype(array.dtype.name), dtype, gate_dtype)
-        per_tensor = int(np.prod(entry.hf_shape(shapes[entry.path]))) * np_dtype(out).itemsize
-        for i, key in enumerate(entry.hf_keys(cfg.num_layers)):
-            owners[key] = (entry, i if entry.stacked else None, out)
-            sizes.append((key, per_tensor))
+# ------------------------------------------------------------------------------------------------
+# checkpoint side
 
-    def produce(key: str) -> np.ndarray:
-        entry, layer, out = owners[key]
-        array = np.asarray(get_path(params, entry.path))
-        value = array[layer] if layer is not None else array
-        return entry.to_hf(value).astype(np_dtype(out), copy=False)
 
-    return sizes, produce
+def plan_from_ckpt(reader: ParamsReader, cfg: ModelConfig, dtype: str = "keep",
+                   gate_dtype: str | None = None) -> list[Plan]:
+    plans = []
+    for entry, shape in zip(TABLE, jax_shapes(cfg).values()):
+        got = reader.shape(entry.path)
+        if got != shape:
+            raise ConversionError(f"parameter {entry.jax_name} has shape {list(got)}, "
+                                  f"config.json implies {list(shape)}")
+        stored = canonical_dtype(reader.dtype(entry.path).name)
+        plans.append(Plan(entry, shape, stored, target_dtype(entry, stored, dtype, gate_dtype)))
+    return plans
+
+
+def _ckpt_chunk_rows(reader: ParamsReader) -> Callable[[Plan], int]:
+    def rows(plan: Plan) -> int:
+        if not plan.entry.stacked and plan.entry.n_in is not None:
+            return plan.shape[0]  # a kernel becomes one HF tensor: read it whole
+        return reader.chunk_rows(plan.path)  # aligned with storage: each chunk read once
+    return rows
+
+
+def ckpt_pieces(reader: ParamsReader, plans: list[Plan]) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(HF key, first HF row, HF-layout values in plan.out) in table order, one stored chunk
+    read at a time on worker threads; a key comes whole or in consecutive row pieces."""
+    def unit_pieces(unit):
+        plan, start, stop = unit
+        block = reader.read(plan.path, start, stop)
+        out, entry = np_dtype(plan.out), plan.entry
+        if entry.stacked:
+            return [(entry.hf_key.format(i=i), 0, entry.to_hf(block[i - start]).astype(out, copy=False))
+                    for i in range(start, stop)]
+        return [(entry.hf_key, start, entry.to_hf(block).astype(out, copy=False))]
+
+    for pieces in ordered_map(unit_pieces, _row_units(plans, _ckpt_chunk_rows(reader))):
+        yield from pieces
 
 
 def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5GB",
           overwrite=False, progress=True) -> Path:
+    """urm-jax checkpoint -> HF dir, one stored chunk in memory at a time, shards written as a
+    stream (header first, then each tensor's bytes as they are produced)."""
+    from urm_jax.io_utils import atomic_dir
+
     ckpt_dir = Path(ckpt_dir)
     cfg = load_config(ckpt_dir)
-    params = load_params(ckpt_dir)
-    sizes, produce = params_to_hf_tensors(params, cfg, dtype=dtype, gate_dtype=gate_dtype)
+    reader = ParamsReader(ckpt_dir)
+    plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
+    limit = parse_size(max_shard_size)
+    specs = [spec for plan in plans for spec in plan.hf_specs()]
+    total = sum(math.prod(shape) * np_dtype(d).itemsize for _, d, shape in specs)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        with tqdm(total=len(sizes), desc="to_hf", unit="tensor", disable=not progress,
-                  file=sys.stderr) as bar:
-            write_sharded(tmp, sizes, produce, parse_size(max_shard_size), progress=bar.update)
-        hf = cfg.to_hf_dict(**output_dtypes(params, dtype, gate_dtype))
+        with Progress("to_hf", total, len(specs), progress) as bar:
+            pieces = ckpt_pieces(reader, plans)
+            try:
+                write_sharded(tmp, specs, ((key, value) for key, _, value in pieces), limit,
+                              progress=bar.update)
+            finally:
+                pieces.close()  # stop the reader threads before the temporary goes
+        hf = cfg.to_hf_dict(**output_dtypes(plans))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
         shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
         copy_tokenizer_files(ckpt_dir, tmp)
     return Path(out_dir)
 
 
+def _bits(array: np.ndarray) -> np.ndarray:
+    return array.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[array.itemsize])
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    a, b, worst = a.reshape(-1), b.reshape(-1), 0.0
+    for start in range(0, a.size, 1 << 22):  # float64 temporaries a block at a time
+        d = np.abs(a[start:start + (1 << 22)].astype(np.float64) - b[start:start + (1 << 22)].astype(np.float64))
+        worst = max(worst, float(np.max(d, initial=0.0)))
+    return worst
+
+
 def verify(hf_dir, ckpt_dir, *, progress: bool = True) -> list[dict]:
     """Compare every tensor of an HF directory with a urm-jax checkpoint: names, shapes, dtypes
-    and values bit for bit. Returns one row per HF tensor; raises nothing for a mismatch (the
-    caller decides), but a missing/unexpected tensor or an unreadable file raises as usual."""
-    weights = HFWeights(hf_dir)
+    and values bit for bit, streamed one stored chunk at a time. Returns one row per HF tensor;
+    raises nothing for a mismatch (the caller decides), but a missing/unexpected tensor or an
+    unreadable file raises as usual."""
     cfg = load_config(ckpt_dir)
-    _check_keys(weights, cfg)
-    params = load_params(ckpt_dir)
-    sizes, produce = params_to_hf_tensors(params, cfg)
-    rows = []
-    for key, _ in tqdm(sizes, desc="verify", unit="tensor", disable=not progress, file=sys.stderr):
-        ours, theirs = produce(key), weights.get(key)
-        same_shape = ours.shape == theirs.shape
-        same_dtype = ours.dtype == theirs.dtype
-        same_bits = same_shape and same_dtype and ours.tobytes() == theirs.tobytes()
-        diff = (float(np.max(np.abs(ours.astype(np.float64) - theirs.astype(np.float64))))
-                if same_shape else float("nan"))
-        rows.append({"key": key, "shape": list(theirs.shape), "hf_dtype": theirs.dtype.name,
-                     "ckpt_dtype": ours.dtype.name, "identical": bool(same_bits), "max_abs_diff": diff})
-    return rows
+    reader = ParamsReader(ckpt_dir)
+    plans = plan_from_ckpt(reader, cfg)
+    with HFWeights(hf_dir) as weights:
+        _check_keys(weights, cfg.num_layers)
+        rows: dict[str, dict] = {}
+        for key, ckpt_dtype, shape in (s for p in plans for s in p.hf_specs()):
+            rows[key] = {"key": key, "shape": list(weights.shape(key)), "hf_dtype": weights.dtype(key),
+                         "ckpt_dtype": ckpt_dtype, "identical": weights.shape(key) == shape,
+                         "max_abs_diff": 0.0 if weights.shape(key) == shape else float("nan")}
+        comparable = [p for p in plans if all(rows[k]["identical"] for k in p.hf_keys())]
+        total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in comparable)
+        with Progress("verify", total, len(rows), progress) as bar:
+            pieces = ckpt_pieces(reader, comparable)
+            try:
+                for key, start, ours in pieces:
+                    theirs = weights.read(key, (start, start + ours.shape[0]) if ours.ndim else None)
+                    row = rows[key]
+                    same = ours.dtype == theirs.dtype and np.array_equal(_bits(ours), _bits(theirs))
+                    if not same:
+                        row["max_abs_diff"] = max(row["max_abs_diff"], _max_abs_diff(ours, theirs))
+                    row["identical"] &= bool(same)
+                    bar.update(ours.nbytes, ours.shape[0] / weights.shape(key)[0] if ours.ndim else 1)
+            finally:
+                pieces.close()
+    return list(rows.values())

@@ -26,6 +26,8 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from urm_jax import io_utils
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
@@ -248,24 +250,6 @@ def _header(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def open_output(path: Path):
-    """The one place output files are opened (tests swap it to simulate a full disk)."""
-    return open(path, "wb")
-
-
-def write_pieces(handle, path: Path, pieces: Iterable[np.ndarray]) -> int:
-    """Write arrays' bytes (C order) to an open file; an OSError names the file."""
-    written = 0
-    try:
-        for piece in pieces:
-            flat = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-            handle.write(memoryview(flat))
-            written += flat.nbytes
-    except OSError as err:
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-    return written
-
-
 def write_sharded(out_dir: Path, specs: list[tuple[str, str, tuple[int, ...]]],
                   pieces: Iterable[tuple[str, np.ndarray]], max_shard_size: int,
                   progress: Callable[[int, int], None] | None = None) -> list[str]:
@@ -284,9 +268,9 @@ def write_sharded(out_dir: Path, specs: list[tuple[str, str, tuple[int, ...]]],
     weight_map = {}
     for name, keys in zip(names, shards):
         path = out_dir / name
-        with open_output(path) as handle:
-            write_pieces(handle, path, [np.frombuffer(_header(
-                [(k, *spec_of[k]) for k in keys]), np.uint8)])
+        with io_utils.open_output(path) as handle:
+            header = _header([(k, *spec_of[k]) for k in keys])
+            io_utils.write_arrays(handle, path, [np.frombuffer(header, np.uint8)])
             for key in keys:
                 want, done = size_of[key], 0
                 while done < want:
@@ -294,7 +278,7 @@ def write_sharded(out_dir: Path, specs: list[tuple[str, str, tuple[int, ...]]],
                     if got_key != key or np_dtype_of(spec_of[key][0]) != piece.dtype:
                         raise AssertionError(f"writer expected {key} {spec_of[key][0]}, "
                                              f"got {got_key} {piece.dtype}")
-                    done += write_pieces(handle, path, [piece])
+                    done += io_utils.write_arrays(handle, path, [piece])
                     if progress:
                         progress(piece.nbytes, int(done == want))
                 if done != want:

@@ -4,7 +4,8 @@ to the real 8B shape.
 
 Values are drawn so a random model gives O(1) rewards: embeddings N(0, 1), Linear weights
 N(0, 1/fan_in), norm weights 1 + 0.1 N(0, 1), biases 0.1 N(0, 1). Each tensor is seeded from its
-own key, so the same seed gives the same tensor whatever the sharding or write order."""
+own key, so the same seed gives the same tensor whatever the sharding or write order. The "fast"
+fill (benchmarks at 8B scale) tiles a small pool of such draws instead."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from convert.hf_io import parse_size, write_sharded
 from convert.mapping import TABLE, is_gate
@@ -45,43 +45,81 @@ def tiny_hf_config(*, vocab_size=512, hidden_size=64, intermediate_size=128, num
     }
 
 
+def _kind(key: str) -> str:
+    if key.endswith("norm.weight"):
+        return "norm"
+    if key.endswith(".bias"):
+        return "bias"
+    return "embed" if key == "model.embed_tokens.weight" else "linear"
+
+
+def _scaled(kind: str, normal: np.ndarray, fan_in: int) -> np.ndarray:
+    if kind == "norm":
+        return 1.0 + np.float32(0.1) * normal
+    if kind == "bias":
+        return np.float32(0.1) * normal
+    return normal if kind == "embed" else normal / np.float32(np.sqrt(fan_in))
+
+
 def _random_tensor(key: str, shape, dtype, seed: int, fan_in: int) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-    if key.endswith("norm.weight"):
-        value = 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
-    elif key.endswith(".bias"):
-        value = 0.1 * rng.standard_normal(shape, np.float32)
-    elif key == "model.embed_tokens.weight":
-        value = rng.standard_normal(shape, np.float32)
-    else:
-        value = rng.standard_normal(shape, np.float32) / np.float32(np.sqrt(fan_in))
-    return value.astype(dtype)
+    return _scaled(_kind(key), rng.standard_normal(shape, np.float32), fan_in).astype(dtype)
+
+
+class _FastFill:
+    """Benchmark-scale values without 7.5e9 normal draws: one pool of POOL draws per (value kind,
+    fan-in, dtype), and each tensor is that pool read cyclically from an offset given by its key.
+    The pieces are views of the pool, so writing costs no more than copying bytes. Same
+    distribution per element as the "normal" fill, but values repeat with period POOL."""
+
+    POOL = 4_194_301  # prime, so rows of any width do not line up with the period
+
+    def __init__(self, seed: int):
+        self.seed, self.pools = seed, {}
+
+    def pieces(self, key: str, shape, dtype, fan_in: int):
+        ident = (_kind(key), fan_in, np.dtype(dtype).name)
+        if ident not in self.pools:
+            rng = np.random.default_rng([self.seed, zlib.crc32(repr(ident).encode())])
+            pool = _scaled(ident[0], rng.standard_normal(self.POOL, np.float32), fan_in).astype(dtype)
+            self.pools[ident] = np.concatenate([pool, pool])  # any POOL-long window is one slice
+        pool = self.pools[ident]
+        start, left = zlib.crc32(key.encode()) % self.POOL, int(np.prod(shape))
+        while left:
+            take = min(left, self.POOL)
+            yield pool[start:start + take]
+            left -= take
+            start = (start + take) % self.POOL
 
 
 def write_random_hf(out_dir, hf_config: dict, *, dtype: str = "float32", gate_dtype: str = "float16",
                     seed: int = 0, max_shard_size="5GB", tokenizer_dir=None, overwrite=False,
-                    progress: bool = True) -> Path:
-    """Write config.json + safetensors (+ index when sharded) + modeling_custom.py (+ tokenizer)."""
-    from convert.core import jax_shapes
+                    progress: bool = True, fill: str = "normal") -> Path:
+    """Write config.json + safetensors (+ index when sharded) + modeling_custom.py (+ tokenizer).
+    `fill`: "normal" (an independent draw per value, seeded by key) or "fast" (see _FastFill)."""
+    from convert.core import Progress, jax_shapes
 
+    if fill not in ("normal", "fast"):
+        raise ValueError(f"fill {fill!r}: normal or fast")
     hf = dict(hf_config, dtype=dtype, gate_dtype=gate_dtype)
     cfg = ModelConfig.from_hf_dict(hf)
-    shapes = jax_shapes(cfg)
-    owners, sizes = {}, []
-    for entry in TABLE:
-        shape = entry.hf_shape(shapes[entry.path])
-        out = np_dtype(gate_dtype if is_gate(entry) else dtype)
-        for key in entry.hf_keys(cfg.num_layers):
-            owners[key] = (shape, out)
-            sizes.append((key, int(np.prod(shape)) * out.itemsize))
+    specs = []
+    for entry, shape in zip(TABLE, jax_shapes(cfg).values()):
+        out = gate_dtype if is_gate(entry) else dtype
+        specs += [(key, out, entry.hf_shape(shape)) for key in entry.hf_keys(cfg.num_layers)]
+    fast = _FastFill(seed)
 
-    def produce(key):
-        shape, out = owners[key]
-        return _random_tensor(key, shape, out, seed, fan_in=shape[-1])
+    def pieces():
+        for key, out, shape in specs:
+            if fill == "fast":
+                yield from ((key, p) for p in fast.pieces(key, shape, np_dtype(out), shape[-1]))
+            else:
+                yield key, _random_tensor(key, shape, np_dtype(out), seed, fan_in=shape[-1])
 
+    total = sum(int(np.prod(shape)) * np_dtype(out).itemsize for _, out, shape in specs)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        with tqdm(total=len(sizes), desc="random weights", unit="tensor", disable=not progress) as bar:
-            write_sharded(tmp, sizes, produce, parse_size(max_shard_size), progress=bar.update)
+        with Progress("random weights", total, len(specs), progress) as bar:
+            write_sharded(tmp, specs, pieces(), parse_size(max_shard_size), progress=bar.update)
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True))
         shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
         if tokenizer_dir is not None:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import AutoModelForSequenceClassification
 
-import convert.hf_io as hf_io
+from urm_jax import io_utils
 from convert.__main__ import main
 from hf_fixtures import load_reference, make_tiny_urm, reference_outputs
 
@@ -535,16 +535,16 @@ def test_to_hf_bad_max_shard_size(bf16_ckpt, tmp_path, capsys):
 
 
 def test_write_failure_mid_export_leaves_nothing(bf16_ckpt, tmp_path, capsys, monkeypatch):
-    real_save, calls = hf_io.save_file, []
+    real_open, calls = io_utils.open_output, []
 
-    def failing_save(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == 2:
-            Path(filename).write_bytes(b"half a shard")  # a partial file, as a full disk leaves
-            raise OSError(errno.ENOSPC, "No space left on device", filename)
-        return real_save(tensors, filename, metadata=metadata)
+    def failing_open(path):
+        calls.append(path)
+        if len(calls) == 2:  # the second shard: a partial file, as a full disk leaves, then ENOSPC
+            Path(path).write_bytes(b"half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path)
 
-    monkeypatch.setattr(hf_io, "save_file", failing_save)
+    monkeypatch.setattr(io_utils, "open_output", failing_open)
     out = tmp_path / "out"
     run_err(capsys, ["to_hf", str(bf16_ckpt), str(out), "--max-shard-size", "20KB"], out,
             "No space left on device", "model-00002-of-")

@@ -339,7 +339,7 @@ def test_pair_batches(pairs):
         idx = order[step * 8 : (step + 1) * 8]
         np.testing.assert_array_equal(batch["pair_mask"], [1] * len(idx) + [0] * (8 - len(idx)))
         for j, i in enumerate(idx):
-            for row, ids in ((j, examples[i].chosen_ids), (8 + j, examples[i].rejected_ids)):
+            for row, ids in ((2 * j, examples[i].chosen_ids), (2 * j + 1, examples[i].rejected_ids)):
                 np.testing.assert_array_equal(batch["input_ids"][row, : len(ids)], ids)
                 assert batch["pool_index"][row, 0] == len(ids) - 1 and batch["input_ids"][row, len(ids) - 1] == EOT
                 assert batch["segment_ids"][row].sum() == len(ids) and batch["pool_mask"][row, 0] == 1
@@ -417,10 +417,8 @@ def test_pair_host_slices_union_is_the_global_batch(pairs):
     hosts = [all_batches(BatchIterator(examples, 8, SEQ_LEN, seed=2, pack=False, num_epochs=1,
                                        process_index=k, process_count=2)) for k in range(2)]
     for step, g in enumerate(glob):
-        chosen = np.concatenate([h[step]["input_ids"][:4] for h in hosts])
-        rejected = np.concatenate([h[step]["input_ids"][4:] for h in hosts])
-        np.testing.assert_array_equal(chosen, g["input_ids"][:8])
-        np.testing.assert_array_equal(rejected, g["input_ids"][8:])
+        # Interleaved pairs: the hosts' slices concatenate to the global batch.
+        np.testing.assert_array_equal(np.concatenate([h[step]["input_ids"] for h in hosts]), g["input_ids"])
         np.testing.assert_array_equal(np.concatenate([h[step]["pair_mask"] for h in hosts]), g["pair_mask"])
 
 

@@ -33,7 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from urm_jax.config import ModelConfig
-from urm_jax.io_utils import atomic_dir, open_output, write_arrays
+from urm_jax import io_utils
+from urm_jax.io_utils import atomic_dir
 
 FORMAT = "urm-jax"
 LAYOUT_VERSION = 1
@@ -127,10 +128,10 @@ class ParamsWriter:
         for first in range(start, stop, rows):
             chunk = block[first - start:first - start + rows]
             file = meta["dir"] / f"{first // rows}{suffix}"
-            with open_output(file) as handle:
-                write_arrays(handle, file, [chunk])
+            with io_utils.open_output(file) as handle:
+                io_utils.write_arrays(handle, file, [chunk])
                 if len(chunk) < rows:  # zarr stores edge chunks at full size
-                    write_arrays(handle, file, [np.zeros((rows - len(chunk), *shape[1:]), chunk.dtype)])
+                    io_utils.write_arrays(handle, file, [np.zeros((rows - len(chunk), *shape[1:]), chunk.dtype)])
             with self._lock:
                 meta["todo"].discard(first)
 
@@ -251,7 +252,7 @@ class ParamsReader:
             metadata = json.loads((self.dir / ORBAX_METADATA).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{self.dir / ORBAX_METADATA}: unreadable ({err})") from None
-        self.ocdbt = bool(metadata.get("use_ocdbt", True))
+        self.ocdbt = bool(metadata.get("use_ocdbt", (self.dir / "manifest.ocdbt").exists()))
         self.zarr3 = bool(metadata.get("use_zarr3", False))
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._arrays: dict = {}

@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--golden-tolerance", type=float, default=2e-2)
     p.add_argument("--long-length", type=positive_int, default=None, help="length of the long synthetic row")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+
+    p = sub.add_parser("train", help="train stage 1 or 2 from a YAML recipe (resumes automatically)")
+    p.add_argument("config", help="YAML recipe, e.g. configs/train/stage1_helpsteer2.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.learning_rate=1e-5")
     return parser
 
 
@@ -140,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             from urm_jax.parity import main_parity
 
             return main_parity(args)
+        if args.command == "train":
+            from urm_jax.train.loop import main_train
+
+            return main_train(args.config, args.overrides)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
 """Load a URM from either checkpoint format: an HF directory (safetensors + config.json) or a
-urm-jax checkpoint. Both give the same model; HF tensors are converted in memory through the one
-mapping table in `convert.mapping`."""
+urm-jax checkpoint. Both give the same model; HF tensors are converted through the one mapping
+table in `convert.mapping`. With a mesh, every parameter goes straight onto its shards: from a
+urm-jax checkpoint through Orbax's sharded restore, from an HF directory by reading each device's
+box from the safetensors files (host memory holds one shard at a time, not the model)."""
 
 from __future__ import annotations
 
@@ -8,29 +10,36 @@ from pathlib import Path
 
 from urm_jax.checkpoint import is_jax_checkpoint, load_config, load_params
 from urm_jax.config import DTypePolicy, ModelConfig
-from urm_jax.model.urm import URM, ModelOptions, model_from_params
+from urm_jax.model.urm import URM, ModelOptions, model_from_params, param_shardings
 
 
 def load_config_any(path: str | Path) -> ModelConfig:
     return load_config(path) if is_jax_checkpoint(path) else ModelConfig.from_hf_dir(path)
 
 
-def load_params_any(path: str | Path, cfg: ModelConfig, progress: bool = False) -> dict:
+def load_params_any(path: str | Path, cfg: ModelConfig, progress: bool = False,
+                    shardings: dict | None = None) -> dict:
+    """Params in their stored dtypes: numpy on the host, or jax arrays placed by `shardings`
+    (a pure-dict tree of `jax.sharding.Sharding`, e.g. from `param_shardings`)."""
     if is_jax_checkpoint(path):
-        return load_params(path)
+        return load_params(path, shardings)
     from convert.core import hf_to_params  # library, not the CLI
     from convert.hf_io import HFWeights
 
-    return hf_to_params(HFWeights(path), cfg, progress=progress)
+    with HFWeights(path) as weights:
+        return hf_to_params(weights, cfg, progress=progress, shardings=shardings)
 
 
 def load_model(path: str | Path, *, compute_dtype: str | None = None, param_dtype: str | None = None,
-               gate_dtype: str | None = None, remat: str = "none",
+               gate_dtype: str | None = None, remat: str = "none", mesh=None, rules=None,
                progress: bool = False) -> tuple[URM, ModelConfig]:
     """The model with the checkpoint's own dtypes unless overridden: compute in the backbone's
-    stored dtype (what the HF reference does), gate in the checkpoint's gate dtype."""
+    stored dtype (what the HF reference does), gate in the checkpoint's gate dtype. With `mesh`
+    (and optional `rules`, see `urm_jax.sharding`), parameters are sharded as they are read."""
     cfg = load_config_any(path)
     policy = DTypePolicy.for_checkpoint(cfg, compute_dtype)
     policy = DTypePolicy(param=param_dtype, compute=policy.compute, gate=gate_dtype or policy.gate)
-    params = load_params_any(path, cfg, progress=progress)
-    return model_from_params(cfg, params, ModelOptions(policy, remat=remat)), cfg
+    options = ModelOptions(policy, remat=remat)
+    shardings = None if mesh is None else param_shardings(cfg, mesh, rules, options)
+    params = load_params_any(path, cfg, progress=progress, shardings=shardings)
+    return model_from_params(cfg, params, options), cfg

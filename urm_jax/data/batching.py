@@ -157,7 +157,8 @@ def regression_batch(rows: list[list[int]], examples: Sequence[RegressionExample
 
 def pair_batch(rows: list[list[int]], examples: Sequence[PairExample], *, seq_len: int,
                pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Stage-2 batch from rows of one pair index each (an empty row is a padding pair)."""
+    """Stage-2 batch from rows of one pair index each (an empty row is a padding pair): token
+    rows 2r and 2r+1 are pair r's chosen and rejected sides."""
     b = len(rows)
     batch = {
         "input_ids": np.full((2 * b, seq_len), pad_id, np.int32),
@@ -170,7 +171,9 @@ def pair_batch(rows: list[list[int]], examples: Sequence[PairExample], *, seq_le
         if not row:
             continue
         (i,) = row
-        for out_row, ids in ((r, examples[i].chosen_ids), (b + r, examples[i].rejected_ids)):
+        # Interleaved (chosen 2r, rejected 2r+1): any contiguous split of the rows -- across
+        # hosts, devices or accumulation micro-batches -- keeps every pair together.
+        for out_row, ids in ((2 * r, examples[i].chosen_ids), (2 * r + 1, examples[i].rejected_ids)):
             batch["input_ids"][out_row, : len(ids)] = ids
             batch["segment_ids"][out_row, : len(ids)] = 1
             batch["pool_index"][out_row, 0] = len(ids) - 1

@@ -118,9 +118,8 @@ def _loss_sums(model, settings: StepSettings, batch: dict, key: jax.Array):
         pooled = batch["features"]  # [2b, D], cached by the frozen backbone
     else:
         pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])[:, 0]
-    reward = model.heads(pooled).reward
-    half = reward.shape[0] // 2
-    return bradley_terry_loss(reward[:half], reward[half:], batch["pair_mask"])
+    reward = model.heads(pooled).reward  # rows 2r / 2r+1: pair r's chosen / rejected
+    return bradley_terry_loss(reward[0::2], reward[1::2], batch["pair_mask"])
 
 
 def make_train_step(cfg: ModelConfig, options: ModelOptions, settings: StepSettings,

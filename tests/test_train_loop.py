@@ -1,0 +1,153 @@
+"""`urm-jax train` end to end on the bundled samples: both stages, the hand-off between them,
+export, kill-and-resume bit-identity, and config errors before any compilation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from convert.synthetic import tiny_hf_config, write_random_hf
+from urm_jax.checkpoint import load_params
+from urm_jax.train.config import TrainConfigError, load_train_config
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE1 = str(ROOT / "configs/train/tiny_stage1.yaml")
+STAGE2 = str(ROOT / "configs/train/tiny_stage2.yaml")
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+
+    os.environ.setdefault("URM_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    cfg = tiny_hf_config(vocab_size=128257, pad_token_id=128256, bos_token_id=128000,
+                         eos_token_id=(128001, 128008, 128009), hidden_size=32, intermediate_size=64,
+                         num_layers=2, num_heads=4, num_kv_heads=2,
+                         original_max_position_embeddings=8192, max_position_embeddings=131072,
+                         rope_theta=500000.0)
+    return write_random_hf(tmp_path_factory.mktemp("base") / "hf", cfg, dtype="float32",
+                           gate_dtype="float16", tokenizer_dir=cached_llama3_tokenizer_dir(),
+                           progress=False)
+
+
+def train_cmd(config, *overrides):
+    return [sys.executable, "-m", "urm_jax.cli", "train", config, *overrides]
+
+
+def run_train(config, *overrides):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    done = subprocess.run(train_cmd(config, *overrides), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["final_checkpoint"]
+
+
+def leaves(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+@pytest.fixture(scope="module")
+def stage1(base_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s1") / "run"
+    final = run_train(STAGE1, f"model={base_model}", f"output_dir={out}", "checkpoint.async_save=false")
+    return out, Path(final)
+
+
+def test_stage1_trains_and_writes_everything(stage1, base_model):
+    out, final = stage1
+    assert final == out / "final"
+    for name in ("metrics.jsonl", "loss.png", "config.yaml", "data_report.txt", "tensorboard"):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    assert {"loss", "mse_per_attribute/helpfulness", "sigma_mean", "grad_norm", "learning_rate"} <= set(records[0])
+    assert records[-1]["loss"] < records[0]["loss"]  # it learns on the sample
+    before, after = load_params(base_model_ckpt(base_model, out)), load_params(final)
+    changed = [p for (p, a), (_, b) in zip(leaves(after["backbone"]), leaves(before["backbone"]))
+               if not np.array_equal(a, b)]
+    assert changed, "stage 1 must train the backbone"
+    for (path, a), (_, b) in zip(leaves(after["gate"]), leaves(before["gate"])):
+        assert np.array_equal(a, b), f"stage 1 must leave the gate alone: {jax.tree_util.keystr(path)}"
+
+
+def base_model_ckpt(base_model, out):
+    """The base model as a urm-jax checkpoint, to compare parameters with."""
+    from convert.core import from_hf
+
+    path = out.parent / "base_ckpt"
+    if not path.exists():
+        from_hf(base_model, path, progress=False)
+    return path
+
+
+def test_stage2_trains_only_the_gate_and_exports(stage1, tmp_path):
+    _, s1_final = stage1
+    final = Path(run_train(STAGE2, f"model={s1_final}", f"output_dir={tmp_path / 's2'}"))
+    before, after = load_params(s1_final), load_params(final)
+    for group in ("backbone", "value_head"):
+        for (path, a), (_, b) in zip(leaves(after[group]), leaves(before[group])):
+            assert a.dtype == b.dtype and np.array_equal(a, b), f"{group}{jax.tree_util.keystr(path)}"
+    assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(leaves(after["gate"]), leaves(before["gate"])))
+    assert after["gate"]["fc0"]["kernel"].dtype == np.float16  # saved back in the source's gate dtype
+    records = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert {"accuracy", "margin", "loss"} <= set(records[-1])
+
+    from convert.core import to_hf
+
+    export = to_hf(final, tmp_path / "hf", progress=False)
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True,
+                                                               dtype=torch.float32)
+    assert model.weights.fc[0].weight.dtype == torch.float16
+
+
+def test_kill_and_resume_is_bit_identical(base_model, tmp_path, stage1):
+    _, uninterrupted = stage1
+    out = tmp_path / "killed"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = train_cmd(STAGE1, f"model={base_model}", f"output_dir={out}", "checkpoint.async_save=false")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "2").is_dir():  # the first committed checkpoint
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final").exists(), "the run finished before the kill: the test proves nothing"
+    resumed = Path(run_train(STAGE1, f"model={base_model}", f"output_dir={out}", "checkpoint.async_save=false"))
+    records = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records == sorted(set(records)), "the resumed log must not repeat steps"
+    for (path, a), (_, b) in zip(leaves(load_params(resumed)), leaves(load_params(uninterrupted))):
+        assert np.array_equal(a, b), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.learnig_rate=1e-5", "unknown config key `optim.learnig_rate`; did you mean optim.learning_rate"),
+    ("global_batch_size=four", "`global_batch_size`: expected int"),
+    ("precision.compute=float64", "`precision.compute`: 'float64' is not one of"),
+    ("mesh=[2,2]", "`mesh`: expected a list of 3 values"),
+    ("loss.kind=bt", "stage 1 needs loss.kind"),
+    ("grad_accum=3", "not divisible by grad_accum"),
+    ("epochs=true", "`epochs`: expected int"),
+])
+def test_config_errors_fail_before_compiling(override, message):
+    with pytest.raises(TrainConfigError) as err:
+        load_train_config(STAGE1, ["model=m", "output_dir=o", override])
+    assert message in str(err.value)
+
+
+def test_config_error_through_the_cli_is_one_line(tmp_path):
+    done = subprocess.run(train_cmd(STAGE1, "model=m", f"output_dir={tmp_path}", "optim.lr=1"), cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: unknown config key `optim.lr`")
+    assert "Traceback" not in done.stderr

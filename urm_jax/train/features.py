@@ -1,0 +1,124 @@
+"""Stage-2 fast path: the backbone is frozen, so each pair's pooled hidden states are computed
+once (sharded over the mesh, cached on disk) and the gate trains on those features alone.
+
+A cache is reused only if its key (model, data, sequence length, compute dtype, example count)
+matches; it is written atomically, so a killed run never leaves a cache that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from urm_jax.data.batching import epoch_order, pair_batch
+from urm_jax.data.datasets import PairExample
+from urm_jax.io_utils import atomic_file
+
+STATE_VERSION = 1
+
+
+def cache_key(model_path: str, examples: Sequence[PairExample], seq_len: int, compute_dtype: str) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(np.asarray(example.chosen_ids, np.int32).tobytes())
+        digest.update(b"|")
+        digest.update(np.asarray(example.rejected_ids, np.int32).tobytes())
+        digest.update(b"#")
+    payload = {"model": str(Path(model_path).resolve()), "seq_len": seq_len, "compute": compute_dtype,
+               "examples": len(examples), "tokens": digest.hexdigest()}
+    return json.dumps(payload, sort_keys=True)
+
+
+def compute_features(pooled_fn, examples: Sequence[PairExample], *, seq_len: int, batch_pairs: int,
+                     batch_sharding, progress: bool = True) -> np.ndarray:
+    """[N, 2, D] pooled hidden states (chosen, rejected) in fixed example order.
+    `pooled_fn(batch) -> [2b, D]` is the jitted frozen-backbone forward."""
+    out = []
+    order = list(range(len(examples)))
+    for start in tqdm(range(0, len(order), batch_pairs), desc="stage-2 features", unit="batch",
+                      disable=not progress):
+        chunk = order[start:start + batch_pairs]
+        rows = [[i] for i in chunk] + [[] for _ in range(batch_pairs - len(chunk))]
+        batch = pair_batch(rows, examples, seq_len=seq_len)
+        batch = {k: v for k, v in batch.items() if k != "pair_mask"}
+        batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+        pooled = np.asarray(jax.device_get(pooled_fn(batch)))
+        out.append(pooled.reshape(batch_pairs, 2, -1)[:len(chunk)])  # rows 2r / 2r+1: chosen / rejected
+    return np.concatenate(out)
+
+
+def load_or_compute(cache_dir: Path, key: str, compute) -> np.ndarray:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    data, meta = cache_dir / "features.npy", cache_dir / "features.json"
+    if data.is_file() and meta.is_file() and meta.read_text() == key:
+        return np.load(data)
+    features = compute()
+    with atomic_file(data, "wb") as handle:
+        np.save(handle, features)
+    with atomic_file(meta) as handle:
+        handle.write(key)
+    return features
+
+
+class FeatureIterator:
+    """Shuffled batches of cached pair features: {'features': [2B, D], 'pair_mask': [B]}, rows
+    2r / 2r+1 the chosen / rejected side of pair r, like the token path. Resumable like
+    BatchIterator."""
+
+    def __init__(self, features: np.ndarray, batch_size: int, seed: int, num_epochs: int | None = None,
+                 process_index: int = 0, process_count: int = 1):
+        self.features, self.batch_size, self.seed = features, batch_size, int(seed)
+        self.num_epochs = num_epochs
+        self.process_index, self.process_count = process_index, process_count
+        self.epoch, self.step = 0, 0
+
+    def steps_in_epoch(self, epoch: int = 0) -> int:
+        return -(-len(self.features) // self.batch_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.step >= self.steps_in_epoch():
+            self.epoch, self.step = self.epoch + 1, 0
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        order = epoch_order(len(self.features), self.seed, self.epoch)
+        picked = order[self.step * self.batch_size:(self.step + 1) * self.batch_size]
+        self.step += 1
+        per_host = self.batch_size // self.process_count
+        lo, hi = self.process_index * per_host, (self.process_index + 1) * per_host
+        dim = self.features.shape[-1]
+        feats = np.zeros((self.batch_size, 2, dim), self.features.dtype)
+        mask = np.zeros((self.batch_size,), np.float32)
+        feats[:len(picked)] = self.features[picked]
+        mask[:len(picked)] = 1.0
+        return {"features": feats[lo:hi].reshape(2 * per_host, dim), "pair_mask": mask[lo:hi]}
+
+    def state(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "step": self.step, "seed": self.seed,
+                "num_examples": len(self.features), "batch_size": self.batch_size, "features": True}
+
+    def restore(self, state: dict) -> None:
+        want = {"version": STATE_VERSION, "seed": self.seed, "num_examples": len(self.features),
+                "batch_size": self.batch_size, "features": True}
+        got = {k: state.get(k) for k in want}
+        if got != want:
+            raise ValueError(f"cannot resume: checkpoint data state {got} does not match {want}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def pooled_forward(binder):
+    """The frozen forward that pools features: f(params, batch) -> [2b, D] (params passed in,
+    never closed over, so they are not baked into the compiled program as constants)."""
+    def pooled(params, batch):
+        model = binder(params)
+        return model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])[:, 0]
+
+    return jax.jit(pooled)
