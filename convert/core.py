@@ -182,12 +182,16 @@ def plan_from_hf(weights: HFWeights, cfg: ModelConfig, dtype: str = "keep",
 
 
 def _check_finite(values: np.ndarray, what: str) -> None:
-    """NaN/Inf test on the bits (exponent all ones), a block at a time: no float32 copy of a
-    1 GB embedding just to call isfinite."""
-    uint, mask = EXPONENT_MASKS[values.dtype.name]
+    """NaN/Inf test on the bits: |x| as an integer reaches the all-ones exponent. A block at a
+    time through one small scratch buffer (cache-resident, no float32 copy of a 1 GB embedding;
+    numpy's isfinite on bfloat16 runs at a tenth of the speed)."""
+    uint, exponent = EXPONENT_MASKS[values.dtype.name]
+    magnitude = np.iinfo(uint).max >> 1
     bits = values.reshape(-1).view(uint)
-    for start in range(0, bits.size, 1 << 22):
-        if np.any(np.bitwise_and(bits[start:start + (1 << 22)], mask) == mask):
+    scratch = np.empty(max(1, min(bits.size, 1 << 20)), uint)
+    for start in range(0, bits.size, scratch.size):
+        block = bits[start:start + scratch.size]
+        if np.bitwise_and(block, magnitude, out=scratch[:block.size]).max() >= exponent:
             raise ConversionError(f"{what} holds NaN or Inf (pass --allow-nonfinite to convert "
                                   "it anyway)")
 
@@ -233,7 +237,7 @@ def _hf_chunk_rows(plan: Plan) -> int:
     # A non-stacked kernel's HF rows are JAX columns: one chunk, so the tensor is read once.
     if not plan.entry.stacked and plan.entry.n_in is not None:
         return plan.shape[0]
-    return chunk_rows(plan.shape, np_dtype(plan.out))
+    return chunk_rows(plan.shape, np_dtype(plan.out), plan.entry.stacked)
 
 
 def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from typing import Callable
 
 import numpy as np
@@ -20,12 +21,25 @@ Box = tuple[slice, ...]  # one [start, stop) slice per dim (step 1), as sharding
 
 
 def transpose2d(a: np.ndarray) -> np.ndarray:
-    """C-contiguous a.T. numpy's plain strided copy runs at ~0.2 GB/s for 2-byte dtypes (each
-    destination cache line is written from many source rows); copying 16 source rows at a time
-    keeps the source block in cache and runs ~5x faster. numpy drops the GIL here, so several
-    threads transpose in parallel."""
-    out = np.empty(a.shape[::-1], a.dtype)
-    for i in range(0, a.shape[0], 16):
+    """C-contiguous a.T, fast. numpy's strided copy moves one element per step and writes each
+    destination cache line from many source rows (~0.2 GB/s for bf16). Copying 16 source rows at
+    a time keeps them in cache (~4x faster); for 2-byte dtypes, packing two source rows into one
+    uint32 row first halves the element count of the strided copy (~1.5x more). numpy drops the
+    GIL in these copies, so several threads transpose in parallel."""
+    rows, cols = a.shape
+    out = np.empty((cols, rows), a.dtype)
+    if a.itemsize == 2 and rows % 2 == 0 and sys.byteorder == "little":
+        bits, packed, block = a.view(np.uint16), out.view(np.uint32), 16
+        scratch = np.empty((block, cols), np.uint32)
+        for k in range(0, rows // 2, block):
+            n = min(block, rows // 2 - k)
+            pair = scratch[:n]  # pair[j, c] = a[2(k+j), c] | a[2(k+j)+1, c] << 16
+            pair[...] = bits[2 * k + 1:2 * (k + n):2]
+            pair <<= 16
+            pair |= bits[2 * k:2 * (k + n):2]
+            packed[:, k:k + n] = pair.T
+        return out
+    for i in range(0, rows, 16):
         out[:, i:i + 16] = a[i:i + 16].T
     return out
 

@@ -243,7 +243,8 @@ def eval_err(capsys, models, pairs, out, *extra) -> str:
     ({"chosen": {"input_ids": list(range(4, 60))}, "rejected": {"input_ids": [4]}}, "chosen: example has 56 tokens"),
 ], ids=["json", "missing-side", "no-tokenizer", "empty-subset", "too-long"])
 def test_eval_bad_line(models, id_pairs, tmp_path, capsys, row, needle):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [id_pairs[0], row])
+    good = {"chosen": {"input_ids": [4, 5]}, "rejected": {"input_ids": [6]}}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
     out = tmp_path / "ev"
     line = eval_err(capsys, models[:1], pairs, out, "--max-length", 32)
     assert f"{pairs}:2:" in line and needle in line, line

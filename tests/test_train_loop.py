@@ -55,7 +55,9 @@ def leaves(tree):
 @pytest.fixture(scope="module")
 def stage1(base_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("s1") / "run"
-    final = run_train(STAGE1, f"model={base_model}", f"output_dir={out}", "checkpoint.async_save=false")
+    final = run_train(STAGE1, f"model={base_model}", f"output_dir={out}", "checkpoint.async_save=false",
+                      f"data.eval={ROOT / 'data/samples/helpsteer2_sample.jsonl'}", "data.eval_split=train",
+                      "eval_every=4")
     return out, Path(final)
 
 
@@ -68,6 +70,9 @@ def test_stage1_trains_and_writes_everything(stage1, base_model):
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     assert {"loss", "mse_per_attribute/helpfulness", "sigma_mean", "grad_norm", "learning_rate"} <= set(records[0])
     assert records[-1]["loss"] < records[0]["loss"]  # it learns on the sample
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [4, 8] and evals[0]["eval/count"] == 96
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
     before, after = load_params(base_model_ckpt(base_model, out)), load_params(final)
     changed = [p for (p, a), (_, b) in zip(leaves(after["backbone"]), leaves(before["backbone"]))
                if not np.array_equal(a, b)]

@@ -7,8 +7,10 @@ How a batch is formed, and why:
   is at most 1/3 and a run compiles at most one program per (bucket, rows) pair, whatever the
   input mix.
 * Rows per batch are fixed per bucket (`batch_size`, or fewer for long buckets under a
-  `batch_tokens` budget) and rounded up to a multiple of the device count; a partial batch is
-  filled with copies of its first row, whose outputs are dropped.
+  `batch_tokens` budget) and rounded up to a multiple of the device count. A partial batch is
+  padded to the next (device count x power of two) rows with copies of its first row, whose
+  outputs are dropped: few filler rows, and still at most 1 + log2(rows / devices) shapes per
+  bucket.
 * The batch is sharded over all local devices on a 1-D `data` mesh with replicated parameters
   (plain data parallelism: scoring needs no gradient, so nothing else is worth sharding for
   models that fit one device).
@@ -24,15 +26,14 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import math
 import json
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -40,17 +41,18 @@ from tqdm.auto import tqdm
 
 from urm_jax.config import ATTRIBUTES, ModelConfig
 from urm_jax.data.tokenization import pad_batch, render_ids
+from urm_jax.io_utils import atomic_file
 from urm_jax.loading import load_model
 from urm_jax.model.urm import URM
 from urm_jax.sharding import make_mesh, use_mesh
-from urm_jax.io_utils import atomic_file
 from urm_jax.streaming import BadLines, InputError, chunked, count_lines, iter_jsonl
 
 MIN_BUCKET = 16
 UNCERTAINTY_MEASURES = ("aleatoric", "reward_gap", "cov_frobenius")
 
-__all__ = ["Scorer", "Ensemble", "Scores", "EnsembleScores", "ScoreResult", "InputError",
-           "bucket_lengths", "load_tokenizer", "read_jsonl", "ensemble_statistics"]
+__all__ = ["Scorer", "Ensemble", "Scores", "EnsembleScores", "ScoreResult", "ScoreRun", "InputError",
+           "bucket_lengths", "encode_example", "ensemble_statistics", "load_tokenizer", "read_jsonl",
+           "score_file", "score_jsonl"]
 
 
 def bucket_lengths(max_length: int, min_bucket: int = MIN_BUCKET) -> tuple[int, ...]:
@@ -246,7 +248,7 @@ class ScoreResult:
                 "num_tokens": self.num_tokens}
 
 
-# --- one model ---
+# --- one model --------------------------------------------------------------------------------
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -256,9 +258,6 @@ def _forward(graphdef, state, input_ids, attention_mask):
     second ensemble member, or a second Scorer of the same model, compiles nothing new.
     Shardings come from the inputs (replicated state, batch on `data`)."""
     return nnx.merge(graphdef, state)(input_ids, attention_mask)
-
-
-# ------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -325,6 +324,14 @@ class Scorer:
             rows = min(rows, max(1, self.batch_tokens // length))
         return self._round_rows(rows)
 
+    def padded_rows(self, n: int, length: int) -> int:
+        """Rows a batch of n sequences is padded to: the bucket's full row count, or for a partial
+        batch the next device count x power of two (fewer filler rows; still a fixed, small set of
+        shapes: at most 1 + log2(rows / devices) per bucket)."""
+        full = self.rows_for(length)
+        per_device = math.ceil(n / self.num_devices)
+        return min(full, self.num_devices * (1 << (per_device - 1).bit_length()))
+
     # -- tokenisation --
 
     def encode_with_info(self, example: dict) -> tuple[list[int], bool]:
@@ -366,7 +373,7 @@ class Scorer:
                           [])
         for length, idx in self.plan(lengths):
             rows = [sequences[i] for i in idx]
-            rows += [rows[0]] * (self.rows_for(length) - len(rows))  # fixed shape: no recompiles
+            rows += [rows[0]] * (self.padded_rows(len(rows), length) - len(rows))
             ids, mask = pad_batch([list(r) for r in rows], pad_id=self.pad_id, length=length)
             self.compiled_shapes.add(ids.shape)
             with use_mesh(self.mesh):  # activation constraints (batch -> data) at trace time

@@ -163,6 +163,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     trainer = build_trainer(model_cfg, params, options, settings, optim, total_steps, mesh, seed=cfg.seed)
     del params
 
+    eval_batches = load_eval_batches(cfg, tokenizer, pad_id, trainer)
     manager = checkpoint_manager(run, cfg)
     start = restore_latest(manager, trainer, iterator)
     if start:
@@ -184,6 +185,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             window_tokens += sum(lengths) * jax.process_count()
             window_flops += train_flops(model_cfg, lengths) * jax.process_count()
         done = step + 1
+        record = {}
         if done % cfg.log_every == 0 or done == total_steps:
             metrics = jax.device_get(metrics)  # waits for the step, so the window timing is honest
             now = time.perf_counter()
@@ -193,8 +195,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             if not settings.use_features:
                 record.update(tokens_per_s=throughput.tokens_per_second(),
                               mfu=throughput.mfu(jax.device_count(), peak))
-            writer.write(done, {k: v for k, v in record.items() if v is not None})
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+        if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
+            results = trainer.evaluate(eval_batches)
+            record.update({f"eval/{k}": v for k, v in results.items()})
+            log(f"step {done} eval: " + ", ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items()))
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        if record:  # one line per step: train and eval metrics together
+            writer.write(done, {k: v for k, v in record.items() if v is not None})
         bar.update(1)
         if done % cfg.checkpoint.every_steps == 0 or done == total_steps:
             manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.state),
@@ -208,6 +216,27 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         plot_metrics(run.root / "metrics.jsonl", run.root / "loss.png")
     log(f"final checkpoint: {final}")
     return final
+
+
+def load_eval_batches(cfg: TrainConfig, tokenizer, pad_id: int, trainer: Trainer) -> list:
+    """The held-out set as device batches, loaded once (empty when no `data.eval`)."""
+    if not cfg.data.eval:
+        return []
+    examples, report = load_examples(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split)
+    log(f"eval: {report.format()}")
+    iterator = make_iterator(cfg, examples, 1, pad_id)
+    batches = []
+    for host_batch in iterator:
+        batches.append(jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(eval_sharding(trainer), x), host_batch))
+    return batches
+
+
+def eval_sharding(trainer: Trainer):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    spec = trainer.batch_sharding.spec[1:]  # the train sharding without the accumulation axis
+    return NamedSharding(trainer.batch_sharding.mesh, P(*spec))
 
 
 def feature_iterator(cfg, run, model_cfg, options, params, examples, mesh, progress):

@@ -160,6 +160,22 @@ def make_train_step(cfg: ModelConfig, options: ModelOptions, settings: StepSetti
     return step
 
 
+def make_eval_step(cfg: ModelConfig, options: ModelOptions, settings: StepSettings,
+                   seed: int = 0) -> Callable:
+    """eval(trainable, frozen, batch) -> metric sums of one batch (no gradients). Token batches
+    without an accumulation axis; stage 2 evaluates through the backbone (eval pairs are not
+    cached). The noise key is fixed, so reparam eval losses are comparable across steps."""
+    binder = ModelBinder(cfg, options)
+    token_settings = dataclasses.replace(settings, use_features=False)
+    key = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
+
+    def evaluate(trainable, frozen, batch):
+        model = binder(merge_params(trainable, frozen))
+        return _loss_sums(model, token_settings, batch, key)[1]
+
+    return evaluate
+
+
 def cast_params(params: dict, cfg: ModelConfig, options: ModelOptions) -> dict:
     """Storage dtypes for training: backbone/value head in the param dtype, gate in its own."""
     dt = options.dtypes
@@ -181,9 +197,19 @@ class Trainer:
     schedule: optax.Schedule
     state_shardings: Any
 
+    eval_fn: Callable | None = None
+
     def run(self, batch: dict) -> dict:
         self.state, metrics = self.step_fn(self.state, self.frozen, batch)
         return metrics
+
+    def evaluate(self, batches) -> dict:
+        """Metric means over every batch (sums first, then one division by the example count)."""
+        totals = None
+        for batch in batches:
+            sums = jax.device_get(self.eval_fn(self.state.params, self.frozen, batch))
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+        return jax.device_get(finalize_metrics(totals)) if totals is not None else {}
 
 
 def build_trainer(cfg: ModelConfig, params: dict, options: ModelOptions, settings: StepSettings,
@@ -220,4 +246,13 @@ def build_trainer(cfg: ModelConfig, params: dict, options: ModelOptions, setting
 
     compiled = jax.jit(step_in_mesh, in_shardings=(state_sh, frozen_sh, batch_sharding),
                        out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    return Trainer(compiled, state, frozen, batch_sharding, schedule, state_sh)
+    evaluate = make_eval_step(cfg, options, settings, seed)
+
+    def eval_in_mesh(trainable, frozen_params, batch):
+        with use_mesh(mesh, rules):
+            return evaluate(trainable, frozen_params, batch)
+
+    eval_sharding = NamedSharding(mesh, P(*batch_axes))
+    compiled_eval = jax.jit(eval_in_mesh, in_shardings=(train_sh, frozen_sh, eval_sharding),
+                            out_shardings=replicated)
+    return Trainer(compiled, state, frozen, batch_sharding, schedule, state_sh, compiled_eval)

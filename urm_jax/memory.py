@@ -1,0 +1,297 @@
+"""Per-device memory estimate for training a URM on a (data, fsdp, tensor) mesh.
+
+    python -m urm_jax.memory configs/hardware/v5p-8.yaml [key=value ...] [--devices N] [--chip v5p]
+
+It is an estimate from a stated model, not a measurement. Decimal GB (1e9 bytes) throughout.
+
+Static state, from the model's real parameter shapes (`abstract_model`) and the sharding rules
+(`urm_jax.sharding.AxisRules`), so every tensor is divided by exactly the mesh axes it is sharded
+over (norm weights and the odd-sized vocab axis stay replicated where the rules say so):
+  params            trainable parameters in their storage dtype (stage 1: backbone + value head in
+                    `precision.param`; stage 2: the gate in `precision.gate_param`).
+  frozen_params     the rest (stage 1: the gate; stage 2: backbone + value head), no grads/moments.
+  gradients         one gradient per trainable parameter, in the parameter dtype.
+  grad_accumulator  grad_accum > 1 only: the running gradient sum the step scans with.
+  optimizer         AdamW: optax's mu and nu follow the parameter dtype (mu_dtype=None), so
+                    2 x params (fp32 master weights -> 8 bytes/param). Clipping holds no state.
+A full fp32 fine-tune is 4 + 4 + 8 = 16 bytes/param: 120.6 GB for 7.54e9 parameters, the
+"~128 GB for an 8B model" floor, divided by fsdp x tensor.
+
+Activations (B = rows per device per micro-batch = micro_batch / (data x fsdp), L = seq_len,
+D = hidden, F = intermediate / tensor, H = heads / tensor, c = bytes of the compute dtype):
+  activations_residuals  what the layer scan saves for the backward pass, per layer:
+      remat full: the residual stream entering the layer, B·L·D·c;
+      remat dots: that, plus the outputs of the weight matmuls (q, k, v, o, gate, up, down);
+      remat none: every intermediate of the layer, incl. 2 score matrices counted in fp32.
+  activations_layer  the working set of the one layer being (re)computed and differentiated:
+      attention: SCORE_BUFFERS x B·H·L² x 4 bytes (logits, softmax probabilities and their
+      gradient, each counted in fp32: the attention is not fused, the L x L scores exist), plus
+      the layer's per-token intermediates and their cotangents (2 x B·L·(4D + 2(Hq+Hkv)·hd + 3F)·c).
+  fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) and their
+      unsharded gradient before the reduce-scatter, both in the parameter dtype.
+Stage 2 runs no backward through the backbone: activations are the forward working set of one
+layer (the feature-cache pass, or the uncached step) and the gathered layer weights, no grads.
+Not counted (the margin covers them): XLA temporaries beyond the above, the input batch, the RoPE
+tables, the runtime's own reservation. Configs under configs/hardware keep >= 10% of HBM free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+GB = 1e9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SCORE_BUFFERS = 3  # fp32-sized L x L score matrices live in one layer's backward
+SCORE_BUFFERS_FORWARD = 2  # logits + probabilities (forward only, or saved with remat none)
+MARGIN = 0.10  # hardware recipes keep at least this fraction of HBM free
+
+# HBM per device in decimal GB (the vendors' GiB figures are a few % larger: extra cushion).
+CHIPS = {
+    "v5e": 16 * GB,
+    "v5p": 95 * GB,
+    "v6e": 32 * GB,
+    "h100": 80 * GB,
+    "h200": 141 * GB,
+}
+
+DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "configs/model/urm-llama-3.1-8b.json"
+
+# (key, description) in table order; each key is an int number of bytes per device in `estimate`.
+COMPONENTS = (
+    ("params", "trainable parameters"),
+    ("frozen_params", "frozen parameters"),
+    ("gradients", "gradients (parameter dtype)"),
+    ("grad_accumulator", "gradient sum across micro-batches"),
+    ("optimizer", "AdamW mu + nu (parameter dtype)"),
+    ("activations_residuals", "saved per layer for the backward pass"),
+    ("activations_layer", "one layer's working set incl. L x L scores"),
+    ("fsdp_gather", "one layer gathered over fsdp + its gradient"),
+)
+STATIC = ("params", "frozen_params", "gradients", "grad_accumulator", "optimizer")
+ACTIVATIONS = ("activations_residuals", "activations_layer", "fsdp_gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the estimate needs from a TrainConfig (any field may be given explicitly instead)."""
+
+    stage: int = 1
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    gate_param_dtype: str = "float32"
+    global_batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 4096
+    remat: str = "full"
+    mesh: tuple[int, int, int] = (1, -1, 1)
+
+    @classmethod
+    def from_train(cls, train) -> "Setup":
+        return cls(stage=train.stage, param_dtype=train.precision.param,
+                   compute_dtype=train.precision.compute, gate_param_dtype=train.precision.gate_param,
+                   global_batch_size=train.global_batch_size, grad_accum=train.grad_accum,
+                   seq_len=train.data.seq_len, remat=train.remat, mesh=tuple(train.mesh))
+
+
+def resolve_mesh(shape, num_devices: int | None) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with -1 filled in, checked against the device count (as make_mesh)."""
+    shape = [int(s) for s in shape]
+    if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh {tuple(shape)}: need 3 positive sizes (data, fsdp, tensor), at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices is None:
+            raise ValueError(f"mesh {tuple(shape)} has a -1: give the number of devices")
+        if num_devices % known:
+            raise ValueError(f"mesh {tuple(shape)} does not divide {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if num_devices is not None and math.prod(shape) != num_devices:
+        raise ValueError(f"mesh {tuple(shape)} needs {math.prod(shape)} devices, not {num_devices}")
+    return tuple(shape)
+
+
+def _sharded_counts(cfg, mesh: tuple[int, int, int]) -> dict[str, dict]:
+    """Per top-level group: total elements, elements per device, and one layer's elements
+    gathered over fsdp (still split over tensor), from the abstract model and the sharding rules."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from urm_jax.model.urm import abstract_model, param_logical_axes
+    from urm_jax.sharding import MESH_AXES, AxisRules
+
+    rules = AxisRules()
+    full = SimpleNamespace(shape=dict(zip(MESH_AXES, mesh)))
+    tensor_only = SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": mesh[2]})
+    model = abstract_model(cfg)
+    shapes = nnx.state(model).to_pure_dict()
+    axes = param_logical_axes(model)
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)  # noqa: E731
+    out = {}
+    for group in shapes:
+        total = per_device = layer = 0
+        flat_axes = jax.tree.leaves(axes[group], is_leaf=is_axes)
+        for shape_leaf, logical in zip(jax.tree.leaves(shapes[group]), flat_axes):
+            shape = tuple(shape_leaf.shape)
+            size = int(np.prod(shape))
+            total += size
+            per_device += size // _split(rules.spec(logical, full, shape), full.shape)
+            if logical[0] == "layers":
+                layer += size // shape[0] // _split(rules.spec(logical, tensor_only, shape), tensor_only.shape)
+        out[group] = {"total": total, "per_device": per_device, "layer": layer}
+    return out
+
+
+def _split(spec, sizes: dict) -> int:
+    n = 1
+    for entry in spec:
+        for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+            n *= sizes[axis]
+    return n
+
+
+def estimate(cfg, train=None, *, mesh_shape=None, num_devices: int | None = None, **explicit) -> dict:
+    """Per-device memory in bytes for training `cfg` (a ModelConfig).
+
+    `train`: a TrainConfig (or a `Setup`); keyword arguments named like `Setup`'s fields override
+    it (stage, param_dtype, compute_dtype, gate_param_dtype, global_batch_size, grad_accum,
+    seq_len, remat). `mesh_shape` defaults to the config's mesh; -1 needs `num_devices`.
+    Returns the COMPONENTS keys, `activations`, `static` and `total` (ints, bytes per device),
+    plus the derived layout: mesh, rows_per_device, param_count, trainable_param_count.
+    """
+    from urm_jax.train.step import STAGE_TRAINABLE
+
+    setup = train if isinstance(train, Setup) else Setup.from_train(train) if train is not None else Setup()
+    unknown = set(explicit) - {f.name for f in dataclasses.fields(Setup)}
+    if unknown:
+        raise TypeError(f"unknown estimate arguments {sorted(unknown)}")
+    setup = dataclasses.replace(setup, **explicit)
+    if setup.remat not in ("none", "full", "dots"):
+        raise ValueError(f"remat {setup.remat!r} not in none, full, dots")
+    mesh = resolve_mesh(mesh_shape if mesh_shape is not None else setup.mesh, num_devices)
+    data, fsdp, tensor = mesh
+    counts = _sharded_counts(cfg, mesh)
+    trainable = STAGE_TRAINABLE[setup.stage]
+
+    def dtype_of(group):
+        return setup.gate_param_dtype if group == "gate" else setup.param_dtype
+
+    def nbytes(groups, key="per_device"):
+        return sum(counts[g][key] * DTYPE_BYTES[dtype_of(g)] for g in groups)
+
+    train_groups = [g for g in counts if g in trainable]
+    frozen_groups = [g for g in counts if g not in trainable]
+    params = nbytes(train_groups)
+    out = {
+        "params": params,
+        "frozen_params": nbytes(frozen_groups),
+        "gradients": params,
+        "grad_accumulator": params if setup.grad_accum > 1 else 0,
+        "optimizer": 2 * params,
+    }
+
+    # Rows per device per micro-batch: stage 2 rows are chosen + rejected of each pair.
+    micro = setup.global_batch_size // setup.grad_accum * (2 if setup.stage == 2 else 1)
+    rows = math.ceil(micro / (data * fsdp))
+    c = DTYPE_BYTES[setup.compute_dtype]
+    d, hd, length = cfg.hidden_size, cfg.head_dim, setup.seq_len
+    split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731  (as AxisRules.spec)
+    hq, hkv, f = split(cfg.num_heads), split(cfg.num_kv_heads), split(cfg.intermediate_size)
+    tokens = rows * length
+    scores = rows * hq * length * length * 4  # one fp32-sized score matrix
+    per_token = 4 * d + 2 * (hq + hkv) * hd + 3 * f  # norms, q/k/v/attn, o, gate/up/act, down
+    dots = (hq + 2 * hkv) * hd + 2 * d + 2 * f  # matmul outputs: q, k, v, o, gate, up, down
+    layer_weights = counts["backbone"]["layer"] * DTYPE_BYTES[setup.param_dtype]
+    layers = cfg.num_layers
+    if setup.stage == 2:  # forward only through the frozen backbone
+        out["activations_residuals"] = 0
+        out["activations_layer"] = SCORE_BUFFERS_FORWARD * scores + tokens * per_token * c
+        out["fsdp_gather"] = layer_weights
+    else:
+        saved = {"full": tokens * d * c,
+                 "dots": tokens * (d + dots) * c,
+                 "none": tokens * (d + per_token) * c + SCORE_BUFFERS_FORWARD * scores}[setup.remat]
+        out["activations_residuals"] = layers * saved
+        out["activations_layer"] = SCORE_BUFFERS * scores + 2 * tokens * per_token * c
+        out["fsdp_gather"] = 2 * layer_weights
+    out["static"] = sum(out[k] for k in STATIC)
+    out["activations"] = sum(out[k] for k in ACTIVATIONS)
+    out["total"] = out["static"] + out["activations"]
+    out.update(mesh=mesh, num_devices=data * fsdp * tensor, rows_per_device=rows, seq_len=length,
+               stage=setup.stage, remat=setup.remat,
+               param_count=sum(v["total"] for v in counts.values()),
+               trainable_param_count=sum(counts[g]["total"] for g in train_groups))
+    return out
+
+
+def format_table(est: dict, hbm: float | None = None, chip: str | None = None) -> list[str]:
+    data, fsdp, tensor = est["mesh"]
+    lines = [f"stage {est['stage']}, {est['num_devices']} devices, mesh data={data} fsdp={fsdp} "
+             f"tensor={tensor}, remat {est['remat']}, {est['rows_per_device']} row(s) x "
+             f"{est['seq_len']} tokens per device per micro-batch",
+             f"{est['param_count']:,} parameters, {est['trainable_param_count']:,} trainable; "
+             f"per device, decimal GB:"]
+    for key, what in COMPONENTS:
+        lines.append(f"  {key:<22} {est[key] / GB:8.2f} GB  {what}")
+    total = f"  {'total':<22} {est['total'] / GB:8.2f} GB"
+    if hbm:
+        free = 1 - est["total"] / hbm
+        total += f"  of {hbm / GB:.2f} GB ({chip or 'HBM'}), {free:.0%} free"
+    return lines + [total]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from urm_jax.config import ModelConfig
+    from urm_jax.train.config import load_train_config
+
+    p = argparse.ArgumentParser(prog="python -m urm_jax.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="training YAML, e.g. configs/hardware/v5p-8.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value, as for `urm-jax train`")
+    p.add_argument("--devices", type=int, default=None, help="device count (needed when mesh has -1)")
+    p.add_argument("--chip", choices=sorted(CHIPS), default=None, help="print the fraction of HBM left")
+    p.add_argument("--model-config", default=None,
+                   help="HF config.json of the model (default: the config in `model=` if it is a "
+                   f"directory, else {DEFAULT_MODEL_CONFIG.name})")
+    p.add_argument("--header", action="store_true", help="print the table as a YAML comment block")
+    args = p.parse_args(argv)
+    try:
+        overrides = list(args.overrides)
+        keys = {o.split("=", 1)[0] for o in overrides}
+        # Planning needs no checkpoint: placeholders satisfy the required keys.
+        overrides += [f"{k}=unset" for k in ("model", "output_dir") if k not in keys]
+        train = load_train_config(args.config, overrides)
+        model_json = args.model_config
+        if model_json is None:
+            model_dir = Path(train.model)
+            model_json = model_dir / "config.json" if (model_dir / "config.json").is_file() else DEFAULT_MODEL_CONFIG
+        if not Path(model_json).is_file():
+            raise ValueError(f"{model_json}: no such model config")
+        import json
+
+        cfg = ModelConfig.from_hf_dict(json.loads(Path(model_json).read_text()), source=str(model_json))
+        est = estimate(cfg, train, num_devices=args.devices)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    hbm = CHIPS[args.chip] if args.chip else None
+    lines = format_table(est, hbm, args.chip)
+    if args.header:
+        cmd = f"python -m urm_jax.memory {args.config}"
+        cmd += f" --chip {args.chip}" if args.chip else ""
+        cmd += f" --devices {est['num_devices']}"
+        lines = [f"Memory per device, estimated by `{cmd}`:"] + lines
+        lines = ["# " + line if line else "#" for line in lines]
+    print("\n".join(lines))
+    if hbm and est["total"] > hbm:
+        print(f"warning: the estimate exceeds the {args.chip} HBM", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
