@@ -299,3 +299,25 @@ def test_stage2_cached_features_give_the_same_updates(tiny):
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(full)):
         assert np.max(np.abs(a - b)) < 1e-7
     assert rel(m_fast[-1]["loss"], m_full[-1]["loss"]) < 1e-6
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_policies_change_memory_not_numbers(tiny, remat):
+    _, cfg, params = tiny
+    batch = unpacked_batch(np.random.default_rng(8), 4)
+    noise = np.zeros((4, 1, 5), np.float32)
+
+    def grads(options):
+        binder = ModelBinder(cfg, options)
+
+        def loss_fn(p):
+            model = binder(p)
+            out = model.heads(model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"]))
+            return regression_loss(out.means, out.log_stds, batch["labels"], batch["pool_mask"], noise)[0]
+
+        return jax.jit(jax.grad(loss_fn))(params)
+
+    plain = grads(FP32)
+    remat_grads = grads(ModelOptions(FP32.dtypes, remat=remat))
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -22,10 +22,11 @@ D = hidden, F = intermediate / tensor, H = heads / tensor, c = bytes of the comp
   activations_residuals  what the layer scan saves for the backward pass, per layer:
       remat full: the residual stream entering the layer, B·L·D·c;
       remat dots: that, plus the outputs of the weight matmuls (q, k, v, o, gate, up, down);
-      remat none: every intermediate of the layer, incl. 2 score matrices counted in fp32.
+      remat none: every intermediate of the layer, incl. the scores at SCORE_BYTES_FORWARD.
   activations_layer  the working set of the one layer being (re)computed and differentiated:
-      attention: SCORE_BUFFERS x B·H·L² x 4 bytes (logits, softmax probabilities and their
-      gradient, each counted in fp32: the attention is not fused, the L x L scores exist), plus
+      attention: SCORE_BYTES = 17 bytes x B·H·L² (logits, softmax probabilities and their two
+      gradients, each counted in fp32, + the broadcast bool mask: the attention is not fused, the
+      L x L scores exist; 17 is what XLA's CPU buffer assignment keeps live), plus
       the layer's per-token intermediates and their cotangents (2 x B·L·(4D + 2(Hq+Hkv)·hd + 3F)·c).
   fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) and their
       unsharded gradient before the reduce-scatter, both in the parameter dtype.
@@ -46,8 +47,12 @@ from types import SimpleNamespace
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SCORE_BUFFERS = 3  # fp32-sized L x L score matrices live in one layer's backward
-SCORE_BUFFERS_FORWARD = 2  # logits + probabilities (forward only, or saved with remat none)
+# Bytes per element of the [B, H, L, L] attention scores that one layer keeps live at its peak:
+# backward: 4 fp32-sized buffers (logits, probabilities, their gradients) + the broadcast bool
+# mask; forward only: 2 fp32-sized (logits, probabilities) + the mask. XLA's CPU buffer assignment
+# of the real 8B layer at L=4096 holds exactly that (TPU fuses more: an upper estimate).
+SCORE_BYTES = 4 * 4 + 1
+SCORE_BYTES_FORWARD = 2 * 4 + 1
 MARGIN = 0.10  # hardware recipes keep at least this fraction of HBM free
 
 # HBM per device in decimal GB (the vendors' GiB figures are a few % larger: extra cushion).
@@ -203,21 +208,21 @@ def estimate(cfg, train=None, *, mesh_shape=None, num_devices: int | None = None
     split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731  (as AxisRules.spec)
     hq, hkv, f = split(cfg.num_heads), split(cfg.num_kv_heads), split(cfg.intermediate_size)
     tokens = rows * length
-    scores = rows * hq * length * length * 4  # one fp32-sized score matrix
+    scores = rows * hq * length * length  # elements of one [B, H, L, L] score matrix
     per_token = 4 * d + 2 * (hq + hkv) * hd + 3 * f  # norms, q/k/v/attn, o, gate/up/act, down
     dots = (hq + 2 * hkv) * hd + 2 * d + 2 * f  # matmul outputs: q, k, v, o, gate, up, down
     layer_weights = counts["backbone"]["layer"] * DTYPE_BYTES[setup.param_dtype]
     layers = cfg.num_layers
     if setup.stage == 2:  # forward only through the frozen backbone
         out["activations_residuals"] = 0
-        out["activations_layer"] = SCORE_BUFFERS_FORWARD * scores + tokens * per_token * c
+        out["activations_layer"] = SCORE_BYTES_FORWARD * scores + tokens * per_token * c
         out["fsdp_gather"] = layer_weights
     else:
         saved = {"full": tokens * d * c,
                  "dots": tokens * (d + dots) * c,
-                 "none": tokens * (d + per_token) * c + SCORE_BUFFERS_FORWARD * scores}[setup.remat]
+                 "none": tokens * (d + per_token) * c + SCORE_BYTES_FORWARD * scores}[setup.remat]
         out["activations_residuals"] = layers * saved
-        out["activations_layer"] = SCORE_BUFFERS * scores + 2 * tokens * per_token * c
+        out["activations_layer"] = SCORE_BYTES * scores + 2 * tokens * per_token * c
         out["fsdp_gather"] = 2 * layer_weights
     out["static"] = sum(out[k] for k in STATIC)
     out["activations"] = sum(out[k] for k in ACTIVATIONS)

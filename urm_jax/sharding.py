@@ -105,6 +105,11 @@ def use_mesh(mesh: Mesh | None, rules: AxisRules | None = None) -> Iterator[None
         _state.active = prev
 
 
+def active_mesh() -> tuple[Mesh, AxisRules] | None:
+    """The (mesh, rules) set by `use_mesh`, or None."""
+    return getattr(_state, "active", None)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `use_mesh`."""
     active = getattr(_state, "active", None)

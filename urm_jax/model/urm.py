@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 
 from urm_jax.config import DTypePolicy, ModelConfig
+from urm_jax.model.attention import allowed_mask, attention
+from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.model.rope import apply_rope, cos_sin
 from urm_jax.sharding import constrain
 
@@ -48,10 +50,13 @@ class URMOutputs(NamedTuple):
 class ModelOptions:
     dtypes: DTypePolicy = DTypePolicy()
     remat: str = "none"
+    attention: str = "reference"  # see urm_jax.model.attention: auto | reference | xla | cudnn | splash
+    attention_interpret: bool = False  # run Pallas kernels in interpret mode (CPU tests)
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not in {sorted(REMAT_POLICIES)}")
+        resolve_attention(self.attention)
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str, fan_in: int = 1) -> nnx.Param:
@@ -95,20 +100,6 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
     return length - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=-1)
 
 
-def attention(q, k, v, allowed, precision):
-    """Grouped-query attention. q [B,L,Hq,D]; k, v [B,L,Hkv,D]; allowed [B,L,L] bool."""
-    batch, length, q_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, precision=precision) * jnp.asarray(
-        head_dim ** -0.5, q.dtype)
-    # A finite minimum instead of -inf: fully masked rows (padding queries) stay NaN-free.
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, precision=precision)
-    return out.reshape(batch, length, q_heads, head_dim)
-
-
 class DecoderLayers(nnx.Module):
     """All decoder layers' weights, stacked on a leading `layers` axis (kernels are [in, out])."""
 
@@ -126,7 +117,7 @@ class DecoderLayers(nnx.Module):
         self.down_proj = _param(rngs, (n, f, d), ("layers", "mlp", "embed"), dtype, "normal", f)
 
 
-def decoder_layer(cfg: ModelConfig, x, w: dict, cos, sin, allowed):
+def decoder_layer(cfg: ModelConfig, options: ModelOptions, x, w: dict, cos, sin, segment_ids, allowed):
     """One pre-norm Llama block on one layer's slice of the stacked weights."""
     dtype = x.dtype
     prec = _precision(dtype)
@@ -140,7 +131,8 @@ def decoder_layer(cfg: ModelConfig, x, w: dict, cos, sin, allowed):
     v = jnp.einsum("ble,ehd->blhd", h, c("v_proj"), precision=prec)
     q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
     k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
-    attn = attention(q, k, v, allowed, prec)
+    attn = attention(q, k, v, segment_ids, allowed, options.attention, prec,
+                     interpret=options.attention_interpret)
     x = x + jnp.einsum("blhd,hde->ble", attn, c("o_proj"), precision=prec)
     x = constrain(x, ("batch", "seq", "act_embed"))
 
@@ -211,17 +203,19 @@ class URM(nnx.Module):
         segment_ids = segment_ids.astype(jnp.int32)
         positions = segment_positions(segment_ids)
         cos, sin = cos_sin(positions, cfg.rope, cfg.head_dim)
-        causal = jnp.tril(jnp.ones((input_ids.shape[1],) * 2, bool))
-        allowed = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]) \
-            & (segment_ids[:, None, :] != 0)
+        # The dense mask only for implementations that take one (splash builds its own blocks).
+        needs_mask = resolve_attention(self.options.attention) in ("reference", "xla", "cudnn")
+        allowed = allowed_mask(segment_ids) if needs_mask else None
 
         x = jnp.take(self.backbone.embed_tokens[...], input_ids, axis=0).astype(compute)
         x = constrain(x, ("batch", "seq", "act_embed"))
         layer_weights = {name: p[...] for name, p in vars(self.backbone.layers).items()
                          if isinstance(p, nnx.Param)}
 
+        options = self.options
+
         def body(carry, w):
-            return decoder_layer(cfg, carry, w, cos, sin, allowed), None
+            return decoder_layer(cfg, options, carry, w, cos, sin, segment_ids, allowed), None
 
         policy = REMAT_POLICIES[self.options.remat]
         if self.options.remat != "none":

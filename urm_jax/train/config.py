@@ -83,6 +83,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # cap on optimiser steps (None: epochs decide)
     remat: Literal["none", "full", "dots"] = "none"
+    attention: Literal["auto", "reference", "xla", "cudnn", "splash"] = "auto"  # auto: per backend
     seed: int = 0
     log_every: int = 10
     eval_every: int | None = None

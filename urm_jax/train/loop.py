@@ -41,7 +41,7 @@ def log(message: str) -> None:
 def model_options(cfg: TrainConfig) -> ModelOptions:
     p = cfg.precision
     return ModelOptions(DTypePolicy(param=p.param, compute=p.compute, gate=p.gate_compute,
-                                    gate_param=p.gate_param), remat=cfg.remat)
+                                    gate_param=p.gate_param), remat=cfg.remat, attention=cfg.attention)
 
 
 def load_examples(cfg: TrainConfig, tokenizer, source: str, split: str):

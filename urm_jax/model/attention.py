@@ -1,0 +1,114 @@
+"""Causal grouped-query attention within segments, behind one switch.
+
+    reference  einsum + float32 softmax, mirroring HF's eager attention op by op (any backend)
+    xla        jax.nn.dot_product_attention(implementation="xla")
+    cudnn      jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention on GPU
+    splash     Pallas splash attention on TPU (segment ids, causal mask, blocks skipped)
+    auto       splash on TPU, cudnn on GPU, reference on CPU
+
+Every implementation takes q [B, L, Hq, D], k/v [B, L, Hkv, D] and segment ids [B, L] (0 = pad;
+a token attends causally to earlier tokens of its own segment) and returns [B, L, Hq, D]. Tests
+check each available one against `reference`; splash also runs on CPU in Pallas interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "splash")
+
+
+def resolve(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    return {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "reference")
+
+
+def allowed_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, L, L] bool: causal, same segment, never a padding key."""
+    length = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+
+
+def reference_attention(q, k, v, allowed, precision):
+    batch, length, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, precision=precision) * jnp.asarray(
+        head_dim ** -0.5, q.dtype)
+    # A finite minimum instead of -inf: fully masked rows (padding queries) stay NaN-free.
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, precision=precision)
+    return out.reshape(batch, length, q_heads, head_dim)
+
+
+def fused_attention(q, k, v, allowed, implementation: str):
+    """jax.nn.dot_product_attention handles GQA (Hq a multiple of Hkv) natively."""
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation=implementation)
+
+
+def splash_attention(q, k, v, segment_ids, *, interpret: bool = False, block: int = 512):
+    """Pallas splash attention, one MQA kernel per KV head (vmapped), one call per row (vmapped).
+    Under an active mesh the call is wrapped in shard_map (batch over data/fsdp, KV heads over
+    tensor), since a Pallas kernel cannot be partitioned by GSPMD."""
+    from urm_jax.sharding import active_mesh
+
+    active = active_mesh()
+    if active is None:
+        return _splash_local(q, k, v, segment_ids, interpret=interpret, block=block)
+    mesh, rules = active
+    from jax.sharding import PartitionSpec as P
+
+    batch = rules.spec(("batch",), mesh, q.shape[:1])[0]
+    heads = rules.spec(("kv_heads",), mesh, k.shape[2:3])[0]
+    qkv_spec = P(batch, None, heads, None)
+    local = functools.partial(_splash_local, interpret=interpret, block=block)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None)),
+                         out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)
+
+
+def _splash_local(q, k, v, segment_ids, *, interpret: bool, block: int):
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
+
+    batch, length, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    block = min(block, length)
+    if length % block or block % 128:  # TPU lanes: blocks are multiples of 128
+        raise ValueError(f"splash attention needs the sequence length ({length}) to be a multiple "
+                         f"of 128 and of its block size ({block}); pad sequences accordingly")
+    sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                  block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                                  block_q_dq=block, block_kv_dq=block)
+    mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((length, length))] * group)
+    kernel = kernel_lib.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                        interpret=interpret)
+    scale = jnp.asarray(head_dim ** -0.5, q.dtype)
+    # [B, L, Hkv, G, D] -> [B, Hkv, G, L, D]; k, v -> [B, Hkv, L, D]
+    qg = (q * scale).reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def one_row(q_row, k_row, v_row, seg):
+        ids = kernel_lib.SegmentIds(q=seg, kv=seg)
+        per_head = jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))
+        return per_head(q_row, k_row, v_row)
+
+    out = jax.vmap(one_row)(qg, kg, vg, segment_ids)  # [B, Hkv, G, L, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, q_heads, head_dim)
+
+
+def attention(q, k, v, segment_ids, allowed, implementation: str, precision, interpret: bool = False):
+    impl = resolve(implementation)
+    if impl == "reference":
+        return reference_attention(q, k, v, allowed, precision)
+    if impl in ("xla", "cudnn"):
+        return fused_attention(q, k, v, allowed, impl)
+    return splash_attention(q, k, v, segment_ids, interpret=interpret)
