@@ -21,7 +21,9 @@ tokens/s counts real (non-pad) tokens. urm-jax is timed end to end through `scor
 `urm-jax score` code path in-process: JSONL read, id validation, batching, device, JSON write),
 after its programs are compiled; the one-off compile time is reported separately. HF is timed on
 the forward passes only (inputs already tensors), so the comparison favours HF slightly. Inputs
-are token-id lines, so neither side pays for tokenisation.
+are token-id lines, so neither side pays for tokenisation. Each workload is split into --rounds
+interleaved slices and the tools alternate slice by slice, so on a shared machine background
+load hits both alike; the ratio is total HF time / total urm-jax time for the same tokens.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 
 SHAPE = dict(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
              num_kv_heads=4, pad_token_id=32767, original_max_position_embeddings=8192,
-             max_position_embeddings=8192, rope_theta=500000.0)
+             max_position_embeddings=131072, rope_theta=500000.0)
 
 
 def write_ids(path: Path, seqs) -> Path:
@@ -67,21 +69,44 @@ def hf_forward(model, batches, pad_id: int) -> tuple[float, int]:
     return seconds, tokens
 
 
-def jax_compile(scorer, seqs) -> float:
+def jax_compile(scorer, rounds) -> float:
     """Compile every padded batch shape the run will use, once (one dummy batch per shape)."""
     start = time.perf_counter()
-    shapes = {(scorer.padded_rows(len(idx), L), L) for L, idx in scorer.plan([len(s) for s in seqs])}
+    shapes = {(scorer.padded_rows(len(idx), L), L)
+              for seqs in rounds for L, idx in scorer.plan([len(s) for s in seqs])}
     for rows, length in sorted(shapes):
         scorer.score_arrays([[1] * length] * rows)
     return time.perf_counter() - start
 
 
-def jax_file(scorer, seqs, work: Path, name: str) -> tuple[float, int]:
+def run_workload(scorer, hf, rounds, batch: int, work: Path, name: str) -> dict:
+    """Alternate the two tools round by round on the same slices of the workload, so background
+    load on a shared machine hits both alike; totals give tokens/s, per-round ratios a spread."""
     from urm_jax.scoring import score_jsonl
 
-    inp = write_ids(work / f"{name}.jsonl", seqs)
-    run = score_jsonl(scorer, inp, work / f"{name}.out.jsonl", progress=False)
-    return run.seconds, run.tokens
+    compile_s = jax_compile(scorer, rounds)
+    hf_forward(hf, [rounds[0][0:1]], scorer.pad_id)  # warm-up (allocator, kernels)
+    totals = dict(jax_s=0.0, hf_s=0.0, tokens=0, jax_slots=0, hf_slots=0)
+    ratios = []
+    for r, seqs in enumerate(rounds):
+        inp = write_ids(work / f"{name}{r}.jsonl", seqs)
+        run = score_jsonl(scorer, inp, work / f"{name}{r}.out.jsonl", progress=False)
+        batches = [seqs[i:i + batch] for i in range(0, len(seqs), batch)]
+        hf_s, hf_tok = hf_forward(hf, batches, scorer.pad_id)
+        assert hf_tok == run.tokens, (hf_tok, run.tokens)
+        totals["jax_s"] += run.seconds
+        totals["hf_s"] += hf_s
+        totals["tokens"] += run.tokens
+        totals["jax_slots"] += sum(scorer.padded_rows(len(idx), L) * L
+                                   for L, idx in scorer.plan([len(s) for s in seqs]))
+        totals["hf_slots"] += sum(len(b) * max(map(len, b)) for b in batches)
+        ratios.append((run.tokens / run.seconds) / (hf_tok / hf_s))
+        print(f"[{name}] round {r + 1}/{len(rounds)}: urm-jax {run.tokens / run.seconds:.0f} tok/s, "
+              f"HF {hf_tok / hf_s:.0f} tok/s", file=sys.stderr, flush=True)
+    t = totals
+    return dict(t, compile_s=compile_s, jax_tps=t["tokens"] / t["jax_s"], hf_tps=t["tokens"] / t["hf_s"],
+                ratio=t["hf_s"] / t["jax_s"], round_ratios=ratios,
+                pad_eff_jax=t["tokens"] / t["jax_slots"], pad_eff_hf=t["tokens"] / t["hf_slots"])
 
 
 def main() -> None:
@@ -89,14 +114,15 @@ def main() -> None:
     parser.add_argument("--workdir", default="build/bench_score")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--fixed-length", type=int, default=256)
-    parser.add_argument("--fixed-rows", type=int, default=128)
-    parser.add_argument("--mix-rows", type=int, default=128)
+    parser.add_argument("--fixed-rows", type=int, default=64)
+    parser.add_argument("--mix-rows", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--mix-max", type=int, default=2048)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     args = parser.parse_args()
     if args.quick:
         SHAPE.update(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
-        args.fixed_rows, args.mix_rows, args.mix_max = 16, 16, 512
+        args.fixed_rows, args.mix_rows, args.mix_max, args.rounds = 16, 16, 512, 2
 
     import jax
     import torch
@@ -129,25 +155,12 @@ def main() -> None:
     fixed = [ids(args.fixed_length) for _ in range(args.fixed_rows)]
     mix = [ids(int(n)) for n in synthetic_helpsteer_lengths(args.mix_rows, seed=0, max_length=args.mix_max)]
     lengths = np.array([len(s) for s in mix])
+    split = lambda seqs: [seqs[i::args.rounds] for i in range(args.rounds)]  # noqa: E731
 
-    results = {}
-    for name, seqs in (("a", fixed), ("b", mix)):
-        compile_s = jax_compile(scorer, seqs)
-        jax_s, jax_tok = jax_file(scorer, seqs, work, name)
-        engine_start = time.perf_counter()
-        scorer.score_arrays(seqs)
-        engine_s = time.perf_counter() - engine_start
-        hf_forward(hf, [seqs[0:1]], pad)  # warm-up (allocator, kernels)
-        batches = [seqs[i:i + args.batch] for i in range(0, len(seqs), args.batch)]
-        hf_s, hf_tok = hf_forward(hf, batches, pad)
-        assert hf_tok == jax_tok, (hf_tok, jax_tok)
-        padded_hf = sum(len(b) * max(map(len, b)) for b in batches)
-        padded_jax = sum(scorer.padded_rows(len(idx), L) * L for L, idx in scorer.plan([len(s) for s in seqs]))
-        results[name] = dict(tokens=jax_tok, jax_s=jax_s, engine_s=engine_s, compile_s=compile_s, hf_s=hf_s,
-                             jax_tps=jax_tok / jax_s, engine_tps=jax_tok / engine_s, hf_tps=hf_tok / hf_s,
-                             ratio=(jax_tok / jax_s) / (hf_tok / hf_s),
-                             pad_eff_jax=jax_tok / padded_jax, pad_eff_hf=hf_tok / padded_hf)
-        print(f"[{name}] done: {results[name]}", file=sys.stderr, flush=True)
+    load_before = os.getloadavg()
+    results = {"a": run_workload(scorer, hf, split(fixed), args.batch, work, "a"),
+               "b": run_workload(scorer, hf, split(mix), args.batch, work, "b")}
+    load_after = os.getloadavg()
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {threads} cores; jax {jax.__version__} "
           f"({jax.devices()[0].platform}, {len(jax.devices())} device), torch {torch.__version__} "
@@ -156,13 +169,16 @@ def main() -> None:
           f"vocab {SHAPE['vocab_size']}), fp32 backbone, fp16 gate; batch {args.batch}")
     print(f"(a) {args.fixed_rows} rows x {args.fixed_length} tokens; (b) {args.mix_rows} rows, lengths "
           f"{lengths.min()}..{lengths.max()} (median {int(np.median(lengths))}, mean {lengths.mean():.0f})\n")
-    print("| workload | urm-jax score tok/s | (engine only) | HF tok/s | ratio urm-jax/HF | "
-          "padding efficiency urm-jax / HF | urm-jax compile s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} (shared machine: the tools "
+          f"alternate in {args.rounds} rounds so both see the same background load)\n")
+    print("| workload | tokens | urm-jax score tok/s | HF tok/s | ratio urm-jax/HF | per-round ratios | "
+          "padding efficiency urm-jax / HF | urm-jax compile s (once) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, label in (("a", "(a) identical padded batches"), ("b", "(b) length mix, natural batching")):
         r = results[name]
-        print(f"| {label} | {r['jax_tps']:.0f} | {r['engine_tps']:.0f} | {r['hf_tps']:.0f} | "
-              f"**{r['ratio']:.2f}x** | {r['pad_eff_jax']:.2f} / {r['pad_eff_hf']:.2f} | {r['compile_s']:.1f} |")
+        spread = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
+        print(f"| {label} | {r['tokens']} | {r['jax_tps']:.0f} | {r['hf_tps']:.0f} | **{r['ratio']:.2f}x** | "
+              f"{spread} | {r['pad_eff_jax']:.2f} / {r['pad_eff_hf']:.2f} | {r['compile_s']:.1f} |")
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

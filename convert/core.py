@@ -275,9 +275,10 @@ def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
 def _device_array(weights: HFWeights, plan: Plan, sharding, allow_nonfinite: bool, bar: Progress):
     import jax
 
-    boxes: dict[Box, list] = {}  # replicas share a box: read it once
+    boxes: dict[tuple, tuple[Box, list]] = {}  # replicas share a box: read it once
     for device, index in sharding.addressable_devices_indices_map(plan.shape).items():
-        boxes.setdefault(normalize_box(index, plan.shape), []).append(device)
+        box = normalize_box(index, plan.shape)
+        boxes.setdefault(tuple((s.start, s.stop) for s in box), (box, []))[1].append(device)
     shards = []
 
     def place(item):
@@ -285,7 +286,7 @@ def _device_array(weights: HFWeights, plan: Plan, sharding, allow_nonfinite: boo
         host = read_box(weights, plan, box, allow_nonfinite)
         return [jax.device_put(host, device) for device in devices], host.size
 
-    for placed, size in ordered_map(place, boxes.items()):
+    for placed, size in ordered_map(place, boxes.values()):
         shards += placed
         bar.update(size * np_dtype(plan.stored).itemsize,
                    size / math.prod(plan.shape) * (plan.shape[0] if plan.entry.stacked else 1))

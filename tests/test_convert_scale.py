@@ -112,7 +112,7 @@ def test_orbax_metadata_matches_what_orbax_writes(src, ckpt, tmp_path):
     """Our `_METADATA` and `.zarray` files say what Orbax's own non-OCDBT save says."""
     theirs = tmp_path / "orbax"
     handler = ocp.StandardCheckpointHandler(use_ocdbt=False)
-    ocp.Checkpointer(handler).save(theirs, args=ocp.args.StandardSave(hf_params(src)))
+    ocp.Checkpointer(handler).save(theirs, ocp.args.StandardSave(hf_params(src)))
     ours_meta = json.loads((ckpt / "params" / "_METADATA").read_text())
     theirs_meta = json.loads((theirs / "_METADATA").read_text())
     assert ours_meta["tree_metadata"] == theirs_meta["tree_metadata"]
@@ -218,10 +218,10 @@ def test_sharded_hf_model_scores_like_unsharded(src):
     rng = np.random.default_rng(0)
     rows = [[int(t) for t in rng.integers(4, 511, n)] for n in (70, 9, 33, 128, 5, 64, 17, 40)]
     ids, mask = (jnp.asarray(a) for a in pad_batch(rows, pad_id=511))
-    plain, _ = load_model(src, compute_dtype="float32")
+    plain, _ = load_model(src, compute_dtype="float32", gate_dtype="float32")
     want = plain(ids, mask)
     mesh = make_mesh((2, 2, 2))
-    sharded, _ = load_model(src, compute_dtype="float32", mesh=mesh)
+    sharded, _ = load_model(src, compute_dtype="float32", gate_dtype="float32", mesh=mesh)
     leaves = jax.tree.leaves(nnx.state(sharded))
     assert any(len(leaf.sharding.device_set) > 1 for leaf in leaves)
     graphdef, state = nnx.split(sharded)
@@ -247,7 +247,7 @@ def test_verify_reports_every_tensor(src, ckpt, capsys):
 
 
 def test_verify_finds_a_changed_value_and_a_dtype_change(src, ckpt, tmp_path, capsys):
-    params = load_params(ckpt)
+    params = jax.tree.map(np.array, load_params(ckpt))  # writable copies
     params["backbone"]["layers"]["up_proj"][1, 3, 5] += 1
     params["gate"]["fc4"]["bias"] = params["gate"]["fc4"]["bias"].astype(np.float32)
     save_checkpoint(tmp_path / "bad", params, load_config(ckpt))
@@ -365,27 +365,27 @@ def test_enospc_mid_from_hf(src, tmp_path, capsys, monkeypatch):
     assert main(["from_hf", str(src), str(out)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "No space left on device" in err[0], err
-    assert str(opened[6].name) in err[0]
+    assert str(opened[6]) in err[0]
     assert list(tmp_path.iterdir()) == []
 
 
-def _limited(limit: int):
-    def preexec():
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return preexec
+LIMITED = textwrap.dedent("""
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write(2) instead of dying
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+    from convert.__main__ import main
+    sys.exit(main(sys.argv[2:]))
+""")
 
 
 @pytest.mark.parametrize("direction", ["from_hf", "to_hf"])
 def test_os_level_write_failure(src, ckpt, tmp_path, direction):
-    """A real failing write(2) (file size limit: EFBIG) in a subprocess: one error line, exit 2,
-    nothing left behind."""
+    """A real failing write(2) (a file size limit: EFBIG) in a subprocess: one error line,
+    exit 2, nothing left behind."""
     out = tmp_path / "out"
     argv = ["from_hf", src, out] if direction == "from_hf" else ["to_hf", ckpt, out]
-    proc = subprocess.run([sys.executable, "-m", "convert", *map(str, argv)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, preexec_fn=_limited(40_000))
+    proc = subprocess.run([sys.executable, "-c", LIMITED, "40000", *map(str, argv)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and "File too large" in lines[-1], lines[-1]
@@ -394,13 +394,13 @@ def test_os_level_write_failure(src, ckpt, tmp_path, direction):
 
 
 def test_real_enospc_on_a_tiny_tmpfs(src, tmp_path):
-    """A genuinely full filesystem: a 256 KiB tmpfs in a private mount namespace (skipped where
+    """A genuinely full filesystem: a 128 KiB tmpfs in a private mount namespace (skipped where
     unprivileged namespaces are not allowed)."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = (f"mount -t tmpfs -o size=256k tmpfs {mnt} || exit 77; "
+    script = (f"mount -t tmpfs -o size=128k tmpfs {mnt} || exit 77; "
               f"{sys.executable} -m convert from_hf {src} {mnt}/ckpt; echo rc=$?; "
               f"ls -A {mnt}; echo end")
     proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],

@@ -320,4 +320,4 @@ def test_remat_policies_change_memory_not_numbers(tiny, remat):
     plain = grads(FP32)
     remat_grads = grads(ModelOptions(FP32.dtypes, remat=remat))
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain)):
-        assert rel(a, b) < 1e-5  # recomputation refuses ops differently: rounding, not numbers
+        assert rel(a, b) < 1e-5  # recomputation fuses ops differently: rounding, not numbers

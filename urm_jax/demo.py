@@ -3,7 +3,9 @@
 real Llama-3 tokenizer (built offline) -> small random URM in the real HF format (bf16 backbone,
 fp16 gate, vocab 128257, llama3 RoPE) -> `convert from_hf` -> score the model-card pair and the
 bundled samples -> `convert to_hf` -> bit-exact verify -> load the export in transformers
-(trust_remote_code) -> `urm-jax parity` in the checkpoint dtypes and in float32.
+(trust_remote_code) -> `urm-jax parity` in the checkpoint dtypes and in float32 -> `urm-jax train`
+stage 1 (bundled HelpSteer2-schema sample) -> stage 2 (bundled preference pairs, gate only) ->
+`convert to_hf` of the trained model, loaded in transformers.
 """
 
 from __future__ import annotations
@@ -101,8 +103,55 @@ def main(argv: list[str] | None = None) -> int:
         report = run_parity(export, ckpt, dtype=dtype)
         print(report.format())
         ok = ok and report.ok
+    ok = train_and_export(work, ckpt, scorer) and ok
     print(f"\ndemo {'OK' if ok else 'FAILED'} in {time.time() - started:.0f} s; files in {work}/")
     return 0 if ok else 1
+
+
+def train_and_export(work: Path, ckpt: Path, scorer) -> bool:
+    """Stage 1 then stage 2 on the bundled samples, then export the trained model to HF."""
+    import numpy as np
+
+    from convert import core
+    from urm_jax.train.config import load_train_config
+    from urm_jax.train.loop import train
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "train"
+    step("8. urm-jax train configs/train/tiny_stage1.yaml (HelpSteer2-schema sample, whole model)")
+    stage1 = train(load_train_config(configs / "tiny_stage1.yaml", [
+        f"model={ckpt}", f"output_dir={work / 'stage1'}"]), progress=False)
+    losses = [json.loads(line)["loss"] for line in (work / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    print(f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; {stage1}; "
+          f"curves in {work / 'stage1' / 'loss.png'}")
+
+    step("9. urm-jax train configs/train/tiny_stage2.yaml (preference pairs, gate only, cached features)")
+    stage2 = train(load_train_config(configs / "tiny_stage2.yaml", [
+        f"model={stage1}", f"output_dir={work / 'stage2'}"]), progress=False)
+    records = [json.loads(line) for line in (work / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    print(f"{len(records)} steps, BT loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}, "
+          f"pair accuracy (last 5 steps) {np.mean([r['accuracy'] for r in records[-5:]]):.2f}; {stage2}")
+
+    step("10. python -m convert to_hf of the trained model, loaded in transformers")
+    export = core.to_hf(stage2, work / "hf_trained", progress=False)
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from urm_jax.scoring import Scorer
+
+    model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True,
+                                                               dtype=torch.float32)
+    trained = Scorer(stage2)
+    pairs = [json.loads(line) for line in (configs.parent.parent / "data/samples/preference_sample.jsonl")
+             .read_text().splitlines()[:4]]
+    worst = 0.0
+    for pair in pairs:
+        for side in ("chosen", "rejected"):
+            ids = trained.encode({"messages": pair[side]})
+            with torch.no_grad():
+                hf = model(torch.tensor([ids])).logits[0, 0].item()
+            worst = max(worst, abs(hf - trained.score_ids([ids])[0].reward))
+    print(f"{export}: transformers vs urm-jax on 8 conversations, max |reward diff| {worst:.2e}")
+    return worst < 5e-3
 
 
 if __name__ == "__main__":

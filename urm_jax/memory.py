@@ -1,8 +1,12 @@
 """Per-device memory estimate for training a URM on a (data, fsdp, tensor) mesh.
 
     python -m urm_jax.memory configs/hardware/v5p-8.yaml [key=value ...] [--devices N] [--chip v5p]
+        [--header] [--xla]
 
-It is an estimate from a stated model, not a measurement. Decimal GB (1e9 bytes) throughout.
+It is an estimate from a stated model, not a measurement (`--xla` adds one: XLA's own buffer
+assignment of the real stage-1 train step, compiled for N simulated CPU devices; CPU fuses less
+than TPU and stores bf16 matmul outputs saved by remat `dots` in fp32, so it reads high there).
+Decimal GB (1e9 bytes) throughout.
 
 Static state, from the model's real parameter shapes (`abstract_model`) and the sharding rules
 (`urm_jax.sharding.AxisRules`), so every tensor is divided by exactly the mesh axes it is sharded
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,13 +99,16 @@ class Setup:
     seq_len: int = 4096
     remat: str = "full"
     mesh: tuple[int, int, int] = (1, -1, 1)
+    gate_compute_dtype: str | None = None  # None: the checkpoint's gate dtype
+    max_segments: int = 8
 
     @classmethod
     def from_train(cls, train) -> "Setup":
         return cls(stage=train.stage, param_dtype=train.precision.param,
                    compute_dtype=train.precision.compute, gate_param_dtype=train.precision.gate_param,
                    global_batch_size=train.global_batch_size, grad_accum=train.grad_accum,
-                   seq_len=train.data.seq_len, remat=train.remat, mesh=tuple(train.mesh))
+                   seq_len=train.data.seq_len, remat=train.remat, mesh=tuple(train.mesh),
+                   gate_compute_dtype=train.precision.gate_compute, max_segments=train.data.max_segments)
 
 
 def resolve_mesh(shape, num_devices: int | None) -> tuple[int, int, int]:
@@ -234,6 +242,59 @@ def estimate(cfg, train=None, *, mesh_shape=None, num_devices: int | None = None
     return out
 
 
+def xla_bytes(cfg, setup: Setup, mesh_shape: tuple[int, int, int]) -> int:
+    """Peak bytes per device of the real stage-1 train step as XLA assigns them (arguments +
+    outputs - donated aliases + temporaries), compiled, never run, on the current devices (use
+    --xla_force_host_platform_device_count for a pod's worth of CPU devices)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from urm_jax.config import DTypePolicy
+    from urm_jax.model.urm import ModelOptions, abstract_model, param_shardings
+    from urm_jax.sharding import AxisRules, make_mesh, use_mesh
+    from urm_jax.train.step import (STAGE_TRAINABLE, OptimizerSettings, StepSettings, TrainState,
+                                    make_optimizer, make_train_step, split_params)
+
+    if setup.stage != 1:
+        raise ValueError("--xla compiles the stage-1 step only")
+    options = ModelOptions(DTypePolicy(param=setup.param_dtype, compute=setup.compute_dtype,
+                                       gate=setup.gate_compute_dtype, gate_param=setup.gate_param_dtype),
+                           remat=setup.remat)
+    mesh = make_mesh(mesh_shape)
+    shardings = param_shardings(cfg, mesh, None, options)
+    shapes = nnx.state(abstract_model(cfg, options)).to_pure_dict()
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    trainable, frozen = split_params(params, STAGE_TRAINABLE[1])
+    train_sh, frozen_sh = split_params(shardings, STAGE_TRAINABLE[1])
+    optimizer, schedule = make_optimizer(OptimizerSettings(), 100, trainable)
+    replicated = NamedSharding(mesh, P())
+    opt_abstract = jax.eval_shape(optimizer.init, trainable)
+    opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, s: s, opt_abstract, train_sh,
+                                              transform_non_params=lambda _: replicated)
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_sh)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), trainable, opt_state)
+    batch_sh = NamedSharding(mesh, P(None, *AxisRules().spec(("batch",), mesh)))
+    a, b, length, segs = setup.grad_accum, setup.global_batch_size // setup.grad_accum, setup.seq_len, setup.max_segments
+    layout = {"input_ids": ((a, b, length), jnp.int32), "segment_ids": ((a, b, length), jnp.int32),
+              "pool_index": ((a, b, segs), jnp.int32), "pool_mask": ((a, b, segs), jnp.float32),
+              "labels": ((a, b, segs, cfg.num_attributes), jnp.float32)}
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in layout.items()}
+    step = make_train_step(cfg, options, StepSettings(), optimizer, schedule)
+
+    def step_in_mesh(state, frozen, batch):
+        with use_mesh(mesh):
+            return step(state, frozen, batch)
+
+    compiled = jax.jit(step_in_mesh, in_shardings=(TrainState(replicated, train_sh, opt_sh), frozen_sh, batch_sh),
+                       out_shardings=(TrainState(replicated, train_sh, opt_sh), replicated),
+                       donate_argnums=(0,)).lower(state, frozen, batch).compile()
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
 def format_table(est: dict, hbm: float | None = None, chip: str | None = None) -> list[str]:
     data, fsdp, tensor = est["mesh"]
     lines = [f"stage {est['stage']}, {est['num_devices']} devices, mesh data={data} fsdp={fsdp} "
@@ -263,7 +324,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="HF config.json of the model (default: the config in `model=` if it is a "
                    f"directory, else {DEFAULT_MODEL_CONFIG.name})")
     p.add_argument("--header", action="store_true", help="print the table as a YAML comment block")
+    p.add_argument("--xla", action="store_true",
+                   help="also compile the real stage-1 step for N simulated CPU devices and print "
+                   "XLA's peak bytes per device (slow: ~30 s for the 8B model; needs --devices)")
     args = p.parse_args(argv)
+    if args.xla:
+        if args.devices is None:
+            p.error("--xla needs --devices")
+        if "jax" in sys.modules:
+            p.error("--xla must run in a fresh process (python -m urm_jax.memory ...)")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
     try:
         overrides = list(args.overrides)
         keys = {o.split("=", 1)[0] for o in overrides}
@@ -280,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = ModelConfig.from_hf_dict(json.loads(Path(model_json).read_text()), source=str(model_json))
         est = estimate(cfg, train, num_devices=args.devices)
+        measured = xla_bytes(cfg, Setup.from_train(train), est["mesh"]) if args.xla else None
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -291,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd += f" --devices {est['num_devices']}"
         lines = [f"Memory per device, estimated by `{cmd}`:"] + lines
         lines = ["# " + line if line else "#" for line in lines]
+    if measured is not None:
+        lines.append(f"  {'xla_cpu_peak':<22} {measured / GB:8.2f} GB  XLA buffer assignment, CPU")
     print("\n".join(lines))
     if hbm and est["total"] > hbm:
         print(f"warning: the estimate exceeds the {args.chip} HBM", file=sys.stderr)
