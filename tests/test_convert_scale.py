@@ -428,11 +428,19 @@ def test_progress_shows_tensors_and_bytes_per_second(src, tmp_path, capsys):
 # 5. memory: peak RSS follows the largest tensor, not the model
 
 
+# The child reports its own peak RSS from /proc (VmHWM). Not ru_maxrss: across exec Linux keeps
+# the forked parent's peak in it, so a child of a big pytest process would report pytest's size.
 MEMORY_DRIVER = textwrap.dedent("""
     import json, resource, sys
     from convert.__main__ import main
     rc = main(sys.argv[1:])
-    print(json.dumps({"rc": rc, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    try:
+        with open("/proc/self/status") as status:
+            line = next(l for l in status if l.startswith("VmHWM:"))
+        peak = int(line.split()[1]) * 1024
+    except OSError:  # no procfs: ru_maxrss (fine when the parent is small)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"rc": rc, "peak": peak}))
 """)
 BIG = dict(vocab_size=2048, hidden_size=512, intermediate_size=2048, num_layers=24, num_heads=8,
            num_kv_heads=2)
