@@ -76,10 +76,15 @@ def timed(name: str, argv: list[str], cold: bool, check: bool = True) -> dict:
     else:  # RUSAGE_CHILDREN is the max over all children so far: only trust it if it grew
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         rss = rss if rss > before * 1024 else float("nan")
+    cpu = {key: float(m.group(1)) for key, pattern in (("user_s", r"User time \(seconds\): ([\d.]+)"),
+                                                       ("sys_s", r"System time \(seconds\): ([\d.]+)"))
+           if (m := re.search(pattern, proc.stderr))}
     row = {"step": name, "wall_s": round(wall, 2), "sync_after_s": round(sync, 2),
-           "peak_rss_gb": round(rss / GB, 3), "cold_cache": dropped, "rc": proc.returncode}
+           "peak_rss_gb": round(rss / GB, 3), **cpu, "cold_cache": dropped, "rc": proc.returncode,
+           "load_avg_1m": os.getloadavg()[0]}
     print(f"{name:<16} {wall:8.2f} s  (+ sync {sync:5.2f} s)  peak RSS {rss / GB:6.3f} GB  "
-          f"rc {proc.returncode}", flush=True)
+          f"cpu {cpu.get('user_s', 0):.1f} user + {cpu.get('sys_s', 0):.1f} sys  "
+          f"load {os.getloadavg()[0]:.1f}  rc {proc.returncode}", flush=True)
     if proc.stdout.strip():
         print("    " + proc.stdout.strip().splitlines()[-1])
     return row
@@ -130,7 +135,8 @@ def main() -> int:
                      "largest_tensor_gb": round(largest / GB, 3), "cpu_count": os.cpu_count(), "steps": []}
     try:
         start = time.perf_counter()
-        shard = math.ceil(model_bytes / 4 / 1e6) + 1  # MB: exactly 4 shards
+        # greedy packing: each full shard holds > limit - largest, so this gives exactly 4
+        shard = math.ceil((model_bytes / 4 + largest) / 1e6)  # MB
         write_random_hf(src, hf_cfg, dtype="bfloat16", gate_dtype="float16", seed=0,
                         max_shard_size=f"{shard}MB", fill="fast", progress=False)
         shards = sorted(p.name for p in src.glob("*.safetensors"))

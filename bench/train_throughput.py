@@ -11,6 +11,10 @@ JAX draws its reparam noise inside the step (keyed by step); torch uses one fixe
 the loss is ~50 flops per row, so this does not affect timing.
 
 Fairness: torch.set_num_threads(<cores>); XLA:CPU sizes its own intra-op pool to the same cores.
+OMP_WAIT_POLICY defaults to PASSIVE here (override from the shell): torch's OpenMP/MKL threads
+otherwise spin at every barrier, and on a shared, oversubscribed machine (load 7-9 on 2 cores when
+this was written) that made torch's 2-thread steps 4-6x slower than with PASSIVE -- a contention
+artefact, not the reference model's speed. XLA's thread pool does not busy-wait like that.
 Implementations run in the same process, ROUND-ROBIN (one step of each per round, order rotated),
 so a busy shared machine slows every row alike; each is warmed up (JAX: compile) before timing
 and synchronised per step (JAX: fetch the loss; torch on CPU is synchronous). The table reports
@@ -28,9 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-import torch
+# Before torch (and its OpenMP runtime) loads; see the docstring.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convert.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights  # noqa: E402
@@ -150,7 +157,7 @@ def main() -> None:
                     results[(r.name, seq_len)][1].append(time.perf_counter() - t)
 
     print(f"\nStage-1 training throughput, CPU: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-          f"XLA:CPU default intra-op pool; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, XLA:CPU default intra-op pool; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"model: {counts['total']:,} params (backbone {counts['backbone']:,}, of which embedding "
           f"{cfg.vocab_size * cfg.hidden_size:,}; value head {counts['score']:,}; gate {counts['gate']:,}, frozen); "
           f"trainable {counts['backbone'] + counts['score']:,}")

@@ -36,7 +36,9 @@ MODELING_FILE = Path(__file__).with_name("modeling_custom.py")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 EXPONENT_MASKS = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00),
                   "float32": (np.uint32, 0x7F800000)}
-WORKERS = min(4, os.cpu_count() or 1)
+# Threads converting units at once; each holds about three copies of one unit (read, transposed,
+# cast), so memory grows with it. URM_CONVERT_THREADS overrides (e.g. 1 on a crowded host).
+WORKERS = int(os.environ.get("URM_CONVERT_THREADS") or min(4, os.cpu_count() or 1))
 
 
 class ConversionError(ValueError):

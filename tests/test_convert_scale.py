@@ -447,8 +447,9 @@ BIG = dict(vocab_size=2048, hidden_size=512, intermediate_size=2048, num_layers=
 
 
 def peak_rss(*argv) -> int:
+    env = dict(os.environ, URM_CONVERT_THREADS="2")  # units in flight: same on any machine
     proc = subprocess.run([sys.executable, "-c", MEMORY_DRIVER, *map(str, argv)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rc"] == 0, proc.stderr
     return result["peak"]
@@ -478,5 +479,6 @@ def test_peak_memory_follows_largest_tensor_not_model(tmp_path):
     print(f"model {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.1f} MiB, "
           f"peak RSS over baseline: {report}")
     for step, extra in rows.items():
-        assert extra < 16 * largest, (step, report)  # a few units in flight, never the model
+        # 2 threads: a few units in flight (each a tensor read, transposed, cast), never the model
+        assert extra < 16 * largest, (step, report)
         assert extra < total / 4, (step, report)

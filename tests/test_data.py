@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from urm_jax.data import datasets as ds
 from urm_jax.data import tokenizer as tokmod
 from urm_jax.data.batching import BatchIterator, epoch_order, first_fit_rows, padding_efficiency
 from urm_jax.data.datasets import (

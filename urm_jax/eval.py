@@ -10,7 +10,8 @@ Input: JSONL pairs. Each line has ``chosen`` and ``rejected`` and optionally ``p
 A line without ``subset`` counts under ``"default"``.
 
 A pair is correct when reward(chosen) > reward(rejected), strictly: RewardBench's rule
-(``run_rm.py``), so a tie counts as wrong; ties are reported.
+(``run_rm.py``), so a tie counts as wrong; ties are reported. With several models (URME) the
+reward is the members' mean.
 
 Scores (`rewardbench_scores`) follow RewardBench v1: a section's score is the mean of its subset
 accuracies weighted by RewardBench's fixed EXAMPLE_COUNTS (`calculate_scores_per_section`),
@@ -242,6 +243,7 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
         return pair_id, subset, sides[0], sides[1]
 
     cols: dict[str, list] = {k: [] for k in ("subset", "rc", "rr", "uc", "ur")}
+    seen_bad = [0]
     total = count_lines(pairs_path) if progress else None
     with atomic_dir(out_dir, overwrite=overwrite) as tmp, open(tmp / "pairs.jsonl", "w") as out, \
             tqdm(total=total, desc="eval", unit="pair", file=sys.stderr, disable=not progress) as bar:
@@ -264,7 +266,8 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
             cols["rr"].append(np.asarray(rejected.reward, np.float64))
             cols["uc"].append(uc)
             cols["ur"].append(ur)
-            bar.update(k)
+            bar.update(k + len(bad) - seen_bad[0])  # skipped lines are progress too
+            seen_bad[0] = len(bad)
 
         previous = None
         for chunk in chunked(iter_jsonl(pairs_path, parse, on_bad_line=on_bad_line, bad=bad), chunk_size):

@@ -358,14 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     hbm = CHIPS[args.chip] if args.chip else None
     lines = format_table(est, hbm, args.chip)
+    if measured is not None:
+        lines.append(f"  {'xla_cpu_peak':<22} {measured / GB:8.2f} GB  the real step compiled for "
+                     f"{est['num_devices']} CPU devices (XLA's buffer assignment; not a TPU/GPU)")
     if args.header:
-        cmd = f"python -m urm_jax.memory {args.config}"
-        cmd += f" --chip {args.chip}" if args.chip else ""
-        cmd += f" --devices {est['num_devices']}"
+        cmd = " ".join(["python -m urm_jax.memory", args.config, *args.overrides]
+                       + ([f"--chip {args.chip}"] if args.chip else [])
+                       + [f"--devices {est['num_devices']}"] + (["--xla"] if args.xla else []))
         lines = [f"Memory per device, estimated by `{cmd}`:"] + lines
         lines = ["# " + line if line else "#" for line in lines]
-    if measured is not None:
-        lines.append(f"  {'xla_cpu_peak':<22} {measured / GB:8.2f} GB  XLA buffer assignment, CPU")
     print("\n".join(lines))
     if hbm and est["total"] > hbm:
         print(f"warning: the estimate exceeds the {args.chip} HBM", file=sys.stderr)

@@ -11,7 +11,6 @@ one and ends with the parameters an uninterrupted run would have, bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ from urm_jax.model.urm import ModelBinder, ModelOptions
 from urm_jax.scoring import load_tokenizer
 from urm_jax.sharding import make_mesh
 from urm_jax.train.config import TrainConfig, to_dict
-from urm_jax.train.step import OptimizerSettings, StepSettings, Trainer, build_trainer, merge_params
+from urm_jax.train.step import StepSettings, Trainer, build_trainer, merge_params
 
 
 def log(message: str) -> None:
@@ -159,8 +158,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         total_steps = min(total_steps, cfg.max_steps)
     log(f"stage {cfg.stage}: {len(examples)} examples, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
-    optim = OptimizerSettings(**dataclasses.asdict(cfg.optim))
-    trainer = build_trainer(model_cfg, params, options, settings, optim, total_steps, mesh, seed=cfg.seed)
+    trainer = build_trainer(model_cfg, params, options, settings, cfg.optim, total_steps, mesh, seed=cfg.seed)
     del params
 
     eval_batches = load_eval_batches(cfg, tokenizer, pad_id, trainer)

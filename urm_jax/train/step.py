@@ -25,22 +25,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from urm_jax.config import ModelConfig
 from urm_jax.model.urm import ModelBinder, ModelOptions, param_shardings
+from urm_jax.train.config import OptimConfig as OptimizerSettings  # one definition, two names
 from urm_jax.train.losses import bradley_terry_loss, finalize_metrics, regression_loss
 
 TOP_LEVEL_GROUPS = ("backbone", "value_head", "gate")
 STAGE_TRAINABLE = {1: ("backbone", "value_head"), 2: ("gate",)}
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerSettings:
-    learning_rate: float = 2e-6
-    weight_decay: float = 1e-3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    clip_norm: float | None = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

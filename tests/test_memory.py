@@ -1,0 +1,212 @@
+"""`urm_jax.memory`: the per-device estimate behind configs/hardware/*.yaml. Parameter bytes come
+from the real model's shapes, the fp32 AdamW floor matches the anchors (~128 GB for an 8B), FSDP
+divides the static state by N, and every hardware recipe fits its chip with its header's numbers."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from urm_jax.config import ModelConfig
+from urm_jax.memory import CHIPS, COMPONENTS, GB, MARGIN, Setup, estimate, resolve_mesh, xla_bytes
+from urm_jax.model.urm import abstract_model
+from urm_jax.train.config import load_train_config, load_raw
+
+ROOT = Path(__file__).resolve().parent.parent
+HARDWARE = sorted((ROOT / "configs/hardware").glob("*.yaml"))
+BASE = ROOT / "configs/train/stage1_helpsteer2.yaml"
+REAL_PARAMS = 7_538_552_837
+
+
+@pytest.fixture(scope="module")
+def cfg8b():
+    return ModelConfig.from_hf_dict(json.loads((ROOT / "configs/model/urm-llama-3.1-8b.json").read_text()))
+
+
+def test_parameter_count_is_the_real_models(cfg8b):
+    counts = cfg8b.param_count()
+    shapes = nnx.state(abstract_model(cfg8b)).to_pure_dict()
+    from_shapes = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    est = estimate(cfg8b, Setup(mesh=(1, 1, 1)), num_devices=1)
+    assert counts["total"] == from_shapes == est["param_count"] == REAL_PARAMS
+    trainable = counts["backbone"] + counts["score"]  # stage 1: backbone + value head
+    assert est["trainable_param_count"] == trainable
+    assert est["params"] == 4 * trainable  # float32 master weights
+    assert est["frozen_params"] == 4 * counts["gate"]  # gate_param float32, frozen in stage 1
+
+
+def test_fp32_adamw_floor_matches_the_anchor(cfg8b):
+    """anchors.md: ~128 GB for a full 8B AdamW fine-tune with fp32 weights and moments, before
+    activations (16 bytes/param); bf16 weights (and so moments, optax follows the param dtype) halve it."""
+    est = estimate(cfg8b, Setup(mesh=(1, 1, 1)), num_devices=1)
+    floor = est["params"] + est["gradients"] + est["optimizer"]
+    assert floor == 16 * est["trainable_param_count"]
+    assert abs(floor - 128e9) / 128e9 < 0.10  # 120.1 GB: 7.5e9 parameters, not 8e9
+    assert est["grad_accumulator"] == 0  # grad_accum 1
+    bf16 = estimate(cfg8b, Setup(mesh=(1, 1, 1), param_dtype="bfloat16"), num_devices=1)
+    assert bf16["params"] + bf16["gradients"] + bf16["optimizer"] == floor // 2
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 16, 64, 256])
+def test_static_state_scales_one_over_n_with_fsdp(cfg8b, n):
+    one = estimate(cfg8b, Setup(mesh=(1, 1, 1)), num_devices=1)
+    many = estimate(cfg8b, Setup(mesh=(1, -1, 1)), num_devices=n)
+    assert many["mesh"] == (1, n, 1)
+    # Exactly 1/N, except what the rules leave replicated: the RMSNorm weights (266,240 of the
+    # 7.5e9 trainable parameters) and the gate's fc0/fc4 biases (4,101, frozen in stage 1).
+    norms, gate_biases = 2 * 32 * 4096 + 4096, 4096 + 5
+    replicated = {"params": 4 * norms, "gradients": 4 * norms, "optimizer": 8 * norms,
+                  "frozen_params": 4 * gate_biases}
+    for key, extra in replicated.items():
+        assert many[key] * n - one[key] == (n - 1) * extra, key
+        assert many[key] * n == pytest.approx(one[key], rel=0.01), key
+
+
+def test_activations_follow_rows_heads_and_remat(cfg8b):
+    def est(**kw):
+        return estimate(cfg8b, Setup(**{"mesh": (1, 8, 1), **kw}), num_devices=8)
+
+    base = est(global_batch_size=16)  # 2 rows per device
+    assert base["rows_per_device"] == 2
+    half = est(global_batch_size=16, grad_accum=2)  # 1 row per device per micro-batch
+    assert half["rows_per_device"] == 1
+    assert half["activations_layer"] * 2 == base["activations_layer"]
+    assert half["grad_accumulator"] == half["gradients"] > 0
+    # The [B, H, L, L] scores dominate at L=4096: 17 bytes/element for one layer's backward.
+    assert half["activations_layer"] >= 17 * 1 * 32 * 4096 ** 2
+    # Tensor parallelism splits heads and MLP, not the residual stream.
+    tp = estimate(cfg8b, Setup(mesh=(1, 4, 2), global_batch_size=16, grad_accum=4), num_devices=8)
+    assert tp["rows_per_device"] == 1
+    assert tp["activations_layer"] < half["activations_layer"]
+    assert tp["activations_residuals"] == half["activations_residuals"]
+    # Saved per layer: full < dots < none; full keeps only the residual stream B·L·D per layer.
+    full, dots, none = (est(global_batch_size=8, remat=r) for r in ("full", "dots", "none"))
+    assert full["activations_residuals"] == 32 * 4096 * 4096 * 2
+    assert full["activations_residuals"] < dots["activations_residuals"] < none["activations_residuals"]
+    # Quadratic in the sequence length once the scores dominate.
+    short = est(global_batch_size=8, seq_len=1024)
+    assert 10 < full["activations_layer"] / short["activations_layer"] <= 16
+
+
+def test_stage2_trains_only_the_gate(cfg8b):
+    counts = cfg8b.param_count()
+    est = estimate(cfg8b, Setup(stage=2, param_dtype="bfloat16", global_batch_size=256, mesh=(-1, 1, 1)),
+                   num_devices=8)
+    assert est["trainable_param_count"] == counts["gate"]
+    assert est["params"] == 4 * counts["gate"]  # replicated over data, float32 master weights
+    assert est["optimizer"] == 2 * est["params"]
+    assert est["frozen_params"] == 2 * (counts["backbone"] + counts["score"])  # bf16, replicated
+    assert est["activations_residuals"] == 0  # no backward through the frozen backbone
+
+
+def test_estimate_takes_a_train_config_and_explicit_overrides(cfg8b):
+    train = load_train_config(BASE, ["model=x", "output_dir=y"])
+    from_cfg = estimate(cfg8b, train, num_devices=16)
+    assert from_cfg["mesh"] == (1, 16, 1) and from_cfg["remat"] == "full"
+    explicit = estimate(cfg8b, train, mesh_shape=(1, 8, 2), num_devices=16, remat="dots", grad_accum=2)
+    assert explicit["mesh"] == (1, 8, 2) and explicit["remat"] == "dots"
+    assert explicit["grad_accumulator"] > 0
+    with pytest.raises(TypeError, match="unknown estimate arguments"):
+        estimate(cfg8b, train, num_devices=16, batch=3)
+
+
+def test_mesh_errors_are_clear():
+    assert resolve_mesh((1, -1, 2), 16) == (1, 8, 2)
+    with pytest.raises(ValueError, match="give the number of devices"):
+        resolve_mesh((1, -1, 1), None)
+    with pytest.raises(ValueError, match="needs 8 devices, not 4"):
+        resolve_mesh((1, 8, 1), 4)
+    with pytest.raises(ValueError, match="does not divide"):
+        resolve_mesh((1, -1, 3), 8)
+
+
+def parse_header(text: str) -> tuple[str, int, dict[str, float]]:
+    """(chip, devices, {component: GB}) from the comment block `python -m urm_jax.memory --header`
+    wrote at the top of a hardware recipe."""
+    command = re.search(r"estimated by `python -m urm_jax\.memory \S+ --chip (\S+) --devices (\d+)", text)
+    assert command, "no memory header (regenerate it with python -m urm_jax.memory CONFIG --chip C --header)"
+    numbers = {m[1]: float(m[2]) for m in re.finditer(r"^#\s+(\w+)\s+([0-9.]+) GB", text, re.M)}
+    return command[1], int(command[2]), numbers
+
+
+def test_every_hardware_config_is_listed():
+    names = {p.stem for p in HARDWARE}
+    assert {"v5p-8", "v5p-32", "v6e-8", "v6e-64", "h100x8"} <= names
+
+
+@pytest.mark.parametrize("path", HARDWARE, ids=lambda p: p.stem)
+def test_hardware_config_fits_its_chip_as_its_header_says(path, cfg8b):
+    train = load_train_config(path, ["model=x", "output_dir=y"])
+    chip, devices, header = parse_header(path.read_text())
+    assert chip in CHIPS
+    # The recipe is the base recipe's optimisation, only laid out differently.
+    base = load_train_config(BASE, ["model=x", "output_dir=y"])
+    for key in ("stage", "data", "optim", "loss", "global_batch_size", "epochs"):
+        assert getattr(train, key) == getattr(base, key), key
+    assert train.precision.param == "float32" and train.precision.compute == "bfloat16"
+    # An explicit mesh for exactly this many devices; micro-batches split evenly over batch shards.
+    assert -1 not in train.mesh and math.prod(train.mesh) == devices
+    data, fsdp, _ = train.mesh
+    assert train.micro_batch_size % (data * fsdp) == 0, "micro-batch does not split over data x fsdp"
+    if path.stem.startswith("v5p"):
+        assert devices == int(path.stem.split("-")[1]) // 2  # v5p-N counts TensorCores: N/2 chips
+    elif path.stem.startswith("v6e"):
+        assert devices == int(path.stem.split("-")[1])
+
+    est = estimate(cfg8b, train, num_devices=devices)
+    assert est["param_count"] == REAL_PARAMS
+    for key, _ in COMPONENTS:
+        assert header[key] == pytest.approx(est[key] / GB, abs=0.006), f"{key}: header is stale"
+    assert header["total"] == pytest.approx(est["total"] / GB, abs=0.006), "total: header is stale"
+    assert est["total"] <= (1 - MARGIN) * CHIPS[chip], f"{est['total'] / GB:.1f} GB leaves < 10% of {chip}"
+
+
+def test_cli_prints_the_table_and_fails_clearly():
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "urm_jax.memory", *args], cwd=ROOT,
+                              capture_output=True, text=True)
+
+    done = cli("configs/hardware/v6e-8.yaml", "--chip", "v6e")
+    assert done.returncode == 0, done.stderr
+    assert "mesh data=1 fsdp=4 tensor=2" in done.stdout
+    assert re.search(r"total\s+[0-9.]+ GB\s+of 32\.00 GB \(v6e\), \d+% free", done.stdout)
+    for key, _ in COMPONENTS:
+        assert re.search(rf"^\s+{key}\s+[0-9.]+ GB", done.stdout, re.M), key
+    header = cli("configs/train/stage1_helpsteer2.yaml", "grad_accum=2", "--devices", "8", "--header")
+    assert header.returncode == 0, header.stderr
+    assert all(line.startswith("#") for line in header.stdout.splitlines())
+    assert "grad_accum=2 --devices 8`" in header.stdout
+    needs_devices = cli("configs/train/stage1_helpsteer2.yaml")
+    assert needs_devices.returncode == 2 and "give the number of devices" in needs_devices.stderr
+    typo = cli("configs/hardware/v5p-8.yaml", "optim.learning_rat=1")
+    assert typo.returncode == 2 and "optim.learning_rate" in typo.stderr
+    too_big = cli("configs/train/stage1_helpsteer2.yaml", "--devices", "1", "--chip", "h100")
+    assert too_big.returncode == 1 and "exceeds" in too_big.stderr
+
+
+def test_estimate_tracks_xla_buffer_assignment():
+    """The real stage-1 step compiled for 8 CPU devices (conftest) on a small model whose attention
+    scores dominate: XLA's peak stays within the estimate's reach (it is meant as an upper bound)."""
+    hf = json.loads((ROOT / "configs/model/urm-llama-3.1-8b.json").read_text())
+    hf.update(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=2,
+              head_dim=64, num_hidden_layers=2, vocab_size=1000, pad_token_id=999)
+    cfg = ModelConfig.from_hf_dict(hf)
+    setup = Setup(global_batch_size=8, seq_len=1024, remat="full", mesh=(1, len(jax.devices()), 1))
+    measured = xla_bytes(cfg, setup, setup.mesh)
+    est = estimate(cfg, setup, num_devices=len(jax.devices()))["total"]
+    assert 0.6 * est <= measured <= 1.2 * est, (measured / GB, est / GB)
+
+
+def test_raw_hardware_configs_extend_the_base_recipe():
+    for path in HARDWARE:
+        text = path.read_text()
+        assert re.search(r"^base: \.\./train/stage1_helpsteer2\.yaml$", text, re.M), path.name
+        raw = load_raw(path)
+        assert raw["data"]["seq_len"] == 4096
