@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -27,8 +28,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from convert.hf_io import HFWeights, WeightsError, parse_size, write_sharded
-from convert.mapping import (IGNORED_HF_KEYS, LAYER_KEY, TABLE, Box, Entry, full_box, get_path,
-                             is_gate, normalize_box, set_path)
+from convert.mapping import (IGNORED_HF_KEYS, LAYER_KEY, TABLE, Alloc, Box, Entry, full_box,
+                             get_path, is_gate, normalize_box, set_path)
 from urm_jax.checkpoint import ParamsReader, checkpoint_writer, chunk_rows, copy_tokenizer_files, load_config
 from urm_jax.config import ModelConfig, canonical_dtype, np_dtype
 
@@ -116,6 +117,48 @@ def ordered_map(fn: Callable, items: Iterable, workers: int = WORKERS) -> Iterat
                 future.cancel()
 
 
+def readahead(units: list, prefetch: Callable, ahead: int = 2) -> Iterator:
+    """Yield `units`, calling `prefetch` on the unit `ahead` places further as each is handed
+    out: the kernel reads the next inputs into the page cache while threads work on this one,
+    so the disk streams the way it does for `cp`."""
+    for unit in units[:ahead]:
+        prefetch(unit)
+    for i, unit in enumerate(units):
+        if i + ahead < len(units):
+            prefetch(units[i + ahead])
+        yield unit
+
+
+class BufferPool:
+    """Recycled big buffers. A fresh 100 MB numpy array costs more to fault in (the kernel zeroes
+    every page) than to fill from disk: profiling from_hf showed 40% of its CPU there. Units take
+    their read and transpose buffers here and give them back when the data is written; the pool
+    holds at most what was in flight at once."""
+
+    def __init__(self):
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape, dtype) -> np.ndarray:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        with self._lock:  # the smallest free block that fits (by identity: no array ==)
+            fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
+            best = min(fits, key=lambda i: self._free[i].nbytes, default=None)
+            block = None if best is None else self._free.pop(best)
+        if block is None:
+            block = np.empty(max(nbytes, 1), np.uint8)
+        return block[:nbytes].view(dtype).reshape(shape)
+
+    def give(self, *arrays: np.ndarray) -> None:
+        """Return buffers from `take` (arrays not from the pool are ignored)."""
+        with self._lock:
+            for array in arrays:
+                block = array.base
+                if (isinstance(block, np.ndarray) and block.dtype == np.uint8 and block.ndim == 1
+                        and block.flags.owndata and all(b is not block for b in self._free)):
+                    self._free.append(block)
+
+
 class Progress:
     """A tqdm bar in bytes (so it shows MB/s) with a tensors counter."""
 
@@ -198,12 +241,13 @@ def _check_finite(values: np.ndarray, what: str) -> None:
                                   "it anyway)")
 
 
-def read_box(weights: HFWeights, plan: Plan, box: Box, allow_nonfinite: bool = False) -> np.ndarray:
+def read_box(weights: HFWeights, plan: Plan, box: Box, allow_nonfinite: bool = False,
+             alloc: Alloc = np.empty) -> np.ndarray:
     """The values of JAX box `box` of a parameter, in `plan.out`, reading only the HF tensors
-    (and, where the layout allows, only the rows) it covers."""
+    (and, where the layout allows, only the rows) it covers. Buffers come from `alloc`."""
     def rows_of(key: str):
         def read(start: int, stop: int) -> np.ndarray:
-            values = weights.read(key, (start, stop))
+            values = weights.read(key, (start, stop), alloc)
             if not allow_nonfinite:
                 _check_finite(values, f"{weights.where(key)}: tensor {key}")
             return values
@@ -211,17 +255,33 @@ def read_box(weights: HFWeights, plan: Plan, box: Box, allow_nonfinite: bool = F
 
     entry, out = plan.entry, np_dtype(plan.out)
     if not entry.stacked:
-        return np.asarray(entry.to_jax_box(rows_of(entry.hf_key), plan.shape, box)).astype(out, copy=False)
+        return np.asarray(entry.to_jax_box(rows_of(entry.hf_key), plan.shape, box, alloc)).astype(
+            out, copy=False)
     layers = range(box[0].start, box[0].stop)
-    parts = [entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:])
+    parts = [entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:], alloc)
              for i in layers[:1]]
     if len(layers) == 1:  # one layer: no extra copy into a stacked buffer
         return np.asarray(parts[0])[None].astype(out, copy=False)
     block = np.empty((len(layers), *parts[0].shape), out)
     block[0] = parts[0]
     for k, i in enumerate(layers[1:], 1):
-        block[k] = entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:])
+        block[k] = entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:], alloc)
     return block
+
+
+def _pooled(pool: BufferPool, fn: Callable) -> Callable:
+    """fn(unit, alloc) with buffers taken from `pool` for the call and given back after it."""
+    def run(unit):
+        taken: list[np.ndarray] = []
+
+        def alloc(shape, dtype):
+            taken.append(pool.take(shape, dtype))
+            return taken[-1]
+        try:
+            return fn(unit, alloc)
+        finally:
+            pool.give(*taken)
+    return run
 
 
 def _row_units(plans: list[Plan], rows_of: Callable[[Plan], int]) -> list[tuple[Plan, int, int]]:
@@ -233,6 +293,18 @@ def _unit_progress(plan: Plan, start: int, stop: int) -> tuple[int, float]:
     """(source bytes, HF tensors) a unit of rows accounts for."""
     nbytes = (stop - start) * math.prod(plan.shape[1:]) * np_dtype(plan.stored).itemsize
     return nbytes, (stop - start) if plan.entry.stacked else (stop - start) / plan.shape[0]
+
+
+def _hf_prefetch(weights: HFWeights) -> Callable:
+    def prefetch(unit) -> None:
+        plan, start, stop = unit
+        entry = plan.entry
+        if entry.stacked:
+            for i in range(start, stop):
+                weights.prefetch(entry.hf_key.format(i=i))
+        else:
+            weights.prefetch(entry.hf_key, None if entry.n_in is not None else (start, stop))
+    return prefetch
 
 
 def _hf_chunk_rows(plan: Plan) -> int:
@@ -259,13 +331,14 @@ def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
             for plan in plans:
                 set_path(params, plan.path, np.empty(plan.shape, np_dtype(plan.out)))
 
-            def fill(unit):
+            def fill(unit, alloc):
                 plan, start, stop = unit
                 box = (slice(start, stop), *full_box(plan.shape[1:]))
-                get_path(params, plan.path)[start:stop] = read_box(weights, plan, box, allow_nonfinite)
+                get_path(params, plan.path)[start:stop] = read_box(weights, plan, box,
+                                                                   allow_nonfinite, alloc)
                 return _unit_progress(*unit)
 
-            for done in ordered_map(fill, _row_units(plans, _hf_chunk_rows)):
+            for done in ordered_map(_pooled(BufferPool(), fill), _row_units(plans, _hf_chunk_rows)):
                 bar.update(*done)
             return params
         for plan in plans:
@@ -307,16 +380,18 @@ def from_hf(hf_dir, out_dir, *, dtype="keep", gate_dtype=None, overwrite=False,
             for plan in plans:
                 writer.add(plan.path, plan.shape, np_dtype(plan.out), rows=_hf_chunk_rows(plan))
 
-            def convert(unit):
+            def convert(unit, alloc):
                 plan, start, stop = unit
                 box = (slice(start, stop), *full_box(plan.shape[1:]))
-                writer.write(plan.path, start, read_box(weights, plan, box, allow_nonfinite))
+                writer.write(plan.path, start, read_box(weights, plan, box, allow_nonfinite, alloc))
                 return _unit_progress(*unit)
 
             units = _row_units(plans, _hf_chunk_rows)
             total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
             with Progress("from_hf", total, sum(len(p.hf_keys()) for p in plans), progress) as bar:
-                for done in ordered_map(convert, units):
+                converting = ordered_map(_pooled(BufferPool(), convert),
+                                         readahead(units, _hf_prefetch(weights)))
+                for done in converting:
                     bar.update(*done)
     return Path(out_dir)
 
@@ -348,18 +423,33 @@ def _ckpt_chunk_rows(reader: ParamsReader) -> Callable[[Plan], int]:
 
 def ckpt_pieces(reader: ParamsReader, plans: list[Plan]) -> Iterator[tuple[str, int, np.ndarray]]:
     """(HF key, first HF row, HF-layout values in plan.out) in table order, one stored chunk
-    read at a time on worker threads; a key comes whole or in consecutive row pieces."""
+    read at a time on worker threads; a key comes whole or in consecutive row pieces. A piece's
+    buffer is recycled once the consumer asks for the next one: use it (or copy it) before."""
+    pool = BufferPool()
+
     def unit_pieces(unit):
         plan, start, stop = unit
-        block = reader.read(plan.path, start, stop)
+        block = reader.read(plan.path, start, stop, pool.take)
         out, entry = np_dtype(plan.out), plan.entry
-        if entry.stacked:
-            return [(entry.hf_key.format(i=i), 0, entry.to_hf(block[i - start]).astype(out, copy=False))
-                    for i in range(start, stop)]
-        return [(entry.hf_key, start, entry.to_hf(block).astype(out, copy=False))]
+        layers = range(start, stop)
+        keys = [entry.hf_key.format(i=i) for i in layers] if entry.stacked else [entry.hf_key]
+        values = [block[i - start] for i in layers] if entry.stacked else [block]
+        if entry.n_in is None:  # no transpose: the block itself holds the pieces
+            pieces, done = [(k, 0 if entry.stacked else start, v) for k, v in zip(keys, values)], []
+        else:
+            pieces, done = [(k, 0, entry.to_hf(v, pool.take)) for k, v in zip(keys, values)], [block]
+        if out != block.dtype:  # a cast makes new arrays: the pooled ones are done with
+            done += [value for _, _, value in pieces]
+            pieces = [(key, first, value.astype(out)) for key, first, value in pieces]
+        pool.give(*done)  # each pooled buffer is given back exactly once: here or once consumed
+        return pieces
 
-    for pieces in ordered_map(unit_pieces, _row_units(plans, _ckpt_chunk_rows(reader))):
-        yield from pieces
+    units = _row_units(plans, _ckpt_chunk_rows(reader))
+    work = readahead(units, lambda unit: reader.prefetch(unit[0].path, *unit[1:]))
+    for pieces in ordered_map(unit_pieces, work):
+        for piece in pieces:
+            yield piece
+        pool.give(*(value for _, _, value in pieces))  # consumed: recycle
 
 
 def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5GB",
@@ -420,16 +510,18 @@ def verify(hf_dir, ckpt_dir, *, progress: bool = True) -> list[dict]:
         comparable = [p for p in plans if all(rows[k]["identical"] for k in p.hf_keys())]
         total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in comparable)
         with Progress("verify", total, len(rows), progress) as bar:
-            pieces = ckpt_pieces(reader, comparable)
+            pieces, pool = ckpt_pieces(reader, comparable), BufferPool()
             try:
                 for key, start, ours in pieces:
-                    theirs = weights.read(key, (start, start + ours.shape[0]) if ours.ndim else None)
+                    theirs = weights.read(key, (start, start + ours.shape[0]) if ours.ndim else None,
+                                          pool.take)
                     row = rows[key]
                     same = ours.dtype == theirs.dtype and np.array_equal(_bits(ours), _bits(theirs))
                     if not same:
                         row["max_abs_diff"] = max(row["max_abs_diff"], _max_abs_diff(ours, theirs))
                     row["identical"] &= bool(same)
                     bar.update(ours.nbytes, ours.shape[0] / weights.shape(key)[0] if ours.ndim else 1)
+                    pool.give(theirs)
             finally:
                 pieces.close()
     return list(rows.values())

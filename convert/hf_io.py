@@ -184,13 +184,14 @@ class HFWeights:
         """numpy-style dtype name from the header (no data read): 'bfloat16', 'float16', ..."""
         return self._info(key).dtype
 
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """A tensor, or rows [start, stop) of its first dimension (contiguous on disk)."""
+    def read(self, key: str, rows: tuple[int, int] | None = None, alloc=np.empty) -> np.ndarray:
+        """A tensor, or rows [start, stop) of its first dimension (contiguous on disk), into
+        `alloc(shape, dtype)`."""
         info = self._info(key)
         shape = info.shape
         if rows is not None:
             shape = (rows[1] - rows[0], *shape[1:])
-        out = np.empty(shape, np_dtype_of(info.dtype))
+        out = alloc(shape, np_dtype_of(info.dtype))
         row_bytes = out.itemsize * math.prod(info.shape[1:])
         offset = info.offset + (rows[0] * row_bytes if rows else 0)
         view = memoryview(out.reshape(-1).view(np.uint8))
@@ -201,6 +202,16 @@ class HFWeights:
                 raise WeightsError(f"{info.file}: truncated while reading tensor {key}")
             done += got
         return out
+
+    def prefetch(self, key: str, rows: tuple[int, int] | None = None) -> None:
+        """Ask the kernel to start reading a tensor (or rows) into the page cache now, so the disk
+        keeps streaming while threads transpose and write (page cache, not this process's memory)."""
+        info = self._info(key)
+        row_bytes = np_dtype_of(info.dtype).itemsize * math.prod(info.shape[1:])
+        start, length = (info.offset, info.nbytes) if rows is None else (
+            info.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes)
+        if hasattr(os, "posix_fadvise") and length:
+            os.posix_fadvise(self._fds[info.file], start, length, os.POSIX_FADV_WILLNEED)
 
     def get(self, key: str) -> np.ndarray:
         return self.read(key)

@@ -18,16 +18,18 @@ from typing import Callable
 import numpy as np
 
 Box = tuple[slice, ...]  # one [start, stop) slice per dim (step 1), as sharding indices give
+Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]  # np.empty or a buffer pool's take
 
 
-def transpose2d(a: np.ndarray) -> np.ndarray:
+def transpose2d(a: np.ndarray, alloc: Alloc = np.empty) -> np.ndarray:
     """C-contiguous a.T, fast. numpy's strided copy moves one element per step and writes each
     destination cache line from many source rows (~0.2 GB/s for bf16). Copying 16 source rows at
     a time keeps them in cache (~4x faster); for 2-byte dtypes, packing two source rows into one
     uint32 row first halves the element count of the strided copy (~1.5x more). numpy drops the
-    GIL in these copies, so several threads transpose in parallel."""
+    GIL in these copies, so several threads transpose in parallel. `alloc(shape, dtype)` makes
+    the result (conversions pass a buffer pool: faulting in fresh pages costs more than this)."""
     rows, cols = a.shape
-    out = np.empty((cols, rows), a.dtype)
+    out = alloc((cols, rows), a.dtype)
     if a.itemsize == 2 and rows % 2 == 0 and sys.byteorder == "little":
         bits, packed, block = a.view(np.uint16), out.view(np.uint32), 16
         scratch = np.empty((block, cols), np.uint32)
@@ -83,15 +85,15 @@ class Entry:
             return hf_array.reshape(shape)
         return transpose2d(hf_array).reshape(shape)
 
-    def to_hf(self, jax_array: np.ndarray) -> np.ndarray:
+    def to_hf(self, jax_array: np.ndarray, alloc: Alloc = np.empty) -> np.ndarray:
         """One JAX array (one layer's slice when stacked) -> its HF tensor, C-contiguous."""
         if self.n_in is None:
             return np.ascontiguousarray(jax_array)
         shape = jax_array.shape
-        return transpose2d(jax_array.reshape(math.prod(shape[:self.n_in]), -1))
+        return transpose2d(jax_array.reshape(math.prod(shape[:self.n_in]), -1), alloc)
 
     def to_jax_box(self, read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...],
-                   box: Box) -> np.ndarray:
+                   box: Box, alloc: Alloc = np.empty) -> np.ndarray:
         """The sub-box `box` of one HF tensor's JAX form (`shape`: one layer's JAX shape when
         stacked), reading only the HF rows it needs through `read_rows(start, stop)`.
 
@@ -109,7 +111,7 @@ class Entry:
             out_box = (slice(None),) * len(outs)
         else:
             rows = read_rows(0, math.prod(outs))
-        value = transpose2d(rows).reshape(*ins, *outs)
+        value = transpose2d(rows, alloc).reshape(*ins, *outs)
         return value[(*box[:self.n_in], *out_box)]
 
 

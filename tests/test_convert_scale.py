@@ -194,9 +194,9 @@ def test_hf_dir_loads_onto_shards(src, mesh_shape, monkeypatch):
     reads: list[tuple[str, tuple[int, int] | None]] = []
     real_read = HFWeights.read
 
-    def spy(self, key, rows=None):
+    def spy(self, key, rows=None, *args, **kwargs):
         reads.append((key, rows))
-        return real_read(self, key, rows)
+        return real_read(self, key, rows, *args, **kwargs)
 
     monkeypatch.setattr(HFWeights, "read", spy)
     params = load_params_any(src, cfg, shardings=shardings)

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from urm_jax.config import ModelConfig
-from urm_jax.memory import CHIPS, COMPONENTS, GB, MARGIN, Setup, estimate, resolve_mesh, xla_bytes
+from urm_jax.memory import (CHIPS, COMPONENTS, GB, MARGIN, PLATFORMS, Setup, estimate, main,
+                            resolve_attention, resolve_mesh, xla_bytes)
 from urm_jax.model.urm import abstract_model
 from urm_jax.train.config import load_train_config, load_raw
 
@@ -66,12 +67,13 @@ def test_static_state_scales_one_over_n_with_fsdp(cfg8b, n):
                   "frozen_params": 4 * gate_biases}
     for key, extra in replicated.items():
         assert many[key] * n - one[key] == (n - 1) * extra, key
+    for key in ("params", "gradients", "optimizer"):
         assert many[key] * n == pytest.approx(one[key], rel=0.01), key
 
 
 def test_activations_follow_rows_heads_and_remat(cfg8b):
     def est(**kw):
-        return estimate(cfg8b, Setup(**{"mesh": (1, 8, 1), **kw}), num_devices=8)
+        return estimate(cfg8b, Setup(**{"mesh": (1, 8, 1), "attention": "reference", **kw}), num_devices=8)
 
     base = est(global_batch_size=16)  # 2 rows per device
     assert base["rows_per_device"] == 2
@@ -82,7 +84,8 @@ def test_activations_follow_rows_heads_and_remat(cfg8b):
     # The [B, H, L, L] scores dominate at L=4096: 17 bytes/element for one layer's backward.
     assert half["activations_layer"] >= 17 * 1 * 32 * 4096 ** 2
     # Tensor parallelism splits heads and MLP, not the residual stream.
-    tp = estimate(cfg8b, Setup(mesh=(1, 4, 2), global_batch_size=16, grad_accum=4), num_devices=8)
+    tp = estimate(cfg8b, Setup(mesh=(1, 4, 2), global_batch_size=16, grad_accum=4, attention="reference"),
+                  num_devices=8)
     assert tp["rows_per_device"] == 1
     assert tp["activations_layer"] < half["activations_layer"]
     assert tp["activations_residuals"] == half["activations_residuals"]
@@ -93,6 +96,26 @@ def test_activations_follow_rows_heads_and_remat(cfg8b):
     # Quadratic in the sequence length once the scores dominate.
     short = est(global_batch_size=8, seq_len=1024)
     assert 10 < full["activations_layer"] / short["activations_layer"] <= 16
+
+
+def test_flash_attention_drops_the_scores(cfg8b):
+    """splash (TPU) and cudnn (GPU) never hold the L x L scores; `auto` picks them per platform."""
+    assert [resolve_attention("auto", p) for p in ("tpu", "gpu", "cpu")] == ["splash", "cudnn", "reference"]
+    assert resolve_attention("xla", None) == "xla"
+    with pytest.raises(ValueError, match="depends on the platform"):
+        resolve_attention("auto", None)
+    setup = Setup(mesh=(1, 8, 1), global_batch_size=8)
+    by_impl = {a: estimate(cfg8b, setup, num_devices=8, attention=a) for a in ("reference", "xla", "splash", "cudnn")}
+    assert estimate(cfg8b, setup, num_devices=8, platform="tpu")["attention"] == "splash"
+    assert estimate(cfg8b, setup, num_devices=8, platform="gpu")["attention"] == "cudnn"
+    scores = 32 * 4096 ** 2  # one row, 32 heads
+    assert by_impl["reference"]["activations_layer"] == by_impl["xla"]["activations_layer"]
+    assert by_impl["reference"]["activations_layer"] - by_impl["splash"]["activations_layer"] > 16 * scores
+    assert by_impl["splash"]["activations_layer"] < 1.5e9  # per-token tensors only, 1 row of 4096
+    assert by_impl["cudnn"]["activations_layer"] - by_impl["splash"]["activations_layer"] == 3 * 4096 ** 2  # mask
+    for impl in by_impl.values():  # attention changes nothing else
+        assert impl["activations_residuals"] == by_impl["splash"]["activations_residuals"]
+        assert impl["static"] == by_impl["splash"]["static"]
 
 
 def test_stage2_trains_only_the_gate(cfg8b):
@@ -160,22 +183,30 @@ def test_hardware_config_fits_its_chip_as_its_header_says(path, cfg8b):
     elif path.stem.startswith("v6e"):
         assert devices == int(path.stem.split("-")[1])
 
-    est = estimate(cfg8b, train, num_devices=devices)
+    est = estimate(cfg8b, train, num_devices=devices, platform=PLATFORMS[chip])
     assert est["param_count"] == REAL_PARAMS
+    assert est["attention"] in ("splash", "cudnn")  # attention: auto on a TPU / GPU
     for key, _ in COMPONENTS:
         assert header[key] == pytest.approx(est[key] / GB, abs=0.006), f"{key}: header is stale"
     assert header["total"] == pytest.approx(est["total"] / GB, abs=0.006), "total: header is stale"
     assert est["total"] <= (1 - MARGIN) * CHIPS[chip], f"{est['total'] / GB:.1f} GB leaves < 10% of {chip}"
 
 
-def test_cli_prints_the_table_and_fails_clearly():
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "urm_jax.memory", *args], cwd=ROOT,
-                              capture_output=True, text=True)
+def test_cli_prints_the_table_and_fails_clearly(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+    def cli(*args):  # `python -m urm_jax.memory ARGS`, in process
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    module = subprocess.run([sys.executable, "-m", "urm_jax.memory", "configs/hardware/v5p-8.yaml", "--chip", "v5p"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert module.returncode == 0 and "of 95.00 GB (v5p)" in module.stdout, module.stderr
 
     done = cli("configs/hardware/v6e-8.yaml", "--chip", "v6e")
     assert done.returncode == 0, done.stderr
-    assert "mesh data=1 fsdp=4 tensor=2" in done.stdout
+    assert "mesh data=1 fsdp=8 tensor=1, remat full, splash attention" in done.stdout
     assert re.search(r"total\s+[0-9.]+ GB\s+of 32\.00 GB \(v6e\), \d+% free", done.stdout)
     for key, _ in COMPONENTS:
         assert re.search(rf"^\s+{key}\s+[0-9.]+ GB", done.stdout, re.M), key
@@ -189,6 +220,10 @@ def test_cli_prints_the_table_and_fails_clearly():
     assert typo.returncode == 2 and "optim.learning_rate" in typo.stderr
     too_big = cli("configs/train/stage1_helpsteer2.yaml", "--devices", "1", "--chip", "h100")
     assert too_big.returncode == 1 and "exceeds" in too_big.stderr
+    unfused = cli("configs/hardware/v6e-8.yaml", "attention=reference", "--chip", "v6e")  # overrides anywhere
+    assert unfused.returncode == 1 and "reference attention" in unfused.stdout
+    gpu = cli("configs/hardware/v6e-8.yaml", "--platform", "gpu")
+    assert gpu.returncode == 0 and "cudnn attention" in gpu.stdout
 
 
 def test_estimate_tracks_xla_buffer_assignment():
@@ -199,8 +234,8 @@ def test_estimate_tracks_xla_buffer_assignment():
               head_dim=64, num_hidden_layers=2, vocab_size=1000, pad_token_id=999)
     cfg = ModelConfig.from_hf_dict(hf)
     setup = Setup(global_batch_size=8, seq_len=1024, remat="full", mesh=(1, len(jax.devices()), 1))
-    measured = xla_bytes(cfg, setup, setup.mesh)
-    est = estimate(cfg, setup, num_devices=len(jax.devices()))["total"]
+    measured = xla_bytes(cfg, setup, setup.mesh)  # reference attention: what runs on CPU
+    est = estimate(cfg, setup, num_devices=len(jax.devices()), platform="cpu")["total"]
     assert 0.6 * est <= measured <= 1.2 * est, (measured / GB, est / GB)
 
 

@@ -8,9 +8,12 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REMOTE_DIR=urm-jax   # the checkout on every worker, under the home directory
 LOG_ROOT=urm-logs    # per-run logs and pid files on every worker, under the home directory
 cd "$REPO_ROOT"
+# Worker-side test that the process in the pid file at $pid is alive (a zombie is not).
+# shellcheck disable=SC2016  # expanded on the worker
+ALIVE='[ -f $pid ] && ps -o stat= -p "$(cat $pid)" | grep -qv Z'
 
 # Every flag any script knows; each script lists the ones it accepts in ACCEPTS.
-OPT_name="" OPT_zone="" OPT_project="" OPT_type="" OPT_version="" OPT_config=""
+OPT_name="" OPT_zone="" OPT_project="" OPT_type="" OPT_version="" OPT_config="" OPT_dest=""
 OPT_run="train" OPT_repo="" OPT_ref="HEAD" OPT_python="python3.11"
 OPT_spot=0 OPT_queued=0 OPT_yes=0 OPT_dry_run=0
 SWITCHES=" spot queued yes dry-run "

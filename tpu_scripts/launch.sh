@@ -14,6 +14,6 @@ location_flags
 dir="~/$LOG_ROOT/$OPT_run"
 train=$(quote .venv/bin/urm-jax train "$OPT_config" "${EXTRA_ARGS[@]}")
 ssh_all "set -e; cd ~/$REMOTE_DIR; mkdir -p $dir; pid=$dir/\$(hostname).pid; \
-if [ -f \$pid ] && kill -0 \$(cat \$pid) 2>/dev/null; then echo \"\$(hostname): run $OPT_run is already running\" >&2; exit 1; fi; \
+if $ALIVE; then echo \"\$(hostname): run $OPT_run is already running\" >&2; exit 1; fi; \
 URM_JAX_DISTRIBUTED=1 JAX_PLATFORMS=tpu nohup $train > $dir/\$(hostname).log 2>&1 < /dev/null & echo \$! > \$pid; \
 echo \"\$(hostname): started run $OPT_run, pid \$(cat \$pid)\""

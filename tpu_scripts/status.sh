@@ -16,5 +16,5 @@ run gcloud compute tpus tpu-vm describe "$OPT_name" "${LOCATION[@]}" \
 # shellcheck disable=SC2088  # ~ expands on the worker
 dir="~/$LOG_ROOT/$OPT_run"
 ssh_all "pid=$dir/\$(hostname).pid; \
-if [ -f \$pid ] && kill -0 \$(cat \$pid) 2>/dev/null; then echo \"\$(hostname): running\"; else echo \"\$(hostname): not running\"; fi; \
+if $ALIVE; then echo \"\$(hostname): running\"; else echo \"\$(hostname): not running\"; fi; \
 tail -n 3 $dir/\$(hostname).log 2>/dev/null || true"

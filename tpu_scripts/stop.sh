@@ -11,4 +11,4 @@ location_flags
 # shellcheck disable=SC2088  # ~ expands on the worker
 dir="~/$LOG_ROOT/$OPT_run"
 ssh_all "pid=$dir/\$(hostname).pid; \
-if [ -f \$pid ] && kill \$(cat \$pid) 2>/dev/null; then echo \"\$(hostname): stopped\"; else echo \"\$(hostname): not running\"; fi"
+if $ALIVE && kill \"\$(cat \$pid)\"; then echo \"\$(hostname): stopped\"; else echo \"\$(hostname): not running\"; fi"

@@ -326,8 +326,21 @@ class ParamsReader:
         """Rows of the first dim per stored chunk (reads aligned to these touch each chunk once)."""
         return self.array(path)["rows"]
 
-    def read(self, path: tuple[str, ...], start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a parameter."""
+    def _chunk_file(self, meta: dict, first: int) -> Path:
+        return self.dir / meta["name"] / f"{first // meta['rows']}{'.0' * (len(meta['shape']) - 1)}"
+
+    def prefetch(self, path: tuple[str, ...], start: int, stop: int) -> None:
+        """Start reading the chunks holding rows [start, stop) into the page cache (raw layout)."""
+        meta = self.array(path)
+        if "store" in meta or not hasattr(os, "posix_fadvise"):
+            return
+        for first in range(start - start % meta["rows"], stop, meta["rows"]):
+            with contextlib.suppress(OSError):
+                with open(self._chunk_file(meta, first), "rb", buffering=0) as handle:
+                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+
+    def read(self, path: tuple[str, ...], start: int, stop: int, alloc=np.empty) -> np.ndarray:
+        """Rows [start, stop) of a parameter (into `alloc(shape, dtype)` on the raw path)."""
         meta = self.array(path)
         name = ".".join(path)
         if "store" in meta:
@@ -337,13 +350,12 @@ class ParamsReader:
                 raise CheckpointError(f"{self.dir}: cannot read parameter {name} rows "
                                       f"{start}:{stop} ({err})") from None
         shape, rows = meta["shape"], meta["rows"]
-        out = np.empty((stop - start, *shape[1:]), meta["dtype"])
+        out = alloc((stop - start, *shape[1:]), meta["dtype"])
         flat = out.reshape(stop - start, -1).view(np.uint8)
         row_bytes = flat.shape[1]
-        suffix = ".0" * (len(shape) - 1)
         for first in range(start - start % rows, stop, rows):  # each chunk the range touches
             lo, hi = max(start, first), min(stop, first + rows)
-            file = self.dir / name / f"{first // rows}{suffix}"
+            file = self._chunk_file(meta, first)
             want = memoryview(flat[lo - start:hi - start].reshape(-1))
             try:
                 with open(file, "rb", buffering=0) as handle:

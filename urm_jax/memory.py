@@ -3,10 +3,10 @@
     python -m urm_jax.memory configs/hardware/v5p-8.yaml [key=value ...] [--devices N] [--chip v5p]
         [--header] [--xla]
 
-It is an estimate from a stated model, not a measurement (`--xla` adds one: XLA's own buffer
-assignment of the real stage-1 train step, compiled for N simulated CPU devices; CPU fuses less
-than TPU and stores bf16 matmul outputs saved by remat `dots` in fp32, so it reads high there).
-Decimal GB (1e9 bytes) throughout.
+It is an estimate from a stated model, not a measurement. `--xla` adds a measurement to compare
+with: XLA's buffer assignment of the real stage-1 train step compiled for N simulated CPU devices,
+next to the estimate for that same CPU step (reference attention; CPU also stores the bf16 matmul
+outputs that remat `dots` saves in fp32, so it reads high there). Decimal GB (1e9 bytes).
 
 Static state, from the model's real parameter shapes (`abstract_model`) and the sharding rules
 (`urm_jax.sharding.AxisRules`), so every tensor is divided by exactly the mesh axes it is sharded
@@ -18,20 +18,26 @@ over (norm weights and the odd-sized vocab axis stay replicated where the rules 
   grad_accumulator  grad_accum > 1 only: the running gradient sum the step scans with.
   optimizer         AdamW: optax's mu and nu follow the parameter dtype (mu_dtype=None), so
                     2 x params (fp32 master weights -> 8 bytes/param). Clipping holds no state.
-A full fp32 fine-tune is 4 + 4 + 8 = 16 bytes/param: 120.6 GB for 7.54e9 parameters, the
-"~128 GB for an 8B model" floor, divided by fsdp x tensor.
+A full fp32 fine-tune is 4 + 4 + 8 = 16 bytes/param: 120.1 GB for the 7.5e9 trainable parameters,
+the "~128 GB for an 8B model" floor, divided by fsdp x tensor.
 
 Activations (B = rows per device per micro-batch = micro_batch / (data x fsdp), L = seq_len,
-D = hidden, F = intermediate / tensor, H = heads / tensor, c = bytes of the compute dtype):
+D = hidden, F = intermediate / tensor, Hq, Hkv = heads / tensor, c = bytes of the compute dtype):
   activations_residuals  what the layer scan saves for the backward pass, per layer:
       remat full: the residual stream entering the layer, B·L·D·c;
       remat dots: that, plus the outputs of the weight matmuls (q, k, v, o, gate, up, down);
-      remat none: every intermediate of the layer, incl. the scores at SCORE_BYTES_FORWARD.
-  activations_layer  the working set of the one layer being (re)computed and differentiated:
-      attention: SCORE_BYTES = 17 bytes x B·H·L² (logits, softmax probabilities and their two
-      gradients, each counted in fp32, + the broadcast bool mask: the attention is not fused, the
-      L x L scores exist; 17 is what XLA's CPU buffer assignment keeps live), plus
-      the layer's per-token intermediates and their cotangents (2 x B·L·(4D + 2(Hq+Hkv)·hd + 3F)·c).
+      remat none: every intermediate of the layer (with the scores, for unfused attention).
+  activations_layer  the working set of the one layer being (re)computed and differentiated: its
+      per-token intermediates and their cotangents, 2 x B·L·(4D + 2(Hq+Hkv)·hd + 3F)·c, plus
+      attention, by implementation (`attention`; auto = splash on TPU, cudnn on GPU, reference
+      on CPU, as urm_jax.model.attention resolves it on that platform):
+        reference, xla: the [B, Hq, L, L] scores exist, SCORE_BYTES = 17 bytes per element
+          (logits, probabilities and their two gradients, each counted in fp32, + the broadcast
+          bool mask: what XLA's CPU buffer assignment of the 8B layer at L=4096 keeps live), and
+          the [B, L, L] mask;
+        splash, cudnn (flash attention): no L x L tensor, only softmax statistics (B·Hq·L·8
+          bytes) and the [B, Hkv, G, L, hd] layout copies of q, k, v and the output; cudnn also
+          takes the dense [B, L, L] mask (bool, and as a bf16 bias).
   fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) and their
       unsharded gradient before the reduce-scatter, both in the parameter dtype.
 Stage 2 runs no backward through the backbone: activations are the forward working set of one
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -58,6 +65,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # of the real 8B layer at L=4096 holds exactly that (TPU fuses more: an upper estimate).
 SCORE_BYTES = 4 * 4 + 1
 SCORE_BYTES_FORWARD = 2 * 4 + 1
+FLASH_STATS_BYTES = 8  # per (row, head, token): softmax max/log-sum-exp and the backward's sum(dO*O)
+FLASH = ("splash", "cudnn")
+AUTO_ATTENTION = {"tpu": "splash", "gpu": "cudnn", "cpu": "reference"}  # as urm_jax.model.attention
 MARGIN = 0.10  # hardware recipes keep at least this fraction of HBM free
 
 # HBM per device in decimal GB (the vendors' GiB figures are a few % larger: extra cushion).
@@ -68,6 +78,7 @@ CHIPS = {
     "h100": 80 * GB,
     "h200": 141 * GB,
 }
+PLATFORMS = {"v5e": "tpu", "v5p": "tpu", "v6e": "tpu", "h100": "gpu", "h200": "gpu"}
 
 DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "configs/model/urm-llama-3.1-8b.json"
 
@@ -79,7 +90,7 @@ COMPONENTS = (
     ("grad_accumulator", "gradient sum across micro-batches"),
     ("optimizer", "AdamW mu + nu (parameter dtype)"),
     ("activations_residuals", "saved per layer for the backward pass"),
-    ("activations_layer", "one layer's working set incl. L x L scores"),
+    ("activations_layer", "one layer's working set incl. attention"),
     ("fsdp_gather", "one layer gathered over fsdp + its gradient"),
 )
 STATIC = ("params", "frozen_params", "gradients", "grad_accumulator", "optimizer")
@@ -99,6 +110,7 @@ class Setup:
     seq_len: int = 4096
     remat: str = "full"
     mesh: tuple[int, int, int] = (1, -1, 1)
+    attention: str = "auto"  # auto | reference | xla | cudnn | splash
     gate_compute_dtype: str | None = None  # None: the checkpoint's gate dtype
     max_segments: int = 8
 
@@ -108,7 +120,7 @@ class Setup:
                    compute_dtype=train.precision.compute, gate_param_dtype=train.precision.gate_param,
                    global_batch_size=train.global_batch_size, grad_accum=train.grad_accum,
                    seq_len=train.data.seq_len, remat=train.remat, mesh=tuple(train.mesh),
-                   gate_compute_dtype=train.precision.gate_compute, max_segments=train.data.max_segments)
+                   attention=train.attention, gate_compute_dtype=train.precision.gate_compute, max_segments=train.data.max_segments)
 
 
 def resolve_mesh(shape, num_devices: int | None) -> tuple[int, int, int]:
@@ -168,14 +180,27 @@ def _split(spec, sizes: dict) -> int:
     return n
 
 
-def estimate(cfg, train=None, *, mesh_shape=None, num_devices: int | None = None, **explicit) -> dict:
+def resolve_attention(attention: str, platform: str | None) -> str:
+    if attention not in ("auto", "reference", "xla", "splash", "cudnn"):
+        raise ValueError(f"attention {attention!r} not in auto, reference, xla, cudnn, splash")
+    if attention != "auto":
+        return attention
+    if platform not in AUTO_ATTENTION:
+        raise ValueError(f"attention 'auto' depends on the platform: give one of {sorted(AUTO_ATTENTION)} "
+                         "(or a chip), or name the attention implementation")
+    return AUTO_ATTENTION[platform]
+
+
+def estimate(cfg, train=None, *, mesh_shape=None, num_devices: int | None = None,
+             platform: str | None = "tpu", **explicit) -> dict:
     """Per-device memory in bytes for training `cfg` (a ModelConfig).
 
     `train`: a TrainConfig (or a `Setup`); keyword arguments named like `Setup`'s fields override
     it (stage, param_dtype, compute_dtype, gate_param_dtype, global_batch_size, grad_accum,
-    seq_len, remat). `mesh_shape` defaults to the config's mesh; -1 needs `num_devices`.
+    seq_len, remat, attention). `mesh_shape` defaults to the config's mesh; -1 needs
+    `num_devices`. `platform` (tpu | gpu | cpu) resolves `attention: auto`.
     Returns the COMPONENTS keys, `activations`, `static` and `total` (ints, bytes per device),
-    plus the derived layout: mesh, rows_per_device, param_count, trainable_param_count.
+    plus the derived layout: mesh, rows_per_device, attention, param_count, trainable_param_count.
     """
     from urm_jax.train.step import STAGE_TRAINABLE
 
@@ -186,6 +211,7 @@ def estimate(cfg, train=None, *, mesh_shape=None, num_devices: int | None = None
     setup = dataclasses.replace(setup, **explicit)
     if setup.remat not in ("none", "full", "dots"):
         raise ValueError(f"remat {setup.remat!r} not in none, full, dots")
+    attention = resolve_attention(setup.attention, platform)
     mesh = resolve_mesh(mesh_shape if mesh_shape is not None else setup.mesh, num_devices)
     data, fsdp, tensor = mesh
     counts = _sharded_counts(cfg, mesh)
@@ -216,30 +242,44 @@ def estimate(cfg, train=None, *, mesh_shape=None, num_devices: int | None = None
     split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731  (as AxisRules.spec)
     hq, hkv, f = split(cfg.num_heads), split(cfg.num_kv_heads), split(cfg.intermediate_size)
     tokens = rows * length
-    scores = rows * hq * length * length  # elements of one [B, H, L, L] score matrix
     per_token = 4 * d + 2 * (hq + hkv) * hd + 3 * f  # norms, q/k/v/attn, o, gate/up/act, down
     dots = (hq + 2 * hkv) * hd + 2 * d + 2 * f  # matmul outputs: q, k, v, o, gate, up, down
+    # Attention beyond the per-token tensors: the L x L scores (unfused), or flash statistics.
+    scores = rows * hq * length * length  # elements of one [B, H, L, L] score matrix
+    # The dense [B, L, L] mask: bool; cudnn also turns it into a bf16 bias.
+    mask = rows * length * length * {"reference": 1, "xla": 1, "cudnn": 3, "splash": 0}[attention]
+    if attention in FLASH:  # softmax statistics and the kernel-layout copies of q, k, v, out
+        attn_backward = attn_forward = attn_saved = (rows * hq * length * FLASH_STATS_BYTES
+                                                     + tokens * 2 * (hq + hkv) * hd * c)
+    else:
+        attn_backward = SCORE_BYTES * scores
+        attn_forward = attn_saved = SCORE_BYTES_FORWARD * scores
     layer_weights = counts["backbone"]["layer"] * DTYPE_BYTES[setup.param_dtype]
     layers = cfg.num_layers
     if setup.stage == 2:  # forward only through the frozen backbone
         out["activations_residuals"] = 0
-        out["activations_layer"] = SCORE_BYTES_FORWARD * scores + tokens * per_token * c
+        out["activations_layer"] = attn_forward + mask + tokens * per_token * c
         out["fsdp_gather"] = layer_weights
     else:
         saved = {"full": tokens * d * c,
                  "dots": tokens * (d + dots) * c,
-                 "none": tokens * (d + per_token) * c + SCORE_BYTES_FORWARD * scores}[setup.remat]
+                 "none": tokens * (d + per_token) * c + attn_saved}[setup.remat]
         out["activations_residuals"] = layers * saved
-        out["activations_layer"] = SCORE_BYTES * scores + 2 * tokens * per_token * c
+        out["activations_layer"] = attn_backward + mask + 2 * tokens * per_token * c
         out["fsdp_gather"] = 2 * layer_weights
     out["static"] = sum(out[k] for k in STATIC)
     out["activations"] = sum(out[k] for k in ACTIVATIONS)
     out["total"] = out["static"] + out["activations"]
     out.update(mesh=mesh, num_devices=data * fsdp * tensor, rows_per_device=rows, seq_len=length,
-               stage=setup.stage, remat=setup.remat,
+               stage=setup.stage, remat=setup.remat, attention=attention,
                param_count=sum(v["total"] for v in counts.values()),
                trainable_param_count=sum(counts[g]["total"] for g in train_groups))
     return out
+
+
+def xla_attention(attention: str) -> str:
+    """What a CPU compile can run in place of `attention` (flash kernels are TPU/GPU only)."""
+    return "xla" if attention == "xla" else "reference"
 
 
 def xla_bytes(cfg, setup: Setup, mesh_shape: tuple[int, int, int]) -> int:
@@ -262,7 +302,7 @@ def xla_bytes(cfg, setup: Setup, mesh_shape: tuple[int, int, int]) -> int:
         raise ValueError("--xla compiles the stage-1 step only")
     options = ModelOptions(DTypePolicy(param=setup.param_dtype, compute=setup.compute_dtype,
                                        gate=setup.gate_compute_dtype, gate_param=setup.gate_param_dtype),
-                           remat=setup.remat)
+                           remat=setup.remat, attention=xla_attention(setup.attention))
     mesh = make_mesh(mesh_shape)
     shardings = param_shardings(cfg, mesh, None, options)
     shapes = nnx.state(abstract_model(cfg, options)).to_pure_dict()
@@ -298,10 +338,10 @@ def xla_bytes(cfg, setup: Setup, mesh_shape: tuple[int, int, int]) -> int:
 def format_table(est: dict, hbm: float | None = None, chip: str | None = None) -> list[str]:
     data, fsdp, tensor = est["mesh"]
     lines = [f"stage {est['stage']}, {est['num_devices']} devices, mesh data={data} fsdp={fsdp} "
-             f"tensor={tensor}, remat {est['remat']}, {est['rows_per_device']} row(s) x "
-             f"{est['seq_len']} tokens per device per micro-batch",
-             f"{est['param_count']:,} parameters, {est['trainable_param_count']:,} trainable; "
-             f"per device, decimal GB:"]
+             f"tensor={tensor}, remat {est['remat']}, {est['attention']} attention,",
+             f"{est['rows_per_device']} row(s) x {est['seq_len']} tokens per device per micro-batch; "
+             f"{est['param_count']:,} parameters, {est['trainable_param_count']:,} trainable.",
+             "Per device, decimal GB:"]
     for key, what in COMPONENTS:
         lines.append(f"  {key:<22} {est[key] / GB:8.2f} GB  {what}")
     total = f"  {'total':<22} {est['total'] / GB:8.2f} GB"
@@ -319,15 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="training YAML, e.g. configs/hardware/v5p-8.yaml")
     p.add_argument("overrides", nargs="*", help="key=value, as for `urm-jax train`")
     p.add_argument("--devices", type=int, default=None, help="device count (needed when mesh has -1)")
-    p.add_argument("--chip", choices=sorted(CHIPS), default=None, help="print the fraction of HBM left")
+    p.add_argument("--chip", choices=sorted(CHIPS), default=None,
+                   help="print the fraction of its HBM left; sets the platform (tpu or gpu)")
+    p.add_argument("--platform", choices=sorted(AUTO_ATTENTION), default=None,
+                   help="resolves `attention: auto` (default: the chip's, else tpu)")
     p.add_argument("--model-config", default=None,
                    help="HF config.json of the model (default: the config in `model=` if it is a "
                    f"directory, else {DEFAULT_MODEL_CONFIG.name})")
     p.add_argument("--header", action="store_true", help="print the table as a YAML comment block")
     p.add_argument("--xla", action="store_true",
                    help="also compile the real stage-1 step for N simulated CPU devices and print "
-                   "XLA's peak bytes per device (slow: ~30 s for the 8B model; needs --devices)")
-    args = p.parse_args(argv)
+                   "XLA's peak bytes per device next to the estimate for that CPU step (slow: "
+                   "~30 s for the 8B model; needs --devices)")
+    args = p.parse_intermixed_args(argv)
     if args.xla:
         if args.devices is None:
             p.error("--xla needs --devices")
@@ -348,22 +392,26 @@ def main(argv: list[str] | None = None) -> int:
             model_json = model_dir / "config.json" if (model_dir / "config.json").is_file() else DEFAULT_MODEL_CONFIG
         if not Path(model_json).is_file():
             raise ValueError(f"{model_json}: no such model config")
-        import json
-
         cfg = ModelConfig.from_hf_dict(json.loads(Path(model_json).read_text()), source=str(model_json))
-        est = estimate(cfg, train, num_devices=args.devices)
-        measured = xla_bytes(cfg, Setup.from_train(train), est["mesh"]) if args.xla else None
+        platform = args.platform or (PLATFORMS[args.chip] if args.chip else "tpu")
+        est = estimate(cfg, train, num_devices=args.devices, platform=platform)
+        if args.xla:
+            cpu_setup = dataclasses.replace(Setup.from_train(train), attention=xla_attention(train.attention))
+            measured = xla_bytes(cfg, cpu_setup, est["mesh"])
+            cpu_estimate = estimate(cfg, cpu_setup, num_devices=args.devices, platform="cpu")["total"]
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     hbm = CHIPS[args.chip] if args.chip else None
     lines = format_table(est, hbm, args.chip)
-    if measured is not None:
-        lines.append(f"  {'xla_cpu_peak':<22} {measured / GB:8.2f} GB  the real step compiled for "
-                     f"{est['num_devices']} CPU devices (XLA's buffer assignment; not a TPU/GPU)")
+    if args.xla:
+        lines.append(f"  {'xla_cpu_peak':<22} {measured / GB:8.2f} GB  the same step compiled for "
+                     f"{est['num_devices']} CPU devices with {cpu_setup.attention} attention "
+                     f"(estimate for it: {cpu_estimate / GB:.2f} GB)")
     if args.header:
         cmd = " ".join(["python -m urm_jax.memory", args.config, *args.overrides]
                        + ([f"--chip {args.chip}"] if args.chip else [])
+                       + ([f"--platform {args.platform}"] if args.platform else [])
                        + [f"--devices {est['num_devices']}"] + (["--xla"] if args.xla else []))
         lines = [f"Memory per device, estimated by `{cmd}`:"] + lines
         lines = ["# " + line if line else "#" for line in lines]
