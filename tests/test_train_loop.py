@@ -150,6 +150,13 @@ def test_config_errors_fail_before_compiling(override, message):
     assert message in str(err.value)
 
 
+def test_yaml_scientific_notation_without_a_dot_is_a_float():
+    cfg = load_train_config(STAGE1, ["model=m", "output_dir=o", "optim.learning_rate=1e-5", "optim.eps=2E-8"])
+    assert cfg.optim.learning_rate == 1e-5 and cfg.optim.eps == 2e-8
+    with pytest.raises(TrainConfigError, match="optim.learning_rate"):
+        load_train_config(STAGE1, ["model=m", "output_dir=o", "optim.learning_rate=fast"])
+
+
 def test_config_error_through_the_cli_is_one_line(tmp_path):
     done = subprocess.run(train_cmd(STAGE1, "model=m", f"output_dir={tmp_path}", "optim.lr=1"), cwd=ROOT,
                           capture_output=True, text=True)

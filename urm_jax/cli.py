@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train stage 1 or 2 from a YAML recipe (resumes automatically)")
     p.add_argument("config", help="YAML recipe, e.g. configs/train/stage1_helpsteer2.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.learning_rate=1e-5")
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host GPU/CPU; "
+                   "TPU pods need none of these flags with URM_JAX_DISTRIBUTED=1)")
+    p.add_argument("--num-processes", type=positive_int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     return parser
 
 
@@ -145,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_parity(args)
         if args.command == "train":
+            from urm_jax.distributed import maybe_initialize
+
+            maybe_initialize(args.coordinator, args.num_processes, args.process_id)
             from urm_jax.train.loop import main_train
 
             return main_train(args.config, args.overrides)

@@ -37,19 +37,23 @@ def cache_key(model_path: str, examples: Sequence[PairExample], seq_len: int, co
 
 def compute_features(pooled_fn, examples: Sequence[PairExample], *, seq_len: int, batch_pairs: int,
                      batch_sharding, progress: bool = True) -> np.ndarray:
-    """[N, 2, D] pooled hidden states (chosen, rejected) in fixed example order.
-    `pooled_fn(batch) -> [2b, D]` is the jitted frozen-backbone forward."""
+    """[N, 2, D] pooled hidden states (chosen, rejected) in fixed example order, identical on
+    every host. `pooled_fn(batch) -> [2b, D]` is the jitted frozen-backbone forward; each host
+    feeds its slice of every batch and the pooled rows are gathered back to all hosts."""
+    from jax.experimental import multihost_utils
+
+    per_host = batch_pairs // jax.process_count()
+    lo = jax.process_index() * per_host
     out = []
-    order = list(range(len(examples)))
-    for start in tqdm(range(0, len(order), batch_pairs), desc="stage-2 features", unit="batch",
+    for start in tqdm(range(0, len(examples), batch_pairs), desc="stage-2 features", unit="batch",
                       disable=not progress):
-        chunk = order[start:start + batch_pairs]
+        chunk = list(range(start, min(start + batch_pairs, len(examples))))
         rows = [[i] for i in chunk] + [[] for _ in range(batch_pairs - len(chunk))]
-        batch = pair_batch(rows, examples, seq_len=seq_len)
-        batch = {k: v for k, v in batch.items() if k != "pair_mask"}
-        batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
-        pooled = np.asarray(jax.device_get(pooled_fn(batch)))
-        out.append(pooled.reshape(batch_pairs, 2, -1)[:len(chunk)])  # rows 2r / 2r+1: chosen / rejected
+        local = pair_batch(rows[lo:lo + per_host], examples, seq_len=seq_len)
+        local.pop("pair_mask")
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+        pooled = multihost_utils.process_allgather(pooled_fn(batch), tiled=True)
+        out.append(np.asarray(pooled).reshape(batch_pairs, 2, -1)[:len(chunk)])  # rows 2r / 2r+1
     return np.concatenate(out)
 
 

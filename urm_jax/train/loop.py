@@ -22,7 +22,6 @@ import orbax.checkpoint as ocp
 import yaml
 from tqdm.auto import tqdm
 
-from urm_jax.checkpoint import save_checkpoint
 from urm_jax.config import DTypePolicy, ModelConfig
 from urm_jax.loading import load_config_any, load_params_any
 from urm_jax.model.urm import ModelBinder, ModelOptions
@@ -107,18 +106,44 @@ def restore_latest(manager: ocp.CheckpointManager, trainer: Trainer, iterator) -
 
 def save_final(run: RunDirectory, cfg: TrainConfig, model_cfg: ModelConfig, trainer: Trainer,
                tokenizer_dir: str) -> Path:
+    """Write `final/` (a full urm-jax checkpoint) chunk by chunk: every process takes part in
+    gathering each chunk of the (possibly multi-host) arrays, process 0 writes it. Memory stays
+    at one chunk per host whatever the model size or the number of hosts."""
+    import contextlib
+
+    from jax.experimental import multihost_utils
+
+    from urm_jax.checkpoint import checkpoint_writer, chunk_rows, stacked_paths
     from urm_jax.config import np_dtype
 
-    params = jax.device_get(merge_params(trainer.state.params, trainer.frozen))
-    save = cfg.precision.save
+    params = merge_params(trainer.state.params, trainer.frozen)
     gate = model_cfg.gate_dtype if cfg.precision.gate_save == "source" else cfg.precision.gate_save
-    cast = lambda tree, dtype: jax.tree.map(lambda x: x.astype(np_dtype(dtype)), tree)  # noqa: E731
-    params = {k: (cast(v, gate) if k == "gate" else v if save == "keep" else cast(v, save))
-              for k, v in params.items()}
-    dtypes = {"torch_dtype": str(params["backbone"]["embed_tokens"].dtype),
-              "gate_dtype": str(params["gate"]["fc0"]["kernel"].dtype)}
-    return save_checkpoint(run.final, params, model_cfg, tokenizer_dir=tokenizer_dir, overwrite=True,
-                           hf_config=model_cfg.to_hf_dict(**dtypes))
+    backbone = cfg.precision.save
+
+    def out_dtype(path, leaf):
+        if path[0] == "gate":
+            return np_dtype(gate)
+        return np.dtype(leaf.dtype) if backbone == "keep" else np_dtype(backbone)
+
+    leaves = [(tuple(str(k.key) for k in p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+    dtypes = {"torch_dtype": out_dtype(("backbone",), params["backbone"]["embed_tokens"]).name,
+              "gate_dtype": np_dtype(gate).name}
+    is_main = jax.process_index() == 0
+    writer_ctx = (checkpoint_writer(run.final, model_cfg.to_hf_dict(**dtypes), tokenizer_dir=tokenizer_dir,
+                                    overwrite=True) if is_main else contextlib.nullcontext(None))
+    stacked = stacked_paths(model_cfg)
+    with writer_ctx as writer:
+        for path, leaf in leaves:
+            dtype = out_dtype(path, leaf)
+            rows = chunk_rows(leaf.shape, dtype, path in stacked)
+            if writer is not None:
+                writer.add(path, leaf.shape, dtype, rows)
+            for start in range(0, leaf.shape[0], rows):
+                block = multihost_utils.process_allgather(leaf[start:start + rows], tiled=True)
+                if writer is not None:
+                    writer.write(path, start, np.asarray(block).astype(dtype))
+    multihost_utils.sync_global_devices("urm-jax final checkpoint written")
+    return run.final
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
@@ -208,7 +233,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    final = save_final(run, cfg, model_cfg, trainer, cfg.model) if is_main else run.final
+    final = save_final(run, cfg, model_cfg, trainer, cfg.model)
     writer.close()
     if is_main and cfg.plot:
         plot_metrics(run.root / "metrics.jsonl", run.root / "loss.png")
