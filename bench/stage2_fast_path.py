@@ -9,7 +9,9 @@ synthetic pairs whose side lengths follow the HelpSteer2-like distribution scale
 (the recipe's median ~600 of 4096 tokens -> ~75 of 512), so rows carry the recipe's share of padding.
 Both paths see the same pairs in the same order (both shuffle with `epoch_order(seed, epoch)`)
 and are driven like `urm_jax/train/loop.py`: host batch -> `with_accum_axis` -> device -> step.
-Epoch times include host batch assembly and end with a fetched loss (synchronised).
+Epoch times include host batch assembly and end with a fetched loss (synchronised). Wall seconds
+fill the table; process CPU seconds (all threads) are printed too, because on a shared machine
+other tenants move wall time far more than CPU time.
 
 Compilation is done before timing with a step whose pairs are all masked (zero gradients; stage-2
 weight decay is 0, so the parameters do not move) and reported separately. The full path repeats
@@ -72,6 +74,17 @@ def device_batch(trainer, host_batch: dict, accum: int) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), batch)
 
 
+class Clock:
+    """Wall and process-CPU seconds of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def compile_step(trainer, host_batch: dict, accum: int) -> float:
     """Compile (and run) the step on an all-masked copy of a batch: zero gradients, no update."""
     masked = dict(host_batch, pair_mask=np.zeros_like(host_batch["pair_mask"]))
@@ -80,12 +93,12 @@ def compile_step(trainer, host_batch: dict, accum: int) -> float:
     return time.perf_counter() - t
 
 
-def run_epoch(trainer, iterator, steps: int, accum: int) -> float:
-    t = time.perf_counter()
-    for _ in range(steps):
-        metrics = trainer.run(device_batch(trainer, next(iterator), accum))
-    float(metrics["loss"])  # waits for the last step (and so every earlier one)
-    return time.perf_counter() - t
+def run_epoch(trainer, iterator, steps: int, accum: int) -> Clock:
+    with Clock() as clock:
+        for _ in range(steps):
+            metrics = trainer.run(device_batch(trainer, next(iterator), accum))
+        float(metrics["loss"])  # waits for the last step (and so every earlier one)
+    return clock
 
 
 def main() -> None:
@@ -118,7 +131,7 @@ def main() -> None:
     full = build_trainer(cfg, params, OPTIONS, StepSettings(stage=2, loss="bt"), OPTIM, total_steps, mesh)
     full_compile = compile_step(full, next(BatchIterator(pairs, args.batch, args.seq_len, seed=0, pack=False)),
                                 args.accum)
-    full_epochs = [run_epoch(full, full_iter, steps, args.accum) for _ in range(args.full_epochs)]
+    full_clocks = [run_epoch(full, full_iter, steps, args.accum) for _ in range(args.full_epochs)]
     full_gate_1 = jax.device_get(full.state.params)
     del full
 
@@ -136,9 +149,9 @@ def main() -> None:
     t = time.perf_counter()
     features_of(pairs[:1])  # compile the pooled forward (one padded batch)
     feature_compile = time.perf_counter() - t
-    t = time.perf_counter()
-    features = features_of(pairs)
-    feature_pass = time.perf_counter() - t
+    with Clock() as feature_clock:
+        features = features_of(pairs)
+    feature_pass = feature_clock.wall
 
     # Bench-only: the same features from one compute_features call per length bucket.
     buckets = length_buckets(pairs, args.seq_len)
@@ -146,26 +159,27 @@ def main() -> None:
     for length, idx in buckets.items():
         features_of([pairs[idx[0]]], length)  # one compile per bucket shape
     bucket_compile = time.perf_counter() - t
-    t = time.perf_counter()
-    bucketed = np.empty_like(features)
-    for length, idx in buckets.items():
-        bucketed[idx] = features_of([pairs[i] for i in idx], length)
-    bucket_pass = time.perf_counter() - t
+    with Clock() as bucket_clock:
+        bucketed = np.empty_like(features)
+        for length, idx in buckets.items():
+            bucketed[idx] = features_of([pairs[i] for i in idx], length)
+    bucket_pass = bucket_clock.wall
     bucket_diff = float(np.max(np.abs(bucketed - features)) / np.max(np.abs(features)))
 
     fast_iter = FeatureIterator(features, args.batch, seed=0)
     fast = build_trainer(cfg, params, OPTIONS, StepSettings(stage=2, loss="bt", use_features=True), OPTIM,
                          total_steps, mesh)
     fast_compile = compile_step(fast, next(FeatureIterator(features, args.batch, seed=0)), 1)
-    fast_epochs = []
+    fast_clocks = []
     for epoch in range(args.epochs):
-        fast_epochs.append(run_epoch(fast, fast_iter, steps, 1))
+        fast_clocks.append(run_epoch(fast, fast_iter, steps, 1))
         if epoch == 0:
             fast_gate_1 = jax.device_get(fast.state.params)
     gate_diff = max(float(np.max(np.abs(a - b)))
                     for a, b in zip(jax.tree.leaves(full_gate_1), jax.tree.leaves(fast_gate_1)))
 
     # --- table
+    full_epochs, fast_epochs = [c.wall for c in full_clocks], [c.wall for c in fast_clocks]
     full_epoch = statistics.mean(full_epochs)
     fast_epoch = statistics.mean(fast_epochs)
     print(f"\nStage-2 gate training, CPU ({jax.device_count()} device), fp32: model hidden {cfg.hidden_size}, "
@@ -198,6 +212,12 @@ def main() -> None:
           f"feature step {fast_compile:.1f} s, {len(buckets)} bucket shapes {bucket_compile:.1f} s")
     print(f"buckets (padded length: pairs): {', '.join(f'{b}: {len(i)}' for b, i in buckets.items())}; "
           f"bucketed vs padded features: max relative difference {bucket_diff:.1e}")
+    full_cpu = statistics.mean(c.cpu for c in full_clocks)
+    fast_cpu = sum(c.cpu for c in fast_clocks)
+    print(f"CPU seconds: full-path epoch {full_cpu:.1f}, feature pass {feature_clock.cpu:.1f}, bucketed pass "
+          f"{bucket_clock.cpu:.1f}, {args.epochs} fast epochs {fast_cpu:.2f}; {args.epochs}-epoch speed-up by CPU "
+          f"time {full_cpu * args.epochs / (feature_clock.cpu + fast_cpu):.2f} (bucketed "
+          f"{full_cpu * args.epochs / (bucket_clock.cpu + fast_cpu):.2f})")
     print(f"same training: max |gate(full) - gate(fast)| after epoch 1 = {gate_diff:.1e}")
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
 

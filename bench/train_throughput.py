@@ -1,7 +1,7 @@
 """Stage-1 training throughput: urm-jax (`build_trainer`, 1-device mesh) vs the HF PyTorch reference
 (`LlamaForSequenceClassificationWithNormal_Weights`) with torch.optim.AdamW, side by side in one run.
 
-    .venv/bin/python bench/train_throughput.py [--quick] [--batch 2] [--seq-lens 256 512] [--steps 2]
+    .venv/bin/python bench/train_throughput.py [--quick] [--batch 2] [--seq-lens 256 512] [--steps 3]
 
 Same ~100M-parameter Llama shape, same random checkpoint (convert/synthetic.py), same batch of
 full-length rows (every token real, so tokens/s = rows * seq_len / s), same loss (reparam
@@ -18,8 +18,16 @@ artefact, not the reference model's speed. XLA's thread pool does not busy-wait 
 Implementations run in the same process, ROUND-ROBIN (one step of each per round, order rotated),
 so a busy shared machine slows every row alike; each is warmed up (JAX: compile) before timing
 and synchronised per step (JAX: fetch the loss; torch on CPU is synchronous). tokens/s, GFLOP/s
-and the ratios use the median step; `best tok/s` uses the fastest (least disturbed) one. GFLOP/s is `urm_jax.flops.train_flops` (6 N_matmul T + causal attention, the
-model's useful work) / step time: the same FLOP count for every row, so it ranks like tokens/s.
+and the ratios use the median step; `best tok/s` uses the fastest (least disturbed) one.
+`CPU s/step` is the process's CPU time (all threads, user + system) per step, median: the work
+done, which other tenants of a shared machine disturb far less than wall time (idle torch
+threads sleep under PASSIVE; XLA's pool spins briefly, which counts against JAX).
+GFLOP/s is `urm_jax.flops.train_flops` (6 N_matmul T + causal attention: the model's useful work,
+MFU's numerator; there is no CPU peak to divide by) / median step time -- the same FLOP count for
+every row, so it ranks like tokens/s.
+
+Defaults (2 rows, 256 and 512 tokens, 3 rounds) keep a run under ~10 minutes on a 2-core VM;
+`--batch 4 --seq-lens 512 1024` is the larger setting (about 4x the time).
 """
 
 from __future__ import annotations
@@ -118,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=2, help="rows per step")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--steps", type=int, default=2, help="timed rounds per sequence length")
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds per sequence length")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="one length (256), one timed round")
     parser.add_argument("--skip-bf16", action="store_true")
@@ -141,23 +149,25 @@ def main() -> None:
         del params
         runners += [TorchRunner("HF sdpa fp32", path, "sdpa"), TorchRunner("HF eager fp32", path, "eager")]
 
-        results = {}  # (name, seq_len) -> (first step s, [timed step s])
+        results = {}  # (name, seq_len) -> (first step s, [timed step s], [timed step CPU s])
         for seq_len in args.seq_lens:
             batch = make_batch(args.batch, seq_len, cfg.vocab_size)
             for r in runners:
                 r.set_batch(batch)
                 t = time.perf_counter()
                 r.step()  # warm-up: JAX compiles for this shape; torch allocates Adam moments
-                results[(r.name, seq_len)] = (time.perf_counter() - t, [])
+                results[(r.name, seq_len)] = (time.perf_counter() - t, [], [])
             for round_ in range(args.steps):
                 k = round_ % len(runners)  # rotate so no implementation always runs first
                 for r in runners[k:] + runners[:k]:
-                    t = time.perf_counter()
+                    t, cpu = time.perf_counter(), time.process_time()
                     r.step()
                     results[(r.name, seq_len)][1].append(time.perf_counter() - t)
+                    results[(r.name, seq_len)][2].append(time.process_time() - cpu)
 
     print(f"\nStage-1 training throughput, CPU: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, XLA:CPU default intra-op pool; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, XLA:CPU default intra-op pool; "
+          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"model: {counts['total']:,} params (backbone {counts['backbone']:,}, of which embedding "
           f"{cfg.vocab_size * cfg.hidden_size:,}; value head {counts['score']:,}; gate {counts['gate']:,}, frozen); "
           f"trainable {counts['backbone'] + counts['score']:,}")
@@ -165,7 +175,8 @@ def main() -> None:
           f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}; batch {args.batch} full rows; "
           f"median of {args.steps} timed step(s) after 1 warm-up\n")
     header = (f"{'implementation':<22} {'seq':>5} {'tokens/step':>11} {'warm-up s':>9} {'s/step':>8} "
-              f"{'tokens/s':>9} {'best tok/s':>10} {'GFLOP/s':>8} {'÷ HF sdpa':>9} {'÷ HF eager':>10}")
+              f"{'tokens/s':>9} {'best tok/s':>10} {'GFLOP/s':>8} {'CPU s/step':>10} "
+              f"{'÷ HF sdpa':>9} {'÷ HF eager':>10}")
     print(header)
     print("-" * len(header))
     for seq_len in args.seq_lens:
@@ -173,11 +184,12 @@ def main() -> None:
         flops = train_flops(cfg, [seq_len] * args.batch)
         tps = {r.name: tokens / statistics.median(results[(r.name, seq_len)][1]) for r in runners}
         for r in runners:
-            first, times = results[(r.name, seq_len)]
+            first, times, cpu = results[(r.name, seq_len)]
             median = statistics.median(times)
             ratios = f"{tps[r.name] / tps['HF sdpa fp32']:>9.2f} {tps[r.name] / tps['HF eager fp32']:>10.2f}"
             print(f"{r.name:<22} {seq_len:>5} {tokens:>11} {first:>9.1f} {median:>8.2f} {tps[r.name]:>9.1f} "
-                  f"{tokens / min(times):>10.1f} {flops / median / 1e9:>8.1f} {ratios}")
+                  f"{tokens / min(times):>10.1f} {flops / median / 1e9:>8.1f} {statistics.median(cpu):>10.2f} "
+                  f"{ratios}")
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
 
 
