@@ -321,3 +321,29 @@ def test_remat_policies_change_memory_not_numbers(tiny, remat):
     remat_grads = grads(ModelOptions(FP32.dtypes, remat=remat))
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain)):
         assert rel(a, b) < 1e-5  # recomputation fuses ops differently: rounding, not numbers
+
+
+def test_bucketed_feature_pass_equals_full_length_padding(tiny):
+    """Features pooled at bucketed lengths equal those of sequences padded to seq_len."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from urm_jax.data.datasets import PairExample
+    from urm_jax.train.features import compute_features, pooled_forward
+
+    _, cfg, params = tiny
+    rng = np.random.default_rng(9)
+    examples = [PairExample(rng.integers(4, 500, a).astype(np.int32), rng.integers(4, 500, b).astype(np.int32))
+                for a, b in [(5, 9), (200, 30), (17, 140), (3, 3), (90, 250)]]
+    forward = pooled_forward(ModelBinder(cfg, FP32))
+    sharding = NamedSharding(make_mesh((1, 1, 1), jax.devices()[:1]), P())
+    got = compute_features(lambda b: forward(params, b), examples, seq_len=256, batch_pairs=2,
+                           batch_sharding=sharding, progress=False)
+    for i, example in enumerate(examples):
+        for side, ids in enumerate((example.chosen_ids, example.rejected_ids)):
+            seg = np.zeros((1, 256), np.int32)
+            seg[0, :len(ids)] = 1
+            padded = np.zeros((1, 256), np.int32)
+            padded[0, :len(ids)] = ids
+            want = forward(params, {"input_ids": padded, "segment_ids": seg,
+                                    "pool_index": np.array([[len(ids) - 1]], np.int32)})
+            assert rel(got[i, side], np.asarray(want)[0]) < 1e-5
