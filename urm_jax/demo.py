@@ -5,7 +5,7 @@ fp16 gate, vocab 128257, llama3 RoPE) -> `convert from_hf` -> score the model-ca
 bundled samples -> `convert to_hf` -> bit-exact verify -> load the export in transformers
 (trust_remote_code) -> `urm-jax parity` in the checkpoint dtypes and in float32 -> `urm-jax train`
 stage 1 (bundled HelpSteer2-schema sample) -> stage 2 (bundled preference pairs, gate only) ->
-`convert to_hf` of the trained model, loaded in transformers.
+`convert to_hf` of the trained model, loaded in transformers -> `urm-jax eval` on bundled pairs.
 """
 
 from __future__ import annotations
@@ -151,7 +151,14 @@ def train_and_export(work: Path, ckpt: Path, scorer) -> bool:
                 hf = model(torch.tensor([ids])).logits[0, 0].item()
             worst = max(worst, abs(hf - trained.score_ids([ids])[0].reward))
     print(f"{export}: transformers vs urm-jax on 8 conversations, max |reward diff| {worst:.2e}")
-    return worst < 5e-3
+
+    step("11. urm-jax eval on the bundled RewardBench-format pairs (accuracy, uncertainty filter)")
+    from urm_jax.cli import main as cli_main
+    from urm_jax.eval import bundled_pairs_path
+
+    code = cli_main(["eval", "--model", str(stage2), "--pairs", str(bundled_pairs_path()),
+                     "--output-dir", str(work / "eval"), "--overwrite"])
+    return worst < 5e-3 and code == 0
 
 
 if __name__ == "__main__":
