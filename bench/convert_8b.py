@@ -69,7 +69,8 @@ def timed(name: str, argv: list[str], cold: bool, check: bool = True) -> dict:
     subprocess.run(["sync"], check=True)
     sync = time.perf_counter() - start
     if check and proc.returncode != 0:
-        raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-3000:]}")
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     if match:
         rss = int(match.group(1)) * 1024
@@ -131,8 +132,9 @@ def main() -> int:
     for path in (src, copy, ckpt, export):
         shutil.rmtree(path, ignore_errors=True)
 
-    results: dict = {"layers": args.layers, "parameters": params, "model_gb": round(model_bytes / GB, 3),
-                     "largest_tensor_gb": round(largest / GB, 3), "cpu_count": os.cpu_count(), "steps": []}
+    results: dict = {"layers": args.layers, "parameters": params,
+                     "model_gb": round(model_bytes / GB, 3), "largest_tensor_gb": round(largest / GB, 3),
+                     "cpu_count": os.cpu_count(), "steps": []}
     try:
         start = time.perf_counter()
         # greedy packing: each full shard holds > limit - largest, so this gives exactly 4

@@ -19,7 +19,8 @@ defaults (the attention implementation transformers picks, i.e. SDPA).
 
 tokens/s counts real (non-pad) tokens. urm-jax is timed end to end through `score_jsonl` (the
 `urm-jax score` code path in-process: JSONL read, id validation, batching, device, JSON write),
-after its programs are compiled; the one-off compile time is reported separately. HF is timed on
+after its programs are compiled; the one-off warm-up (compile, plus one batch run, per padded
+shape) is reported separately. HF is timed on
 the forward passes only (inputs already tensors), so the comparison favours HF slightly. Inputs
 are token-id lines, so neither side pays for tokenisation. Each workload is split into --rounds
 interleaved slices and the tools alternate slice by slice, so on a shared machine background
@@ -172,7 +173,7 @@ def main() -> None:
     print(f"load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} (shared machine: the tools "
           f"alternate in {args.rounds} rounds so both see the same background load)\n")
     print("| workload | tokens | urm-jax score tok/s | HF tok/s | ratio urm-jax/HF | per-round ratios | "
-          "padding efficiency urm-jax / HF | urm-jax compile s (once) |")
+          "padding efficiency urm-jax / HF | urm-jax warm-up s (compile + 1 batch per shape, once) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, label in (("a", "(a) identical padded batches"), ("b", "(b) length mix, natural batching")):
         r = results[name]

@@ -1,13 +1,14 @@
 """HF <-> JAX conversion, both directions driven by `mapping.TABLE`, streamed.
 
 Every direction works one *unit* at a time: a chunk of rows of one JAX parameter (one layer of a
-big stacked array, a block of embedding rows, a few layers of a small one). from_hf reads the HF
-tensors (or rows) a unit needs and writes it as one checkpoint chunk; to_hf and verify read one
-checkpoint chunk and turn it into HF tensors (or rows); loading onto devices reads each device
-shard's box. A few units run at once on threads (reads, transposes and writes all drop the GIL)
-and at most a few are resident, so peak memory is a small multiple of the largest unit (one layer
-of gate_proj, 117 MB in the 8B model), whatever the model's size. Everything checkable from
-headers (keys, shapes, dtypes) is checked before the first byte is written.
+stacked array, a block of embedding rows, a small tensor whole). from_hf maps the HF tensors a
+unit needs from the safetensors files and transposes them straight into a mapped checkpoint
+chunk; to_hf reads one checkpoint chunk and transposes it straight into the tensors' mapped
+regions of the (pre-laid-out) shards; verify compares chunk by chunk; loading onto devices reads
+each device shard's box. A few units run at once on threads (copies and transposes drop the
+GIL), so peak memory is a small multiple of the largest unit (one layer of gate_proj, 117 MB in
+the 8B model), whatever the model's size. Everything checkable from headers (keys, shapes,
+dtypes) is checked before the first byte is written.
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from convert.hf_io import HFWeights, WeightsError, parse_size, write_sharded
-from convert.mapping import (IGNORED_HF_KEYS, LAYER_KEY, TABLE, Alloc, Box, Entry, full_box,
-                             get_path, is_gate, normalize_box, set_path)
-from urm_jax.checkpoint import ParamsReader, checkpoint_writer, chunk_rows, copy_tokenizer_files, load_config
+from convert.hf_io import HFWeights, SafetensorsWriter, parse_size
+from convert.mapping import (IGNORED_HF_KEYS, LAYER_KEY, TABLE, Alloc, Box, Entry, get_path,
+                             is_gate, normalize_box, set_path)
+from urm_jax.checkpoint import (ParamsReader, checkpoint_writer, chunk_rows, copy_tokenizer_files,
+                                load_config)
 from urm_jax.config import ModelConfig, canonical_dtype, np_dtype
 
 MODELING_FILE = Path(__file__).with_name("modeling_custom.py")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 EXPONENT_MASKS = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00),
                   "float32": (np.uint32, 0x7F800000)}
-# Threads converting units at once; each holds about three copies of one unit (read, transposed,
-# cast), so memory grows with it. URM_CONVERT_THREADS overrides (e.g. 1 on a crowded host).
+# Threads converting units at once; each holds a unit's source and destination mapped and maybe a
+# buffer or two, so memory grows with it. URM_CONVERT_THREADS overrides (e.g. 1 on a busy host).
 WORKERS = int(os.environ.get("URM_CONVERT_THREADS") or min(4, os.cpu_count() or 1))
 
 
@@ -258,15 +260,42 @@ def read_box(weights: HFWeights, plan: Plan, box: Box, allow_nonfinite: bool = F
         return np.asarray(entry.to_jax_box(rows_of(entry.hf_key), plan.shape, box, alloc)).astype(
             out, copy=False)
     layers = range(box[0].start, box[0].stop)
-    parts = [entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:], alloc)
-             for i in layers[:1]]
+    parts = (entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:], alloc)
+             for i in layers)
     if len(layers) == 1:  # one layer: no extra copy into a stacked buffer
-        return np.asarray(parts[0])[None].astype(out, copy=False)
-    block = np.empty((len(layers), *parts[0].shape), out)
-    block[0] = parts[0]
-    for k, i in enumerate(layers[1:], 1):
-        block[k] = entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:], alloc)
+        return np.asarray(next(parts))[None].astype(out, copy=False)
+    block = np.empty((len(layers), *(s.stop - s.start for s in box[1:])), out)
+    for k, part in enumerate(parts):
+        block[k] = part
     return block
+
+
+def fill_rows(weights: HFWeights, plan: Plan, start: int, stop: int, out: np.ndarray,
+              allow_nonfinite: bool = False, alloc: Alloc = np.empty) -> None:
+    """Fill rows [start, stop) of a parameter's JAX array (`out`: a checkpoint chunk mapped from
+    its file, or a slice of a host array) from its HF tensors: one layer per row when stacked,
+    else rows of the tensor (a kernel: all of it). The source is mapped from the safetensors
+    file and transposed (or copied) straight into `out`: one pass over the data."""
+    entry = plan.entry
+    if entry.stacked:
+        jobs = [(entry.hf_key.format(i=i), None, out[i - start]) for i in range(start, stop)]
+    elif entry.n_in is None:
+        jobs = [(entry.hf_key, (start, stop), out)]
+    else:
+        if (start, stop) != (0, plan.shape[0]):
+            raise AssertionError(f"{entry.jax_name}: a kernel converts whole")
+        jobs = [(entry.hf_key, None, out)]
+    for key, rows, dst in jobs:
+        with weights.view(key, rows) as src:  # mapped: read in place, no copy
+            if not allow_nonfinite:
+                _check_finite(src, f"{weights.where(key)}: tensor {key}")
+            entry.to_jax_into(src, dst, alloc)
+
+
+def _into_shaped(out: np.ndarray) -> Alloc:
+    """An Alloc handing out `out` under another shape of the same size (HF and JAX shapes of an
+    untransposed tensor differ only by reshape)."""
+    return lambda shape, dtype: out.reshape(shape)
 
 
 def _pooled(pool: BufferPool, fn: Callable) -> Callable:
@@ -289,9 +318,11 @@ def _row_units(plans: list[Plan], rows_of: Callable[[Plan], int]) -> list[tuple[
             for p in plans for start in range(0, p.shape[0], rows_of(p))]
 
 
-def _unit_progress(plan: Plan, start: int, stop: int) -> tuple[int, float]:
-    """(source bytes, HF tensors) a unit of rows accounts for."""
-    nbytes = (stop - start) * math.prod(plan.shape[1:]) * np_dtype(plan.stored).itemsize
+def _unit_progress(plan: Plan, start: int, stop: int,
+                   itemsize: int | None = None) -> tuple[int, float]:
+    """(bytes, HF tensors) a unit of rows accounts for (bytes at `itemsize`, default stored)."""
+    itemsize = itemsize or np_dtype(plan.stored).itemsize
+    nbytes = (stop - start) * math.prod(plan.shape[1:]) * itemsize
     return nbytes, (stop - start) if plan.entry.stacked else (stop - start) / plan.shape[0]
 
 
@@ -321,8 +352,8 @@ def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
 
     Without `shardings`: numpy arrays on the host. With a matching tree of `jax.sharding.Sharding`:
     jax arrays, each device's shard read straight from the safetensors files (only the rows it
-    needs where the layout allows) and placed on its device before the next is read, so host
-    memory holds one shard, never the whole tensor or model."""
+    needs where the layout allows; replicas read once) and put on its devices as soon as it is
+    read, so the host holds a few shards at a time, never the whole tensor or model."""
     plans = plan_from_hf(weights, cfg, dtype, gate_dtype)
     params: dict = {}
     total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
@@ -333,9 +364,8 @@ def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
 
             def fill(unit, alloc):
                 plan, start, stop = unit
-                box = (slice(start, stop), *full_box(plan.shape[1:]))
-                get_path(params, plan.path)[start:stop] = read_box(weights, plan, box,
-                                                                   allow_nonfinite, alloc)
+                fill_rows(weights, plan, start, stop, get_path(params, plan.path)[start:stop],
+                          allow_nonfinite, alloc)
                 return _unit_progress(*unit)
 
             for done in ordered_map(_pooled(BufferPool(), fill), _row_units(plans, _hf_chunk_rows)):
@@ -382,8 +412,8 @@ def from_hf(hf_dir, out_dir, *, dtype="keep", gate_dtype=None, overwrite=False,
 
             def convert(unit, alloc):
                 plan, start, stop = unit
-                box = (slice(start, stop), *full_box(plan.shape[1:]))
-                writer.write(plan.path, start, read_box(weights, plan, box, allow_nonfinite, alloc))
+                with writer.chunk(plan.path, start) as out:
+                    fill_rows(weights, plan, start, stop, out, allow_nonfinite, alloc)
                 return _unit_progress(*unit)
 
             units = _row_units(plans, _hf_chunk_rows)
@@ -454,8 +484,9 @@ def ckpt_pieces(reader: ParamsReader, plans: list[Plan]) -> Iterator[tuple[str, 
 
 def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5GB",
           overwrite=False, progress=True) -> Path:
-    """urm-jax checkpoint -> HF dir, one stored chunk in memory at a time, shards written as a
-    stream (header first, then each tensor's bytes as they are produced)."""
+    """urm-jax checkpoint -> HF dir. Shard files are laid out and reserved first; then each
+    stored chunk is read (one per thread at a time) and written in place into its tensors'
+    regions of the shards, transposed on the way."""
     from urm_jax.io_utils import atomic_dir
 
     ckpt_dir = Path(ckpt_dir)
@@ -464,15 +495,35 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
     limit = parse_size(max_shard_size)
     specs = [spec for plan in plans for spec in plan.hf_specs()]
+
+    def export(unit, alloc):
+        plan, start, stop = unit
+        entry = plan.entry
+        if not entry.stacked and entry.n_in is None:  # rows of one tensor, untransposed
+            with writer.region(entry.hf_key, start, stop - start) as out:
+                same = out.dtype == reader.dtype(plan.path)
+                rows = reader.read(plan.path, start, stop, _into_shaped(out) if same else alloc)
+                if not same:
+                    np.copyto(out, rows, casting="unsafe")
+        else:
+            block = reader.read(plan.path, start, stop, alloc)
+            layers = ([(entry.hf_key.format(i=i), block[i - start]) for i in range(start, stop)]
+                      if entry.stacked else [(entry.hf_key, block)])
+            for key, value in layers:
+                with writer.region(key) as out:
+                    entry.to_hf_into(value, out, alloc)
+        return _unit_progress(plan, start, stop, np_dtype(plan.out).itemsize)
+
+    units = _row_units(plans, _ckpt_chunk_rows(reader))
     total = sum(math.prod(shape) * np_dtype(d).itemsize for _, d, shape in specs)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = SafetensorsWriter(tmp, specs, limit)
+        writer.create()
         with Progress("to_hf", total, len(specs), progress) as bar:
-            pieces = ckpt_pieces(reader, plans)
-            try:
-                write_sharded(tmp, specs, ((key, value) for key, _, value in pieces), limit,
-                              progress=bar.update)
-            finally:
-                pieces.close()  # stop the reader threads before the temporary goes
+            work = readahead(units, lambda unit: reader.prefetch(unit[0].path, *unit[1:]))
+            for done in ordered_map(_pooled(BufferPool(), export), work):
+                bar.update(*done)
+        writer.finish()
         hf = cfg.to_hf_dict(**output_dtypes(plans))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
         shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
@@ -480,14 +531,20 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     return Path(out_dir)
 
 
-def _bits(array: np.ndarray) -> np.ndarray:
-    return array.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[array.itemsize])
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality (NaN payloads and -0.0 included), a block at a time."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]
+    a, b, block = a.reshape(-1).view(uint), b.reshape(-1).view(uint), 1 << 22
+    return all(np.array_equal(a[i:i + block], b[i:i + block]) for i in range(0, a.size, block))
 
 
 def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    a, b, worst = a.reshape(-1), b.reshape(-1), 0.0
-    for start in range(0, a.size, 1 << 22):  # float64 temporaries a block at a time
-        d = np.abs(a[start:start + (1 << 22)].astype(np.float64) - b[start:start + (1 << 22)].astype(np.float64))
+    a, b, worst, block = a.reshape(-1), b.reshape(-1), 0.0, 1 << 22
+    for start in range(0, a.size, block):  # float64 temporaries a block at a time
+        part = slice(start, start + block)
+        d = np.abs(a[part].astype(np.float64) - b[part].astype(np.float64))
         worst = max(worst, float(np.max(d, initial=0.0)))
     return worst
 
@@ -510,18 +567,17 @@ def verify(hf_dir, ckpt_dir, *, progress: bool = True) -> list[dict]:
         comparable = [p for p in plans if all(rows[k]["identical"] for k in p.hf_keys())]
         total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in comparable)
         with Progress("verify", total, len(rows), progress) as bar:
-            pieces, pool = ckpt_pieces(reader, comparable), BufferPool()
+            pieces = ckpt_pieces(reader, comparable)
             try:
                 for key, start, ours in pieces:
-                    theirs = weights.read(key, (start, start + ours.shape[0]) if ours.ndim else None,
-                                          pool.take)
-                    row = rows[key]
-                    same = ours.dtype == theirs.dtype and np.array_equal(_bits(ours), _bits(theirs))
-                    if not same:
-                        row["max_abs_diff"] = max(row["max_abs_diff"], _max_abs_diff(ours, theirs))
-                    row["identical"] &= bool(same)
+                    span = (start, start + ours.shape[0]) if ours.ndim else None
+                    with weights.view(key, span) as theirs:  # mapped: compared in place
+                        same = _same_bits(ours, theirs)
+                        row = rows[key]
+                        if not same:
+                            row["max_abs_diff"] = max(row["max_abs_diff"], _max_abs_diff(ours, theirs))
+                    row["identical"] &= same
                     bar.update(ours.nbytes, ours.shape[0] / weights.shape(key)[0] if ours.ndim else 1)
-                    pool.give(theirs)
             finally:
                 pieces.close()
     return list(rows.values())

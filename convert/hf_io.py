@@ -6,22 +6,25 @@ read with `os.pread` into a private buffer, a whole tensor or a range of its row
 mmap: mapped file pages count towards the process's resident memory, and touching a 5 GB shard
 through a mapping would make peak RSS depend on the model's size.
 
-Writing: each shard's header is computed from the planned tensors, then their bytes are written in
-order as they are produced (a tensor may arrive in row pieces), so one piece is resident at a time
-whatever --max-shard-size says.
+Writing: every shard's header is computed from the planned tensors and its data space reserved up
+front; tensors (or row ranges of them) are then filled in place through shared mappings, from any
+thread and in any order, so only what is being written is resident, whatever --max-shard-size
+says.
 
 Pickle-based `.bin` weights are refused: unpickling an untrusted file can run arbitrary code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -149,7 +152,8 @@ class HFWeights:
             if key not in seen:
                 raise WeightsError(f"{index}: lists {key} in {name}, but no shard holds it")
             if seen[key].file.name != name:
-                raise WeightsError(f"{index}: lists {key} in {name}, but it is in {seen[key].file.name}")
+                raise WeightsError(f"{index}: lists {key} in {name}, but it is in "
+                                   f"{seen[key].file.name}")
         extra = sorted(set(seen) - set(weight_map))
         if extra:
             raise WeightsError(f"{index}: shards hold tensors the index does not list: {extra[:5]}")
@@ -202,6 +206,19 @@ class HFWeights:
                 raise WeightsError(f"{info.file}: truncated while reading tensor {key}")
             done += got
         return out
+
+    @contextlib.contextmanager
+    def view(self, key: str, rows: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+        """A tensor (or rows of it) as a read-only array mapped from the file, valid inside the
+        block: transposing or checking it costs no copy into this process first."""
+        info = self._info(key)
+        shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+        dtype = np_dtype_of(info.dtype)
+        row_bytes = dtype.itemsize * math.prod(info.shape[1:])
+        offset = info.offset + (rows[0] * row_bytes if rows else 0)
+        nbytes = math.prod(shape) * dtype.itemsize
+        with io_utils.mapped(info.file, offset, nbytes, writable=False) as raw:
+            yield raw.view(dtype).reshape(shape)
 
     def prefetch(self, key: str, rows: tuple[int, int] | None = None) -> None:
         """Ask the kernel to start reading a tensor (or rows) into the page cache now, so the disk
@@ -261,41 +278,83 @@ def _header(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
+class SafetensorsWriter:
+    """`model.safetensors` or `model-0000k-of-0000n.safetensors` + index, written in place.
+
+    Shards are planned from (key, dtype name, shape) in order; `create` writes every header and
+    reserves the data (so a full disk fails at once). Then `region(key, first_row, rows)` maps a
+    tensor's bytes (or some of its rows) for the caller to fill, from any thread, in any order;
+    `finish` checks every byte was written and writes the index."""
+
+    def __init__(self, out_dir: Path, specs: list[tuple[str, str, tuple[int, ...]]],
+                 max_shard_size: int):
+        self.dir = Path(out_dir)
+        self.specs = {key: (np_dtype_of(dtype), tuple(shape)) for key, dtype, shape in specs}
+        sizes = [(key, math.prod(shape) * np_dtype_of(dtype).itemsize) for key, dtype, shape in specs]
+        shards = plan_shards(sizes, max_shard_size)
+        n = len(shards)
+        self.names = ([SINGLE_NAME] if n == 1 else
+                      [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
+        self.where: dict[str, tuple[Path, int]] = {}  # key -> (file, data offset)
+        self.headers: dict[Path, tuple[bytes, int]] = {}
+        size_of = dict(sizes)
+        for name, keys in zip(self.names, shards):
+            header = _header([(k, self.specs[k][0].name, self.specs[k][1]) for k in keys])
+            position = len(header)
+            for key in keys:
+                self.where[key] = (self.dir / name, position)
+                position += size_of[key]
+            self.headers[self.dir / name] = (header, position - len(header))
+        self.total = sum(size_of.values())
+        self.todo = dict(size_of)
+        self._lock = threading.Lock()
+
+    def create(self) -> None:
+        for file, (header, nbytes) in self.headers.items():
+            io_utils.create_output(file, nbytes, header)
+
+    @contextlib.contextmanager
+    def region(self, key: str, first_row: int = 0, rows: int | None = None) -> Iterator[np.ndarray]:
+        """Rows [first_row, first_row + rows) of tensor `key` (all of it by default) as a
+        writable array mapped onto the file; counted as written when the block exits cleanly."""
+        dtype, shape = self.specs[key]
+        file, offset = self.where[key]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        rows = (shape[0] if shape else 1) - first_row if rows is None else rows
+        with io_utils.mapped(file, offset + first_row * row_bytes, rows * row_bytes) as raw:
+            yield raw.view(dtype).reshape((rows, *shape[1:]) if shape else ())
+        with self._lock:
+            self.todo[key] -= rows * row_bytes
+
+    def finish(self) -> None:
+        unwritten = [key for key, left in self.todo.items() if left]
+        if unwritten:
+            raise AssertionError(f"tensors not (fully) written: {unwritten[:5]}")
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {key: file.name for key, (file, _) in self.where.items()}}
+            (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
 def write_sharded(out_dir: Path, specs: list[tuple[str, str, tuple[int, ...]]],
                   pieces: Iterable[tuple[str, np.ndarray]], max_shard_size: int,
                   progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """Write `model.safetensors` or `model-0000k-of-0000n.safetensors` + index.
-
-    `specs` lists (key, dtype name, shape) in write order; `pieces` yields (key, array) in that
-    same order, each tensor's bytes in one or more consecutive pieces (row blocks). Nothing is
-    buffered beyond the current piece. `progress(nbytes, tensors_finished)` after each piece."""
-    sizes = [(key, math.prod(shape) * np_dtype_of(dtype).itemsize) for key, dtype, shape in specs]
-    size_of = dict(sizes)
-    spec_of = {key: (dtype, shape) for key, dtype, shape in specs}
-    shards = plan_shards(sizes, max_shard_size)
-    names = ([SINGLE_NAME] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-    pieces = iter(pieces)
-    weight_map = {}
-    for name, keys in zip(names, shards):
-        path = out_dir / name
-        with io_utils.open_output(path) as handle:
-            header = _header([(k, *spec_of[k]) for k in keys])
-            io_utils.write_arrays(handle, path, [np.frombuffer(header, np.uint8)])
-            for key in keys:
-                want, done = size_of[key], 0
-                while done < want:
-                    got_key, piece = next(pieces)
-                    if got_key != key or np_dtype_of(spec_of[key][0]) != piece.dtype:
-                        raise AssertionError(f"writer expected {key} {spec_of[key][0]}, "
-                                             f"got {got_key} {piece.dtype}")
-                    done += io_utils.write_arrays(handle, path, [piece])
-                    if progress:
-                        progress(piece.nbytes, int(done == want))
-                if done != want:
-                    raise AssertionError(f"{key}: wrote {done} bytes, expected {want}")
-                weight_map[key] = name
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(size_of.values())}, "weight_map": weight_map}
-        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-    return names
+    """Write tensors that arrive in order as (key, array) pieces: each key's bytes in one or
+    more consecutive pieces (C order; the piece's shape does not matter). One piece is resident
+    at a time. `progress(nbytes, tensors_finished)` after each piece."""
+    writer = SafetensorsWriter(out_dir, specs, max_shard_size)
+    writer.create()
+    done: dict[str, int] = {}
+    for key, piece in pieces:
+        dtype, shape = writer.specs[key]
+        if piece.dtype != dtype:
+            raise AssertionError(f"{key}: piece is {piece.dtype}, the tensor {dtype}")
+        file, offset = writer.where[key]
+        with io_utils.mapped(file, offset + done.get(key, 0), piece.nbytes) as raw:
+            raw[...] = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+        done[key] = done.get(key, 0) + piece.nbytes
+        writer.todo[key] -= piece.nbytes
+        if progress:
+            progress(piece.nbytes, int(writer.todo[key] == 0))
+    writer.finish()
+    return writer.names

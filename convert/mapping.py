@@ -46,8 +46,14 @@ def transpose2d(a: np.ndarray, alloc: Alloc = np.empty) -> np.ndarray:
     return out
 
 
-def full_box(shape: tuple[int, ...]) -> Box:
-    return tuple(slice(0, n) for n in shape)
+def _into(out: np.ndarray) -> Alloc:
+    """An Alloc that hands out `out` itself (checked), to produce a result in place."""
+    def alloc(shape, dtype) -> np.ndarray:
+        if tuple(shape) != out.shape or np.dtype(dtype) != out.dtype or not out.flags.c_contiguous:
+            raise AssertionError(f"in-place target is {out.dtype}{list(out.shape)}, "
+                                 f"needed {np.dtype(dtype)}{list(shape)}")
+        return out
+    return alloc
 
 
 def normalize_box(box, shape: tuple[int, ...]) -> Box:
@@ -91,6 +97,30 @@ class Entry:
             return np.ascontiguousarray(jax_array)
         shape = jax_array.shape
         return transpose2d(jax_array.reshape(math.prod(shape[:self.n_in]), -1), alloc)
+
+    def to_jax_into(self, hf_array: np.ndarray, out: np.ndarray, alloc: Alloc = np.empty) -> None:
+        """Write one HF tensor's JAX form (one layer's slice when stacked) into `out`, cast to
+        out's dtype; a same-dtype transpose lands in `out` directly (e.g. a mapped file)."""
+        if self.n_in is None:
+            np.copyto(out, hf_array.reshape(out.shape), casting="unsafe")
+            return
+        flat = out.reshape(math.prod(out.shape[:self.n_in]), -1)  # a view: out is contiguous
+        if out.dtype == hf_array.dtype:
+            transpose2d(hf_array, _into(flat))
+        else:
+            np.copyto(flat, transpose2d(hf_array, alloc), casting="unsafe")
+
+    def to_hf_into(self, jax_array: np.ndarray, out: np.ndarray, alloc: Alloc = np.empty) -> None:
+        """Write one JAX array's (one layer's slice when stacked) HF form into `out`, cast to
+        out's dtype; a same-dtype transpose lands in `out` directly."""
+        if self.n_in is None:
+            np.copyto(out, jax_array.reshape(out.shape), casting="unsafe")
+            return
+        flat = jax_array.reshape(math.prod(jax_array.shape[:self.n_in]), -1)
+        if out.dtype == jax_array.dtype:
+            transpose2d(flat, _into(out))
+        else:
+            np.copyto(out, transpose2d(flat, alloc), casting="unsafe")
 
     def to_jax_box(self, read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...],
                    box: Box, alloc: Alloc = np.empty) -> np.ndarray:

@@ -535,16 +535,16 @@ def test_to_hf_bad_max_shard_size(bf16_ckpt, tmp_path, capsys):
 
 
 def test_write_failure_mid_export_leaves_nothing(bf16_ckpt, tmp_path, capsys, monkeypatch):
-    real_open, calls = io_utils.open_output, []
+    real_create, calls = io_utils.create_output, []
 
-    def failing_open(path):
+    def failing_create(path, nbytes, head=b""):
         calls.append(path)
         if len(calls) == 2:  # the second shard: a partial file, as a full disk leaves, then ENOSPC
-            Path(path).write_bytes(b"half a shard")
+            Path(path).write_bytes(head[:5])
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_open(path)
+        return real_create(path, nbytes, head)
 
-    monkeypatch.setattr(io_utils, "open_output", failing_open)
+    monkeypatch.setattr(io_utils, "create_output", failing_create)
     out = tmp_path / "out"
     run_err(capsys, ["to_hf", str(bf16_ckpt), str(out), "--max-shard-size", "20KB"], out,
             "No space left on device", "model-00002-of-")

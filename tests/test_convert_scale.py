@@ -262,6 +262,45 @@ def test_verify_finds_a_changed_value_and_a_dtype_change(src, ckpt, tmp_path, ca
     assert out[-1].startswith(f"{len(HFWeights(src).keys()) - 2}/")
 
 
+def _safetensors(path: Path, header: dict, data: bytes) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data, needle", [
+    ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, b"\0" * 12, "needs 16 bytes"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, b"\0" * 24, "gap"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "the file has"),
+    ({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, "bad entry"),
+])
+def test_bad_safetensors_headers(tmp_path, header, data, needle):
+    _safetensors(tmp_path / "model.safetensors", header, data)
+    with pytest.raises(ValueError, match=needle) as err:
+        HFWeights(tmp_path)
+    assert "model.safetensors" in str(err.value)
+
+
+def test_fast_fill_is_deterministic_and_converts(tmp_path):
+    hf = tiny_hf_config(num_layers=3)
+    a = write_random_hf(tmp_path / "a", hf, dtype="bfloat16", fill="fast", progress=False)
+    b = write_random_hf(tmp_path / "b", hf, dtype="bfloat16", fill="fast", progress=False,
+                        max_shard_size="30KB")
+    with HFWeights(a) as wa, HFWeights(b) as wb:
+        assert sorted(wa.keys()) == sorted(wb.keys())
+        for key in wa.keys():
+            x, y = wa.get(key), wb.get(key)
+            assert np.array_equal(bits(x), bits(y)), key  # seeded by key: sharding changes nothing
+            assert x.dtype.name == ("float16" if key.startswith("weights.fc.") else "bfloat16")
+            assert np.isfinite(x.astype(np.float32)).all()
+            assert x.ndim == 1 or not np.array_equal(x[0], x[1])  # rows differ
+        lin = wa.get("model.layers.2.mlp.down_proj.weight").astype(np.float32)
+        assert abs(float(lin.std()) * math.sqrt(128) - 1) < 0.1  # N(0, 1/fan_in)
+    run_ok("from_hf", b, tmp_path / "ckpt")
+    run_ok("verify", a, tmp_path / "ckpt")
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. honest output: kills, full disks, progress
 
@@ -269,13 +308,14 @@ def test_verify_finds_a_changed_value_and_a_dtype_change(src, ckpt, tmp_path, ca
 KILL_AFTER = textwrap.dedent("""
     import os, signal, sys
     from urm_jax import io_utils
-    real, opened = io_utils.open_output, []
-    def open_then_die(path):
-        opened.append(path)
-        if len(opened) > int(sys.argv[1]):
-            os.kill(os.getpid(), signal.SIGKILL)  # mid-write, no cleanup possible
-        return real(path)
-    io_utils.open_output = open_then_die
+    real, fills = io_utils.mapped, []
+    def fill_then_die(*args, writable=True):
+        if writable:  # an output region about to be filled
+            fills.append(args)
+            if len(fills) > int(sys.argv[1]):
+                os.kill(os.getpid(), signal.SIGKILL)  # mid-write, no cleanup possible
+        return real(*args, writable=writable)
+    io_utils.mapped = fill_then_die
     from convert.__main__ import main
     sys.exit(main(sys.argv[2:]))
 """)
@@ -293,7 +333,7 @@ def test_sigkill_mid_from_hf_leaves_nothing_that_looks_complete(src, tmp_path):
     assert not out.exists()
     [temp] = siblings(out)  # the killed run's temporary: hidden name, no marker
     assert temp.name.startswith(".ckpt.tmp-") and not (temp / "urm_jax.json").exists()
-    assert len(list((temp / "params").rglob("[0-9]*"))) == 5
+    assert len(list((temp / "params").rglob("[0-9]*"))) >= 5  # chunks written or being written
     with pytest.raises(CheckpointError, match="not a urm-jax checkpoint"):
         load_config(temp)
     run_ok("from_hf", src, out)  # a rerun succeeds and sweeps the dead run's temporary
@@ -303,10 +343,11 @@ def test_sigkill_mid_from_hf_leaves_nothing_that_looks_complete(src, tmp_path):
 
 def test_sigkill_mid_to_hf_leaves_nothing_that_looks_complete(ckpt, src, tmp_path):
     out = tmp_path / "hf"
-    proc = run_killed(2, "to_hf", ckpt, out, "--max-shard-size", "20KB")
+    proc = run_killed(5, "to_hf", ckpt, out, "--max-shard-size", "20KB")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists()
-    [temp] = siblings(out)
+    [temp] = siblings(out)  # shards laid out, partly filled; no index, no config
+    assert len(list(temp.glob("*.safetensors"))) > 2
     assert not (temp / "config.json").exists() and not (temp / INDEX).exists()
     run_ok("to_hf", ckpt, out, "--max-shard-size", "20KB")
     assert siblings(out) == []
@@ -331,41 +372,23 @@ def test_live_runs_temporary_is_not_swept(src, tmp_path):
         live.wait()
 
 
-class FullDisk:
-    """A file whose writes fail with ENOSPC once `room` bytes are written (the file keeps them)."""
-
-    def __init__(self, path, room: int):
-        self.file, self.room = open(path, "wb", buffering=0), room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            self.file.write(data[:self.room])
-            self.room = 0
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
 def test_enospc_mid_from_hf(src, tmp_path, capsys, monkeypatch):
-    opened = []
+    real_create, created = io_utils.create_output, []
 
-    def fill_up(path):
-        opened.append(path)
-        return FullDisk(path, 100 if len(opened) == 7 else 1 << 40)
+    def fill_up(path, nbytes, head=b""):
+        created.append(path)
+        if len(created) == 7:  # the disk fills up at the 7th chunk, part of it written
+            Path(path).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_create(path, nbytes, head)
 
-    monkeypatch.setattr(io_utils, "open_output", fill_up)
+    monkeypatch.setattr(io_utils, "create_output", fill_up)
     out = tmp_path / "ckpt"
     capsys.readouterr()
     assert main(["from_hf", str(src), str(out)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "No space left on device" in err[0], err
-    assert str(opened[6]) in err[0]
+    assert str(created[6]) in err[0]
     assert list(tmp_path.iterdir()) == []
 
 

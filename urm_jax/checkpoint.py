@@ -32,7 +32,6 @@ from typing import Iterator
 import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 
 from urm_jax.config import ModelConfig
 from urm_jax import io_utils
@@ -105,7 +104,8 @@ class ParamsWriter:
     """Writes Orbax's `use_ocdbt=False` params layout chunk by chunk. Thread-safe across chunks.
 
     An uncompressed zarr v2 chunk is the chunk's C-order bytes in a file named by its chunk
-    index ("3.0.0"); the last chunk along the first dim is padded to full size, as zarr requires."""
+    index ("3.0.0"); the last chunk along the first dim is padded to full size, as zarr requires.
+    Chunks are filled in place (`chunk`), so a converter writes a transpose straight into it."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
@@ -127,26 +127,33 @@ class ParamsWriter:
         self.arrays[path] = {"shape": shape, "dtype": dtype, "rows": rows, "dir": array_dir,
                              "todo": set(range(0, shape[0], rows))}
 
-    def write(self, path: tuple[str, ...], start: int, block: np.ndarray) -> None:
-        """Write rows [start, start + len(block)) of a parameter; whole chunks only."""
+    @contextlib.contextmanager
+    def chunk(self, path: tuple[str, ...], start: int) -> Iterator[np.ndarray]:
+        """The chunk holding rows from `start` (a multiple of the chunk rows), as a writable
+        array of the rows it holds, mapped onto its new file. The file is created full size
+        (zarr pads the last chunk; the padding stays zero). Counted as written on success."""
         meta = self.arrays[path]
-        shape, rows = meta["shape"], meta["rows"]
-        stop = start + block.shape[0]
-        if (start % rows or (stop % rows and stop != shape[0]) or tuple(block.shape[1:]) != shape[1:]
-                or block.dtype != meta["dtype"]):
-            raise AssertionError(f"{keystr(path)}: block {block.dtype}{list(block.shape)} at row "
-                                 f"{start} does not fit chunks of {rows} rows of {shape} {meta['dtype']}")
-        suffix = ".0" * (len(shape) - 1)
-        for first in range(start, stop, rows):
-            chunk = block[first - start:first - start + rows]
-            file = meta["dir"] / f"{first // rows}{suffix}"
-            with io_utils.open_output(file) as handle:
-                io_utils.write_arrays(handle, file, [chunk])
-                if len(chunk) < rows:  # zarr stores edge chunks at full size
-                    padding = np.zeros((rows - len(chunk), *shape[1:]), chunk.dtype)
-                    io_utils.write_arrays(handle, file, [padding])
-            with self._lock:
-                meta["todo"].discard(first)
+        shape, rows, dtype = meta["shape"], meta["rows"], meta["dtype"]
+        if start % rows or not 0 <= start < shape[0]:
+            raise AssertionError(f"{keystr(path)}: no chunk starts at row {start}")
+        held = min(rows, shape[0] - start)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        file = meta["dir"] / f"{start // rows}{'.0' * (len(shape) - 1)}"
+        io_utils.create_output(file, rows * row_bytes)
+        with io_utils.mapped(file, 0, held * row_bytes) as raw:
+            yield raw.view(dtype).reshape(held, *shape[1:])
+        with self._lock:
+            meta["todo"].discard(start)
+
+    def write(self, path: tuple[str, ...], start: int, block: np.ndarray) -> None:
+        """Write rows [start, start + len(block)) of a parameter from memory; whole chunks."""
+        rows = self.arrays[path]["rows"]
+        for first in range(start, start + block.shape[0], rows):
+            with self.chunk(path, first) as out:
+                if out.shape != block[first - start:first - start + rows].shape:
+                    raise AssertionError(f"{keystr(path)}: block rows {start}+{block.shape[0]} "
+                                         f"do not cover whole chunks of {rows} rows")
+                out[...] = block[first - start:first - start + rows]
 
     def write_array(self, path: tuple[str, ...], value, stacked: bool = False) -> None:
         """Declare and write a whole in-memory array (numpy or a fully addressable jax.Array),
@@ -236,6 +243,8 @@ def _params_dir(path: str | Path) -> Path:
 
 def stored_param_metadata(path: str | Path) -> dict:
     """Tree of jax.ShapeDtypeStruct with each tensor's stored shape and dtype."""
+    import orbax.checkpoint as ocp  # lazily: 1.5 s of imports the streaming converters skip
+
     meta = ocp.StandardCheckpointer().metadata(_params_dir(path)).item_metadata
     tree = getattr(meta, "tree", meta)
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
@@ -245,6 +254,8 @@ def stored_param_metadata(path: str | Path) -> dict:
 def load_params(path: str | Path, shardings=None) -> dict:
     """Restore params with their stored dtypes: numpy arrays on the host, or jax arrays placed
     directly on their shards when `shardings` (a matching tree of NamedSharding) is given."""
+    import orbax.checkpoint as ocp
+
     target = stored_param_metadata(path)
     if shardings is not None:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -345,7 +356,9 @@ class ParamsReader:
         name = ".".join(path)
         if "store" in meta:
             try:
-                return meta["store"][start:stop].read().result()
+                out = alloc((stop - start, *meta["shape"][1:]), meta["dtype"])
+                out[...] = meta["store"][start:stop].read().result()
+                return out
             except ValueError as err:
                 raise CheckpointError(f"{self.dir}: cannot read parameter {name} rows "
                                       f"{start}:{stop} ({err})") from None
