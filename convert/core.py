@@ -2,9 +2,9 @@
 
 Every direction works one *unit* at a time: a chunk of rows of one JAX parameter (one layer of a
 stacked array, a block of embedding rows, a small tensor whole). from_hf maps the HF tensors a
-unit needs from the safetensors files and transposes them straight into a mapped checkpoint
-chunk; to_hf reads one checkpoint chunk and transposes it straight into the tensors' mapped
-regions of the (pre-laid-out) shards; verify compares chunk by chunk; loading onto devices reads
+unit needs from the safetensors files and transposes them into a mapped checkpoint chunk; to_hf
+reads one checkpoint chunk and transposes it into its tensors' mapped regions of the shards
+(laid out and reserved up front); verify compares chunk by chunk; loading onto devices reads
 each device shard's box. A few units run at once on threads (copies and transposes drop the
 GIL), so peak memory is a small multiple of the largest unit (one layer of gate_proj, 117 MB in
 the 8B model), whatever the model's size. Everything checkable from headers (keys, shapes,
@@ -275,7 +275,7 @@ def fill_rows(weights: HFWeights, plan: Plan, start: int, stop: int, out: np.nda
     """Fill rows [start, stop) of a parameter's JAX array (`out`: a checkpoint chunk mapped from
     its file, or a slice of a host array) from its HF tensors: one layer per row when stacked,
     else rows of the tensor (a kernel: all of it). The source is mapped from the safetensors
-    file and transposed (or copied) straight into `out`: one pass over the data."""
+    file (no read copy) and copied, or transposed through a pooled buffer, into `out`."""
     entry = plan.entry
     if entry.stacked:
         jobs = [(entry.hf_key.format(i=i), None, out[i - start]) for i in range(start, stop)]
@@ -485,8 +485,8 @@ def ckpt_pieces(reader: ParamsReader, plans: list[Plan]) -> Iterator[tuple[str, 
 def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5GB",
           overwrite=False, progress=True) -> Path:
     """urm-jax checkpoint -> HF dir. Shard files are laid out and reserved first; then each
-    stored chunk is read (one per thread at a time) and written in place into its tensors'
-    regions of the shards, transposed on the way."""
+    stored chunk is read (one per thread at a time) and written, transposed, into its tensors'
+    mapped regions of the shards, in any order."""
     from urm_jax.io_utils import atomic_dir
 
     ckpt_dir = Path(ckpt_dir)

@@ -9,8 +9,9 @@
 (v2) array per parameter named by its dotted path, plus Orbax's `_METADATA` tree file. We write
 that layout ourselves, one chunk at a time, because Orbax's save takes whole arrays and a stacked
 8B parameter (gate_proj: 32 x 4096 x 14336 bf16 = 3.8 GB) does not fit the memory budget of a
-conversion. Chunks are one layer of a big stacked array (or up to CHUNK_BYTES of rows), stored
-uncompressed (bf16 weights barely compress and zstd would dominate conversion time). Orbax
+conversion. Chunks are one layer of a stacked array, or up to CHUNK_BYTES of rows of another
+(the embedding), stored uncompressed (bf16 weights barely compress and zstd would dominate
+conversion time). Orbax
 restores it unchanged (`load_params`), sharded or not; `ParamsReader` reads single chunks back,
 from this layout or from any Orbax `StandardCheckpointer` params dir (OCDBT, zarr3).
 
@@ -105,7 +106,7 @@ class ParamsWriter:
 
     An uncompressed zarr v2 chunk is the chunk's C-order bytes in a file named by its chunk
     index ("3.0.0"); the last chunk along the first dim is padded to full size, as zarr requires.
-    Chunks are filled in place (`chunk`), so a converter writes a transpose straight into it."""
+    Chunks are filled in place through a file mapping (`chunk`): no write(2) copy."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
