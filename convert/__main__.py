@@ -1,4 +1,5 @@
-"""python -m convert from_hf HF_DIR OUT_DIR | to_hf CKPT_DIR OUT_DIR | verify HF_DIR CKPT_DIR"""
+"""python -m convert from_hf HF_DIR OUT_DIR | to_hf CKPT_DIR OUT_DIR | verify HF_DIR CKPT_DIR
+                 | init BASE_HF_DIR OUT_DIR"""
 
 from __future__ import annotations
 
@@ -31,6 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
+    p = sub.add_parser("init", help="base Llama HF dir (e.g. Skywork-Reward-Llama-3.1-8B) -> urm-jax "
+                       "checkpoint with its backbone and fresh URM heads: the stage-1 start")
+    p.add_argument("base_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh heads")
+    p.add_argument("--init-std", type=float, default=None,
+                   help="std of the fresh head weights (default: the base's initializer_range, "
+                        "else 0.02; biases start at zero)")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],
+                   help="backbone + value head dtype (default: the base's)")
+    p.add_argument("--gate-dtype", default="float16", choices=["float32", "bfloat16", "float16"],
+                   help="gate dtype (default float16, as the HF reference builds it)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors holding NaN/Inf")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+
     p = sub.add_parser("verify", help="compare every tensor of an HF dir and a urm-jax checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("ckpt_dir")
@@ -59,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             return 0 if print_verify(core.verify(args.hf_dir, args.ckpt_dir), args.all) else 1
-        if args.command == "from_hf":
+        if args.command == "init":
+            from convert.from_base import init_from_base
+
+            out = init_from_base(args.base_dir, args.out_dir, seed=args.seed,
+                                 init_std=args.init_std, dtype=args.dtype,
+                                 gate_dtype=args.gate_dtype, overwrite=args.overwrite,
+                                 allow_nonfinite=args.allow_nonfinite)
+        elif args.command == "from_hf":
             out = core.from_hf(args.hf_dir, args.out_dir, dtype=args.dtype,
                                gate_dtype=args.gate_dtype, overwrite=args.overwrite,
                                allow_nonfinite=args.allow_nonfinite)

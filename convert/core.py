@@ -404,25 +404,37 @@ def from_hf(hf_dir, out_dir, *, dtype="keep", gate_dtype=None, overwrite=False,
     hf_dir = Path(hf_dir)
     cfg = ModelConfig.from_hf_dir(hf_dir)
     with HFWeights(hf_dir) as weights:
-        plans = plan_from_hf(weights, cfg, dtype, gate_dtype)
-        hf_config = cfg.to_hf_dict(**output_dtypes(plans))
-        with checkpoint_writer(out_dir, hf_config, tokenizer_dir=hf_dir, overwrite=overwrite) as writer:
-            for plan in plans:
-                writer.add(plan.path, plan.shape, np_dtype(plan.out), rows=_hf_chunk_rows(plan))
+        return write_checkpoint(weights, cfg, out_dir, dtype=dtype, gate_dtype=gate_dtype,
+                                tokenizer_dir=hf_dir, overwrite=overwrite,
+                                allow_nonfinite=allow_nonfinite, progress=progress)
 
-            def convert(unit, alloc):
-                plan, start, stop = unit
-                with writer.chunk(plan.path, start) as out:
-                    fill_rows(weights, plan, start, stop, out, allow_nonfinite, alloc)
-                return _unit_progress(*unit)
 
-            units = _row_units(plans, _hf_chunk_rows)
-            total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
-            with Progress("from_hf", total, sum(len(p.hf_keys()) for p in plans), progress) as bar:
-                converting = ordered_map(_pooled(BufferPool(), convert),
-                                         readahead(units, _hf_prefetch(weights)))
-                for done in converting:
-                    bar.update(*done)
+def write_checkpoint(weights, cfg: ModelConfig, out_dir, *, dtype="keep", gate_dtype=None,
+                     tokenizer_dir=None, overwrite=False, allow_nonfinite=False, progress=True,
+                     extra_config: dict | None = None, desc: str = "from_hf") -> Path:
+    """Stream `weights` (an HFWeights, or anything answering the same questions) into a urm-jax
+    checkpoint: plan and check from the headers, then convert unit by unit on a few threads,
+    each unit's inputs prefetched while earlier ones are transposed."""
+    plans = plan_from_hf(weights, cfg, dtype, gate_dtype)
+    hf_config = {**cfg.to_hf_dict(**output_dtypes(plans)), **(extra_config or {})}
+    with checkpoint_writer(out_dir, hf_config, tokenizer_dir=tokenizer_dir,
+                           overwrite=overwrite) as writer:
+        for plan in plans:
+            writer.add(plan.path, plan.shape, np_dtype(plan.out), rows=_hf_chunk_rows(plan))
+
+        def convert(unit, alloc):
+            plan, start, stop = unit
+            with writer.chunk(plan.path, start) as out:
+                fill_rows(weights, plan, start, stop, out, allow_nonfinite, alloc)
+            return _unit_progress(*unit)
+
+        units = _row_units(plans, _hf_chunk_rows)
+        total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
+        with Progress(desc, total, sum(len(p.hf_keys()) for p in plans), progress) as bar:
+            converting = ordered_map(_pooled(BufferPool(), convert),
+                                     readahead(units, _hf_prefetch(weights)))
+            for done in converting:
+                bar.update(*done)
     return Path(out_dir)
 
 

@@ -162,6 +162,11 @@ def is_gate(entry: Entry) -> bool:
     return entry.path[0] == "gate"
 
 
+def is_head(entry: Entry) -> bool:
+    """Value head or gate: the URM parameters a base Llama checkpoint does not have."""
+    return entry.path[0] in ("value_head", "gate")
+
+
 def get_path(tree: dict, path: tuple[str, ...]):
     for name in path:
         tree = tree[name]

@@ -1,7 +1,9 @@
 """Atomic outputs: everything is written under a temporary sibling and renamed into place only
 when complete, so an error or a kill never leaves a half-written file or directory that looks
 finished. Temporary siblings are named `.NAME.tmp-HOST-PID`; one left by a killed run on this host
-is removed by the next run writing the same output.
+is removed by the next run writing the same output. Before the rename every file and directory of
+the temporary is fsynced, and the parent after it: a power cut cannot leave a complete-looking
+output whose files are still empty or short in the page cache.
 
 Big outputs (checkpoint chunks, safetensors shards) are created with their space reserved and
 filled through shared mappings (`create_output` + `mapped`); a disk error names its file."""
@@ -53,6 +55,24 @@ def remove_stale_temps(path: Path) -> list[Path]:
     return removed
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or directory's data and metadata to disk (pages dirtied through shared
+    mappings included: Linux keeps them in the same page cache)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory bottom-up (so names are durable)."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(dirpath, name))
+        fsync_path(Path(dirpath))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces `path`, on error it is removed."""
@@ -66,6 +86,7 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)
@@ -73,6 +94,7 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             tmp.rename(path)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -90,6 +112,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

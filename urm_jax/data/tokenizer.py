@@ -158,20 +158,11 @@ def save_llama3_tokenizer(out_dir: str | Path) -> Path:
     Files are written into a temporary sibling directory that is renamed into place, so a
     crash never leaves a half-written tokenizer directory.  An existing ``out_dir`` is replaced.
     """
+    from urm_jax.io_utils import atomic_dir
+
     out_dir = Path(out_dir).expanduser().resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         build_llama3_tokenizer().save_pretrained(str(tmp))
-        if out_dir.exists():  # move the old copy aside first: rename cannot replace a full dir
-            old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -11,7 +11,6 @@ import collections
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -19,6 +18,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from urm_jax.config import ATTRIBUTES
+from urm_jax.io_utils import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +29,8 @@ MAX_ARRAY_SIZE = 64  # larger arrays are not "metrics"; they are skipped with a 
 
 def _atomic_write(path: Path, write) -> None:
     """Write via a temp file in the same directory + rename, so readers never see a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its files are 0600; a plain open() gives the umask's ordinary mode.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as handle:
+        write(handle)
 
 
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -1,0 +1,164 @@
+"""A stage-1 starting point: a base Llama checkpoint with fresh URM heads.
+
+URM-LLaMa-3.1-8B was fine-tuned from Skywork-Reward-Llama-3.1-8B, a `LlamaForSequenceClassification`
+whose `score` is [1, hidden]. The URM value head is [10, hidden] and the gate does not exist there,
+so both heads start fresh; the backbone is copied bit for bit. Fresh heads follow what
+transformers does when the URM class is loaded from such a base
+(`from_pretrained(base, num_labels=10, ignore_mismatched_sizes=True)`): Linear weights
+N(0, initializer_range) from the base's config (0.02 when absent), biases zero, the gate built in
+float16 like the reference [I: the paper does not say how the heads were initialised].
+
+Accepted bases: a sequence-classification model (`score.weight` of any width, replaced), a
+causal LM (`lm_head.weight`, dropped) or a bare `LlamaModel` (keys without the `model.` prefix).
+The base streams through the same converter as `from_hf` (bounded memory at 8B); the heads, 34M
+parameters at 8B, are drawn in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from convert.core import ConversionError, jax_shapes, write_checkpoint
+from convert.hf_io import HFWeights
+from convert.mapping import TABLE, is_head
+from urm_jax.config import ATTRIBUTES, ModelConfig, canonical_dtype, np_dtype
+
+# Base tensors that are not part of the URM backbone and are replaced by fresh heads (or, for a
+# causal LM's output projection, dropped).
+REPLACED_BASE_KEYS = re.compile(r"score\.weight|lm_head\.weight|weights\.fc\.\d+\.(weight|bias)")
+BARE_BACKBONE_KEY = re.compile(r"(embed_tokens\.weight|norm\.weight|layers\.\d+\..*)")
+DEFAULT_INIT_STD = 0.02  # transformers' default initializer_range
+
+
+def urm_config_from_base(base: dict, *, source: str) -> ModelConfig:
+    """The URM config for a base Llama config: same backbone, 10 labels, the reference's gate.
+    Classification fields of the base (one label, its names, problem type) do not carry over."""
+    hf = {k: v for k, v in base.items()
+          if k not in ("num_labels", "id2label", "label2id", "problem_type", "architectures",
+                       "auto_map", "gate_dtype")}
+    hf["num_labels"] = 2 * len(ATTRIBUTES)
+    if hf.get("pad_token_id") is None:
+        raise ConversionError(
+            f"{source}: no pad_token_id. URM batches are padded with the tokenizer's [PAD] "
+            "(id 128256 in Skywork-Reward's 128257-token vocabulary); start from a base whose "
+            "vocabulary has a pad token, or add one (resize the embeddings) before `init`")
+    return ModelConfig.from_hf_dict(hf, source=source)
+
+
+def fresh_heads(cfg: ModelConfig, *, seed: int, std: float, score_dtype: str,
+                gate_dtype: str) -> dict[str, np.ndarray]:
+    """HF-layout head tensors: weights N(0, std), biases zero. Each tensor draws from its own
+    stream (seed, key), so a head does not change when another one's shape does."""
+    shapes = jax_shapes(cfg)
+    heads = {}
+    for index, entry in enumerate(TABLE):
+        if not is_head(entry):
+            continue
+        dtype = np_dtype(gate_dtype if entry.path[0] == "gate" else score_dtype)
+        shape = entry.hf_shape(shapes[entry.path])
+        if entry.hf_key.endswith(".bias"):
+            heads[entry.hf_key] = np.zeros(shape, dtype)
+        else:
+            rng = np.random.default_rng([seed, index])
+            heads[entry.hf_key] = (rng.standard_normal(shape, np.float32)
+                                   * np.float32(std)).astype(dtype)
+    return heads
+
+
+class BaseWithFreshHeads:
+    """The base's backbone tensors (under their URM names) plus in-memory heads, answering the
+    questions `write_checkpoint` asks an `HFWeights`. The base's own heads are hidden."""
+
+    def __init__(self, base: HFWeights, heads: dict[str, np.ndarray], seed: int):
+        self.base, self.heads, self.seed, self.dir = base, heads, seed, base.dir
+        bare = "model.embed_tokens.weight" not in base and "embed_tokens.weight" in base
+        self.names: dict[str, str] = {}  # URM name -> base name
+        for key in base.keys():
+            if REPLACED_BASE_KEYS.fullmatch(key):
+                continue
+            name = f"model.{key}" if bare and BARE_BACKBONE_KEY.fullmatch(key) else key
+            self.names[name] = key
+        self.dropped = sorted(k for k in base.keys() if REPLACED_BASE_KEYS.fullmatch(k))
+
+    def keys(self) -> list[str]:
+        return [*self.names, *self.heads]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.names or key in self.heads
+
+    def _base_key(self, key: str) -> str:
+        return self.names.get(key, key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.heads[key].shape) if key in self.heads else self.base.shape(self._base_key(key))
+
+    def dtype(self, key: str) -> str:
+        return self.heads[key].dtype.name if key in self.heads else self.base.dtype(self._base_key(key))
+
+    def where(self, key: str) -> str:
+        return f"fresh head (seed {self.seed})" if key in self.heads else self.base.where(
+            self._base_key(key))
+
+    def read(self, key: str, rows: tuple[int, int] | None = None, alloc=np.empty) -> np.ndarray:
+        if key not in self.heads:
+            return self.base.read(self._base_key(key), rows, alloc)
+        value = self.heads[key] if rows is None else self.heads[key][rows[0]:rows[1]]
+        out = alloc(value.shape, value.dtype)
+        out[...] = value
+        return out
+
+    @contextlib.contextmanager
+    def view(self, key: str, rows: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+        if key not in self.heads:
+            with self.base.view(self._base_key(key), rows) as value:
+                yield value
+            return
+        value = self.heads[key] if rows is None else self.heads[key][rows[0]:rows[1]]
+        view = value.view()
+        view.flags.writeable = False
+        yield view
+
+    def prefetch(self, key: str, rows: tuple[int, int] | None = None) -> None:
+        if key not in self.heads:
+            self.base.prefetch(self._base_key(key), rows)
+
+
+def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None = None,
+                   dtype: str = "keep", gate_dtype: str = "float16", overwrite: bool = False,
+                   allow_nonfinite: bool = False, progress: bool = True) -> Path:
+    """Base Llama HF dir -> urm-jax checkpoint with the base's backbone and fresh URM heads.
+    The value head is stored in the backbone's dtype (or `dtype`), the gate in `gate_dtype`.
+    config.json records the base, seed and std under `urm_jax_init`."""
+    import json
+
+    base_dir = Path(base_dir)
+    file = base_dir / "config.json"
+    if not file.is_file():
+        raise ConversionError(f"{file}: not found")
+    try:
+        base_config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{file}: not valid JSON ({err})") from None
+    cfg = urm_config_from_base(base_config, source=str(file))
+    std = float(init_std if init_std is not None else
+                base_config.get("initializer_range") or DEFAULT_INIT_STD)
+    if not (math.isfinite(std) and std > 0):
+        raise ConversionError(f"init std must be a positive number, got {std}")
+    gate_dtype = canonical_dtype(gate_dtype)
+    with HFWeights(base_dir) as base:
+        embed = "model.embed_tokens.weight" if "model.embed_tokens.weight" in base else "embed_tokens.weight"
+        score_dtype = base.dtype(embed) if dtype == "keep" else canonical_dtype(dtype)
+        heads = fresh_heads(cfg, seed=seed, std=std, score_dtype=score_dtype, gate_dtype=gate_dtype)
+        weights = BaseWithFreshHeads(base, heads, seed)
+        provenance = {"urm_jax_init": {"base": str(base_dir.absolute()), "seed": seed,
+                                       "init_std": std, "base_heads_dropped": weights.dropped}}
+        return write_checkpoint(weights, cfg, out_dir, dtype=dtype, gate_dtype=gate_dtype,
+                                tokenizer_dir=base_dir, overwrite=overwrite,
+                                allow_nonfinite=allow_nonfinite, progress=progress,
+                                extra_config=provenance, desc="init")

@@ -1,0 +1,176 @@
+"""`python -m convert init BASE OUT`: the stage-1 start from a base Llama checkpoint (Skywork-Reward
+is a LlamaForSequenceClassification with a [1, hidden] score). The backbone must arrive bit for
+bit, the heads fresh as transformers would make them, and bad bases refused cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+
+from convert.__main__ import main
+from hf_fixtures import _init_random, _rope_parameters, load_reference
+from test_convert import read_tensors, raw, run_err, run_ok
+from urm_jax.checkpoint import load_config, load_params
+
+VOCAB, PAD, HIDDEN, LAYERS = 512, 511, 64, 2
+INIT_RANGE = 0.05  # not transformers' 0.02 default: proves the std comes from the base's config
+HEAD_KEYS = ["score.weight", *(f"weights.fc.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias"))]
+
+
+def base_config(**changes) -> LlamaConfig:
+    fields = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, hidden_act="silu",
+                  max_position_embeddings=4096, rms_norm_eps=1e-5,
+                  rope_parameters=_rope_parameters("llama3", 10000.0, 8.0, 32), pad_token_id=PAD,
+                  bos_token_id=1, eos_token_id=[2, 3], tie_word_embeddings=False,
+                  initializer_range=INIT_RANGE)
+    fields.update(changes)
+    return LlamaConfig(**fields)
+
+
+def save_base(cls, out: Path, dtype=torch.bfloat16, **config) -> Path:
+    model = cls(base_config(**config))
+    _init_random(model, seed=5)
+    model.to(dtype).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def skywork_like(tmp_path_factory):
+    """Skywork-Reward's shape: sequence classification with one label, bf16."""
+    return save_base(LlamaForSequenceClassification, tmp_path_factory.mktemp("base") / "seqcls",
+                     num_labels=1)
+
+
+@pytest.fixture(scope="module")
+def initialised(skywork_like, tmp_path_factory):
+    out = tmp_path_factory.mktemp("init") / "urm-init"
+    run_ok("init", str(skywork_like), str(out), "--seed", "3")
+    return out
+
+
+def test_backbone_is_copied_bit_for_bit_and_heads_are_fresh(skywork_like, initialised, tmp_path):
+    base = read_tensors(skywork_like)
+    assert base["score.weight"].shape == (1, HIDDEN)
+    export = tmp_path / "hf"
+    run_ok("to_hf", str(initialised), str(export))
+    urm = read_tensors(export)
+    assert sorted(urm) == sorted([k for k in base if k != "score.weight"] + HEAD_KEYS)
+    for key in base:
+        if key != "score.weight":
+            assert urm[key].dtype == base[key].dtype and np.array_equal(raw(urm[key]), raw(base[key])), key
+    assert urm["score.weight"].shape == (10, HIDDEN) and urm["score.weight"].dtype == base[
+        "model.embed_tokens.weight"].dtype  # the value head lives in the backbone's dtype
+    for key in HEAD_KEYS:
+        value = urm[key].astype(np.float64)
+        if key.startswith("weights."):
+            assert urm[key].dtype == np.float16, key  # the reference builds the gate in fp16
+        if key.endswith(".bias"):
+            assert not value.any(), key
+        else:  # N(0, initializer_range): 640 .. 4096 draws, so 15% is > 3.5 standard errors
+            assert abs(value.mean()) < 0.15 * INIT_RANGE, key
+            assert abs(value.std() / INIT_RANGE - 1) < 0.15, (key, value.std())
+
+    cfg = json.loads((export / "config.json").read_text())
+    assert cfg["num_labels"] == 10 and cfg["architectures"] == [
+        "LlamaForSequenceClassificationWithNormal_Weights"]
+    assert cfg["gate_dtype"] == "float16" and cfg["dtype"] == "bfloat16"
+    assert cfg["urm_jax_init"]["seed"] == 3 and cfg["urm_jax_init"]["init_std"] == INIT_RANGE
+    assert cfg["urm_jax_init"]["base_heads_dropped"] == ["score.weight"]
+    assert "problem_type" not in cfg or cfg["problem_type"] is None
+
+
+def test_exported_init_runs_the_base_backbone_exactly(skywork_like, initialised, tmp_path):
+    """The URM reference loaded from the init'd model computes the base's hidden states exactly,
+    and its heads are the fresh ones (finite, gate small like HF's init)."""
+    export = tmp_path / "hf"
+    run_ok("to_hf", str(initialised), str(export))
+    base = LlamaForSequenceClassification.from_pretrained(
+        skywork_like, dtype="auto", attn_implementation="eager").eval()
+    urm = load_reference(export)
+    ids = torch.randint(4, VOCAB - 1, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = base.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = urm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = urm(input_ids=ids, attention_mask=mask, return_dict=True)
+    assert torch.equal(got, want)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.means).all()
+
+
+def test_jax_loads_the_init_checkpoint(initialised):
+    cfg = load_config(initialised)
+    params = load_params(initialised)
+    assert cfg.num_labels == 10 and cfg.pad_token_id == PAD
+    assert params["value_head"]["kernel"].shape == (HIDDEN, 10)  # JAX [in, out]
+    assert params["gate"]["fc4"]["kernel"].dtype == np.float16
+
+
+def test_seed_decides_the_heads_and_nothing_else(skywork_like, initialised, tmp_path):
+    again, other = tmp_path / "again", tmp_path / "other"
+    run_ok("init", str(skywork_like), str(again), "--seed", "3")
+    run_ok("init", str(skywork_like), str(other), "--seed", "4")
+    first, same, different = (load_params(p) for p in (initialised, again, other))
+    np.testing.assert_array_equal(same["value_head"]["kernel"], first["value_head"]["kernel"])
+    np.testing.assert_array_equal(same["gate"]["fc0"]["kernel"], first["gate"]["fc0"]["kernel"])
+    assert not np.array_equal(different["value_head"]["kernel"], first["value_head"]["kernel"])
+    assert not np.array_equal(different["gate"]["fc2"]["kernel"], first["gate"]["fc2"]["kernel"])
+    np.testing.assert_array_equal(raw(different["backbone"]["layers"]["q_proj"]),
+                                  raw(first["backbone"]["layers"]["q_proj"]))
+
+
+@pytest.mark.parametrize("cls", [LlamaForCausalLM, LlamaModel])
+def test_causal_lm_and_bare_model_bases(cls, tmp_path, skywork_like):
+    """A causal LM's lm_head is dropped; a bare LlamaModel's keys gain their `model.` prefix.
+    Either way the backbone equals the sequence-classification base built from the same seed."""
+    base = save_base(cls, tmp_path / "base", dtype=torch.float32)
+    out = tmp_path / "urm"
+    run_ok("init", str(base), str(out), "--dtype", "bfloat16", "--gate-dtype", "float32",
+           "--init-std", "0.01")
+    params, cfg = load_params(out), json.loads((out / "config.json").read_text())
+    tensors = read_tensors(base)
+    embed = tensors.get("model.embed_tokens.weight", tensors.get("embed_tokens.weight"))
+    np.testing.assert_array_equal(params["backbone"]["embed_tokens"],
+                                  embed.astype(params["backbone"]["embed_tokens"].dtype))
+    assert params["backbone"]["embed_tokens"].dtype.name == "bfloat16"
+    assert params["gate"]["fc0"]["kernel"].dtype == np.float32
+    assert cfg["urm_jax_init"]["init_std"] == 0.01
+    assert cfg["urm_jax_init"]["base_heads_dropped"] == (["lm_head.weight"] if cls is LlamaForCausalLM
+                                                         else [])
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    file = directory / "config.json"
+    cfg = json.loads(file.read_text())
+    cfg.update(changes)
+    file.write_text(json.dumps(cfg))
+
+
+def test_refusals(skywork_like, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    no_pad = Path(shutil.copytree(skywork_like, tmp_path / "no_pad"))
+    _edit_config(no_pad, pad_token_id=None)
+    run_err(capsys, ["init", str(no_pad), str(out)], out, "no pad_token_id", "config.json")
+
+    tied = Path(shutil.copytree(skywork_like, tmp_path / "tied"))
+    _edit_config(tied, tie_word_embeddings=True)
+    run_err(capsys, ["init", str(tied), str(out)], out, "tie_word_embeddings")
+
+    extra = tmp_path / "extra"
+    model = LlamaForSequenceClassification(base_config(num_labels=1))
+    model.register_buffer("stray", torch.zeros(3), persistent=True)
+    model.save_pretrained(extra)
+    run_err(capsys, ["init", str(extra), str(out)], out, "unexpected tensor stray")
+
+    run_err(capsys, ["init", str(skywork_like), str(out), "--init-std", "0"], out, "positive")
+
+    out.mkdir()
+    run_err(capsys, ["init", str(skywork_like), str(out)], out, "already exists", out_existed=True)
+    assert main(["init", str(skywork_like), str(out), "--overwrite"]) == 0

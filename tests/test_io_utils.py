@@ -1,0 +1,86 @@
+"""Durability of the atomic outputs: everything written is flushed to disk before the rename that
+makes it visible, and the rename itself is flushed after (a power cut must not leave a
+complete-looking directory of empty files)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from urm_jax import io_utils
+
+
+@pytest.fixture
+def journal(monkeypatch):
+    """Record fsyncs (by the path behind the descriptor) and renames, in order."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_replace = os.fsync, Path.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(self, target):
+        events.append(("rename", f"{self} -> {target}"))
+        return real_rename(self, target)
+
+    def replace(src, dst):
+        events.append(("rename", f"{src} -> {dst}"))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def _index(events, kind, predicate):
+    return [i for i, (k, what) in enumerate(events) if k == kind and predicate(what)]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_atomic_dir_flushes_every_file_and_dir_before_the_rename(tmp_path, journal, existing):
+    out = tmp_path / "export"
+    if existing:
+        out.mkdir()
+        (out / "stale.bin").write_bytes(b"old")
+    with io_utils.atomic_dir(out, overwrite=existing) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "a.bin").write_bytes(b"x" * 4096)
+        (tmp / "sub" / "b.json").write_text("{}")
+        io_utils.create_output(tmp / "mapped.bin", 8192)
+        with io_utils.mapped(tmp / "mapped.bin", 0, 8192, writable=True) as view:
+            view[:] = 7
+        temp_name = tmp.name
+
+    assert sorted(p.name for p in out.rglob("*")) == ["a.bin", "b.json", "mapped.bin", "sub"]
+    assert (out / "mapped.bin").read_bytes() == bytes([7]) * 8192
+    publish = _index(journal, "rename", lambda w: w.startswith(str(tmp_path / temp_name)))
+    assert len(publish) == 1
+    tmp_root = str(tmp_path / temp_name)
+    flushed = {w for i, (k, w) in enumerate(journal) if k == "fsync" and i < publish[0]}
+    for rel in ("a.bin", "sub/b.json", "mapped.bin", "sub", ""):
+        assert os.path.normpath(os.path.join(tmp_root, rel)) in flushed, rel
+    assert _index(journal, "fsync", lambda w: w == str(tmp_path))[-1] > publish[0]
+
+
+def test_atomic_file_flushes_data_then_parent(tmp_path, journal):
+    target = tmp_path / "out.jsonl"
+    with io_utils.atomic_file(target) as handle:
+        handle.write("line\n")
+    assert target.read_text() == "line\n"
+    publish = _index(journal, "rename", lambda w: w.endswith(f"-> {target}"))
+    assert len(publish) == 1
+    assert _index(journal, "fsync", lambda w: w.startswith(str(tmp_path / ".out.jsonl.tmp-")))[0] < publish[0]
+    assert _index(journal, "fsync", lambda w: w == str(tmp_path))[-1] > publish[0]
+
+
+def test_atomic_dir_failure_leaves_nothing(tmp_path):
+    out = tmp_path / "export"
+    with pytest.raises(RuntimeError):
+        with io_utils.atomic_dir(out) as tmp:
+            (tmp / "a.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
