@@ -27,7 +27,7 @@ import numpy as np
 from convert.core import ConversionError, jax_shapes, write_checkpoint
 from convert.hf_io import HFWeights
 from convert.mapping import TABLE, is_head
-from urm_jax.config import ATTRIBUTES, ModelConfig, canonical_dtype, np_dtype
+from urm_jax.config import ATTRIBUTES, ModelConfig, canonical_dtype, np_dtype, read_hf_config
 
 # Base tensors that are not part of the URM backbone and are replaced by fresh heads (or, for a
 # causal LM's output projection, dropped).
@@ -135,17 +135,9 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
     """Base Llama HF dir -> urm-jax checkpoint with the base's backbone and fresh URM heads.
     The value head is stored in the backbone's dtype (or `dtype`), the gate in `gate_dtype`.
     config.json records the base, seed and std under `urm_jax_init`."""
-    import json
-
     base_dir = Path(base_dir)
-    file = base_dir / "config.json"
-    if not file.is_file():
-        raise ConversionError(f"{file}: not found")
-    try:
-        base_config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{file}: not valid JSON ({err})") from None
-    cfg = urm_config_from_base(base_config, source=str(file))
+    base_config = read_hf_config(base_dir)
+    cfg = urm_config_from_base(base_config, source=str(base_dir / "config.json"))
     std = float(init_std if init_std is not None else
                 base_config.get("initializer_range") or DEFAULT_INIT_STD)
     if not (math.isfinite(std) and std > 0):

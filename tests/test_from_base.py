@@ -171,6 +171,10 @@ def test_refusals(skywork_like, tmp_path, capsys):
 
     run_err(capsys, ["init", str(skywork_like), str(out), "--init-std", "0"], out, "positive")
 
+    no_config = Path(shutil.copytree(skywork_like, tmp_path / "no_config"))
+    (no_config / "config.json").unlink()
+    run_err(capsys, ["init", str(no_config), str(out)], out, "config.json: not found")
+
     out.mkdir()
     run_err(capsys, ["init", str(skywork_like), str(out)], out, "already exists", out_existed=True)
     assert main(["init", str(skywork_like), str(out), "--overwrite"]) == 0

@@ -174,14 +174,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise ConfigError(f"{file}: not found")
-        try:
-            hf = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{file}: not valid JSON ({err})") from None
-        return cls.from_hf_dict(hf, source=str(file))
+        return cls.from_hf_dict(read_hf_config(path), source=str(Path(path) / "config.json"))
 
     def to_hf_dict(self, *, torch_dtype: str | None = None, gate_dtype: str | None = None) -> dict:
         """The config.json an exported checkpoint carries.
@@ -225,6 +218,17 @@ class ModelConfig:
         score = d * self.num_labels
         gate = 2 * (d * d + d) + d * self.num_attributes + self.num_attributes
         return {"backbone": backbone, "score": score, "gate": gate, "total": backbone + score + gate}
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """The config.json of an HF directory as a dict; a missing or broken file names itself."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{file}: not found")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file}: not valid JSON ({err})") from None
 
 
 @dataclasses.dataclass(frozen=True)
