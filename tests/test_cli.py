@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
@@ -215,6 +216,20 @@ def test_score_matches_hf_reference(scored_hf, id_rows, hf_dir):
 def test_score_jax_checkpoint_equals_hf_dir(scored_hf, jax_dir, id_input, tmp_path):
     from_jax = score_ok(jax_dir, id_input, tmp_path / "jax.jsonl")
     assert from_jax == scored_hf
+
+
+def test_score_fused_attention_matches_reference(scored_hf, hf_dir, id_input, tmp_path):
+    """--attention xla (jax.nn.dot_product_attention) scores like the reference path (fp32)."""
+    fused = score_ok(hf_dir, id_input, tmp_path / "xla.jsonl", "--attention", "xla")
+    assert_same_scores(fused, scored_hf, 1e-5)
+
+
+@pytest.mark.parametrize("impl, platform", [("cudnn", "GPU"), ("splash", "TPU")])
+def test_score_attention_needs_its_platform(capsys, hf_dir, id_input, tmp_path, impl, platform):
+    if jax.default_backend() == platform.lower():
+        pytest.skip(f"this run has a {platform}")
+    score_err(capsys, hf_dir, id_input, tmp_path / "out.jsonl", f"attention {impl!r} needs a {platform}",
+              extra=("--attention", impl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +481,13 @@ def test_parity_bfloat16(capsys, hf_dir, jax_dir):
     rc, out = parity(capsys, "--hf", hf_dir, "--model", jax_dir, "--dtype", "bfloat16")
     assert rc == 0, out
     assert "compute bfloat16, gate float32" in out
+    assert out.strip().splitlines()[-1] == "PASS"
+
+
+def test_parity_with_fused_attention(capsys, hf_dir, jax_dir):
+    rc, out = parity(capsys, "--hf", hf_dir, "--model", jax_dir, "--attention", "xla")
+    assert rc == 0, out
+    assert "compute float32, gate float32, attention xla;" in out
     assert out.strip().splitlines()[-1] == "PASS"
 
 

@@ -36,7 +36,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="default: the checkpoint's backbone dtype")
     p.add_argument("--gate-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: the checkpoint's gate dtype (float16 in the real model)")
+    add_attention_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def add_attention_option(p: argparse.ArgumentParser) -> None:
+    from urm_jax.model.attention import IMPLEMENTATIONS
+
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="reference",
+                   help="reference: HF's eager attention op by op (default, the parity path); "
+                   "auto: splash on TPU, cuDNN flash on GPU (bf16/fp16 compute), reference on CPU")
 
 
 def load_ensemble(args):
@@ -44,7 +53,8 @@ def load_ensemble(args):
 
     return Ensemble.load(args.model, compute_dtype=args.compute_dtype, gate_dtype=args.gate_dtype,
                          batch_size=args.batch_size, batch_tokens=args.batch_tokens,
-                         max_length=args.max_length, truncation=args.truncation)
+                         max_length=args.max_length, truncation=args.truncation,
+                         attention=args.attention)
 
 
 def run_score(args) -> int:
@@ -124,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--golden-tolerance", type=float, default=2e-2)
     p.add_argument("--long-length", type=positive_int, default=None, help="length of the long synthetic row")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    add_attention_option(p)
 
     p = sub.add_parser("train", help="train stage 1 or 2 from a YAML recipe (resumes automatically)")
     p.add_argument("config", help="YAML recipe, e.g. configs/train/stage1_helpsteer2.yaml")

@@ -19,6 +19,7 @@ import numpy as np
 
 from urm_jax.config import ModelConfig
 from urm_jax.data.tokenization import pad_batch
+from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.scoring import Scorer, read_jsonl
 
 OUTPUTS = ("reward", "means", "log_stds", "gate")
@@ -50,6 +51,7 @@ class ParityReport:
     max_rel: dict
     tolerance: float
     golden: list = dataclasses.field(default_factory=list)
+    attention: str = "reference"  # the implementation the JAX side ran (after resolving auto)
 
     @property
     def ok(self) -> bool:
@@ -59,7 +61,8 @@ class ParityReport:
     def format(self) -> str:
         lines = [f"reference: {self.reference}",
                  f"{self.rows} sequences, {self.lengths[0]}..{self.lengths[1]} tokens; "
-                 f"compute {self.compute_dtype}, gate {self.gate_dtype}; "
+                 f"compute {self.compute_dtype}, gate {self.gate_dtype}, attention "
+                 f"{self.attention}; "
                  f"tolerance {self.tolerance:.1e} (max relative)",
                  f"{'output':<10} {'max_abs':>12} {'max_rel':>12}  ok"]
         for name in OUTPUTS:
@@ -127,10 +130,11 @@ def default_long_length(cfg: ModelConfig, cap: int = 1024) -> int:
 
 def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batch_size: int = 4,
                tolerance: float | None = None, golden_path=None, golden_tolerance: float = 2e-2,
-               long_length: int | None = None) -> ParityReport:
+               long_length: int | None = None, attention: str = "reference") -> ParityReport:
     compute = None if dtype == "keep" else dtype
     # A named dtype casts the HF backbone's storage too; mirror it (the gate keeps its own dtype).
-    scorer = Scorer(model_path, compute_dtype=compute, param_dtype=compute, batch_size=batch_size)
+    scorer = Scorer(model_path, compute_dtype=compute, param_dtype=compute, batch_size=batch_size,
+                    attention=attention)
     cfg = scorer.cfg
     reference, source = load_reference(hf_dir, dtype)
     if input_path:
@@ -161,7 +165,8 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
     gate_dtype = scorer.model.options.dtypes.gate_dtype(cfg)
     tol = tolerance if tolerance is not None else TOLERANCES.get((compute_dtype, gate_dtype), 1e-1)
     report = ParityReport(len(sequences), (min(map(len, sequences)), max(map(len, sequences))),
-                          compute_dtype, gate_dtype, source, max_abs, max_rel, tol)
+                          compute_dtype, gate_dtype, source, max_abs, max_rel, tol,
+                          attention=resolve_attention(attention))
     if golden_path:
         report.golden = check_goldens(scorer, golden_path, golden_tolerance)
     return report
@@ -185,7 +190,7 @@ def main_parity(args) -> int:
     report = run_parity(args.hf, args.model, input_path=args.input, dtype=args.dtype,
                         batch_size=args.batch_size, tolerance=args.tolerance,
                         golden_path=args.golden, golden_tolerance=args.golden_tolerance,
-                        long_length=args.long_length)
+                        long_length=args.long_length, attention=args.attention)
     print(report.format())
     if args.json:
         Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=2))

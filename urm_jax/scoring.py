@@ -277,12 +277,15 @@ class Scorer:
     batch_size rows and long ones fewer (never under one row per device). ``max_length``
     (default: the model's max_position_embeddings) and ``truncation`` ('error' | 'left') follow
     the tokenisation policy training uses (`urm_jax.data.tokenization.render_ids`).
+    ``attention``: 'reference' (default; HF's eager attention op by op), or a fused path
+    ('auto' = splash on TPU, cuDNN on GPU, reference on CPU; 'xla', 'cudnn', 'splash').
     """
 
     def __init__(self, model: str | Path, *, compute_dtype: str | None = None,
                  param_dtype: str | None = None, gate_dtype: str | None = None,
                  batch_size: int = 8, batch_tokens: int | None = None,
-                 max_length: int | None = None, truncation: str = "error", devices=None):
+                 max_length: int | None = None, truncation: str = "error", devices=None,
+                 attention: str = "reference"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if batch_tokens is not None and batch_tokens < 1:
@@ -293,7 +296,8 @@ class Scorer:
             raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
         self.path = str(model)
         self.model, self.cfg = load_model(model, compute_dtype=compute_dtype,
-                                          param_dtype=param_dtype, gate_dtype=gate_dtype)
+                                          param_dtype=param_dtype, gate_dtype=gate_dtype,
+                                          attention=attention)
         self.tokenizer = load_tokenizer(model)
         self.max_length = max_length or self.cfg.max_position_embeddings
         self.truncation = truncation

@@ -29,6 +29,21 @@ def resolve(implementation: str) -> str:
     return {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "reference")
 
 
+# The platform each kernel exists on: asking for it elsewhere fails here, in one line, instead of
+# deep inside Pallas lowering or a cuDNN call. Splash also runs anywhere in interpret mode (tests).
+PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
+
+
+def check_available(implementation: str, interpret: bool = False) -> str:
+    """The resolved implementation, if it can run on this process's backend."""
+    impl = resolve(implementation)
+    need, backend = PLATFORM.get(impl), jax.default_backend()
+    if need and backend != need and not (impl == "splash" and interpret):
+        raise ValueError(f"attention {impl!r} needs a {need.upper()}; this run's JAX backend is "
+                         f"{backend!r} (use 'auto', 'xla' or 'reference')")
+    return impl
+
+
 def allowed_mask(segment_ids: jax.Array) -> jax.Array:
     """[B, L, L] bool: causal, same segment, never a padding key."""
     length = segment_ids.shape[-1]

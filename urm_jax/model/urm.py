@@ -24,6 +24,7 @@ from flax import nnx
 
 from urm_jax.config import DTypePolicy, ModelConfig
 from urm_jax.model.attention import allowed_mask, attention
+from urm_jax.model.attention import check_available as check_attention
 from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.model.rope import apply_rope, cos_sin
 from urm_jax.sharding import constrain
@@ -56,7 +57,7 @@ class ModelOptions:
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not in {sorted(REMAT_POLICIES)}")
-        resolve_attention(self.attention)
+        check_attention(self.attention, self.attention_interpret)
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str, fan_in: int = 1) -> nnx.Param:
