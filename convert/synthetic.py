@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.hf_io import parse_size, write_sharded
-from convert.mapping import TABLE, is_gate
+from convert.mapping import TABLE, is_gate, is_head
 from urm_jax.config import ModelConfig, np_dtype
 from urm_jax.io_utils import atomic_dir
 
@@ -94,19 +94,33 @@ class _FastFill:
 
 def write_random_hf(out_dir, hf_config: dict, *, dtype: str = "float32", gate_dtype: str = "float16",
                     seed: int = 0, max_shard_size="5GB", tokenizer_dir=None, overwrite=False,
-                    progress: bool = True, fill: str = "normal") -> Path:
+                    progress: bool = True, fill: str = "normal", heads: str = "urm") -> Path:
     """Write config.json + safetensors (+ index when sharded) + modeling_custom.py (+ tokenizer).
-    `fill`: "normal" (an independent draw per value, seeded by key) or "fast" (see _FastFill)."""
+    `fill`: "normal" (an independent draw per value, seeded by key) or "fast" (see _FastFill).
+    `heads`: "urm" (value head + gate), or "base": a Skywork-Reward-like
+    LlamaForSequenceClassification with one label (`score.weight` [1, hidden], no gate), the
+    input of `python -m convert init`."""
     from convert.core import Progress, jax_shapes
 
     if fill not in ("normal", "fast"):
         raise ValueError(f"fill {fill!r}: normal or fast")
+    if heads not in ("urm", "base"):
+        raise ValueError(f"heads {heads!r}: urm or base")
     hf = dict(hf_config, dtype=dtype, gate_dtype=gate_dtype)
     cfg = ModelConfig.from_hf_dict(hf)
     specs = []
     for entry, shape in zip(TABLE, jax_shapes(cfg).values()):
+        if heads == "base" and is_head(entry):
+            continue
         out = gate_dtype if is_gate(entry) else dtype
         specs += [(key, out, entry.hf_shape(shape)) for key in entry.hf_keys(cfg.num_layers)]
+    config = cfg.to_hf_dict()
+    if heads == "base":
+        specs.append(("score.weight", dtype, (1, cfg.hidden_size)))
+        for key in ("auto_map", "gate_dtype", "label2id"):
+            config.pop(key, None)
+        config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                      id2label={"0": "LABEL_0"})
     fast = _FastFill(seed)
 
     def pieces():
@@ -120,8 +134,9 @@ def write_random_hf(out_dir, hf_config: dict, *, dtype: str = "float32", gate_dt
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         with Progress("random weights", total, len(specs), progress) as bar:
             write_sharded(tmp, specs, pieces(), parse_size(max_shard_size), progress=bar.update)
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True))
-        shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if heads == "urm":
+            shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
         if tokenizer_dir is not None:
             from urm_jax.checkpoint import copy_tokenizer_files
 

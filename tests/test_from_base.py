@@ -178,3 +178,23 @@ def test_refusals(skywork_like, tmp_path, capsys):
     out.mkdir()
     run_err(capsys, ["init", str(skywork_like), str(out)], out, "already exists", out_existed=True)
     assert main(["init", str(skywork_like), str(out), "--overwrite"]) == 0
+
+
+def test_synthetic_base_is_a_transformers_classifier_that_init_takes(tmp_path):
+    """`write_random_hf(heads="base")` (the demo's Skywork-like base) is what transformers writes
+    for a one-label LlamaForSequenceClassification, and `init` keeps its backbone."""
+    from convert.synthetic import tiny_hf_config, write_random_hf
+
+    base = write_random_hf(tmp_path / "base", tiny_hf_config(), dtype="bfloat16", heads="base",
+                           progress=False)
+    model = LlamaForSequenceClassification.from_pretrained(base, dtype="auto")
+    assert model.config.num_labels == 1 and model.score.weight.shape == (1, 64)
+    assert not (base / "modeling_custom.py").exists()
+    tensors = read_tensors(base)
+    assert not any(k.startswith("weights.") for k in tensors)
+    for name, param in model.state_dict().items():
+        np.testing.assert_array_equal(raw(param.float().numpy().astype(tensors[name].dtype)),
+                                      raw(tensors[name]), err_msg=name)
+    run_ok("init", str(base), str(tmp_path / "urm"))
+    params = load_params(tmp_path / "urm")
+    assert np.array_equal(raw(params["backbone"]["final_norm"]), raw(tensors["model.norm.weight"]))
