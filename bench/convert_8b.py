@@ -1,7 +1,7 @@
 """Conversion at the real 8B shape: time and peak memory of `cp`, `convert from_hf` and
 `convert to_hf` on the same bytes, and a bit-exact round trip (`convert verify`).
 
-    .venv/bin/python bench/convert_8b.py [--work DIR] [--layers N] [--keep]
+    .venv/bin/python bench/convert_8b.py [--work DIR] [--layers N] [--keep] [--with-init]
 
 Writes an 8B-shaped HF checkpoint (the real key names and shapes, random bf16 backbone + fp16
 gate, 4 shards, `synthetic.write_random_hf(fill="fast")`), then runs each step as its own process
@@ -12,6 +12,8 @@ checkpoint + export); it checks first and says so if short. `--layers 2` is a qu
 
 Targets (issue #4): peak RSS <= 2.5 GB per direction; each direction within 1.5x of `cp`;
 round trip bit-exact. Results go to stdout and to WORK/convert_8b.json; exit 0 when all met.
+`--with-init` then also times `convert init` (stage-1 start) from an 8B-shaped Skywork-like base
+(backbone + score [1, 4096], no gate) once the other artefacts are gone, with its peak RSS.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32: the real 8B)")
     parser.add_argument("--keep", action="store_true", help="keep the artefacts")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache")
+    parser.add_argument("--with-init", action="store_true",
+                        help="also time `convert init` from a Skywork-like base of the same shape")
     args = parser.parse_args()
 
     from convert.core import jax_shapes
@@ -160,9 +164,17 @@ def main() -> int:
         # verify exits 0 only when every tensor is identical (names, shapes, dtypes, bits)
         steps.append(timed("verify src", [*python, "verify", str(src), str(ckpt)], cold, False))
         steps.append(timed("verify export", [*python, "verify", str(export), str(ckpt)], cold, False))
+        if args.with_init:
+            base, start = work / "base_src", work / "urm_init"
+            for path in (src, copy, ckpt, export, base, start):
+                shutil.rmtree(path, ignore_errors=True)
+            write_random_hf(base, hf_cfg, dtype="bfloat16", seed=1, max_shard_size=f"{shard}MB",
+                            fill="fast", progress=False, heads="base")
+            steps.append(timed("init", [*python, "init", str(base), str(start)], cold))
+            results["init_bytes"] = dir_bytes(start)
     finally:
         if not args.keep:
-            for path in (src, copy, ckpt, export):
+            for path in (src, copy, ckpt, export, work / "base_src", work / "urm_init"):
                 shutil.rmtree(path, ignore_errors=True)
 
     by = {row["step"]: row for row in results["steps"]}
@@ -178,7 +190,7 @@ def main() -> int:
         "round_trip_bit_exact": by["verify src"]["rc"] == 0 and by["verify export"]["rc"] == 0,
     }
     summary["targets_met"] = {
-        "rss<=2.5GB": all(by[k]["peak_rss_gb"] <= 2.5 for k in ("from_hf", "to_hf")),
+        "rss<=2.5GB": all(by[k]["peak_rss_gb"] <= 2.5 for k in ("from_hf", "to_hf", "init") if k in by),
         "from_hf<=1.5x cp": summary["from_hf_over_cp"] <= 1.5,
         "to_hf<=1.5x cp": summary["to_hf_over_cp"] <= 1.5,
         "bit_exact": summary["round_trip_bit_exact"],
