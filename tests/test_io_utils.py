@@ -84,3 +84,32 @@ def test_atomic_dir_failure_leaves_nothing(tmp_path):
             (tmp / "a.bin").write_bytes(b"x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_directory_fsync_unsupported_is_tolerated_file_fsync_error_is_not(tmp_path, monkeypatch):
+    """A filesystem that cannot fsync directories (EINVAL, as some FUSE mounts answer) still gets
+    its output; an EIO on a file's fsync fails the write, names the file and leaves nothing."""
+    import errno
+
+    real_fsync = os.fsync
+
+    def dirs_unsupported(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", dirs_unsupported)
+    with io_utils.atomic_dir(tmp_path / "ok") as tmp:
+        (tmp / "a.bin").write_bytes(b"x")
+    assert (tmp_path / "ok" / "a.bin").read_bytes() == b"x"
+
+    def file_eio(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("b.bin"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", file_eio)
+    with pytest.raises(OSError, match="b.bin"):
+        with io_utils.atomic_dir(tmp_path / "bad") as tmp:
+            (tmp / "b.bin").write_bytes(b"y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]

@@ -55,12 +55,21 @@ def remove_stale_temps(path: Path) -> list[Path]:
     return removed
 
 
+# Some filesystems (FUSE mounts such as gcsfuse, some network filesystems) cannot fsync a
+# directory; a file's fsync error is always real (EIO: the data did not reach the disk).
+_DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's or directory's data and metadata to disk (pages dirtied through shared
     mappings included: Linux keeps them in the same page cache)."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    is_dir = path.is_dir()
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else 0))
     try:
         os.fsync(fd)
+    except OSError as err:
+        if not (is_dir and err.errno in _DIR_FSYNC_UNSUPPORTED):
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     finally:
         os.close(fd)
 
