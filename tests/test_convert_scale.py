@@ -125,6 +125,19 @@ def test_orbax_metadata_matches_what_orbax_writes(src, ckpt, tmp_path):
         assert sorted(ours) == sorted(orbax), name
         for key in ("dtype", "shape", "order", "zarr_format", "fill_value", "dimension_separator"):
             assert ours[key] == orbax[key], (name, key)
+    ours_ckpt = json.loads((ckpt / "params" / "_CHECKPOINT_METADATA").read_text())
+    theirs_ckpt = json.loads((theirs / "_CHECKPOINT_METADATA").read_text())
+    assert sorted(ours_ckpt) == sorted(theirs_ckpt)
+    assert ours_ckpt["item_handlers"] == theirs_ckpt["item_handlers"]
+    assert 0 < ours_ckpt["init_timestamp_nsecs"] <= ours_ckpt["commit_timestamp_nsecs"]
+
+
+def test_restoring_our_checkpoint_logs_no_orbax_warning(ckpt, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        load_params(ckpt)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2)])

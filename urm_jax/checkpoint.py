@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +44,8 @@ LAYOUT_VERSION = 1
 MARKER = "urm_jax.json"
 PARAMS_DIR = "params"
 ORBAX_METADATA = "_METADATA"
+ORBAX_CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+STANDARD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 CHUNK_BYTES = 64 * 2**20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -113,6 +116,7 @@ class ParamsWriter:
         self.dir.mkdir(parents=True)
         self.arrays: dict[tuple[str, ...], dict] = {}
         self._lock = threading.Lock()
+        self._started = time.time_ns()
 
     def add(self, path: tuple[str, ...], shape: tuple[int, ...], dtype, rows: int) -> None:
         """Declare a parameter stored in chunks of `rows` rows (see `chunk_rows`)."""
@@ -178,6 +182,13 @@ class ParamsWriter:
         metadata = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
                     "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
         (self.dir / ORBAX_METADATA).write_text(json.dumps(metadata))
+        # What StandardCheckpointer writes beside the tree metadata; without it Orbax warns on
+        # every restore that the checkpoint metadata file does not exist.
+        now = time.time_ns()
+        (self.dir / ORBAX_CHECKPOINT_METADATA).write_text(json.dumps({
+            "item_handlers": STANDARD_HANDLER, "metrics": {}, "performance_metrics": {},
+            "init_timestamp_nsecs": self._started, "commit_timestamp_nsecs": now,
+            "custom_metadata": {}}))
         return {keystr(path): meta["dtype"].name for path, meta in sorted(self.arrays.items())}
 
 
