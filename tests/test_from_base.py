@@ -198,3 +198,18 @@ def test_synthetic_base_is_a_transformers_classifier_that_init_takes(tmp_path):
     run_ok("init", str(base), str(tmp_path / "urm"))
     params = load_params(tmp_path / "urm")
     assert np.array_equal(raw(params["backbone"]["final_norm"]), raw(tensors["model.norm.weight"]))
+
+
+def test_using_a_base_directly_points_at_init(skywork_like, tmp_path, capsys):
+    """Scoring (or training) a one-label base fails in one line that says how to start from it."""
+    from urm_jax.cli import main as cli_main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"input_ids": [4, 5, 6]}) + "\n")
+    capsys.readouterr()
+    rc = cli_main(["score", "--model", str(skywork_like), "--input", str(inp),
+                   "--output", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "num_labels is 1" in err and "python -m convert init" in err
+    assert not (tmp_path / "out.jsonl").exists()

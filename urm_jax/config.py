@@ -144,7 +144,9 @@ class ModelConfig:
         num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2 * len(ATTRIBUTES))
         if num_labels != 2 * len(ATTRIBUTES):
             raise ConfigError(f"{source}: num_labels is {num_labels}; URM needs "
-                              f"{2 * len(ATTRIBUTES)} (mean and log-std of {len(ATTRIBUTES)} attributes)")
+                              f"{2 * len(ATTRIBUTES)} (mean and log-std of {len(ATTRIBUTES)} attributes). "
+                              "For a base model such as Skywork-Reward, make a stage-1 start "
+                              "with fresh URM heads: python -m convert init BASE_DIR OUT_DIR")
         eos = hf.get("eos_token_id")
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
         vocab = int(need("vocab_size"))
