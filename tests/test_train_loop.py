@@ -114,6 +114,36 @@ def test_stage2_trains_only_the_gate_and_exports(stage1, tmp_path):
     assert model.weights.fc[0].weight.dtype == torch.float16
 
 
+def run_cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", "urm_jax.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+
+
+def test_export_of_kept_steps(stage1, tmp_path):
+    """`urm-jax export`: the newest kept step is the run's final model bit for bit; an earlier
+    step is an earlier model (same frozen gate); a step not kept is refused, naming the kept ones."""
+    run, final = stage1
+    kept = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(kept) == 2, kept
+    done = run_cli("export", run, tmp_path / "newest")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["checkpoint"] == str(tmp_path / "newest")
+    for (path, a), (_, b) in zip(leaves(load_params(tmp_path / "newest")), leaves(load_params(final))):
+        assert a.dtype == b.dtype and np.array_equal(a, b), jax.tree_util.keystr(path)
+
+    assert run_cli("export", run, tmp_path / "earlier", "--step", kept[0]).returncode == 0
+    earlier, last = load_params(tmp_path / "earlier"), load_params(final)
+    assert not np.array_equal(earlier["backbone"]["layers"]["q_proj"], last["backbone"]["layers"]["q_proj"])
+    assert np.array_equal(earlier["gate"]["fc0"]["kernel"], last["gate"]["fc0"]["kernel"])
+
+    missing = run_cli("export", run, tmp_path / "missing", "--step", 3)
+    assert missing.returncode == 2 and f"no step 3; kept steps: {kept}" in missing.stderr, missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "missing").exists()
+    exists = run_cli("export", run, tmp_path / "newest")
+    assert exists.returncode == 2 and "already exists" in exists.stderr
+
+
 def test_kill_and_resume_is_bit_identical(base_model, tmp_path, stage1):
     _, uninterrupted = stage1
     out = tmp_path / "killed"

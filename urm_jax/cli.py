@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -136,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     add_attention_option(p)
 
+    p = sub.add_parser("export", help="a kept step of a training run as a full urm-jax checkpoint "
+                       "(like the run's final/), for scoring or `convert to_hf`")
+    p.add_argument("run_dir", help="the run's output_dir (holds config.yaml and checkpoints/)")
+    p.add_argument("out_dir")
+    p.add_argument("--step", type=positive_int, default=None, help="default: the newest kept step")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+
     p = sub.add_parser("train", help="train stage 1 or 2 from a YAML recipe (resumes automatically)")
     p.add_argument("config", help="YAML recipe, e.g. configs/train/stage1_helpsteer2.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.learning_rate=1e-5")
@@ -159,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             from urm_jax.parity import main_parity
 
             return main_parity(args)
+        if args.command == "export":
+            from urm_jax.train.loop import export_step
+
+            out = export_step(args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite)
+            print(json.dumps({"checkpoint": str(out)}))
+            return 0
         if args.command == "train":
             from urm_jax.distributed import maybe_initialize
 

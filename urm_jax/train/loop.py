@@ -4,6 +4,7 @@ A run directory holds
     checkpoints/<step>/   Orbax CheckpointManager steps: train state (trainable params, optimiser
                           state, step) + data-iterator position; RNG is derived from (seed, step)
     final/                a full urm-jax checkpoint (feeds stage 2, `urm-jax score`, `convert to_hf`)
+                          (`urm-jax export RUN_DIR OUT --step N` makes one from any kept step)
     metrics.jsonl, tensorboard/, loss.png, config.yaml, data_report.txt
 Resuming is automatic: a run pointed at a directory with checkpoints continues from the latest
 one and ends with the parameters an uninterrupted run would have, bit for bit.
@@ -76,8 +77,8 @@ def segment_lengths(batch: dict) -> list[int]:
 
 
 class RunDirectory:
-    def __init__(self, cfg: TrainConfig):
-        self.root = Path(cfg.output_dir).absolute()
+    def __init__(self, cfg: TrainConfig, root: str | Path | None = None):
+        self.root = Path(root or cfg.output_dir).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.root / "checkpoints"
         self.final = self.root / "final"
@@ -104,11 +105,11 @@ def restore_latest(manager: ocp.CheckpointManager, trainer: Trainer, iterator) -
     return int(step)
 
 
-def save_final(run: RunDirectory, cfg: TrainConfig, model_cfg: ModelConfig, trainer: Trainer,
-               tokenizer_dir: str) -> Path:
-    """Write `final/` (a full urm-jax checkpoint) chunk by chunk: every process takes part in
-    gathering each chunk of the (possibly multi-host) arrays, process 0 writes it. Memory stays
-    at one chunk per host whatever the model size or the number of hosts."""
+def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer: Trainer,
+               tokenizer_dir: str, overwrite: bool = True) -> Path:
+    """Write the trained model as a full urm-jax checkpoint, chunk by chunk: every process takes
+    part in gathering each chunk of the (possibly multi-host) arrays, process 0 writes it. Memory
+    stays at one chunk per host whatever the model size or the number of hosts."""
     import contextlib
 
     from jax.experimental import multihost_utils
@@ -129,8 +130,8 @@ def save_final(run: RunDirectory, cfg: TrainConfig, model_cfg: ModelConfig, trai
     dtypes = {"torch_dtype": out_dtype(("backbone",), params["backbone"]["embed_tokens"]).name,
               "gate_dtype": np_dtype(gate).name}
     is_main = jax.process_index() == 0
-    writer_ctx = (checkpoint_writer(run.final, model_cfg.to_hf_dict(**dtypes), tokenizer_dir=tokenizer_dir,
-                                    overwrite=True) if is_main else contextlib.nullcontext(None))
+    writer_ctx = (checkpoint_writer(out_dir, model_cfg.to_hf_dict(**dtypes), tokenizer_dir=tokenizer_dir,
+                                    overwrite=overwrite) if is_main else contextlib.nullcontext(None))
     stacked = stacked_paths(model_cfg)
     with writer_ctx as writer:
         for path, leaf in leaves:
@@ -142,8 +143,52 @@ def save_final(run: RunDirectory, cfg: TrainConfig, model_cfg: ModelConfig, trai
                 block = multihost_utils.process_allgather(leaf[start:start + rows], tiled=True)
                 if writer is not None:
                     writer.write(path, start, np.asarray(block).astype(dtype))
-    multihost_utils.sync_global_devices("urm-jax final checkpoint written")
-    return run.final
+    multihost_utils.sync_global_devices("urm-jax model checkpoint written")
+    return Path(out_dir)
+
+
+def step_settings(cfg: TrainConfig) -> StepSettings:
+    return StepSettings(stage=cfg.stage, loss=cfg.loss.kind, label_scale=cfg.loss.label_scale,
+                        label_shift=cfg.loss.label_shift,
+                        use_features=cfg.stage == 2 and cfg.stage2_cached_features)
+
+
+def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
+                overwrite: bool = False, progress: bool = True) -> Path:
+    """A kept training step of a run (default: the newest) as a full urm-jax checkpoint, like
+    `final/`: the run's own config.yaml rebuilds its trainer (frozen parameters from its `model`,
+    on its mesh), the step's train state is restored onto it, and the model is written as
+    `final/` would be. Needs the memory training needed (run it where the run ran)."""
+    from urm_jax.io_utils import OutputExistsError
+    from urm_jax.train.config import load_train_config
+
+    run_dir, out_dir = Path(run_dir).absolute(), Path(out_dir).absolute()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ValueError(f"{saved}: not found ({run_dir} is not an `urm-jax train` run directory)")
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
+    cfg = load_train_config(saved)
+    run = RunDirectory(cfg, run_dir)
+    manager = checkpoint_manager(run, cfg)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise ValueError(f"{run.checkpoints}: no checkpoints")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"{run.checkpoints}: no step {step}; kept steps: {steps}")
+    mesh = make_mesh(cfg.mesh)
+    model_cfg = load_config_any(cfg.model)
+    params = load_params_any(cfg.model, model_cfg, progress=progress and jax.process_index() == 0)
+    trainer = build_trainer(model_cfg, params, model_options(cfg), step_settings(cfg), cfg.optim,
+                            total_steps=max(step, 1), mesh=mesh, seed=cfg.seed)
+    del params
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            trainer.state, trainer.state_shardings)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    trainer.state = type(trainer.state)(*restored["state"])
+    manager.close()
+    return save_model(out_dir, cfg, model_cfg, trainer, cfg.model, overwrite=overwrite)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
@@ -168,9 +213,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         (run.root / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     options = model_options(cfg)
-    settings = StepSettings(stage=cfg.stage, loss=cfg.loss.kind, label_scale=cfg.loss.label_scale,
-                            label_shift=cfg.loss.label_shift,
-                            use_features=cfg.stage == 2 and cfg.stage2_cached_features)
+    settings = step_settings(cfg)
     params = load_params_any(cfg.model, model_cfg, progress=is_main and progress)
 
     if settings.use_features:
@@ -233,7 +276,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    final = save_final(run, cfg, model_cfg, trainer, cfg.model)
+    final = save_model(run.final, cfg, model_cfg, trainer, cfg.model)
     writer.close()
     if is_main and cfg.plot:
         plot_metrics(run.root / "metrics.jsonl", run.root / "loss.png")
