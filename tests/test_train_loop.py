@@ -114,6 +114,28 @@ def test_stage2_trains_only_the_gate_and_exports(stage1, tmp_path):
     assert model.weights.fc[0].weight.dtype == torch.float16
 
 
+def test_stage1_from_convert_init_of_a_base(tmp_path):
+    """The recipe's real start: a one-label base (Skywork-Reward's shape) -> `convert init` ->
+    stage 1 trains the fresh value head and the backbone, and leaves the fresh gate alone."""
+    from convert.from_base import init_from_base
+    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+
+    cfg = tiny_hf_config(vocab_size=128257, pad_token_id=128256, bos_token_id=128000,
+                         eos_token_id=(128001, 128008, 128009), hidden_size=32, intermediate_size=64,
+                         num_layers=2, num_heads=4, num_kv_heads=2,
+                         original_max_position_embeddings=8192, max_position_embeddings=131072)
+    base = write_random_hf(tmp_path / "base", cfg, dtype="float32", heads="base",
+                           tokenizer_dir=cached_llama3_tokenizer_dir(), progress=False)
+    start = init_from_base(base, tmp_path / "init", progress=False)
+    final = Path(run_train(STAGE1, f"model={start}", f"output_dir={tmp_path / 'run'}", "max_steps=2",
+                           "checkpoint.async_save=false"))
+    before, after = load_params(start), load_params(final)
+    assert not np.array_equal(before["value_head"]["kernel"], after["value_head"]["kernel"])
+    assert not np.array_equal(before["backbone"]["layers"]["up_proj"], after["backbone"]["layers"]["up_proj"])
+    for (path, a), (_, b) in zip(leaves(after["gate"]), leaves(before["gate"])):
+        assert np.array_equal(a, b), jax.tree_util.keystr(path)
+
+
 def run_cli(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.run([sys.executable, "-m", "urm_jax.cli", *map(str, args)], cwd=ROOT, env=env,
