@@ -256,6 +256,34 @@ def test_score_independent_of_batching_and_order(scored_hf, hf_dir, id_rows, tmp
         assert_same_scores([got[k] for k in reference], list(reference.values()), tol=1e-6)
 
 
+def test_score_shards_concatenate_to_the_whole_file(scored_hf, hf_dir, id_rows, id_input, tmp_path):
+    """--shard K/N: contiguous, balanced slices; their outputs in shard order are the whole run's
+    (blank lines do not shift the slices); more shards than lines leaves empty shards."""
+    with_blanks = tmp_path / "blanks.jsonl"
+    with_blanks.write_text("\n" + "\n\n".join(json.dumps(r) for r in id_rows) + "\n\n")
+    parts = [score_ok(hf_dir, with_blanks, tmp_path / f"s{k}.jsonl", "--shard", f"{k}/3") for k in range(3)]
+    sizes = [len(p) for p in parts]
+    assert sum(sizes) == len(id_rows) and max(sizes) - min(sizes) <= 1, sizes
+    assert_same_scores([r for p in parts for r in p], scored_hf, tol=1e-6)
+
+    n, many = len(id_rows), len(id_rows) + 2
+    expected = [len(range(n * k // many, n * (k + 1) // many)) for k in range(many)]
+    assert expected[0] == 0 and expected[-1] == 1
+    first = score_ok(hf_dir, id_input, tmp_path / "m0.jsonl", "--shard", f"0/{many}")
+    last = score_ok(hf_dir, id_input, tmp_path / "mlast.jsonl", "--shard", f"{many - 1}/{many}")
+    assert first == [] and (tmp_path / "m0.jsonl").read_text() == ""
+    assert_same_scores(last, scored_hf[-1:], tol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["3/3", "1/0", "a/b", "1", "-1/2"])
+def test_score_bad_shard(capsys, hf_dir, id_input, tmp_path, bad):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["score", "--model", str(hf_dir), "--input", str(id_input), "--output",
+                  str(tmp_path / "o.jsonl"), "--shard", bad])
+    assert exit_info.value.code == 2 and "--shard" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. chat inputs through the real Llama-3 tokenizer
 

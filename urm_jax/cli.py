@@ -17,6 +17,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def shard_spec(text: str) -> tuple[int, int]:
+    """`K/N`: the K-th (0-based) of N shards."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text}: need N >= 1 and 0 <= K < N")
+    return index, count
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by score and eval: which model(s), how to batch, tokenise and fail."""
     p.add_argument("--model", required=True, action="append", metavar="PATH",
@@ -65,7 +76,7 @@ def run_score(args) -> int:
         raise ValueError("--bad-lines needs --on-bad-line skip")
     run = score_jsonl(load_ensemble(args), args.input, args.output, chunk_size=args.chunk_size,
                       on_bad_line=args.on_bad_line, bad_lines_path=args.bad_lines,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, shard=args.shard)
     if len(run.skipped):
         print(f"warning: {run.skipped.summary()}", file=sys.stderr)
     print(f"scored {run.written} examples -> {args.output} ({run.tokens} tokens, "
@@ -106,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lines read, scored and written at a time (bounds memory)")
     p.add_argument("--bad-lines", default=None, metavar="PATH",
                    help="with --on-bad-line skip: write the skipped lines' numbers and errors here (JSONL)")
+    p.add_argument("--shard", type=shard_spec, default=None, metavar="K/N",
+                   help="score only the K-th of N contiguous slices of the input (one host or "
+                   "process each); `cat` of the N outputs in order is the whole file's output")
 
     p = sub.add_parser("eval", help="accuracy on preference pairs (RewardBench format) with uncertainty")
     add_model_options(p)

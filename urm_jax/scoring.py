@@ -501,15 +501,27 @@ def score_file(models: Scorer | Ensemble, input_path, output_path, **kwargs) -> 
     return score_jsonl(models, input_path, output_path, **kwargs).written
 
 
+def shard_range(num_lines: int, shard: tuple[int, int]) -> range:
+    """Shard k of n of num_lines lines: contiguous and balanced, so the shards' outputs
+    concatenated in shard order are the whole file's output in input order."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+    return range(num_lines * index // count, num_lines * (index + 1) // count)
+
+
 def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_size: int = 1024,
-                on_bad_line: str = "error", bad_lines_path=None, progress: bool = True) -> ScoreRun:
+                on_bad_line: str = "error", bad_lines_path=None, progress: bool = True,
+                shard: tuple[int, int] | None = None) -> ScoreRun:
     """Stream-score a JSONL file into another, line for line in input order.
 
     Memory is bounded by ``chunk_size`` lines: a chunk is read, tokenised and dispatched to every
     member; while the devices work, the next chunk is read and tokenised; then the first is
     gathered and written. The output appears only when the whole file succeeded (atomic rename);
     a bad line stops the run naming ``file:line`` unless ``on_bad_line="skip"``, which leaves it
-    out and records it (written to ``bad_lines_path`` as JSONL when given).
+    out and records it (written to ``bad_lines_path`` as JSONL when given). ``shard=(k, n)``
+    scores only the k-th of n contiguous slices of the non-blank lines (one process or host per
+    slice; `cat` of the outputs in shard order is the whole file's output).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -521,7 +533,8 @@ def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_siz
         ids, truncated = ensemble.encode_with_info(obj)  # ValueError for a bad example
         return obj.get("id", _NO_ID), ids, truncated
 
-    total = count_lines(input_path) if progress else None
+    lines = None if shard is None else shard_range(count_lines(input_path), shard)
+    total = len(lines) if lines is not None else count_lines(input_path) if progress else None
     written = tokens = counted_bad = 0
     with atomic_file(output_path) as out, tqdm(total=total, desc="score", unit="line", file=sys.stderr,
                                                disable=not progress, dynamic_ncols=True) as bar:
@@ -539,7 +552,8 @@ def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_siz
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", skipped=len(bad))
 
         previous = None
-        for chunk in chunked(iter_jsonl(input_path, parse, on_bad_line=on_bad_line, bad=bad), chunk_size):
+        for chunk in chunked(iter_jsonl(input_path, parse, on_bad_line=on_bad_line, bad=bad,
+                                        lines=lines), chunk_size):
             pending = ensemble.submit([ids for _, (_, ids, _) in chunk], [t for _, (_, _, t) in chunk])
             if previous is not None:
                 emit(*previous)

@@ -60,22 +60,29 @@ def count_lines(path: str | Path) -> int:
 
 
 def iter_jsonl(path: str | Path, parse: Callable[[Any], T], *, on_bad_line: str = "error",
-               bad: BadLines | None = None) -> Iterator[tuple[int, T]]:
+               bad: BadLines | None = None, lines: range | None = None) -> Iterator[tuple[int, T]]:
     """Yield ``(line_number, parse(json_object))`` for each non-blank line.
 
     ``parse`` raises ValueError for an object it cannot use. Invalid UTF-8, invalid JSON and a
     parse error all name ``path:line``; with ``on_bad_line="skip"`` they go to ``bad`` instead.
     Raises InputError when the file yields nothing usable (empty, or every line skipped).
+    ``lines``: only the non-blank lines with these 0-based ordinals (a shard of the file; an
+    empty shard is not an error).
     """
     if on_bad_line not in ON_BAD_LINE:
         raise ValueError(f"on_bad_line must be one of {ON_BAD_LINE}, got {on_bad_line!r}")
     if on_bad_line == "skip" and bad is None:
         raise ValueError("on_bad_line='skip' needs a BadLines report")
-    good = 0
+    good, ordinal = 0, -1
     # Binary lines, decoded one by one, so an encoding error still names its line.
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, 1):
             if not raw.strip():
+                continue
+            ordinal += 1
+            if lines is not None and ordinal not in lines:
+                if ordinal >= lines.stop:
+                    break
                 continue
             obj = None
             try:
@@ -95,7 +102,7 @@ def iter_jsonl(path: str | Path, parse: Callable[[Any], T], *, on_bad_line: str 
                 continue
             good += 1
             yield lineno, item
-    if not good:
+    if not good and not (lines is not None and (bad is None or not len(bad))):
         what = "no examples" if bad is None or not len(bad) else f"no usable examples ({bad.summary()})"
         raise InputError(f"{path}: {what}")
 
