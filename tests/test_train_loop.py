@@ -166,6 +166,24 @@ def test_export_of_kept_steps(stage1, tmp_path):
     assert exists.returncode == 2 and "already exists" in exists.stderr
 
 
+def test_divergence_stops_before_checkpointing_broken_weights(base_model, tmp_path):
+    """A learning rate of 1e30 breaks the weights at the first real update: the run stops with
+    one error naming the step and what went non-finite, logs that step, and no checkpoint or
+    final/ holds the broken weights."""
+    out = tmp_path / "diverged"
+    done = run_cli("train", STAGE1, f"model={base_model}", f"output_dir={out}", "optim.learning_rate=1e30",
+                   "optim.warmup_ratio=0", "checkpoint.every_steps=1", "checkpoint.async_save=false")
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "step 1: param_norm inf" in errors[0] and "diverged" in errors[0], errors
+    assert "nothing after step 0 was checkpointed" in errors[0]
+    assert "Traceback" not in done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and np.isfinite(records[0]["loss"])
+    assert not (out / "final").exists()
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 def test_kill_and_resume_is_bit_identical(base_model, tmp_path, stage1):
     _, uninterrupted = stage1
     out = tmp_path / "killed"

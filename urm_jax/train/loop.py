@@ -76,6 +76,25 @@ def segment_lengths(batch: dict) -> list[int]:
     return lengths
 
 
+class NonFiniteTrainingError(ValueError):
+    """The loss, gradient or weights stopped being finite: the run stops before checkpointing."""
+
+
+def check_finite(metrics: dict, step: int, manager: ocp.CheckpointManager) -> None:
+    """Raise if the step's loss, gradient norm or parameter norm is NaN/Inf, naming the last
+    checkpoint (written before this step, so it holds finite weights) to resume or export from."""
+    bad = {k: float(np.asarray(metrics[k])) for k in ("loss", "grad_norm", "param_norm")
+           if k in metrics and not np.isfinite(np.asarray(metrics[k])).all()}
+    if bad:
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        raise NonFiniteTrainingError(
+            f"step {step}: {', '.join(f'{k} {v}' for k, v in bad.items())} - training diverged; "
+            f"nothing after step {last or 0} was checkpointed"
+            + (f" (resume or `urm-jax export` from step {last})" if last else "")
+            + "; lower optim.learning_rate or check the data")
+
+
 class RunDirectory:
     def __init__(self, cfg: TrainConfig, root: str | Path | None = None):
         self.root = Path(root or cfg.output_dir).absolute()
@@ -241,38 +260,47 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     bar = tqdm(total=total_steps, initial=start, desc=f"stage {cfg.stage}", unit="step",
                disable=not (is_main and progress), file=sys.stderr)
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
-    for step in range(start, total_steps):
-        host_batch = next(iterator)
-        batch = with_accum_axis(host_batch, cfg.grad_accum)
-        batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), batch)
-        metrics = trainer.run(batch)
-        if not settings.use_features:  # FLOPs of the real (unpadded) sequences, all hosts
-            lengths = segment_lengths(host_batch)
-            window_tokens += sum(lengths) * jax.process_count()
-            window_flops += train_flops(model_cfg, lengths) * jax.process_count()
-        done = step + 1
-        record = {}
-        if done % cfg.log_every == 0 or done == total_steps:
-            metrics = jax.device_get(metrics)  # waits for the step, so the window timing is honest
-            now = time.perf_counter()
-            throughput.record(now - window_start, window_tokens, window_flops)
-            window_start, window_tokens, window_flops = now, 0, 0.0
-            record = dict(metrics, epoch=iterator.epoch)
-            if not settings.use_features:
-                record.update(tokens_per_s=throughput.tokens_per_second(),
-                              mfu=throughput.mfu(jax.device_count(), peak))
-            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-        if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
-            results = trainer.evaluate(eval_batches)
-            record.update({f"eval/{k}": v for k, v in results.items()})
-            log(f"step {done} eval: " + ", ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items()))
-            window_start = time.perf_counter()  # evaluation time is not training throughput
-        if record:  # one line per step: train and eval metrics together
-            writer.write(done, {k: v for k, v in record.items() if v is not None})
-        bar.update(1)
-        if done % cfg.checkpoint.every_steps == 0 or done == total_steps:
-            manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.state),
-                                                       data=ocp.args.JsonSave(iterator.state())))
+    try:
+        for step in range(start, total_steps):
+            host_batch = next(iterator)
+            batch = with_accum_axis(host_batch, cfg.grad_accum)
+            batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), batch)
+            metrics = trainer.run(batch)
+            if not settings.use_features:  # FLOPs of the real (unpadded) sequences, all hosts
+                lengths = segment_lengths(host_batch)
+                window_tokens += sum(lengths) * jax.process_count()
+                window_flops += train_flops(model_cfg, lengths) * jax.process_count()
+            done = step + 1
+            record = {}
+            if done % cfg.log_every == 0 or done == total_steps:
+                metrics = jax.device_get(metrics)  # waits for the step, so the window timing is honest
+                now = time.perf_counter()
+                throughput.record(now - window_start, window_tokens, window_flops)
+                window_start, window_tokens, window_flops = now, 0, 0.0
+                record = dict(metrics, epoch=iterator.epoch)
+                if not settings.use_features:
+                    record.update(tokens_per_s=throughput.tokens_per_second(),
+                                  mfu=throughput.mfu(jax.device_count(), peak))
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
+                results = trainer.evaluate(eval_batches)
+                record.update({f"eval/{k}": v for k, v in results.items()})
+                log(f"step {done} eval: " + ", ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items()))
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if record:  # one line per step: train and eval metrics together
+                writer.write(done, {k: v for k, v in record.items() if v is not None})
+            bar.update(1)
+            saving = done % cfg.checkpoint.every_steps == 0 or done == total_steps
+            if record or saving:  # never checkpoint (or go on from) weights that are not finite
+                check_finite(jax.device_get(metrics), done, manager)
+            if saving:
+                manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.state),
+                                                           data=ocp.args.JsonSave(iterator.state())))
+    except NonFiniteTrainingError:  # the metrics line of the bad step is written; close up
+        bar.close()
+        writer.close()
+        manager.close()
+        raise
     bar.close()
     manager.wait_until_finished()
     manager.close()

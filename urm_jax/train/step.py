@@ -111,6 +111,10 @@ def _loss_sums(model, settings: StepSettings, batch: dict, key: jax.Array):
     return bradley_terry_loss(reward[0::2], reward[1::2], batch["pair_mask"])
 
 
+def float32_global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(cfg: ModelConfig, options: ModelOptions, settings: StepSettings,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     seed: int = 0) -> Callable:
@@ -142,7 +146,10 @@ def make_train_step(cfg: ModelConfig, options: ModelOptions, settings: StepSetti
         grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grad_sums)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # param_norm: a non-finite value means the update broke the weights (the loop refuses to
+        # checkpoint them); one fused pass over the parameters, small next to the step.
         metrics = finalize_metrics(metric_sums) | {"grad_norm": optax.global_norm(grads),
+                                                   "param_norm": float32_global_norm(params),
                                                    "learning_rate": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
