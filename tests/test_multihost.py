@@ -116,3 +116,28 @@ def test_dead_peer_fails_the_survivor_within_the_timeout(base_model, tmp_path):
     text = err.lower()
     assert any(word in text for word in ("heartbeat", "unavailable", "connection", "task", "peer",
                                           "coordination", "gloo")), err[-2000:]
+
+
+def test_sigterm_to_one_process_stops_all_at_one_saved_step(base_model, tmp_path):
+    """Preemption of one host (SIGTERM to process 1): JAX's preemption sync point makes both
+    processes checkpoint the same step and exit 143; the run then resumes from that step."""
+    out = tmp_path / "preempted"
+    port = free_port()
+    procs = [subprocess.Popen(command(base_model, out, "max_steps=10000", "epochs=1000",
+                                      "checkpoint.every_steps=1000") + [
+        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        cwd=ROOT, env=env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    metrics, deadline = out / "metrics.jsonl", time.time() + 900
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # both training
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [e[-1500:] for e in errs]
+    kept = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(kept) == 1, kept
+    for err in errs:
+        assert f"stopped after step {kept[0]}" in err, err[-1500:]
+    resumed = run_one_process(base_model, out, f"max_steps={kept[0] + 2}")
+    assert f"resumed from step {kept[0]}" in resumed.stderr + resumed.stdout

@@ -184,6 +184,34 @@ def test_divergence_stops_before_checkpointing_broken_weights(base_model, tmp_pa
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
 
 
+def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(base_model, tmp_path):
+    """SIGTERM (preemption, tpu_scripts/stop.sh) mid-run: the run finishes its step, checkpoints
+    it although no periodic checkpoint is due, exits 143; the same command resumes from that step
+    and ends bit-identical to an uninterrupted run."""
+    overrides = ["max_steps=30", "epochs=20", "checkpoint.every_steps=1000", "checkpoint.async_save=false"]
+    reference = Path(run_train(STAGE1, f"model={base_model}", f"output_dir={tmp_path / 'ref'}", *overrides))
+    out = tmp_path / "preempted"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = train_cmd(STAGE1, f"model={base_model}", f"output_dir={out}", *overrides)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be stopped"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    kept = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert kept == [steps[-1]] and steps[-1] < 30, (kept, steps)
+    assert f"stopped after step {steps[-1]} of 30" in stderr and "Traceback" not in stderr
+    assert not (out / "final").exists()
+    resumed = Path(run_train(STAGE1, f"model={base_model}", f"output_dir={out}", *overrides))
+    for (path, a), (_, b) in zip(leaves(load_params(resumed)), leaves(load_params(reference))):
+        assert np.array_equal(a, b), jax.tree_util.keystr(path)
+
+
 def test_kill_and_resume_is_bit_identical(base_model, tmp_path, stage1):
     _, uninterrupted = stage1
     out = tmp_path / "killed"

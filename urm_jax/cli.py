@@ -192,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
 
             maybe_initialize(args.coordinator, args.num_processes, args.process_id)
             from urm_jax.train.loop import main_train
+            from urm_jax.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 
-            return main_train(args.config, args.overrides)
+            try:
+                return main_train(args.config, args.overrides)
+            except TrainingPreempted as stop:
+                print(f"stopped: {stop}", file=sys.stderr)
+                return PREEMPTED_EXIT_CODE
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from urm_jax.model.urm import ModelBinder, ModelOptions
 from urm_jax.scoring import load_tokenizer
 from urm_jax.sharding import make_mesh
 from urm_jax.train.config import TrainConfig, to_dict
+from urm_jax.train.preemption import PreemptionWatch, TrainingPreempted
 from urm_jax.train.step import StepSettings, Trainer, build_trainer, merge_params
 
 
@@ -260,6 +261,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     bar = tqdm(total=total_steps, initial=start, desc=f"stage {cfg.stage}", unit="step",
                disable=not (is_main and progress), file=sys.stderr)
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+    watch = PreemptionWatch()
     try:
         for step in range(start, total_steps):
             host_batch = next(iterator)
@@ -290,17 +292,26 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             if record:  # one line per step: train and eval metrics together
                 writer.write(done, {k: v for k, v in record.items() if v is not None})
             bar.update(1)
-            saving = done % cfg.checkpoint.every_steps == 0 or done == total_steps
+            preempted = watch.reached(done)
+            saving = done % cfg.checkpoint.every_steps == 0 or done == total_steps or preempted
             if record or saving:  # never checkpoint (or go on from) weights that are not finite
                 check_finite(jax.device_get(metrics), done, manager)
             if saving:
                 manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.state),
-                                                           data=ocp.args.JsonSave(iterator.state())))
-    except NonFiniteTrainingError:  # the metrics line of the bad step is written; close up
+                                                           data=ocp.args.JsonSave(iterator.state())),
+                             force=preempted)
+            if preempted:
+                manager.wait_until_finished()
+                raise TrainingPreempted(f"SIGTERM: stopped after step {done} of {total_steps}, "
+                                        f"checkpoint {done} saved in {run.checkpoints}; run the "
+                                        "same command to resume from it")
+    except (NonFiniteTrainingError, TrainingPreempted):  # the bad step's metrics are written
         bar.close()
         writer.close()
         manager.close()
         raise
+    finally:
+        watch.close()
     bar.close()
     manager.wait_until_finished()
     manager.close()
