@@ -116,13 +116,21 @@ def restore_latest(manager: ocp.CheckpointManager, trainer: Trainer, iterator) -
     step = manager.latest_step()
     if step is None:
         return 0
+    iterator.restore(restore_step(manager, trainer, step, data=True))
+    return int(step)
+
+
+def restore_step(manager: ocp.CheckpointManager, trainer: Trainer, step: int, data: bool = False):
+    """Put a checkpointed train state onto the trainer's shardings (Orbax reshards it if the mesh
+    changed); returns the data-iterator state when `data`."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             trainer.state, trainer.state_shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if data:
+        items["data"] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
     trainer.state = type(trainer.state)(*restored["state"])
-    iterator.restore(restored["data"])
-    return int(step)
+    return restored["data"] if data else None
 
 
 def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer: Trainer,
@@ -203,10 +211,7 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     trainer = build_trainer(model_cfg, params, model_options(cfg), step_settings(cfg), cfg.optim,
                             total_steps=max(step, 1), mesh=mesh, seed=cfg.seed)
     del params
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            trainer.state, trainer.state_shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    trainer.state = type(trainer.state)(*restored["state"])
+    restore_step(manager, trainer, step)
     manager.close()
     return save_model(out_dir, cfg, model_cfg, trainer, cfg.model, overwrite=overwrite)
 
