@@ -37,15 +37,10 @@ GB = 1e9
 
 
 def real_8b_config(layers: int) -> dict:
-    from convert.synthetic import tiny_hf_config
+    from convert.synthetic import llama3_hf_config
 
-    cfg = tiny_hf_config(vocab_size=128257, hidden_size=4096, intermediate_size=14336,
-                         num_layers=layers, num_heads=32, num_kv_heads=8, pad_token_id=128256,
-                         bos_token_id=128000, eos_token_id=(128001, 128008, 128009),
-                         original_max_position_embeddings=8192, max_position_embeddings=131072,
-                         rope_theta=500000.0)
-    cfg["rope_parameters"]["factor"] = 8.0
-    return cfg
+    return llama3_hf_config(hidden_size=4096, intermediate_size=14336, num_layers=layers,
+                            num_heads=32, num_kv_heads=8, rope_theta=500000.0)
 
 
 def drop_caches() -> bool:

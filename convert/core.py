@@ -14,6 +14,7 @@ dtypes) is checked before the first byte is written.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -78,11 +79,28 @@ class Plan:
         return self.entry.path
 
     def hf_keys(self) -> list[str]:
-        return self.entry.hf_keys(self.shape[0]) if self.entry.stacked else [self.entry.hf_key]
+        return self.entry.hf_keys(self.shape[0])
+
+    @property
+    def whole(self) -> bool:
+        """A non-stacked kernel: its HF rows are JAX columns, so it converts as one unit (the
+        HF tensor is read, or written, once)."""
+        return not self.entry.stacked and self.entry.n_in is not None
+
+    def unit_tensors(self, start: int, stop: int, block: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """(HF key, JAX-layout value) of each HF tensor in rows [start, stop) of the parameter
+        (`block`): one per layer when stacked, else the block itself."""
+        if not self.entry.stacked:
+            return [(self.entry.hf_key, block)]
+        return list(zip(self.entry.hf_keys(range(start, stop)), block))
 
     def hf_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
         shape = self.entry.hf_shape(self.shape)
         return [(key, self.out, shape) for key in self.hf_keys()]
+
+
+def stored_bytes(plans: list[Plan]) -> int:
+    return sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
 
 
 def output_dtypes(plans: list[Plan]) -> dict:
@@ -260,8 +278,8 @@ def read_box(weights: HFWeights, plan: Plan, box: Box, allow_nonfinite: bool = F
         return np.asarray(entry.to_jax_box(rows_of(entry.hf_key), plan.shape, box, alloc)).astype(
             out, copy=False)
     layers = range(box[0].start, box[0].stop)
-    parts = (entry.to_jax_box(rows_of(entry.hf_key.format(i=i)), plan.shape[1:], box[1:], alloc)
-             for i in layers)
+    parts = (entry.to_jax_box(rows_of(key), plan.shape[1:], box[1:], alloc)
+             for key in entry.hf_keys(layers))
     if len(layers) == 1:  # one layer: no extra copy into a stacked buffer
         return np.asarray(next(parts))[None].astype(out, copy=False)
     block = np.empty((len(layers), *(s.stop - s.start for s in box[1:])), out)
@@ -278,7 +296,7 @@ def fill_rows(weights: HFWeights, plan: Plan, start: int, stop: int, out: np.nda
     file (no read copy) and copied, or transposed through a pooled buffer, into `out`."""
     entry = plan.entry
     if entry.stacked:
-        jobs = [(entry.hf_key.format(i=i), None, out[i - start]) for i in range(start, stop)]
+        jobs = [(key, None, dst) for key, dst in plan.unit_tensors(start, stop, out)]
     elif entry.n_in is None:
         jobs = [(entry.hf_key, (start, stop), out)]
     else:
@@ -331,18 +349,37 @@ def _hf_prefetch(weights: HFWeights) -> Callable:
         plan, start, stop = unit
         entry = plan.entry
         if entry.stacked:
-            for i in range(start, stop):
-                weights.prefetch(entry.hf_key.format(i=i))
+            for key in entry.hf_keys(range(start, stop)):
+                weights.prefetch(key)
         else:
             weights.prefetch(entry.hf_key, None if entry.n_in is not None else (start, stop))
     return prefetch
 
 
 def _hf_chunk_rows(plan: Plan) -> int:
-    # A non-stacked kernel's HF rows are JAX columns: one chunk, so the tensor is read once.
-    if not plan.entry.stacked and plan.entry.n_in is not None:
+    if plan.whole:
         return plan.shape[0]
     return chunk_rows(plan.shape, np_dtype(plan.out), plan.entry.stacked)
+
+
+def _progress(desc: str, plans: list[Plan], enabled: bool) -> Progress:
+    return Progress(desc, stored_bytes(plans), sum(len(p.hf_keys()) for p in plans), enabled)
+
+
+def _stream_from_hf(weights, plans: list[Plan], destination: Callable, bar: Progress,
+                    allow_nonfinite: bool) -> None:
+    """Fill every parameter from its HF tensors, unit by unit on a few threads, each unit's
+    inputs prefetched while earlier ones are transposed. `destination(plan, start)` is a context
+    manager giving the array for the unit's rows (a slice of a host array, a checkpoint chunk)."""
+    def convert(unit, alloc):
+        plan, start, stop = unit
+        with destination(plan, start, stop) as out:
+            fill_rows(weights, plan, start, stop, out, allow_nonfinite, alloc)
+        return _unit_progress(*unit)
+
+    units = readahead(_row_units(plans, _hf_chunk_rows), _hf_prefetch(weights))
+    for done in ordered_map(_pooled(BufferPool(), convert), units):
+        bar.update(*done)
 
 
 def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
@@ -356,20 +393,12 @@ def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
     read, so the host holds a few shards at a time, never the whole tensor or model."""
     plans = plan_from_hf(weights, cfg, dtype, gate_dtype)
     params: dict = {}
-    total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
-    with Progress("load", total, sum(len(p.hf_keys()) for p in plans), progress) as bar:
+    with _progress("load", plans, progress) as bar:
         if shardings is None:
             for plan in plans:
                 set_path(params, plan.path, np.empty(plan.shape, np_dtype(plan.out)))
-
-            def fill(unit, alloc):
-                plan, start, stop = unit
-                fill_rows(weights, plan, start, stop, get_path(params, plan.path)[start:stop],
-                          allow_nonfinite, alloc)
-                return _unit_progress(*unit)
-
-            for done in ordered_map(_pooled(BufferPool(), fill), _row_units(plans, _hf_chunk_rows)):
-                bar.update(*done)
+            _stream_from_hf(weights, plans, lambda plan, start, stop: contextlib.nullcontext(
+                get_path(params, plan.path)[start:stop]), bar, allow_nonfinite)
             return params
         for plan in plans:
             set_path(params, plan.path, _device_array(weights, plan, get_path(shardings, plan.path),
@@ -413,28 +442,16 @@ def write_checkpoint(weights, cfg: ModelConfig, out_dir, *, dtype="keep", gate_d
                      tokenizer_dir=None, overwrite=False, allow_nonfinite=False, progress=True,
                      extra_config: dict | None = None, desc: str = "from_hf") -> Path:
     """Stream `weights` (an HFWeights, or anything answering the same questions) into a urm-jax
-    checkpoint: plan and check from the headers, then convert unit by unit on a few threads,
-    each unit's inputs prefetched while earlier ones are transposed."""
+    checkpoint: plan and check from the headers, then convert unit by unit (`_stream_from_hf`)."""
     plans = plan_from_hf(weights, cfg, dtype, gate_dtype)
     hf_config = {**cfg.to_hf_dict(**output_dtypes(plans)), **(extra_config or {})}
     with checkpoint_writer(out_dir, hf_config, tokenizer_dir=tokenizer_dir,
                            overwrite=overwrite) as writer:
         for plan in plans:
             writer.add(plan.path, plan.shape, np_dtype(plan.out), rows=_hf_chunk_rows(plan))
-
-        def convert(unit, alloc):
-            plan, start, stop = unit
-            with writer.chunk(plan.path, start) as out:
-                fill_rows(weights, plan, start, stop, out, allow_nonfinite, alloc)
-            return _unit_progress(*unit)
-
-        units = _row_units(plans, _hf_chunk_rows)
-        total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
-        with Progress(desc, total, sum(len(p.hf_keys()) for p in plans), progress) as bar:
-            converting = ordered_map(_pooled(BufferPool(), convert),
-                                     readahead(units, _hf_prefetch(weights)))
-            for done in converting:
-                bar.update(*done)
+        with _progress(desc, plans, progress) as bar:
+            _stream_from_hf(weights, plans, lambda plan, start, stop: writer.chunk(plan.path, start),
+                            bar, allow_nonfinite)
     return Path(out_dir)
 
 
@@ -457,33 +474,27 @@ def plan_from_ckpt(reader: ParamsReader, cfg: ModelConfig, dtype: str = "keep",
 
 def _ckpt_chunk_rows(reader: ParamsReader) -> Callable[[Plan], int]:
     def rows(plan: Plan) -> int:
-        if not plan.entry.stacked and plan.entry.n_in is not None:
-            return plan.shape[0]  # a kernel becomes one HF tensor: read it whole
+        if plan.whole:
+            return plan.shape[0]
         return reader.chunk_rows(plan.path)  # aligned with storage: each chunk read once
     return rows
 
 
 def ckpt_pieces(reader: ParamsReader, plans: list[Plan]) -> Iterator[tuple[str, int, np.ndarray]]:
-    """(HF key, first HF row, HF-layout values in plan.out) in table order, one stored chunk
-    read at a time on worker threads; a key comes whole or in consecutive row pieces. A piece's
-    buffer is recycled once the consumer asks for the next one: use it (or copy it) before."""
+    """(HF key, first HF row, HF-layout values in the stored dtype) in table order, one stored
+    chunk read at a time on worker threads; a key comes whole or in consecutive row pieces. A
+    piece's buffer is recycled once the consumer asks for the next one: use it (or copy it)
+    before."""
     pool = BufferPool()
 
     def unit_pieces(unit):
         plan, start, stop = unit
         block = reader.read(plan.path, start, stop, pool.take)
-        out, entry = np_dtype(plan.out), plan.entry
-        layers = range(start, stop)
-        keys = [entry.hf_key.format(i=i) for i in layers] if entry.stacked else [entry.hf_key]
-        values = [block[i - start] for i in layers] if entry.stacked else [block]
-        if entry.n_in is None:  # no transpose: the block itself holds the pieces
-            pieces, done = [(k, 0 if entry.stacked else start, v) for k, v in zip(keys, values)], []
-        else:
-            pieces, done = [(k, 0, entry.to_hf(v, pool.take)) for k, v in zip(keys, values)], [block]
-        if out != block.dtype:  # a cast makes new arrays: the pooled ones are done with
-            done += [value for _, _, value in pieces]
-            pieces = [(key, first, value.astype(out)) for key, first, value in pieces]
-        pool.give(*done)  # each pooled buffer is given back exactly once: here or once consumed
+        tensors = plan.unit_tensors(start, stop, block)
+        if plan.entry.n_in is None:  # no transpose: the block itself holds the pieces
+            return [(key, 0 if plan.entry.stacked else start, value) for key, value in tensors]
+        pieces = [(key, 0, plan.entry.to_hf(value, pool.take)) for key, value in tensors]
+        pool.give(block)  # transposed out of: each pooled buffer is given back exactly once
         return pieces
 
     units = _row_units(plans, _ckpt_chunk_rows(reader))
@@ -519,9 +530,7 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
                     np.copyto(out, rows, casting="unsafe")
         else:
             block = reader.read(plan.path, start, stop, alloc)
-            layers = ([(entry.hf_key.format(i=i), block[i - start]) for i in range(start, stop)]
-                      if entry.stacked else [(entry.hf_key, block)])
-            for key, value in layers:
+            for key, value in plan.unit_tensors(start, stop, block):
                 with writer.region(key) as out:
                     entry.to_hf_into(value, out, alloc)
         return _unit_progress(plan, start, stop, np_dtype(plan.out).itemsize)
@@ -577,8 +586,7 @@ def verify(hf_dir, ckpt_dir, *, progress: bool = True) -> list[dict]:
                          "ckpt_dtype": ckpt_dtype, "identical": weights.shape(key) == shape,
                          "max_abs_diff": 0.0 if weights.shape(key) == shape else float("nan")}
         comparable = [p for p in plans if all(rows[k]["identical"] for k in p.hf_keys())]
-        total = sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in comparable)
-        with Progress("verify", total, len(rows), progress) as bar:
+        with Progress("verify", stored_bytes(comparable), len(rows), progress) as bar:
             pieces = ckpt_pieces(reader, comparable)
             try:
                 for key, start, ours in pieces:

@@ -26,7 +26,7 @@ import numpy as np
 
 from convert.core import ConversionError, jax_shapes, write_checkpoint
 from convert.hf_io import HFWeights
-from convert.mapping import TABLE, is_head
+from convert.mapping import TABLE, is_gate, is_head
 from urm_jax.config import ATTRIBUTES, ModelConfig, canonical_dtype, np_dtype, read_hf_config
 
 # Base tensors that are not part of the URM backbone and are replaced by fresh heads (or, for a
@@ -60,7 +60,7 @@ def fresh_heads(cfg: ModelConfig, *, seed: int, std: float, score_dtype: str,
     for index, entry in enumerate(TABLE):
         if not is_head(entry):
             continue
-        dtype = np_dtype(gate_dtype if entry.path[0] == "gate" else score_dtype)
+        dtype = np_dtype(gate_dtype if is_gate(entry) else score_dtype)
         shape = entry.hf_shape(shapes[entry.path])
         if entry.hf_key.endswith(".bias"):
             heads[entry.hf_key] = np.zeros(shape, dtype)
@@ -72,19 +72,21 @@ def fresh_heads(cfg: ModelConfig, *, seed: int, std: float, score_dtype: str,
 
 
 class BaseWithFreshHeads:
-    """The base's backbone tensors (under their URM names) plus in-memory heads, answering the
-    questions `write_checkpoint` asks an `HFWeights`. The base's own heads are hidden."""
+    """The base's backbone tensors (under their URM names) plus in-memory heads (`heads`, set
+    once drawn), answering the questions `write_checkpoint` asks an `HFWeights`. The base's own
+    heads are hidden."""
 
-    def __init__(self, base: HFWeights, heads: dict[str, np.ndarray], seed: int):
-        self.base, self.heads, self.seed, self.dir = base, heads, seed, base.dir
+    def __init__(self, base: HFWeights, seed: int):
+        self.base, self.seed, self.dir = base, seed, base.dir
+        self.heads: dict[str, np.ndarray] = {}
         bare = "model.embed_tokens.weight" not in base and "embed_tokens.weight" in base
         self.names: dict[str, str] = {}  # URM name -> base name
-        for key in base.keys():
+        self.dropped: list[str] = []
+        for key in sorted(base.keys()):
             if REPLACED_BASE_KEYS.fullmatch(key):
-                continue
-            name = f"model.{key}" if bare and BARE_BACKBONE_KEY.fullmatch(key) else key
-            self.names[name] = key
-        self.dropped = sorted(k for k in base.keys() if REPLACED_BASE_KEYS.fullmatch(k))
+                self.dropped.append(key)
+            else:
+                self.names[f"model.{key}" if bare and BARE_BACKBONE_KEY.fullmatch(key) else key] = key
 
     def keys(self) -> list[str]:
         return [*self.names, *self.heads]
@@ -144,10 +146,11 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
         raise ConversionError(f"init std must be a positive number, got {std}")
     gate_dtype = canonical_dtype(gate_dtype)
     with HFWeights(base_dir) as base:
-        embed = "model.embed_tokens.weight" if "model.embed_tokens.weight" in base else "embed_tokens.weight"
-        score_dtype = base.dtype(embed) if dtype == "keep" else canonical_dtype(dtype)
-        heads = fresh_heads(cfg, seed=seed, std=std, score_dtype=score_dtype, gate_dtype=gate_dtype)
-        weights = BaseWithFreshHeads(base, heads, seed)
+        weights = BaseWithFreshHeads(base, seed)
+        score_dtype = (weights.dtype("model.embed_tokens.weight") if dtype == "keep"
+                       else canonical_dtype(dtype))
+        weights.heads = fresh_heads(cfg, seed=seed, std=std, score_dtype=score_dtype,
+                                    gate_dtype=gate_dtype)
         provenance = {"urm_jax_init": {"base": str(base_dir.absolute()), "seed": seed,
                                        "init_std": std, "base_heads_dropped": weights.dropped}}
         return write_checkpoint(weights, cfg, out_dir, dtype=dtype, gate_dtype=gate_dtype,

@@ -59,6 +59,15 @@ class TensorInfo:
     def nbytes(self) -> int:
         return math.prod(self.shape) * np_dtype_of(self.dtype).itemsize
 
+    def span(self, rows: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
+        """(shape, absolute byte offset, nbytes) of the tensor, or of rows [start, stop) of its
+        first dimension (contiguous on disk)."""
+        if rows is None:
+            return self.shape, self.offset, self.nbytes
+        row_bytes = np_dtype_of(self.dtype).itemsize * math.prod(self.shape[1:])
+        return ((rows[1] - rows[0], *self.shape[1:]), self.offset + rows[0] * row_bytes,
+                (rows[1] - rows[0]) * row_bytes)
+
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors header the way the safetensors library does: sane
@@ -192,19 +201,10 @@ class HFWeights:
         """A tensor, or rows [start, stop) of its first dimension (contiguous on disk), into
         `alloc(shape, dtype)`."""
         info = self._info(key)
-        shape = info.shape
-        if rows is not None:
-            shape = (rows[1] - rows[0], *shape[1:])
+        shape, offset, _ = info.span(rows)
         out = alloc(shape, np_dtype_of(info.dtype))
-        row_bytes = out.itemsize * math.prod(info.shape[1:])
-        offset = info.offset + (rows[0] * row_bytes if rows else 0)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        done = 0
-        while done < out.nbytes:  # pread may return less than asked
-            got = os.preadv(self._fds[info.file], [view[done:]], offset + done)
-            if got == 0:
-                raise WeightsError(f"{info.file}: truncated while reading tensor {key}")
-            done += got
+        if not io_utils.pread_full(self._fds[info.file], out, offset):
+            raise WeightsError(f"{info.file}: truncated while reading tensor {key}")
         return out
 
     @contextlib.contextmanager
@@ -212,21 +212,15 @@ class HFWeights:
         """A tensor (or rows of it) as a read-only array mapped from the file, valid inside the
         block: transposing or checking it costs no copy into this process first."""
         info = self._info(key)
-        shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
-        dtype = np_dtype_of(info.dtype)
-        row_bytes = dtype.itemsize * math.prod(info.shape[1:])
-        offset = info.offset + (rows[0] * row_bytes if rows else 0)
-        nbytes = math.prod(shape) * dtype.itemsize
+        shape, offset, nbytes = info.span(rows)
         with io_utils.mapped(info.file, offset, nbytes, writable=False) as raw:
-            yield raw.view(dtype).reshape(shape)
+            yield raw.view(np_dtype_of(info.dtype)).reshape(shape)
 
     def prefetch(self, key: str, rows: tuple[int, int] | None = None) -> None:
         """Ask the kernel to start reading a tensor (or rows) into the page cache now, so the disk
         keeps streaming while threads transpose and write (page cache, not this process's memory)."""
         info = self._info(key)
-        row_bytes = np_dtype_of(info.dtype).itemsize * math.prod(info.shape[1:])
-        start, length = (info.offset, info.nbytes) if rows is None else (
-            info.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes)
+        _, start, length = info.span(rows)
         if hasattr(os, "posix_fadvise") and length:
             os.posix_fadvise(self._fds[info.file], start, length, os.POSIX_FADV_WILLNEED)
 
@@ -264,18 +258,21 @@ def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[l
     return shards
 
 
-def _header(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
-    """Safetensors header for tensors laid out in the given order, padded to 8 bytes."""
+def _header(specs: list[tuple[str, np.dtype, tuple[int, ...]]]) -> tuple[bytes, dict[str, int]]:
+    """Safetensors header for tensors laid out in the given order, padded to 8 bytes, and each
+    tensor's data offset in the file (the one layout both the header and the writes use)."""
     header: dict = {"__metadata__": {"format": "pt"}}
-    position = 0
+    position, starts = 0, {}
     for key, dtype, shape in specs:
-        nbytes = math.prod(shape) * np_dtype_of(dtype).itemsize
-        header[key] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape),
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": DTYPE_CODES[dtype.name], "shape": list(shape),
                        "data_offsets": [position, position + nbytes]}
+        starts[key] = position
         position += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
+    head = len(text).to_bytes(8, "little") + text
+    return head, {key: len(head) + start for key, start in starts.items()}
 
 
 class SafetensorsWriter:
@@ -290,21 +287,17 @@ class SafetensorsWriter:
                  max_shard_size: int):
         self.dir = Path(out_dir)
         self.specs = {key: (np_dtype_of(dtype), tuple(shape)) for key, dtype, shape in specs}
-        sizes = [(key, math.prod(shape) * np_dtype_of(dtype).itemsize) for key, dtype, shape in specs]
-        shards = plan_shards(sizes, max_shard_size)
+        size_of = {key: math.prod(shape) * dtype.itemsize for key, (dtype, shape) in self.specs.items()}
+        shards = plan_shards(size_of.items(), max_shard_size)
         n = len(shards)
         self.names = ([SINGLE_NAME] if n == 1 else
                       [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
         self.where: dict[str, tuple[Path, int]] = {}  # key -> (file, data offset)
         self.headers: dict[Path, tuple[bytes, int]] = {}
-        size_of = dict(sizes)
         for name, keys in zip(self.names, shards):
-            header = _header([(k, self.specs[k][0].name, self.specs[k][1]) for k in keys])
-            position = len(header)
-            for key in keys:
-                self.where[key] = (self.dir / name, position)
-                position += size_of[key]
-            self.headers[self.dir / name] = (header, position - len(header))
+            header, offsets = _header([(k, *self.specs[k]) for k in keys])
+            self.where.update((key, (self.dir / name, offsets[key])) for key in keys)
+            self.headers[self.dir / name] = (header, sum(size_of[k] for k in keys))
         self.total = sum(size_of.values())
         self.todo = dict(size_of)
         self._lock = threading.Lock()
@@ -326,6 +319,18 @@ class SafetensorsWriter:
         with self._lock:
             self.todo[key] -= rows * row_bytes
 
+    def append(self, key: str, piece: np.ndarray) -> None:
+        """Write `piece` (any shape, C order) right after the bytes of `key` written so far."""
+        dtype, _ = self.specs[key]
+        if piece.dtype != dtype:
+            raise AssertionError(f"{key}: piece is {piece.dtype}, the tensor {dtype}")
+        file, offset = self.where[key]
+        written = math.prod(self.specs[key][1]) * dtype.itemsize - self.todo[key]
+        with io_utils.mapped(file, offset + written, piece.nbytes) as raw:
+            raw[...] = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+        with self._lock:
+            self.todo[key] -= piece.nbytes
+
     def finish(self) -> None:
         unwritten = [key for key, left in self.todo.items() if left]
         if unwritten:
@@ -344,16 +349,8 @@ def write_sharded(out_dir: Path, specs: list[tuple[str, str, tuple[int, ...]]],
     at a time. `progress(nbytes, tensors_finished)` after each piece."""
     writer = SafetensorsWriter(out_dir, specs, max_shard_size)
     writer.create()
-    done: dict[str, int] = {}
     for key, piece in pieces:
-        dtype, shape = writer.specs[key]
-        if piece.dtype != dtype:
-            raise AssertionError(f"{key}: piece is {piece.dtype}, the tensor {dtype}")
-        file, offset = writer.where[key]
-        with io_utils.mapped(file, offset + done.get(key, 0), piece.nbytes) as raw:
-            raw[...] = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-        done[key] = done.get(key, 0) + piece.nbytes
-        writer.todo[key] -= piece.nbytes
+        writer.append(key, piece)
         if progress:
             progress(piece.nbytes, int(writer.todo[key] == 0))
     writer.finish()

@@ -64,8 +64,10 @@ class Entry:
     def jax_name(self) -> str:
         return "/".join(self.path)
 
-    def hf_keys(self, num_layers: int) -> list[str]:
-        return [self.hf_key.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_key]
+    def hf_keys(self, layers: int | range) -> list[str]:
+        """HF keys of the entry: of `layers` (a count from 0, or a range) when stacked."""
+        layers = range(layers) if isinstance(layers, int) else layers
+        return [self.hf_key.format(i=i) for i in layers] if self.stacked else [self.hf_key]
 
     def hf_shape(self, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
         """HF shape of one HF tensor of this entry (one layer's slice when stacked)."""

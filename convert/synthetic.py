@@ -45,6 +45,18 @@ def tiny_hf_config(*, vocab_size=512, hidden_size=64, intermediate_size=128, num
     }
 
 
+# Llama-3.1's token ids and context, with Skywork's added [PAD] (vocab 128257): the values a model
+# needs for the real Llama-3 tokenizer (urm_jax/data/tokenizer.py) to drive it.
+LLAMA3_TOKENS = dict(vocab_size=128257, pad_token_id=128256, bos_token_id=128000,
+                     eos_token_id=(128001, 128008, 128009), original_max_position_embeddings=8192,
+                     max_position_embeddings=131072)
+
+
+def llama3_hf_config(**shape) -> dict:
+    """`tiny_hf_config` with the Llama-3.1 tokens (LLAMA3_TOKENS) and the given shape/RoPE."""
+    return tiny_hf_config(**{**LLAMA3_TOKENS, **shape})
+
+
 def _kind(key: str) -> str:
     if key.endswith("norm.weight"):
         return "norm"

@@ -167,6 +167,23 @@ def make_tiny_urm(
     return out_dir
 
 
+def make_tiny_chat_urm(out_dir, cache_dir) -> Path:
+    """Tiny URM with Llama-3.1's vocabulary (128257, [PAD] 128256) and the real tokenizer files
+    (built offline into `cache_dir`), so chat inputs run through the real tokenizer."""
+    import pytest
+
+    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+
+    out = make_tiny_urm(out_dir, vocab=128257, pad_token_id=128256, hidden=32, intermediate=64,
+                        gate_dtype="float32")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("URM_JAX_CACHE", str(cache_dir))
+        tok_dir = cached_llama3_tokenizer_dir()
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out
+
+
 def load_reference(path, dtype=None, attn_implementation: str = "eager"):
     """Load a checkpoint into the reference class directly (no trust_remote_code), in eval mode.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from convert.__main__ import main as convert_main
-from hf_fixtures import load_reference, make_tiny_urm, reference_outputs
+from hf_fixtures import load_reference, make_tiny_chat_urm, make_tiny_urm, reference_outputs
 from urm_jax.checkpoint import load_config, load_params, save_checkpoint
 from urm_jax.cli import main as cli_main
 from urm_jax.config import ATTRIBUTES
@@ -168,17 +167,8 @@ def scored_hf(hf_dir, id_input, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
-    """Tiny URM with Llama-3.1's vocabulary (128257, [PAD] 128256) and the real tokenizer files."""
-    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
-
-    out = make_tiny_urm(tmp_path_factory.mktemp("cli_chat") / "hf", vocab=128257,
-                        pad_token_id=128256, hidden=32, intermediate=64, gate_dtype="float32")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("URM_JAX_CACHE", str(tmp_path_factory.mktemp("urm_cache")))
-        tok_dir = cached_llama3_tokenizer_dir()
-    for f in tok_dir.iterdir():
-        shutil.copy2(f, out / f.name)
-    return out
+    return make_tiny_chat_urm(tmp_path_factory.mktemp("cli_chat") / "hf",
+                              tmp_path_factory.mktemp("urm_cache"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
 
-from hf_fixtures import make_tiny_urm
+from hf_fixtures import make_tiny_chat_urm, make_tiny_urm
 from urm_jax.cli import main as cli_main
 from urm_jax.eval import (EXAMPLE_COUNTS, SECTIONS, bundled_pairs_path, compute_metrics, parse_pair,
                           reliability, uncertainty_filter)
@@ -274,16 +273,8 @@ def test_eval_refusals(models, id_pairs, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
-
-    out = make_tiny_urm(tmp_path_factory.mktemp("eval_chat") / "hf", vocab=128257, pad_token_id=128256,
-                        hidden=32, intermediate=64, gate_dtype="float32")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("URM_JAX_CACHE", str(tmp_path_factory.mktemp("urm_cache")))
-        tok_dir = cached_llama3_tokenizer_dir()
-    for f in tok_dir.iterdir():
-        shutil.copy2(f, out / f.name)
-    return out
+    return make_tiny_chat_urm(tmp_path_factory.mktemp("eval_chat") / "hf",
+                              tmp_path_factory.mktemp("urm_cache"))
 
 
 def test_bundled_pairs_cover_every_section(chat_model, tmp_path, capsys):

@@ -1,7 +1,6 @@
 """Multi-process training on loopback: 2 processes x 4 CPU devices behave like 1 process x 8,
 a checkpoint written by 2 processes resumes in 1, and a dead peer fails the survivor quickly."""
 
-import json
 import os
 import signal
 import socket
@@ -26,13 +25,10 @@ COMMON = ["global_batch_size=8", "mesh=[-1,1,1]", "checkpoint.every_steps=2", "c
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
-    from convert.synthetic import tiny_hf_config, write_random_hf
+    from convert.synthetic import llama3_hf_config, write_random_hf
     from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
 
-    cfg = tiny_hf_config(vocab_size=128257, pad_token_id=128256, bos_token_id=128000,
-                         eos_token_id=(128001, 128008, 128009), hidden_size=32, intermediate_size=64,
-                         num_layers=2, num_heads=4, num_kv_heads=2,
-                         original_max_position_embeddings=8192, max_position_embeddings=131072)
+    cfg = llama3_hf_config(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
     return write_random_hf(tmp_path_factory.mktemp("mh") / "hf", cfg, dtype="float32", gate_dtype="float16",
                            tokenizer_dir=cached_llama3_tokenizer_dir(), progress=False)
 

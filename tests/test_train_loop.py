@@ -13,13 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from convert.synthetic import tiny_hf_config, write_random_hf
+from convert.synthetic import llama3_hf_config, write_random_hf
 from urm_jax.checkpoint import load_params
 from urm_jax.train.config import TrainConfigError, load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE1 = str(ROOT / "configs/train/tiny_stage1.yaml")
 STAGE2 = str(ROOT / "configs/train/tiny_stage2.yaml")
+TINY = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,7 @@ def base_model(tmp_path_factory):
     from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
 
     os.environ.setdefault("URM_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
-    cfg = tiny_hf_config(vocab_size=128257, pad_token_id=128256, bos_token_id=128000,
-                         eos_token_id=(128001, 128008, 128009), hidden_size=32, intermediate_size=64,
-                         num_layers=2, num_heads=4, num_kv_heads=2,
-                         original_max_position_embeddings=8192, max_position_embeddings=131072,
-                         rope_theta=500000.0)
+    cfg = llama3_hf_config(**TINY, rope_theta=500000.0)
     return write_random_hf(tmp_path_factory.mktemp("base") / "hf", cfg, dtype="float32",
                            gate_dtype="float16", tokenizer_dir=cached_llama3_tokenizer_dir(),
                            progress=False)
@@ -120,11 +117,7 @@ def test_stage1_from_convert_init_of_a_base(tmp_path):
     from convert.from_base import init_from_base
     from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
 
-    cfg = tiny_hf_config(vocab_size=128257, pad_token_id=128256, bos_token_id=128000,
-                         eos_token_id=(128001, 128008, 128009), hidden_size=32, intermediate_size=64,
-                         num_layers=2, num_heads=4, num_kv_heads=2,
-                         original_max_position_embeddings=8192, max_position_embeddings=131072)
-    base = write_random_hf(tmp_path / "base", cfg, dtype="float32", heads="base",
+    base = write_random_hf(tmp_path / "base", llama3_hf_config(**TINY), dtype="float32", heads="base",
                            tokenizer_dir=cached_llama3_tokenizer_dir(), progress=False)
     start = init_from_base(base, tmp_path / "init", progress=False)
     final = Path(run_train(STAGE1, f"model={start}", f"output_dir={tmp_path / 'run'}", "max_steps=2",

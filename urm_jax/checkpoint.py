@@ -76,9 +76,9 @@ def keystr(path: tuple[str, ...]) -> str:
     return "".join(f"[{name!r}]" for name in path)
 
 
-def dtype_summary(params: dict) -> dict[str, str]:
-    return {jax.tree_util.keystr(path): str(leaf.dtype)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+def chunk_file_name(first_row: int, rows: int, ndim: int) -> str:
+    """zarr v2's name of the chunk holding `first_row` (chunks split the first dim only)."""
+    return f"{first_row // rows}{'.0' * (ndim - 1)}"
 
 
 def chunk_rows(shape: tuple[int, ...], dtype, stacked: bool = False) -> int:
@@ -143,7 +143,7 @@ class ParamsWriter:
             raise AssertionError(f"{keystr(path)}: no chunk starts at row {start}")
         held = min(rows, shape[0] - start)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        file = meta["dir"] / f"{start // rows}{'.0' * (len(shape) - 1)}"
+        file = meta["dir"] / chunk_file_name(start, rows, len(shape))
         io_utils.create_output(file, rows * row_bytes)
         with io_utils.mapped(file, 0, held * row_bytes) as raw:
             yield raw.view(dtype).reshape(held, *shape[1:])
@@ -350,7 +350,7 @@ class ParamsReader:
         return self.array(path)["rows"]
 
     def _chunk_file(self, meta: dict, first: int) -> Path:
-        return self.dir / meta["name"] / f"{first // meta['rows']}{'.0' * (len(meta['shape']) - 1)}"
+        return self.dir / meta["name"] / chunk_file_name(first, meta["rows"], len(meta["shape"]))
 
     def prefetch(self, path: tuple[str, ...], start: int, stop: int) -> None:
         """Start reading the chunks holding rows [start, stop) into the page cache (raw layout)."""
@@ -384,12 +384,8 @@ class ParamsReader:
             want = memoryview(flat[lo - start:hi - start].reshape(-1))
             try:
                 with open(file, "rb", buffering=0) as handle:
-                    done = 0
-                    while done < len(want):
-                        got = os.preadv(handle.fileno(), [want[done:]], (lo - first) * row_bytes + done)
-                        if got == 0:
-                            raise CheckpointError(f"{file}: truncated chunk of parameter {name}")
-                        done += got
+                    if not io_utils.pread_full(handle.fileno(), want, (lo - first) * row_bytes):
+                        raise CheckpointError(f"{file}: truncated chunk of parameter {name}")
             except FileNotFoundError:
                 raise CheckpointError(f"{file}: chunk of parameter {name} missing") from None
         return out

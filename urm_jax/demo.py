@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from convert import core
     from convert.__main__ import print_verify
-    from convert.synthetic import tiny_hf_config, write_random_hf
+    from convert.synthetic import llama3_hf_config, write_random_hf
     from urm_jax.data.samples import data_path, sample_examples
     from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
     from urm_jax.parity import run_parity
@@ -49,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
           f"pad {tok.pad_token_id}")
 
     step("2. a random URM in the real HF format (bf16 backbone, fp16 gate, llama3 RoPE)")
-    hf_cfg = tiny_hf_config(vocab_size=128257, pad_token_id=128256, bos_token_id=128000,
-                            eos_token_id=(128001, 128008, 128009), hidden_size=64,
-                            intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
-                            original_max_position_embeddings=8192, max_position_embeddings=131072,
-                            rope_theta=500000.0)
+    hf_cfg = llama3_hf_config(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
+                              num_kv_heads=2, rope_theta=500000.0)
     hf_dir = write_random_hf(work / "hf", hf_cfg, dtype="bfloat16", gate_dtype="float16",
                              seed=0, tokenizer_dir=tok_dir, progress=False)
     print(f"{hf_dir}: {sorted(p.name for p in hf_dir.iterdir())}")

@@ -127,6 +127,19 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
         raise
 
 
+def pread_full(fd: int, out: memoryview | np.ndarray, offset: int) -> bool:
+    """Fill `out` (a writable byte view, or a C-contiguous array) from `fd` at `offset`;
+    pread may return less than asked. False if the file ends first."""
+    view = memoryview(out.reshape(-1).view(np.uint8)) if isinstance(out, np.ndarray) else out
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            return False
+        done += got
+    return True
+
+
 def create_output(path: Path, nbytes: int, head: bytes = b"") -> None:
     """Create `path` holding `head` and room for `nbytes` more, reserved on disk now
     (fallocate): a full disk fails here as ENOSPC naming the file, never later as SIGBUS on a
