@@ -35,7 +35,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convert.synthetic import tiny_hf_config, write_random_hf  # noqa: E402
@@ -44,7 +43,7 @@ from urm_jax.data.batching import BatchIterator  # noqa: E402
 from urm_jax.data.datasets import PairExample, synthetic_helpsteer_lengths  # noqa: E402
 from urm_jax.loading import load_params_any  # noqa: E402
 from urm_jax.model.urm import ModelBinder, ModelOptions, param_shardings  # noqa: E402
-from urm_jax.sharding import AxisRules, make_mesh, use_mesh  # noqa: E402
+from urm_jax.sharding import batch_sharding, make_mesh, use_mesh  # noqa: E402
 from urm_jax.train.features import FeatureIterator, compute_features, pooled_forward  # noqa: E402
 from urm_jax.train.loop import with_accum_axis  # noqa: E402
 from urm_jax.train.step import OptimizerSettings, StepSettings, build_trainer  # noqa: E402
@@ -139,7 +138,7 @@ def main() -> None:
     micro_pairs = args.batch // args.accum  # the feature pass runs at the full path's micro-batch
     forward = pooled_forward(ModelBinder(cfg, OPTIONS))
     sharded = jax.device_put(params, param_shardings(cfg, mesh, None, OPTIONS))
-    sharding = NamedSharding(mesh, P(AxisRules().spec(("batch",), mesh)[0]))
+    sharding = batch_sharding(mesh)
 
     def features_of(examples, seq_len=args.seq_len):
         with use_mesh(mesh):

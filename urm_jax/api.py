@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores
+from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores, least_uncertain
 
 Conversation = Any  # list of {role, content} | (prompt, response) | dict example | list of ids
 
@@ -48,13 +48,6 @@ def as_example(conversation: Conversation) -> dict:
             return {"input_ids": list(conversation)}
     raise ValueError("a conversation must be a list of {role, content} messages, a (prompt, "
                      f"response) pair, a list of token ids or a dict; got {type(conversation).__name__}")
-
-
-def _concat(parts: list):
-    if isinstance(parts[0], EnsembleScores):
-        return EnsembleScores(tuple(Scores.concat([p.members[m] for p in parts])
-                                    for m in range(len(parts[0].members))))
-    return Scores.concat(parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +81,7 @@ class RewardModel:
 
     @property
     def tokenizer(self):
-        return next((s.tokenizer for s in self.members if s.tokenizer is not None), None)
+        return self.ensemble.tokenizer
 
     def encode(self, conversation: Conversation) -> list[int]:
         return self.ensemble.encode_with_info(as_example(conversation))[0]
@@ -105,15 +98,10 @@ class RewardModel:
                 encoded.append(self.ensemble.encode_with_info(as_example(conversation)))
             except ValueError as err:
                 raise ValueError(f"conversation {i}: {err}") from None
-        parts, previous = [], None
-        for start in range(0, len(encoded), chunk_size):  # bounded device batches per dispatch
-            chunk = encoded[start:start + chunk_size]
-            pending = self.ensemble.submit([ids for ids, _ in chunk], [t for _, t in chunk])
-            if previous is not None:
-                parts.append(self.ensemble.collect(previous))
-            previous = pending
-        parts.append(self.ensemble.collect(previous))
-        return _concat(parts)
+        chunks = (encoded[start:start + chunk_size] for start in range(0, len(encoded), chunk_size))
+        parts = [scores for _, scores in self.ensemble.score_chunks(
+            chunks, lambda chunk: ([ids for ids, _ in chunk], [t for _, t in chunk]))]
+        return type(parts[0]).concat(parts)
 
     def best_of_n(self, prompt, responses: Sequence[str], *, penalty: float = 0.0,
                   measure: str = "aleatoric") -> BestOfN:
@@ -157,9 +145,8 @@ def confident(scores: Scores | EnsembleScores, *, keep_fraction: float | None = 
     if keep_fraction is not None:
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-        k = max(1, int(np.ceil(keep_fraction * len(u) - 1e-9)))
         mask = np.zeros(len(u), bool)
-        mask[np.argsort(u, kind="stable")[:k]] = True
+        mask[least_uncertain(u, keep_fraction)] = True
         keep &= mask
     if max_uncertainty is not None:
         keep &= u <= max_uncertainty

@@ -117,6 +117,7 @@ def train_and_export(work: Path, hf_cfg: dict, tok_dir: Path) -> bool:
     from urm_jax.parity import TOLERANCES
     from urm_jax.train.config import load_train_config
     from urm_jax.train.loop import train
+    from urm_jax.train.metrics import read_metrics
 
     configs = Path(__file__).resolve().parent.parent / "configs" / "train"
     step("8. python -m convert init: a random Skywork-Reward-like base (score [1, hidden]) "
@@ -136,14 +137,14 @@ def train_and_export(work: Path, hf_cfg: dict, tok_dir: Path) -> bool:
          "(HelpSteer2-schema sample, whole model)")
     stage1 = train(load_train_config(configs / "tiny_stage1.yaml", [
         f"model={start}", f"output_dir={work / 'stage1'}", *stage1_overrides]), progress=False)
-    losses = [json.loads(line)["loss"] for line in (work / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in read_metrics(work / "stage1" / "metrics.jsonl")]
     print(f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; {stage1}; "
           f"curves in {work / 'stage1' / 'loss.png'}")
 
     step("10. urm-jax train configs/train/tiny_stage2.yaml (preference pairs, gate only, cached features)")
     stage2 = train(load_train_config(configs / "tiny_stage2.yaml", [
         f"model={stage1}", f"output_dir={work / 'stage2'}"]), progress=False)
-    records = [json.loads(line) for line in (work / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    records = list(read_metrics(work / "stage2" / "metrics.jsonl"))
     print(f"{len(records)} steps, BT loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}, "
           f"pair accuracy (last 5 steps) {np.mean([r['accuracy'] for r in records[-5:]]):.2f}; {stage2}")
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from importlib import resources
@@ -45,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from urm_jax.io_utils import OutputExistsError, atomic_dir
-from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores
+from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores, least_uncertain
 from urm_jax.streaming import BadLines, chunked, count_lines, iter_jsonl
 
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -158,13 +157,10 @@ def rewardbench_scores(per_subset: dict[str, dict]) -> dict:
 def uncertainty_filter(correct: np.ndarray, uncertainty: np.ndarray,
                        percents=KEEP_PERCENTS) -> list[dict]:
     """Accuracy over the x% least uncertain pairs (at least one pair; stable on ties)."""
-    order = np.argsort(uncertainty, kind="stable")
-    n = len(order)
     out = []
     for p in percents:
-        k = max(1, math.ceil(p / 100 * n - 1e-9))
-        kept = order[:k]
-        out.append({"keep_percent": p, "pairs": k, "accuracy": float(correct[kept].mean()),
+        kept = least_uncertain(uncertainty, p / 100)
+        out.append({"keep_percent": p, "pairs": len(kept), "accuracy": float(correct[kept].mean()),
                     "max_uncertainty": float(uncertainty[kept].max())})
     return out
 
@@ -242,43 +238,36 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
                 raise ValueError(f"{name}: {err}") from None
         return pair_id, subset, sides[0], sides[1]
 
+    def rows(chunk):  # the chosen sides, then the rejected ones
+        return ([c[2][0] for _, c in chunk] + [c[3][0] for _, c in chunk],
+                [c[2][1] for _, c in chunk] + [c[3][1] for _, c in chunk])
+
     cols: dict[str, list] = {k: [] for k in ("subset", "rc", "rr", "uc", "ur")}
-    seen_bad = [0]
+    seen_bad = 0
     total = count_lines(pairs_path) if progress else None
+    chunks = chunked(iter_jsonl(pairs_path, parse, on_bad_line=on_bad_line, bad=bad), chunk_size)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp, open(tmp / "pairs.jsonl", "w") as out, \
             tqdm(total=total, desc="eval", unit="pair", file=sys.stderr, disable=not progress) as bar:
-        def emit(chunk, pending):
+        for chunk, scores in ensemble.score_chunks(chunks, rows):
             k = len(chunk)
-            scores = ensemble.collect(pending)
-            chosen, rejected = scores.take(slice(0, k)), scores.take(slice(k, 2 * k))
-            uc, ur = chosen.measure(measure), rejected.measure(measure)
+            # every statistic is per row, so the halves of the chunk's scores are the sides'
+            reward, unc = np.asarray(scores.reward), scores.measure(measure)
+            rc, rr, uc, ur = reward[:k], reward[k:], unc[:k], unc[k:]
             for i, (line, (pair_id, subset, (_, tc), (_, tr))) in enumerate(chunk):
                 rec = {"line": line, **({} if pair_id is None else {"id": pair_id}), "subset": subset,
                        "section": SECTION_OF.get(subset, OTHER),
-                       "reward_chosen": float(chosen.reward[i]), "reward_rejected": float(rejected.reward[i]),
-                       "margin": float(chosen.reward[i]) - float(rejected.reward[i]),
-                       "correct": bool(chosen.reward[i] > rejected.reward[i]),
+                       "reward_chosen": float(rc[i]), "reward_rejected": float(rr[i]),
+                       "margin": float(rc[i]) - float(rr[i]), "correct": bool(rc[i] > rr[i]),
                        "uncertainty_chosen": float(uc[i]), "uncertainty_rejected": float(ur[i]),
                        "uncertainty": float(uc[i] + ur[i]), "truncated": bool(tc or tr)}
                 out.write(json.dumps(rec) + "\n")
                 cols["subset"].append(subset)
-            cols["rc"].append(np.asarray(chosen.reward, np.float64))
-            cols["rr"].append(np.asarray(rejected.reward, np.float64))
+            cols["rc"].append(np.asarray(rc, np.float64))
+            cols["rr"].append(np.asarray(rr, np.float64))
             cols["uc"].append(uc)
             cols["ur"].append(ur)
-            bar.update(k + len(bad) - seen_bad[0])  # skipped lines are progress too
-            seen_bad[0] = len(bad)
-
-        previous = None
-        for chunk in chunked(iter_jsonl(pairs_path, parse, on_bad_line=on_bad_line, bad=bad), chunk_size):
-            seqs = [c[2][0] for _, c in chunk] + [c[3][0] for _, c in chunk]
-            trunc = [c[2][1] for _, c in chunk] + [c[3][1] for _, c in chunk]
-            pending = ensemble.submit(seqs, trunc)
-            if previous is not None:
-                emit(*previous)
-            previous = (chunk, pending)
-        if previous is not None:
-            emit(*previous)
+            bar.update(k + len(bad) - seen_bad)  # skipped lines are progress too
+            seen_bad = len(bad)
         out.flush()
 
         rc, rr = np.concatenate(cols["rc"]), np.concatenate(cols["rr"])

@@ -294,7 +294,7 @@ def xla_bytes(cfg, setup: Setup, mesh_shape: tuple[int, int, int]) -> int:
 
     from urm_jax.config import DTypePolicy
     from urm_jax.model.urm import ModelOptions, abstract_model, param_shardings
-    from urm_jax.sharding import AxisRules, make_mesh, use_mesh
+    from urm_jax.sharding import batch_sharding, make_mesh, use_mesh
     from urm_jax.train.step import (STAGE_TRAINABLE, OptimizerSettings, StepSettings, TrainState,
                                     make_optimizer, make_train_step, split_params)
 
@@ -316,7 +316,7 @@ def xla_bytes(cfg, setup: Setup, mesh_shape: tuple[int, int, int]) -> int:
                                               transform_non_params=lambda _: replicated)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_sh)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), trainable, opt_state)
-    batch_sh = NamedSharding(mesh, P(None, *AxisRules().spec(("batch",), mesh)))
+    batch_sh = batch_sharding(mesh, accum_axis=True)
     a, b, length, segs = setup.grad_accum, setup.global_batch_size // setup.grad_accum, setup.seq_len, setup.max_segments
     layout = {"input_ids": ((a, b, length), jnp.int32), "segment_ids": ((a, b, length), jnp.int32),
               "pool_index": ((a, b, segs), jnp.int32), "pool_mask": ((a, b, segs), jnp.float32),

@@ -31,7 +31,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -139,7 +139,8 @@ class Scores:
     def record(self, i: int) -> dict:
         """The JSON output line of sequence i (without its id)."""
         return {"reward": float(self.reward[i]), "mean": _named(self.means[i]),
-                "log_std": _named(self.log_stds[i]), "variance": _named(self.variance[i]),
+                "log_std": _named(self.log_stds[i]),
+                "variance": _named(np.exp(2.0 * self.log_stds[i].astype(np.float64))),
                 "gate": _named(self.gate[i]), "uncertainty": float(self.uncertainty[i]),
                 "num_tokens": int(self.num_tokens[i]), "truncated": bool(self.truncated[i])}
 
@@ -150,6 +151,12 @@ class Scores:
     def concat(parts: Sequence["Scores"]) -> "Scores":
         return Scores(*(np.concatenate([getattr(p, f.name) for p in parts])
                         for f in dataclasses.fields(Scores)))
+
+
+def least_uncertain(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the `fraction` least uncertain results: at least one, ties in input order."""
+    k = max(1, math.ceil(fraction * len(uncertainty) - 1e-9))
+    return np.argsort(uncertainty, kind="stable")[:k]
 
 
 def ensemble_statistics(rewards: np.ndarray, log_stds: np.ndarray) -> dict[str, np.ndarray]:
@@ -227,6 +234,11 @@ class EnsembleScores:
 
     def take(self, index) -> "EnsembleScores":
         return EnsembleScores(tuple(m.take(index) for m in self.members))
+
+    @staticmethod
+    def concat(parts: Sequence["EnsembleScores"]) -> "EnsembleScores":
+        return EnsembleScores(tuple(Scores.concat([p.members[m] for p in parts])
+                                    for m in range(len(parts[0].members))))
 
 
 @dataclasses.dataclass
@@ -440,6 +452,7 @@ class Ensemble:
                 raise ValueError(f"ensemble members disagree on the vocabulary: {first.path} has "
                                  f"{first.cfg.vocab_size} tokens, {s.path} has {s.cfg.vocab_size}")
         self.scorers = list(scorers)
+        self._tokenizer, self._max_length = self.tokenizer, self.max_length  # per example: once
 
     @classmethod
     def load(cls, paths: Sequence[str | Path], **scorer_kwargs) -> "Ensemble":
@@ -452,10 +465,14 @@ class Ensemble:
     def max_length(self) -> int:
         return min(s.max_length for s in self.scorers)
 
+    @property
+    def tokenizer(self):
+        """The first member's tokenizer that exists (members share a vocabulary)."""
+        return next((s.tokenizer for s in self.scorers if s.tokenizer is not None), None)
+
     def encode_with_info(self, example: dict) -> tuple[list[int], bool]:
         first = self.scorers[0]
-        tokenizer = next((s.tokenizer for s in self.scorers if s.tokenizer is not None), None)
-        return encode_example(tokenizer, example, max_length=self.max_length,
+        return encode_example(self._tokenizer, example, max_length=self._max_length,
                               truncation=first.truncation, vocab_size=first.cfg.vocab_size)
 
     def submit(self, sequences, truncated=None) -> list[Pending]:
@@ -467,6 +484,19 @@ class Ensemble:
 
     def score_arrays(self, sequences, truncated=None) -> Scores | EnsembleScores:
         return self.collect(self.submit(sequences, truncated))
+
+    def score_chunks(self, chunks: Iterable, rows: Callable) -> Iterator[tuple[Any, Scores | EnsembleScores]]:
+        """(chunk, its scores) for each chunk, in order, with the devices kept busy: chunk i+1 is
+        read, encoded and dispatched (`rows(chunk)` -> (sequences, truncated)) before chunk i's
+        results are gathered, since JAX dispatch is asynchronous."""
+        previous = None
+        for chunk in chunks:
+            pending = self.submit(*rows(chunk))
+            if previous is not None:
+                yield previous[0], self.collect(previous[1])
+            previous = (chunk, pending)
+        if previous is not None:
+            yield previous[0], self.collect(previous[1])
 
 
 # --- JSONL helpers ----------------------------------------------------------------------------
@@ -536,11 +566,12 @@ def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_siz
     lines = None if shard is None else shard_range(count_lines(input_path), shard)
     total = len(lines) if lines is not None else count_lines(input_path) if progress else None
     written = tokens = counted_bad = 0
+    chunks = chunked(iter_jsonl(input_path, parse, on_bad_line=on_bad_line, bad=bad, lines=lines),
+                     chunk_size)
     with atomic_file(output_path) as out, tqdm(total=total, desc="score", unit="line", file=sys.stderr,
                                                disable=not progress, dynamic_ncols=True) as bar:
-        def emit(chunk, pending):
-            nonlocal written, tokens, counted_bad
-            scores = ensemble.collect(pending)
+        for chunk, scores in ensemble.score_chunks(chunks, lambda chunk: (
+                [ids for _, (_, ids, _) in chunk], [t for _, (_, _, t) in chunk])):
             for row, (_, (example_id, _, _)) in enumerate(chunk):
                 record = {} if example_id is _NO_ID else {"id": example_id}
                 record.update(scores.record(row))
@@ -550,16 +581,6 @@ def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_siz
             bar.update(len(chunk) + len(bad) - counted_bad)  # skipped lines are progress too
             counted_bad = len(bad)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", skipped=len(bad))
-
-        previous = None
-        for chunk in chunked(iter_jsonl(input_path, parse, on_bad_line=on_bad_line, bad=bad,
-                                        lines=lines), chunk_size):
-            pending = ensemble.submit([ids for _, (_, ids, _) in chunk], [t for _, (_, _, t) in chunk])
-            if previous is not None:
-                emit(*previous)
-            previous = (chunk, pending)
-        if previous is not None:
-            emit(*previous)
     if bad_lines_path is not None:
         bad.write(bad_lines_path)
     shapes = len(set().union(*(s.compiled_shapes for s in ensemble.scorers)))

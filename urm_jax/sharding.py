@@ -105,6 +105,13 @@ def use_mesh(mesh: Mesh | None, rules: AxisRules | None = None) -> Iterator[None
         _state.active = prev
 
 
+def batch_sharding(mesh: Mesh, rules: AxisRules | None = None, accum_axis: bool = False) -> NamedSharding:
+    """Examples over the data-parallel axes (the rules' `batch`); with `accum_axis`, a leading
+    gradient-accumulation axis stays unsharded (the train step's batches)."""
+    spec = (rules or AxisRules()).spec(("batch",), mesh)
+    return NamedSharding(mesh, P(None, *spec) if accum_axis else P(*spec))
+
+
 def active_mesh() -> tuple[Mesh, AxisRules] | None:
     """The (mesh, rules) set by `use_mesh`, or None."""
     return getattr(_state, "active", None)
@@ -112,7 +119,7 @@ def active_mesh() -> tuple[Mesh, AxisRules] | None:
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `use_mesh`."""
-    active = getattr(_state, "active", None)
+    active = active_mesh()
     if active is None:
         return x
     mesh, rules = active

@@ -123,12 +123,11 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     """Validate (and lightly coerce: int -> float, list -> tuple) one value against a hint."""
     origin, args = get_origin(hint), get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in args:
             try:
                 return _check_type(value, option, key)
-            except TrainConfigError as err:
-                errors.append(str(err))
+            except TrainConfigError:
+                pass
         raise TrainConfigError(f"`{key}`: {value!r} is not {' or '.join(_name(a) for a in args)}")
     if hint is type(None):
         if value is None:

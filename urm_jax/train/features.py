@@ -97,6 +97,7 @@ class FeatureIterator:
         self.num_epochs = num_epochs
         self.process_index, self.process_count = process_index, process_count
         self.epoch, self.step = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, shuffled indices)
 
     def steps_in_epoch(self, epoch: int = 0) -> int:
         return -(-len(self.features) // self.batch_size)
@@ -109,17 +110,19 @@ class FeatureIterator:
             self.epoch, self.step = self.epoch + 1, 0
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
-        order = epoch_order(len(self.features), self.seed, self.epoch)
-        picked = order[self.step * self.batch_size:(self.step + 1) * self.batch_size]
+        if self._order is None or self._order[0] != self.epoch:  # one shuffle per epoch
+            self._order = (self.epoch, epoch_order(len(self.features), self.seed, self.epoch))
+        picked = self._order[1][self.step * self.batch_size:(self.step + 1) * self.batch_size]
         self.step += 1
+        # This process's slice of the global batch (a short last batch is padded with masked pairs).
         per_host = self.batch_size // self.process_count
-        lo, hi = self.process_index * per_host, (self.process_index + 1) * per_host
+        mine = picked[self.process_index * per_host:(self.process_index + 1) * per_host]
         dim = self.features.shape[-1]
-        feats = np.zeros((self.batch_size, 2, dim), self.features.dtype)
-        mask = np.zeros((self.batch_size,), np.float32)
-        feats[:len(picked)] = self.features[picked]
-        mask[:len(picked)] = 1.0
-        return {"features": feats[lo:hi].reshape(2 * per_host, dim), "pair_mask": mask[lo:hi]}
+        feats = np.zeros((per_host, 2, dim), self.features.dtype)
+        mask = np.zeros((per_host,), np.float32)
+        feats[:len(mine)] = self.features[mine]
+        mask[:len(mine)] = 1.0
+        return {"features": feats.reshape(2 * per_host, dim), "pair_mask": mask}
 
     def state(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "step": self.step, "seed": self.seed,

@@ -335,37 +335,25 @@ def load_eval_batches(cfg: TrainConfig, tokenizer, pad_id: int, trainer: Trainer
     examples, report = load_examples(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split)
     log(f"eval: {report.format()}")
     iterator = make_iterator(cfg, examples, 1, pad_id)
-    batches = []
-    for host_batch in iterator:
-        batches.append(jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(eval_sharding(trainer), x), host_batch))
-    return batches
-
-
-def eval_sharding(trainer: Trainer):
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    spec = trainer.batch_sharding.spec[1:]  # the train sharding without the accumulation axis
-    return NamedSharding(trainer.batch_sharding.mesh, P(*spec))
+    return [jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.eval_sharding, x),
+                         host_batch) for host_batch in iterator]
 
 
 def feature_iterator(cfg, run, model_cfg, options, params, examples, mesh, progress):
     """Stage-2 fast path: pool every pair once with the frozen backbone (cached on disk)."""
     from urm_jax.model.urm import param_shardings
-    from urm_jax.sharding import AxisRules, use_mesh
+    from urm_jax.sharding import batch_sharding, use_mesh
     from urm_jax.train.features import (FeatureIterator, cache_key, compute_features, load_or_compute,
                                         pooled_forward)
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     key = cache_key(cfg.model, examples, cfg.data.seq_len, options.dtypes.compute)
 
     def compute():
         sharded = jax.device_put(params, param_shardings(model_cfg, mesh, None, options))
         forward = pooled_forward(ModelBinder(model_cfg, options))
-        sharding = NamedSharding(mesh, P(AxisRules().spec(("batch",), mesh)[0]))
         with use_mesh(mesh):
             return compute_features(lambda b: forward(sharded, b), examples, seq_len=cfg.data.seq_len,
-                                    batch_pairs=cfg.micro_batch_size, batch_sharding=sharding,
+                                    batch_pairs=cfg.micro_batch_size, batch_sharding=batch_sharding(mesh),
                                     progress=progress and jax.process_index() == 0)
 
     features = load_or_compute(run.root / "feature_cache", key, compute)

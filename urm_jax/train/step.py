@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -177,7 +178,10 @@ def cast_params(params: dict, cfg: ModelConfig, options: ModelOptions) -> dict:
     dt = options.dtypes
     backbone = jnp.dtype(dt.param or cfg.torch_dtype)
     gate = jnp.dtype(dt.gate_param_dtype(cfg))
-    return {k: jax.tree.map(lambda x, d=(gate if k == "gate" else backbone): jnp.asarray(x).astype(d), v)
+    def cast(x, dtype):  # host arrays stay on the host: device_put then places them sharded
+        return jnp.asarray(x).astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype)
+
+    return {k: jax.tree.map(lambda x, d=(gate if k == "gate" else backbone): cast(x, d), v)
             for k, v in params.items()}
 
 
@@ -194,6 +198,7 @@ class Trainer:
     state_shardings: Any
 
     eval_fn: Callable | None = None
+    eval_sharding: Any = None  # held-out batches: the batch sharding without the accumulation axis
 
     def run(self, batch: dict) -> dict:
         self.state, metrics = self.step_fn(self.state, self.frozen, batch)
@@ -201,10 +206,10 @@ class Trainer:
 
     def evaluate(self, batches) -> dict:
         """Metric means over every batch (sums first, then one division by the example count)."""
-        totals = None
+        totals = None  # summed on the device: no host round trip between batches
         for batch in batches:
-            sums = jax.device_get(self.eval_fn(self.state.params, self.frozen, batch))
-            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+            sums = self.eval_fn(self.state.params, self.frozen, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         return jax.device_get(finalize_metrics(totals)) if totals is not None else {}
 
 
@@ -228,11 +233,9 @@ def build_trainer(cfg: ModelConfig, params: dict, options: ModelOptions, setting
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(train_params)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), train_params, opt_state)
     state_sh = TrainState(replicated, train_sh, opt_sh)
-    from urm_jax.sharding import AxisRules
+    from urm_jax.sharding import batch_sharding as batch_sharding_of
 
-    batch_axes = (rules or AxisRules()).spec(("batch",), mesh)
-    # Leading accumulation axis unsharded; examples over the data-parallel axes.
-    batch_sharding = NamedSharding(mesh, P(None, *batch_axes))
+    batch_sharding = batch_sharding_of(mesh, rules, accum_axis=True)
     step = make_train_step(cfg, options, settings, optimizer, schedule, seed)
     from urm_jax.sharding import use_mesh
 
@@ -248,7 +251,8 @@ def build_trainer(cfg: ModelConfig, params: dict, options: ModelOptions, setting
         with use_mesh(mesh, rules):
             return evaluate(trainable, frozen_params, batch)
 
-    eval_sharding = NamedSharding(mesh, P(*batch_axes))
+    eval_sharding = batch_sharding_of(mesh, rules)
     compiled_eval = jax.jit(eval_in_mesh, in_shardings=(train_sh, frozen_sh, eval_sharding),
                             out_shardings=replicated)
-    return Trainer(compiled, state, frozen, batch_sharding, schedule, state_sh, compiled_eval)
+    return Trainer(compiled, state, frozen, batch_sharding, schedule, state_sh, compiled_eval,
+                   eval_sharding)
