@@ -238,7 +238,9 @@ def check_environment(quick: bool) -> tuple[dict, list[str]]:
 
 def rel_diffs(jx: dict, hf: dict) -> dict:
     """max|a - b| / max|b| per output (urm_jax/parity.py's measure)."""
-    return {k: float(np.max(np.abs(jx[k] - hf[k]))) / max(float(np.max(np.abs(hf[k]))), 1e-30) for k in hf}
+    from urm_jax.parity import differences
+
+    return differences(jx, hf)[1]
 
 
 def jax_model(cfg, params, *, param: str, compute: str, gate: str, attention: str):
@@ -279,21 +281,6 @@ def load_hf(path, dtype: str, gate: str, attn: str, device: str):
         path, trust_remote_code=True, dtype=getattr(torch, dtype), attn_implementation=attn)
     model.weights.to(getattr(torch, gate))  # from the fp32 tensors, as a fp16-gate checkpoint loads
     return model.to(device).eval()
-
-
-def hf_outputs(model, ids: np.ndarray, mask: np.ndarray, device: str) -> dict:
-    """Outputs the way urm_jax.parity.reference_outputs computes them, on `device`."""
-    import torch
-
-    with torch.inference_mode():
-        z, w = model(input_ids=torch.as_tensor(ids, dtype=torch.long, device=device),
-                     attention_mask=torch.as_tensor(mask, dtype=torch.long, device=device),
-                     return_dict=False)[:2]
-        pairs = z.view(z.shape[0], -1, 2)
-        means, log_stds = pairs[..., 0], pairs[..., 1]
-        reward = (means * w).sum(-1)
-    f64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
-    return {"reward": f64(reward), "means": f64(means), "log_stds": f64(log_stds), "gate": f64(w)}
 
 
 def sync_torch(device: str) -> None:
@@ -368,7 +355,9 @@ class Check:
         setting = f"{what}, compute {dtype}, gate {gate}, attention {attention}->{resolve(attention)}, HF eager"
         if dtype not in self.hf_cache:  # one reference run per dtype, shared by the attention rows
             model = load_hf(self.path, dtype, gate, "eager", self.torch_device)
-            self.hf_cache[dtype] = hf_outputs(model, ids, mask, self.torch_device)
+            from urm_jax.parity import reference_outputs
+
+            self.hf_cache[dtype] = reference_outputs(model, ids, mask, self.torch_device)
             del model
             free_memory()
         hf = self.hf_cache[dtype]

@@ -96,17 +96,27 @@ def load_reference(hf_dir: str | Path, dtype: str):
     return model.eval(), source
 
 
-def reference_outputs(model, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+def reference_outputs(model, ids: np.ndarray, mask: np.ndarray,
+                      device: str = "cpu") -> dict[str, np.ndarray]:
+    """The HF reference's pooled outputs for a padded batch, float64 on the host (the model and
+    the batch on `device`)."""
     import torch
 
     with torch.no_grad():
-        z, w = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                     attention_mask=torch.as_tensor(mask, dtype=torch.long), return_dict=False)[:2]
+        z, w = model(input_ids=torch.as_tensor(ids, dtype=torch.long, device=device),
+                     attention_mask=torch.as_tensor(mask, dtype=torch.long, device=device),
+                     return_dict=False)[:2]
         pairs = z.view(z.shape[0], -1, 2)
         means, log_stds = pairs[..., 0], pairs[..., 1]
         reward = (means * w).sum(-1)  # torch promotion, like the real class
-    f64 = lambda t: t.detach().to(torch.float64).numpy()  # noqa: E731
+    f64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
     return {"reward": f64(reward), "means": f64(means), "log_stds": f64(log_stds), "gate": f64(w)}
+
+
+def differences(jx: dict, hf: dict) -> tuple[dict, dict]:
+    """(max |jax - hf|, that over max |hf|) per output: parity's measure."""
+    max_abs = {k: float(np.max(np.abs(jx[k] - hf[k]))) for k in hf}
+    return max_abs, {k: max_abs[k] / max(float(np.max(np.abs(hf[k]))), 1e-30) for k in hf}
 
 
 def synthetic_sequences(cfg: ModelConfig, long_length: int, seed: int = 0) -> list[list[int]]:
@@ -159,8 +169,7 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
           "means": np.stack([r.means for r in jax_out]).astype(np.float64),
           "log_stds": np.stack([r.log_stds for r in jax_out]).astype(np.float64),
           "gate": np.stack([r.gate for r in jax_out]).astype(np.float64)}
-    max_abs = {k: float(np.max(np.abs(jx[k] - hf[k]))) for k in OUTPUTS}
-    max_rel = {k: max_abs[k] / max(float(np.max(np.abs(hf[k]))), 1e-30) for k in OUTPUTS}
+    max_abs, max_rel = differences(jx, hf)
     compute_dtype = scorer.model.options.dtypes.compute
     gate_dtype = scorer.model.options.dtypes.gate_dtype(cfg)
     tol = tolerance if tolerance is not None else TOLERANCES.get((compute_dtype, gate_dtype), 1e-1)
