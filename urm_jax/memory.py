@@ -288,15 +288,15 @@ def xla_bytes(cfg, setup: Setup, mesh_shape: tuple[int, int, int]) -> int:
     --xla_force_host_platform_device_count for a pod's worth of CPU devices)."""
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from urm_jax.config import DTypePolicy
     from urm_jax.model.urm import ModelOptions, abstract_model, param_shardings
-    from urm_jax.sharding import batch_sharding, make_mesh, use_mesh
+    from urm_jax.sharding import batch_sharding, make_mesh
     from urm_jax.train.step import (STAGE_TRAINABLE, OptimizerSettings, StepSettings, TrainState,
-                                    make_optimizer, make_train_step, split_params)
+                                    jit_train_step, make_optimizer, make_train_step,
+                                    optimizer_state_shardings, split_params)
 
     if setup.stage != 1:
         raise ValueError("--xla compiles the stage-1 step only")
@@ -311,9 +311,7 @@ def xla_bytes(cfg, setup: Setup, mesh_shape: tuple[int, int, int]) -> int:
     train_sh, frozen_sh = split_params(shardings, STAGE_TRAINABLE[1])
     optimizer, schedule = make_optimizer(OptimizerSettings(), 100, trainable)
     replicated = NamedSharding(mesh, P())
-    opt_abstract = jax.eval_shape(optimizer.init, trainable)
-    opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, s: s, opt_abstract, train_sh,
-                                              transform_non_params=lambda _: replicated)
+    opt_abstract, opt_sh = optimizer_state_shardings(optimizer, trainable, train_sh, mesh)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_sh)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), trainable, opt_state)
     batch_sh = batch_sharding(mesh, accum_axis=True)
@@ -323,14 +321,8 @@ def xla_bytes(cfg, setup: Setup, mesh_shape: tuple[int, int, int]) -> int:
               "labels": ((a, b, segs, cfg.num_attributes), jnp.float32)}
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in layout.items()}
     step = make_train_step(cfg, options, StepSettings(), optimizer, schedule)
-
-    def step_in_mesh(state, frozen, batch):
-        with use_mesh(mesh):
-            return step(state, frozen, batch)
-
-    compiled = jax.jit(step_in_mesh, in_shardings=(TrainState(replicated, train_sh, opt_sh), frozen_sh, batch_sh),
-                       out_shardings=(TrainState(replicated, train_sh, opt_sh), replicated),
-                       donate_argnums=(0,)).lower(state, frozen, batch).compile()
+    compiled = jit_train_step(step, mesh, None, TrainState(replicated, train_sh, opt_sh), frozen_sh,
+                              batch_sh).lower(state, frozen, batch).compile()
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 

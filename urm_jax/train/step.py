@@ -213,6 +213,28 @@ class Trainer:
         return jax.device_get(finalize_metrics(totals)) if totals is not None else {}
 
 
+def optimizer_state_shardings(optimizer, train_params: dict, train_sh: dict, mesh):
+    """(abstract optimiser state, its shardings): each moment sharded like its parameter,
+    counters and other scalars replicated."""
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.eval_shape(optimizer.init, train_params)
+    return abstract, optax.tree_utils.tree_map_params(optimizer, lambda _, s: s, abstract, train_sh,
+                                                      transform_non_params=lambda _: replicated)
+
+
+def jit_train_step(step: Callable, mesh, rules, state_sh: TrainState, frozen_sh: dict, batch_sh):
+    """The train step jitted over the mesh: sharded in and out, state donated, logical-axis
+    constraints resolved under `use_mesh`."""
+    from urm_jax.sharding import use_mesh
+
+    def step_in_mesh(state, frozen_params, batch):
+        with use_mesh(mesh, rules):
+            return step(state, frozen_params, batch)
+
+    return jax.jit(step_in_mesh, in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
 def build_trainer(cfg: ModelConfig, params: dict, options: ModelOptions, settings: StepSettings,
                   optim: OptimizerSettings, total_steps: int, mesh, rules=None, seed: int = 0,
                   trainable: tuple[str, ...] | None = None) -> Trainer:
@@ -227,9 +249,7 @@ def build_trainer(cfg: ModelConfig, params: dict, options: ModelOptions, setting
     train_sh, frozen_sh = split_params(shardings, trainable)
     optimizer, schedule = make_optimizer(optim, total_steps, train_params)
     replicated = NamedSharding(mesh, P())
-    opt_abstract = jax.eval_shape(optimizer.init, train_params)
-    opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, s: s, opt_abstract, train_sh,
-                                              transform_non_params=lambda _: replicated)
+    _, opt_sh = optimizer_state_shardings(optimizer, train_params, train_sh, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(train_params)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), train_params, opt_state)
     state_sh = TrainState(replicated, train_sh, opt_sh)
@@ -237,14 +257,9 @@ def build_trainer(cfg: ModelConfig, params: dict, options: ModelOptions, setting
 
     batch_sharding = batch_sharding_of(mesh, rules, accum_axis=True)
     step = make_train_step(cfg, options, settings, optimizer, schedule, seed)
+    compiled = jit_train_step(step, mesh, rules, state_sh, frozen_sh, batch_sharding)
     from urm_jax.sharding import use_mesh
 
-    def step_in_mesh(state, frozen_params, batch):
-        with use_mesh(mesh, rules):
-            return step(state, frozen_params, batch)
-
-    compiled = jax.jit(step_in_mesh, in_shardings=(state_sh, frozen_sh, batch_sharding),
-                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
     evaluate = make_eval_step(cfg, options, settings, seed)
 
     def eval_in_mesh(trainable, frozen_params, batch):
