@@ -37,7 +37,7 @@ GB = 1e9
 
 
 def real_8b_config(layers: int) -> dict:
-    from convert.synthetic import llama3_hf_config
+    from urm_jax.hf.synthetic import llama3_hf_config
 
     return llama3_hf_config(hidden_size=4096, intermediate_size=14336, num_layers=layers,
                             num_heads=32, num_kv_heads=8, rope_theta=500000.0)
@@ -103,9 +103,9 @@ def main() -> int:
                         help="also time `convert init` from a Skywork-like base of the same shape")
     args = parser.parse_args()
 
-    from convert.core import jax_shapes
-    from convert.mapping import TABLE, is_gate
-    from convert.synthetic import write_random_hf
+    from urm_jax.hf.plan import jax_shapes
+    from urm_jax.hf.mapping import TABLE, is_gate
+    from urm_jax.hf.synthetic import write_random_hf
     from urm_jax.config import ModelConfig
 
     hf_cfg = real_8b_config(args.layers)

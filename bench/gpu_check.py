@@ -7,7 +7,7 @@ throughput vs HF transformers (SDPA), on one GPU, in one run that prints ONE tab
 Sizing (default, ~1.0B parameters, Llama-3.2-1B-like GQA, Llama-3.1 vocabulary + 1 pad):
 hidden 2048, 16 layers, 16 heads / 8 KV heads (head_dim 128), intermediate 5632, vocab 128257.
 Everything (parity, training, scoring) uses one random checkpoint in the real HF format written by
-`convert.synthetic.write_random_hf` (backbone and gate fp32) under --out, deleted at the end.
+`urm_jax.hf.synthetic.write_random_hf` (backbone and gate fp32) under --out, deleted at the end.
 
 Rows of the table:
 * parity fp32 / bf16: the HF PyTorch reference (the checkpoint's own modeling_custom.py through
@@ -260,9 +260,9 @@ def jax_model(cfg, params, *, param: str, compute: str, gate: str, attention: st
 def jax_outputs(graphdef, state, ids: np.ndarray, mask: np.ndarray) -> dict:
     import jax
 
-    from urm_jax.scoring import _forward  # the jitted forward `urm-jax score` runs
+    from urm_jax.scoring.engine import forward_batch  # the jitted forward `urm-jax score` runs
 
-    out = jax.device_get(_forward(graphdef, state, jax.device_put(ids), jax.device_put(mask)))
+    out = jax.device_get(forward_batch(graphdef, state, jax.device_put(ids), jax.device_put(mask)))
     return {k: np.asarray(getattr(out, k), np.float64) for k in ("reward", "means", "log_stds", "gate")}
 
 
@@ -317,7 +317,7 @@ class Check:
     # checkpoint
 
     def write_checkpoint(self) -> None:
-        from convert.synthetic import tiny_hf_config, write_random_hf
+        from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf
         from urm_jax.config import ModelConfig
         from urm_jax.loading import load_params_any
 
@@ -388,7 +388,8 @@ class Check:
         from urm_jax.model.attention import resolve
         from urm_jax.model.urm import ModelOptions
         from urm_jax.sharding import make_mesh
-        from urm_jax.train.step import OptimizerSettings, StepSettings, build_trainer
+        from urm_jax.train.config import OptimConfig, TrainConfig
+        from urm_jax.train.step import build_trainer
 
         rows, seq = self.args.train_batch, self.args.train_seq
         impl = resolve(attention)
@@ -396,9 +397,9 @@ class Check:
                    f"attention {attention}->{impl}, AdamW, gate frozen")
         options = ModelOptions(DTypePolicy(param="float32", compute="bfloat16", gate="float32"),
                                remat="full", attention=attention)
-        optim = OptimizerSettings(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, clip_norm=1.0)
-        trainer = build_trainer(self.cfg, self.params, options, StepSettings(stage=1, loss="reparam"),
-                                optim, total_steps=10_000, mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
+        optim = OptimConfig(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, clip_norm=1.0)
+        trainer = build_trainer(self.cfg, self.params, TrainConfig(optim=optim), total_steps=10_000,
+                                mesh=make_mesh((1, 1, 1), jax.devices()[:1]), options=options)
         rng = np.random.default_rng(0)
         # Full rows (every token real) with ids that avoid the pad id; leading accumulation axis 1.
         batch = {"input_ids": rng.integers(4, self.cfg.vocab_size - 2, (rows, seq)).astype(np.int32),
@@ -445,7 +446,7 @@ class Check:
         import jax
 
         from urm_jax.model.attention import resolve
-        from urm_jax.scoring import _forward
+        from urm_jax.scoring.engine import forward_batch
 
         ids, mask, lengths = self.score_batch()
         graphdef, state = jax_model(self.cfg, self.params, param="bfloat16", compute="bfloat16",
@@ -453,7 +454,7 @@ class Check:
         d_ids, d_mask = jax.device_put(ids), jax.device_put(mask)
 
         def call():
-            jax.block_until_ready(_forward(graphdef, state, d_ids, d_mask))
+            jax.block_until_ready(forward_batch(graphdef, state, d_ids, d_mask))
 
         first, times = timed(call, warmup=2, reps=self.args.reps, budget=self.budget)
         name = f"urm-jax {attention}->{resolve(attention)}"
@@ -503,7 +504,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the checkpoint under --out")
     p.add_argument("--budget", type=float, default=420.0, help="seconds; later sections are skipped past it")
     p.add_argument("--fill", choices=("normal", "fast"), default="normal",
-                   help="random weight fill (convert/synthetic.py); fast tiles a pool of draws")
+                   help="random weight fill (urm_jax/hf/synthetic.py); fast tiles a pool of draws")
     p.add_argument("--train-batch", type=int, default=None, help="rows per training step (default 4; quick 2)")
     p.add_argument("--train-seq", type=int, default=None, help="tokens per training row (default 2048; quick 128)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 5; quick 2)")

@@ -5,7 +5,7 @@
 
 Model: hidden 768, 12 layers, 12 heads / 4 KV heads, MLP 2048, vocab 32768 (101.6M parameters),
 fp32 backbone, fp16 gate (the real checkpoint's layout), random weights written by
-`convert.synthetic`, converted with `convert from_hf`, exported with `convert to_hf` and loaded by
+`urm_jax.hf.synthetic`, converted with `convert from_hf`, exported with `convert to_hf` and loaded by
 `AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True)` with its
 defaults (the attention implementation transformers picks, i.e. SDPA).
 
@@ -129,8 +129,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from convert import core
-    from convert.synthetic import tiny_hf_config, write_random_hf
+    from urm_jax.hf.export import to_hf
+    from urm_jax.hf.load import from_hf
+    from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf
     from urm_jax.config import ModelConfig
     from urm_jax.data.datasets import synthetic_helpsteer_lengths
     from urm_jax.scoring import Scorer
@@ -144,8 +145,8 @@ def main() -> None:
     hf_cfg = tiny_hf_config(**SHAPE)
     params = ModelConfig.from_hf_dict(hf_cfg).param_count()["total"]
     src = write_random_hf(work / "hf", hf_cfg, dtype="float32", gate_dtype="float16", progress=False)
-    ckpt = core.from_hf(src, work / "jax", progress=False)
-    export = core.to_hf(ckpt, work / "export", progress=False)
+    ckpt = from_hf(src, work / "jax", progress=False)
+    export = to_hf(ckpt, work / "export", progress=False)
     hf = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True).eval()
     attn = getattr(hf.config, "_attn_implementation", "?")
     scorer = Scorer(ckpt, batch_size=args.batch, max_length=args.mix_max)

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from convert.synthetic import tiny_hf_config, write_random_hf  # noqa: E402
+from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf  # noqa: E402
 from urm_jax.config import DTypePolicy, ModelConfig  # noqa: E402
 from urm_jax.data.batching import BatchIterator  # noqa: E402
 from urm_jax.data.datasets import PairExample, synthetic_helpsteer_lengths  # noqa: E402
@@ -46,11 +46,14 @@ from urm_jax.model.urm import ModelBinder, ModelOptions, param_shardings  # noqa
 from urm_jax.sharding import batch_sharding, make_mesh, use_mesh  # noqa: E402
 from urm_jax.train.features import FeatureIterator, compute_features, pooled_forward  # noqa: E402
 from urm_jax.train.loop import with_accum_axis  # noqa: E402
-from urm_jax.train.step import OptimizerSettings, StepSettings, build_trainer  # noqa: E402
+from urm_jax.train.config import LossConfig, OptimConfig, TrainConfig  # noqa: E402
+from urm_jax.train.step import build_trainer  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2)
 OPTIONS = ModelOptions(DTypePolicy(param="float32", compute="float32", gate="float32"))
-OPTIM = OptimizerSettings(learning_rate=1e-4, weight_decay=0.0, warmup_ratio=0.03, clip_norm=1.0)  # the recipe's
+OPTIM = OptimConfig(learning_rate=1e-4, weight_decay=0.0, warmup_ratio=0.03, clip_norm=1.0)  # the recipe's
+STAGE2 = TrainConfig(stage=2, loss=LossConfig(kind="bt"), optim=OPTIM, stage2_cached_features=False)
+STAGE2_CACHED = TrainConfig(stage=2, loss=LossConfig(kind="bt"), optim=OPTIM, stage2_cached_features=True)
 
 
 def synthetic_pairs(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[PairExample]:
@@ -127,7 +130,7 @@ def main() -> None:
     full_iter = BatchIterator(pairs, args.batch, args.seq_len, seed=0, pack=False)
     steps = full_iter.steps_in_epoch(0)
     total_steps = steps * args.epochs
-    full = build_trainer(cfg, params, OPTIONS, StepSettings(stage=2, loss="bt"), OPTIM, total_steps, mesh)
+    full = build_trainer(cfg, params, STAGE2, total_steps, mesh, options=OPTIONS)
     full_compile = compile_step(full, next(BatchIterator(pairs, args.batch, args.seq_len, seed=0, pack=False)),
                                 args.accum)
     full_clocks = [run_epoch(full, full_iter, steps, args.accum) for _ in range(args.full_epochs)]
@@ -166,8 +169,7 @@ def main() -> None:
     bucket_diff = float(np.max(np.abs(bucketed - features)) / np.max(np.abs(features)))
 
     fast_iter = FeatureIterator(features, args.batch, seed=0)
-    fast = build_trainer(cfg, params, OPTIONS, StepSettings(stage=2, loss="bt", use_features=True), OPTIM,
-                         total_steps, mesh)
+    fast = build_trainer(cfg, params, STAGE2_CACHED, total_steps, mesh, options=OPTIONS)
     fast_compile = compile_step(fast, next(FeatureIterator(features, args.batch, seed=0)), 1)
     fast_clocks = []
     for epoch in range(args.epochs):

@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/train_throughput.py [--quick] [--batch 2] [--seq-lens 256 512] [--steps 3]
 
-Same ~100M-parameter Llama shape, same random checkpoint (convert/synthetic.py), same batch of
+Same ~100M-parameter Llama shape, same random checkpoint (urm_jax/hf/synthetic.py), same batch of
 full-length rows (every token real, so tokens/s = rows * seq_len / s), same loss (reparam
 regression on the 5 attribute means / log-stds), same optimiser (AdamW, weight decay on matrices
 only, global-norm clip 1.0), gate frozen in both (stage 1 trains backbone + value head).
@@ -48,20 +48,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from convert.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights  # noqa: E402
-from convert.synthetic import tiny_hf_config, write_random_hf  # noqa: E402
+from urm_jax.hf.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights  # noqa: E402
+from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf  # noqa: E402
 from urm_jax.config import DTypePolicy, ModelConfig  # noqa: E402
 from urm_jax.flops import train_flops  # noqa: E402
 from urm_jax.loading import load_params_any  # noqa: E402
 from urm_jax.model.urm import ModelOptions  # noqa: E402
 from urm_jax.sharding import make_mesh  # noqa: E402
 from urm_jax.train.loop import with_accum_axis  # noqa: E402
-from urm_jax.train.step import OptimizerSettings, StepSettings, build_trainer  # noqa: E402
+from urm_jax.train.config import OptimConfig, TrainConfig  # noqa: E402
+from urm_jax.train.step import build_trainer  # noqa: E402
 
 # ~100M parameters, Llama-3 style GQA (3 query heads per KV head), Llama-3.1 RoPE scaling.
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
              num_kv_heads=4, original_max_position_embeddings=8192, max_position_embeddings=131072)
-OPTIM = OptimizerSettings(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, clip_norm=1.0)
+OPTIM = OptimConfig(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, clip_norm=1.0)
 
 
 def make_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
@@ -78,8 +79,8 @@ class JaxRunner:
     def __init__(self, name, cfg, params, compute: str):
         self.name = name
         options = ModelOptions(DTypePolicy(param="float32", compute=compute, gate="float32"))
-        self.trainer = build_trainer(cfg, params, options, StepSettings(stage=1, loss="reparam"), OPTIM,
-                                     total_steps=10_000, mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
+        self.trainer = build_trainer(cfg, params, TrainConfig(optim=OPTIM), total_steps=10_000,
+                                     mesh=make_mesh((1, 1, 1), jax.devices()[:1]), options=options)
         self.batch = None
 
     def set_batch(self, batch):

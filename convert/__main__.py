@@ -1,13 +1,19 @@
 """python -m convert from_hf HF_DIR OUT_DIR | to_hf CKPT_DIR OUT_DIR | verify HF_DIR CKPT_DIR
-                 | init BASE_HF_DIR OUT_DIR"""
+                 | init BASE_HF_DIR OUT_DIR
+
+A thin command line over the library's HF bridge (`urm_jax.hf`): argument parsing, one `error:`
+line and exit 2 for bad input, exit 1 when `verify` finds a difference."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-from convert.core import ConversionError
+from urm_jax.errors import USER_ERRORS
+from urm_jax.hf.base import init_from_base
+from urm_jax.hf.export import to_hf
+from urm_jax.hf.load import from_hf
+from urm_jax.hf.verify import format_verify, verify
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,44 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_verify(rows: list[dict], show_all: bool) -> bool:
-    bad = [r for r in rows if not r["identical"]]
-    for r in rows if show_all else bad:
-        state = "identical" if r["identical"] else f"DIFFERS (max |diff| {r['max_abs_diff']:.3e})"
-        print(f"{r['key']:<55} {str(r['shape']):<16} {r['hf_dtype']:>9} vs {r['ckpt_dtype']:<9} {state}")
-    total = sum(math.prod(r["shape"]) for r in rows)
-    print(f"{len(rows) - len(bad)}/{len(rows)} tensors identical ({total:,} values)")
-    return not bad
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from convert import core
-    from convert.hf_io import WeightsError
-    from urm_jax.checkpoint import CheckpointError
-    from urm_jax.config import ConfigError
-    from urm_jax.io_utils import OutputExistsError
-
     try:
         if args.command == "verify":
-            return 0 if print_verify(core.verify(args.hf_dir, args.ckpt_dir), args.all) else 1
+            lines, same = format_verify(verify(args.hf_dir, args.ckpt_dir), args.all)
+            print("\n".join(lines))
+            return 0 if same else 1
         if args.command == "init":
-            from convert.from_base import init_from_base
-
             out = init_from_base(args.base_dir, args.out_dir, seed=args.seed,
                                  init_std=args.init_std, dtype=args.dtype,
                                  gate_dtype=args.gate_dtype, overwrite=args.overwrite,
                                  allow_nonfinite=args.allow_nonfinite)
         elif args.command == "from_hf":
-            out = core.from_hf(args.hf_dir, args.out_dir, dtype=args.dtype,
-                               gate_dtype=args.gate_dtype, overwrite=args.overwrite,
-                               allow_nonfinite=args.allow_nonfinite)
+            out = from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, gate_dtype=args.gate_dtype,
+                          overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
         else:
-            out = core.to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype,
-                             gate_dtype=args.gate_dtype, max_shard_size=args.max_shard_size,
-                             overwrite=args.overwrite)
-    except (ConversionError, WeightsError, ConfigError, CheckpointError, OutputExistsError,
-            ValueError, OSError) as err:  # OSError: disk full, permissions, unreadable input
+            out = to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, gate_dtype=args.gate_dtype,
+                        max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    except USER_ERRORS as err:  # OSError among them: disk full, permissions, unreadable input
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -2,7 +2,7 @@
 
 The real weights cannot be downloaded here, so parity tests build their own checkpoints with the
 same key names, dtype mix (bf16/fp32 backbone, fp16 gate) and config fields, from the PyTorch
-reference in `convert/modeling_custom.py`.
+reference in `urm_jax/hf/modeling_custom.py`.
 
 Token ids of the tiny vocab: bos 1, eos [2, 3] (a list, like Llama-3.1's), pad vocab-1 (like
 Skywork's added `[PAD]`). Ids 4 .. vocab-2 are ordinary tokens.
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from transformers import LlamaConfig
 
-import convert.modeling_custom as modeling_custom
-from convert.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights
+import urm_jax.hf.modeling_custom as modeling_custom
+from urm_jax.hf.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights
 
 MODELING_FILE = Path(modeling_custom.__file__)
 ARCHITECTURE = "LlamaForSequenceClassificationWithNormal_Weights"

@@ -52,7 +52,7 @@ def test_auto_picks_reference_on_cpu_and_rejects_unknown():
 def test_model_forward_with_each_attention_matches():
     from flax import nnx
 
-    from convert.synthetic import tiny_hf_config
+    from urm_jax.hf.synthetic import tiny_hf_config
     from urm_jax.config import DTypePolicy, ModelConfig
     from urm_jax.model.urm import ModelOptions, init_random, model_from_params
 

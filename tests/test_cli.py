@@ -24,7 +24,7 @@ from convert.__main__ import main as convert_main
 from hf_fixtures import load_reference, make_tiny_chat_urm, make_tiny_urm, reference_outputs
 from urm_jax.checkpoint import load_config, load_params, save_checkpoint
 from urm_jax.cli import main as cli_main
-from urm_jax.config import ATTRIBUTES
+from urm_jax.attributes import HELPSTEER2 as ATTRIBUTES
 from urm_jax.data.tokenization import render_ids
 
 VOCAB, PAD = 512, 511

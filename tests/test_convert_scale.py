@@ -26,10 +26,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from convert.__main__ import main
-from convert.core import hf_to_params, jax_shapes
-from convert.hf_io import HFWeights
-from convert.mapping import TABLE, get_path
-from convert.synthetic import tiny_hf_config, write_random_hf
+from urm_jax.hf.load import hf_to_params
+from urm_jax.hf.plan import jax_shapes
+from urm_jax.hf.safetensors_io import HFWeights
+from urm_jax.hf.mapping import TABLE, get_path
+from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf
 from hf_fixtures import make_tiny_urm
 from urm_jax import io_utils
 from urm_jax.checkpoint import (CheckpointError, ParamsReader, load_config, load_params,

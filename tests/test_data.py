@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from urm_jax.attributes import HELPSTEER2
 from urm_jax.data import tokenizer as tokmod
 from urm_jax.data.batching import BatchIterator, epoch_order, first_fit_rows, padding_efficiency
 from urm_jax.data.datasets import (
-    HELPSTEER_ATTRIBUTES,
     DatasetSchemaError,
     helpsteer2_examples,
     load_helpsteer2,
@@ -57,7 +57,7 @@ def pairs(tok, hf_cache):
 
 
 def hs_row(prompt="What is 2+2?", response="4.", **labels):
-    row = {"prompt": prompt, "response": response, **{a: 2 for a in HELPSTEER_ATTRIBUTES}}
+    row = {"prompt": prompt, "response": response, **{a: 2 for a in HELPSTEER2}}
     row.update(labels)
     return row
 
@@ -94,7 +94,7 @@ def test_helpsteer_rows_render_with_the_shared_policy(tok):
     expected = render_ids(tok, {"prompt": "What is 2+2?", "response": "4."}, max_length=None)
     np.testing.assert_array_equal(single.input_ids, expected)
 
-    np.testing.assert_array_equal(turns.labels, [4, 3, 4, 0, 1])  # HELPSTEER_ATTRIBUTES order
+    np.testing.assert_array_equal(turns.labels, [4, 3, 4, 0, 1])  # HELPSTEER2 order
     ids = turns.input_ids.tolist()
     assert ids[0] == BOS and ids[-1] == EOT and ids.count(BOS) == 1
     assert ids.count(START_HEADER) == 4  # user, assistant, user, assistant

@@ -183,7 +183,7 @@ def test_refusals(skywork_like, tmp_path, capsys):
 def test_synthetic_base_is_a_transformers_classifier_that_init_takes(tmp_path):
     """`write_random_hf(heads="base")` (the demo's Skywork-like base) is what transformers writes
     for a one-label LlamaForSequenceClassification, and `init` keeps its backbone."""
-    from convert.synthetic import tiny_hf_config, write_random_hf
+    from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf
 
     base = write_random_hf(tmp_path / "base", tiny_hf_config(), dtype="bfloat16", heads="base",
                            progress=False)

@@ -15,10 +15,25 @@ import pytest
 from flax import nnx
 
 from urm_jax.config import ModelConfig
-from urm_jax.memory import (CHIPS, COMPONENTS, GB, MARGIN, PLATFORMS, Setup, estimate, main,
-                            resolve_attention, resolve_mesh, xla_bytes)
+from urm_jax.cli import main as cli_main
+from urm_jax.memory import CHIPS, COMPONENTS, GB, MARGIN, PLATFORMS, estimate, xla_bytes
+from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.model.urm import abstract_model
+from urm_jax.sharding import resolve_mesh_shape as resolve_mesh
 from urm_jax.train.config import load_train_config, load_raw
+
+# The layout the estimates below assume unless a test says otherwise: 16 packed rows, remat full,
+# FSDP over every device (the stage-1 recipe's).
+PLAN_DEFAULTS = {"global_batch_size": 16, "remat": "full", "mesh": (1, -1, 1)}
+KEYS = {"param_dtype": "precision.param", "compute_dtype": "precision.compute", "seq_len": "data.seq_len"}
+
+
+def Setup(**kw):
+    """A TrainConfig for planning from short keyword names (param_dtype=..., seq_len=...)."""
+    values = {**PLAN_DEFAULTS, **({"loss.kind": "bt"} if kw.get("stage") == 2 else {}), **kw}
+    overrides = [f"{KEYS.get(k, k)}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
+                 for k, v in values.items()]
+    return load_train_config(None, overrides, runnable=False)
 
 ROOT = Path(__file__).resolve().parent.parent
 HARDWARE = sorted((ROOT / "configs/hardware").glob("*.yaml"))
@@ -103,9 +118,10 @@ def test_flash_attention_drops_the_scores(cfg8b):
     assert [resolve_attention("auto", p) for p in ("tpu", "gpu", "cpu")] == ["splash", "cudnn", "reference"]
     assert resolve_attention("xla", None) == "xla"
     with pytest.raises(ValueError, match="depends on the platform"):
-        resolve_attention("auto", None)
+        resolve_attention("auto", "quantum")
     setup = Setup(mesh=(1, 8, 1), global_batch_size=8)
-    by_impl = {a: estimate(cfg8b, setup, num_devices=8, attention=a) for a in ("reference", "xla", "splash", "cudnn")}
+    by_impl = {a: estimate(cfg8b, Setup(mesh=(1, 8, 1), global_batch_size=8, attention=a), num_devices=8)
+               for a in ("reference", "xla", "splash", "cudnn")}
     assert estimate(cfg8b, setup, num_devices=8, platform="tpu")["attention"] == "splash"
     assert estimate(cfg8b, setup, num_devices=8, platform="gpu")["attention"] == "cudnn"
     scores = 32 * 4096 ** 2  # one row, 32 heads
@@ -129,32 +145,34 @@ def test_stage2_trains_only_the_gate(cfg8b):
     assert est["activations_residuals"] == 0  # no backward through the frozen backbone
 
 
-def test_estimate_takes_a_train_config_and_explicit_overrides(cfg8b):
-    train = load_train_config(BASE, ["model=x", "output_dir=y"])
+def test_estimate_takes_a_train_config_and_a_mesh(cfg8b):
+    train = load_train_config(BASE, runnable=False)
     from_cfg = estimate(cfg8b, train, num_devices=16)
     assert from_cfg["mesh"] == (1, 16, 1) and from_cfg["remat"] == "full"
-    explicit = estimate(cfg8b, train, mesh_shape=(1, 8, 2), num_devices=16, remat="dots", grad_accum=2)
+    changed = load_train_config(BASE, ["remat=dots", "grad_accum=2"], runnable=False)
+    explicit = estimate(cfg8b, changed, mesh_shape=(1, 8, 2), num_devices=16)
     assert explicit["mesh"] == (1, 8, 2) and explicit["remat"] == "dots"
     assert explicit["grad_accumulator"] > 0
-    with pytest.raises(TypeError, match="unknown estimate arguments"):
-        estimate(cfg8b, train, num_devices=16, batch=3)
+    lora_like = load_train_config(BASE, ["trainable=[backbone/layers/q_proj, value_head]"], runnable=False)
+    partial = estimate(cfg8b, lora_like, num_devices=16)
+    assert partial["trainable_param_count"] == 32 * 4096 * 4096 + 10 * 4096  # q_proj + value head
 
 
 def test_mesh_errors_are_clear():
     assert resolve_mesh((1, -1, 2), 16) == (1, 8, 2)
     with pytest.raises(ValueError, match="give the number of devices"):
         resolve_mesh((1, -1, 1), None)
-    with pytest.raises(ValueError, match="needs 8 devices, not 4"):
+    with pytest.raises(ValueError, match="needs 8 devices, 4 available"):
         resolve_mesh((1, 8, 1), 4)
     with pytest.raises(ValueError, match="does not divide"):
         resolve_mesh((1, -1, 3), 8)
 
 
 def parse_header(text: str) -> tuple[str, int, dict[str, float]]:
-    """(chip, devices, {component: GB}) from the comment block `python -m urm_jax.memory --header`
-    wrote at the top of a hardware recipe."""
-    command = re.search(r"estimated by `python -m urm_jax\.memory \S+ --chip (\S+) --devices (\d+)", text)
-    assert command, "no memory header (regenerate it with python -m urm_jax.memory CONFIG --chip C --header)"
+    """(chip, devices, {component: GB}) from the comment block `urm-jax memory --header` wrote
+    at the top of a hardware recipe."""
+    command = re.search(r"estimated by `urm-jax memory \S+ --chip (\S+) --devices (\d+)", text)
+    assert command, "no memory header (regenerate it with urm-jax memory CONFIG --chip C --header)"
     numbers = {m[1]: float(m[2]) for m in re.finditer(r"^#\s+(\w+)\s+([0-9.]+) GB", text, re.M)}
     return command[1], int(command[2]), numbers
 
@@ -166,11 +184,11 @@ def test_every_hardware_config_is_listed():
 
 @pytest.mark.parametrize("path", HARDWARE, ids=lambda p: p.stem)
 def test_hardware_config_fits_its_chip_as_its_header_says(path, cfg8b):
-    train = load_train_config(path, ["model=x", "output_dir=y"])
+    train = load_train_config(path, runnable=False)
     chip, devices, header = parse_header(path.read_text())
     assert chip in CHIPS
     # The recipe is the base recipe's optimisation, only laid out differently.
-    base = load_train_config(BASE, ["model=x", "output_dir=y"])
+    base = load_train_config(BASE, runnable=False)
     for key in ("stage", "data", "optim", "loss", "global_batch_size", "epochs"):
         assert getattr(train, key) == getattr(base, key), key
     assert train.precision.param == "float32" and train.precision.compute == "bfloat16"
@@ -195,13 +213,13 @@ def test_hardware_config_fits_its_chip_as_its_header_says(path, cfg8b):
 def test_cli_prints_the_table_and_fails_clearly(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
 
-    def cli(*args):  # `python -m urm_jax.memory ARGS`, in process
-        code = main(list(args))
+    def cli(*args):  # `urm-jax memory ARGS`, in process
+        code = cli_main(["memory", *args])
         out = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out.out, out.err)
 
-    module = subprocess.run([sys.executable, "-m", "urm_jax.memory", "configs/hardware/v5p-8.yaml", "--chip", "v5p"],
-                            cwd=ROOT, capture_output=True, text=True)
+    module = subprocess.run([sys.executable, "-m", "urm_jax.cli", "memory", "configs/hardware/v5p-8.yaml",
+                             "--chip", "v5p"], cwd=ROOT, capture_output=True, text=True)
     assert module.returncode == 0 and "of 95.00 GB (v5p)" in module.stdout, module.stderr
 
     done = cli("configs/hardware/v6e-8.yaml", "--chip", "v6e")
@@ -233,7 +251,8 @@ def test_estimate_tracks_xla_buffer_assignment():
     hf.update(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=2,
               head_dim=64, num_hidden_layers=2, vocab_size=1000, pad_token_id=999)
     cfg = ModelConfig.from_hf_dict(hf)
-    setup = Setup(global_batch_size=8, seq_len=1024, remat="full", mesh=(1, len(jax.devices()), 1))
+    setup = Setup(global_batch_size=8, seq_len=1024, remat="full", mesh=(1, len(jax.devices()), 1),
+                  attention="reference")
     measured = xla_bytes(cfg, setup, setup.mesh)  # reference attention: what runs on CPU
     est = estimate(cfg, setup, num_devices=len(jax.devices()), platform="cpu")["total"]
     assert 0.6 * est <= measured <= 1.2 * est, (measured / GB, est / GB)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from urm_jax import flops
-from urm_jax.config import ATTRIBUTES, ModelConfig
+from urm_jax.attributes import HELPSTEER2 as ATTRIBUTES
+from urm_jax.config import ModelConfig
 from urm_jax.train.metrics import MetricsWriter, Throughput, plot_metrics, read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"

@@ -143,7 +143,7 @@ def test_v4_and_v5_configs_read_the_same(tmp_path):
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "unsupported RoPE type 'yarn'"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "llama3 RoPE scaling lacks"),
     ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
-    ({"num_labels": 2, "id2label": {"0": "a", "1": "b"}}, "URM needs 10"),
+    ({"num_labels": 2, "id2label": {"0": "a", "1": "b"}}, "num_labels is 2 and no attribute names"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' unsupported"),
     ({"attention_bias": True}, "attention_bias"),
     ({"pad_token_id": 10**6}, "pad_token_id"),

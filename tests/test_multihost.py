@@ -25,7 +25,7 @@ COMMON = ["global_batch_size=8", "mesh=[-1,1,1]", "checkpoint.every_steps=2", "c
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
-    from convert.synthetic import llama3_hf_config, write_random_hf
+    from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
     from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
 
     cfg = llama3_hf_config(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -85,7 +85,7 @@ def test_two_processes_match_one_and_resume_in_one(base_model, tmp_path):
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 3
     assert "final checkpoint" not in outs[1][1]
     # The 2-process checkpoint (step 3) resumes in a single process and continues to step 5.
-    resumed = run_one_process(base_model, two, "max_steps=5")
+    resumed = run_one_process(base_model, two, "max_steps=5", "--allow-config-change", "max_steps")
     assert "resumed from step 3" in resumed.stderr
     reference = tmp_path / "single5"
     run_one_process(base_model, reference, "max_steps=5")
@@ -135,5 +135,6 @@ def test_sigterm_to_one_process_stops_all_at_one_saved_step(base_model, tmp_path
     assert len(kept) == 1, kept
     for err in errs:
         assert f"stopped after step {kept[0]}" in err, err[-1500:]
-    resumed = run_one_process(base_model, out, f"max_steps={kept[0] + 2}")
+    resumed = run_one_process(base_model, out, f"max_steps={kept[0] + 2}", "--allow-config-change",
+                              "max_steps", "--allow-config-change", "epochs")
     assert f"resumed from step {kept[0]}" in resumed.stderr + resumed.stdout

@@ -1,4 +1,4 @@
-"""The PyTorch reference (convert/modeling_custom.py) and the tiny-checkpoint factory."""
+"""The PyTorch reference (urm_jax/hf/modeling_custom.py) and the tiny-checkpoint factory."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from convert.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights as URM
+from urm_jax.hf.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights as URM
 from hf_fixtures import load_reference, make_tiny_urm, reference_outputs
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = 64, 2, 4, 2, 128, 512

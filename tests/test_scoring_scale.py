@@ -23,9 +23,9 @@ import pytest
 
 from hf_fixtures import make_tiny_urm
 from urm_jax.cli import main as cli_main
-from urm_jax.config import ATTRIBUTES
+from urm_jax.attributes import HELPSTEER2 as ATTRIBUTES
 from urm_jax.scoring import Ensemble, Scorer, bucket_lengths, ensemble_statistics, score_jsonl
-from urm_jax.streaming import InputError
+from urm_jax.jsonl import InputError
 
 VOCAB, PAD = 512, 511
 TOL = 1e-6
@@ -301,13 +301,13 @@ def test_cli_ensemble_against_members(models, rows, tmp_path):
 
 
 def test_ensemble_members_share_compiled_programs(models, seqs):
-    from urm_jax import scoring
+    from urm_jax.scoring import engine
 
     Scorer(models[0], batch_size=8).score_arrays(seqs)  # compiles every shape once
-    before = scoring._forward._cache_size()
+    before = engine.forward_batch._cache_size()
     ens = Ensemble.load(models[1:], batch_size=8)
     ens.score_arrays(seqs)
-    assert scoring._forward._cache_size() == before  # same architecture: nothing recompiled
+    assert engine.forward_batch._cache_size() == before  # same architecture: nothing recompiled
 
 
 # --- Python API ---------------------------------------------------------------------------------

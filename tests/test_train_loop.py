@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from convert.synthetic import llama3_hf_config, write_random_hf
+from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
 from urm_jax.checkpoint import load_params
 from urm_jax.train.config import TrainConfigError, load_train_config
 
@@ -80,7 +80,7 @@ def test_stage1_trains_and_writes_everything(stage1, base_model):
 
 def base_model_ckpt(base_model, out):
     """The base model as a urm-jax checkpoint, to compare parameters with."""
-    from convert.core import from_hf
+    from urm_jax.hf.load import from_hf
 
     path = out.parent / "base_ckpt"
     if not path.exists():
@@ -100,7 +100,7 @@ def test_stage2_trains_only_the_gate_and_exports(stage1, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert {"accuracy", "margin", "loss"} <= set(records[-1])
 
-    from convert.core import to_hf
+    from urm_jax.hf.export import to_hf
 
     export = to_hf(final, tmp_path / "hf", progress=False)
     import torch
@@ -114,7 +114,7 @@ def test_stage2_trains_only_the_gate_and_exports(stage1, tmp_path):
 def test_stage1_from_convert_init_of_a_base(tmp_path):
     """The recipe's real start: a one-label base (Skywork-Reward's shape) -> `convert init` ->
     stage 1 trains the fresh value head and the backbone, and leaves the fresh gate alone."""
-    from convert.from_base import init_from_base
+    from urm_jax.hf.base import init_from_base
     from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
 
     base = write_random_hf(tmp_path / "base", llama3_hf_config(**TINY), dtype="float32", heads="base",

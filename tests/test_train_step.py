@@ -2,6 +2,8 @@
 torch.optim.AdamW, mesh-shape independence, gradient accumulation, packing, frozen params and
 the stage-2 cached-feature fast path."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,15 +12,24 @@ import torch
 from flax import nnx
 from hf_fixtures import load_reference, make_tiny_urm
 
-from convert.mapping import TABLE, get_path
+from urm_jax.hf.mapping import TABLE, get_path
 from urm_jax.config import DTypePolicy
 from urm_jax.loading import load_model
 from urm_jax.model.urm import ModelBinder, ModelOptions
 from urm_jax.sharding import make_mesh
 from urm_jax.train.losses import bradley_terry_loss, regression_loss
-from urm_jax.train.step import OptimizerSettings, StepSettings, build_trainer
+from urm_jax.train.config import LossConfig, OptimConfig, PrecisionConfig, TrainConfig
+from urm_jax.train.step import build_trainer
 
 FP32 = ModelOptions(DTypePolicy(param="float32", compute="float32", gate="float32"))
+
+
+def step_config(stage=1, loss="reparam", use_features=False, optim=None) -> TrainConfig:
+    """The training settings a step test needs, everything in float32."""
+    return TrainConfig(stage=stage, loss=LossConfig(kind=loss), stage2_cached_features=use_features,
+                       optim=optim or OptimConfig(),
+                       precision=PrecisionConfig(param="float32", compute="float32",
+                                                 gate_compute="float32", gate_param="float32"))
 L = 48
 
 
@@ -136,10 +147,10 @@ def test_two_adamw_steps_match_torch(tiny):
     rng = np.random.default_rng(2)
     batches = [unpacked_batch(rng, 4) for _ in range(2)]
     lr, wd = 1e-4, 0.1
-    optim = OptimizerSettings(learning_rate=lr, weight_decay=wd, warmup_ratio=0.0, min_lr_ratio=1.0,
+    optim = OptimConfig(learning_rate=lr, weight_decay=wd, warmup_ratio=0.0, min_lr_ratio=1.0,
                               clip_norm=1.0)
-    trainer = build_trainer(cfg, params, FP32, StepSettings(stage=1, loss="nll"), optim, 10,
-                            make_mesh((1, 1, 1), jax.devices()[:1]))
+    trainer = build_trainer(cfg, params, step_config(stage=1, loss="nll", optim=optim), 10,
+                            make_mesh((1, 1, 1), jax.devices()[:1]), options=FP32)
     for b in batches:
         trainer.run(add_accum_axis(b))
     ours = jax.device_get(trainer.state.params)
@@ -178,14 +189,15 @@ def test_two_adamw_steps_match_torch(tiny):
 
 def run_steps(cfg, params, mesh_shape, settings, steps, batch, lr=2e-6, options=FP32, optim=None):
     devices = jax.devices()[:int(np.prod(mesh_shape))]
-    optim = optim or OptimizerSettings(learning_rate=lr, warmup_ratio=0.0)
-    trainer = build_trainer(cfg, params, options, settings, optim, 100, make_mesh(mesh_shape, devices))
+    optim = optim or OptimConfig(learning_rate=lr, warmup_ratio=0.0)
+    train = dataclasses.replace(settings, optim=optim)
+    trainer = build_trainer(cfg, params, train, 100, make_mesh(mesh_shape, devices), options=options)
     metrics = [jax.device_get(trainer.run(batch)) for _ in range(steps)]
     return jax.device_get(trainer.state.params), metrics, trainer
 
 
 MESH_BATCH = add_accum_axis(unpacked_batch(np.random.default_rng(3), 8))
-MESH_SETTINGS = StepSettings(stage=1, loss="reparam")
+MESH_SETTINGS = step_config(stage=1, loss="reparam")
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +232,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny):
     _, cfg, params = tiny
     batch = unpacked_batch(np.random.default_rng(4), 8)
     batch["pool_mask"][5] = 0  # a padding row: must not count in either split
-    settings = StepSettings(stage=1, loss="nll")
+    settings = step_config(stage=1, loss="nll")
     one, m1, _ = run_steps(cfg, params, (1, 1, 1), settings, 2, add_accum_axis(batch), lr=1e-4)
     four, m4, _ = run_steps(cfg, params, (1, 1, 1), settings, 2, add_accum_axis(batch, 4), lr=1e-4)
     assert m1[0]["count"] == m4[0]["count"] == 7
@@ -272,7 +284,7 @@ def pair_batch(rng, pairs):
 def test_stage2_trains_only_the_gate(tiny):
     _, cfg, params = tiny
     batch = add_accum_axis(pair_batch(np.random.default_rng(6), 4))
-    got, metrics, trainer = run_steps(cfg, params, (2, 2, 2), StepSettings(stage=2, loss="bt"), 3,
+    got, metrics, trainer = run_steps(cfg, params, (2, 2, 2), step_config(stage=2, loss="bt"), 3,
                                       batch, lr=1e-3)
     assert set(got) == {"gate"}
     assert set(trainer.frozen) == {"backbone", "value_head"}
@@ -292,9 +304,9 @@ def test_stage2_cached_features_give_the_same_updates(tiny):
     binder = ModelBinder(cfg, FP32)
     features = jax.jit(lambda p, b: binder(p).pooled_segments(b["input_ids"], b["segment_ids"], b["pool_index"])[:, 0])(params, raw)
     cached = {"features": np.asarray(features), "pair_mask": raw["pair_mask"]}
-    full, m_full, _ = run_steps(cfg, params, (1, 1, 1), StepSettings(stage=2, loss="bt"), 3,
+    full, m_full, _ = run_steps(cfg, params, (1, 1, 1), step_config(stage=2, loss="bt"), 3,
                                 add_accum_axis(raw), lr=1e-3)
-    fast, m_fast, _ = run_steps(cfg, params, (1, 1, 1), StepSettings(stage=2, loss="bt", use_features=True),
+    fast, m_fast, _ = run_steps(cfg, params, (1, 1, 1), step_config(stage=2, loss="bt", use_features=True),
                                 3, add_accum_axis(cached), lr=1e-3)
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(full)):
         assert np.max(np.abs(a - b)) < 1e-7

@@ -38,6 +38,7 @@ import numpy as np
 from urm_jax.config import ModelConfig
 from urm_jax import io_utils
 from urm_jax.io_utils import atomic_dir
+from urm_jax.model.urm import abstract_model, param_logical_axes
 
 FORMAT = "urm-jax"
 LAYOUT_VERSION = 1
@@ -92,8 +93,6 @@ def chunk_rows(shape: tuple[int, ...], dtype, stacked: bool = False) -> int:
 
 def stacked_paths(cfg: ModelConfig) -> set[tuple[str, ...]]:
     """Parameters whose first axis is the `layers` axis (from the model's logical axes)."""
-    from urm_jax.model.urm import abstract_model, param_logical_axes
-
     axes = param_logical_axes(abstract_model(cfg))
     return {tuple(str(k.key) for k in path)
             for path, leaf in jax.tree_util.tree_flatten_with_path(

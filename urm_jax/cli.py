@@ -1,13 +1,43 @@
-"""`urm-jax` command line: score, eval, parity (train arrives with its issue)."""
+"""`urm-jax`: every command's argument parsing and handler, over the library's functions.
+
+    score    a JSONL file of conversations -> rewards with uncertainty (streamed, in input order)
+    eval     RewardBench-format pairs -> accuracy, uncertainty filter, reliability
+    parity   the JAX model against the HF PyTorch reference
+    train    stage 1 or 2 from a YAML recipe (resumes automatically)
+    export   a kept training step as a full urm-jax checkpoint
+    memory   per-device memory estimate of a training recipe
+    demo     the embedded end-to-end demo
+
+Bad input ends in one `error:` line and exit 2 (`urm_jax.errors.USER_ERRORS`); a parity or
+verification failure exits 1; a preempted training run exits 143.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+from pathlib import Path
+
+from urm_jax.demo import run_demo as demo
+from urm_jax.distributed import maybe_initialize
+from urm_jax.errors import USER_ERRORS
+from urm_jax.eval import check_output_dir, format_summary, run_eval as evaluate
+from urm_jax.io_utils import atomic_file
+from urm_jax.memory import (CHIPS, PLATFORMS, estimate, format_table, model_config_for_plan,
+                            xla_attention, xla_bytes)
+from urm_jax.model.attention import IMPLEMENTATIONS
+from urm_jax.parity import run_parity as compare
+from urm_jax.scoring import Ensemble, score_jsonl
+from urm_jax.train.config import load_train_config
+from urm_jax.train.loop import export_step, train
+from urm_jax.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 
 
 def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -26,6 +56,23 @@ def shard_spec(text: str) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise argparse.ArgumentTypeError(f"{text}: need N >= 1 and 0 <= K < N")
     return index, count
+
+
+def mesh_spec(text: str) -> tuple[int, int, int]:
+    """`D,F,T` (data, fsdp, tensor; one of them may be -1)."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected D,F,T (e.g. 1,-1,1), got {text!r}") from None
+    if len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"expected 3 sizes (data, fsdp, tensor), got {text!r}")
+    return shape
+
+
+def add_attention_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="reference",
+                   help="reference: HF's eager attention op by op (default, the parity path); "
+                   "auto: splash on TPU, cuDNN flash on GPU (bf16/fp16 compute), reference on CPU")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -50,58 +97,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="default: the checkpoint's gate dtype (float16 in the real model)")
     add_attention_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def add_attention_option(p: argparse.ArgumentParser) -> None:
-    from urm_jax.model.attention import IMPLEMENTATIONS
-
-    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="reference",
-                   help="reference: HF's eager attention op by op (default, the parity path); "
-                   "auto: splash on TPU, cuDNN flash on GPU (bf16/fp16 compute), reference on CPU")
-
-
-def load_ensemble(args):
-    from urm_jax.scoring import Ensemble
-
-    return Ensemble.load(args.model, compute_dtype=args.compute_dtype, gate_dtype=args.gate_dtype,
-                         batch_size=args.batch_size, batch_tokens=args.batch_tokens,
-                         max_length=args.max_length, truncation=args.truncation,
-                         attention=args.attention)
-
-
-def run_score(args) -> int:
-    from urm_jax.scoring import score_jsonl
-
-    if args.bad_lines and args.on_bad_line != "skip":
-        raise ValueError("--bad-lines needs --on-bad-line skip")
-    run = score_jsonl(load_ensemble(args), args.input, args.output, chunk_size=args.chunk_size,
-                      on_bad_line=args.on_bad_line, bad_lines_path=args.bad_lines,
-                      progress=not args.no_progress, shard=args.shard)
-    if len(run.skipped):
-        print(f"warning: {run.skipped.summary()}", file=sys.stderr)
-    print(f"scored {run.written} examples -> {args.output} ({run.tokens} tokens, "
-          f"{run.tokens / max(run.seconds, 1e-9):.0f} tokens/s, {run.shapes} batch shapes"
-          f"{f', {len(run.skipped)} bad lines skipped' if len(run.skipped) else ''})")
-    return 0
-
-
-def run_eval_command(args) -> int:
-    from pathlib import Path
-
-    from urm_jax.eval import check_output_dir, format_summary, run_eval
-
-    out_dir = args.output_dir or f"eval-{Path(args.pairs).stem}"
-    check_output_dir(out_dir, args.overwrite)  # before the (slow) model load
-    if not Path(args.pairs).is_file():
-        raise FileNotFoundError(f"{args.pairs}: no such pairs file")
-    run = run_eval(load_ensemble(args), args.pairs, out_dir, measure=args.uncertainty,
-                   chunk_size=args.chunk_size, on_bad_line=args.on_bad_line, bins=args.bins,
-                   overwrite=args.overwrite, progress=not args.no_progress,
-                   meta={"models": list(args.model)})
-    if len(run.skipped):
-        print(f"warning: {run.skipped.summary()}", file=sys.stderr)
-    print(format_summary(run))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=positive_int, default=256, help="pairs scored at a time")
 
     p = sub.add_parser("parity", help="compare against the HF PyTorch reference")
-    p.add_argument("--hf", required=True, help="HF directory (the reference)")
+    p.add_argument("--hf", required=True, help="HF directory (the reference's weights)")
     p.add_argument("--model", required=True, help="HF directory or urm-jax checkpoint (JAX side)")
     p.add_argument("--input", default=None, help="JSONL of examples (default: bundled samples + "
                    "synthetic ids, one row past 4x the RoPE original context)")
@@ -149,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--golden-tolerance", type=float, default=2e-2)
     p.add_argument("--long-length", type=positive_int, default=None, help="length of the long synthetic row")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the HF directory's own modeling_custom.py as the reference instead of "
+                   "urm-jax's packaged class (executes code from that directory)")
     add_attention_option(p)
 
     p = sub.add_parser("export", help="a kept step of a training run as a full urm-jax checkpoint "
@@ -156,53 +154,169 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run's output_dir (holds config.yaml and checkpoints/)")
     p.add_argument("out_dir")
     p.add_argument("--step", type=positive_int, default=None, help="default: the newest kept step")
+    p.add_argument("--mesh", type=mesh_spec, default=None, metavar="D,F,T",
+                   help="devices to restore onto (default: the run's mesh if it fits the devices "
+                   "present, else FSDP over all of them)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
     p = sub.add_parser("train", help="train stage 1 or 2 from a YAML recipe (resumes automatically)")
     p.add_argument("config", help="YAML recipe, e.g. configs/train/stage1_helpsteer2.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.learning_rate=1e-5")
+    p.add_argument("--allow-config-change", action="append", default=[], metavar="KEY",
+                   help="resume a run although KEY (e.g. optim.learning_rate, or `all`) differs "
+                   "from its recorded config.yaml")
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host GPU/CPU; "
                    "TPU pods need none of these flags with URM_JAX_DISTRIBUTED=1)")
     p.add_argument("--num-processes", type=positive_int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+
+    p = sub.add_parser("memory", help="per-device memory estimate of a training recipe")
+    p.add_argument("config", help="training YAML, e.g. configs/hardware/v5p-8.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value, as for `urm-jax train`")
+    p.add_argument("--devices", type=positive_int, default=None,
+                   help="device count (needed when the mesh has -1)")
+    p.add_argument("--chip", default=None, help="print the fraction of its HBM left; sets the "
+                   "platform (tpu or gpu); one of v5e, v5p, v6e, h100, h200")
+    p.add_argument("--platform", choices=["tpu", "gpu", "cpu"], default=None,
+                   help="resolves `attention: auto` (default: the chip's, else tpu)")
+    p.add_argument("--model-config", default=None,
+                   help="HF config.json of the model (default: the config in `model=` if it is a "
+                   "directory, else the real 8B model's)")
+    p.add_argument("--header", action="store_true", help="print the table as a YAML comment block")
+    p.add_argument("--xla", action="store_true",
+                   help="also compile the real stage-1 step for N simulated CPU devices and print "
+                   "XLA's peak bytes per device next to the estimate for that CPU step (slow: "
+                   "~30 s for the 8B model; needs --devices)")
+
+    p = sub.add_parser("demo", help="the embedded demo, end to end on CPU")
+    p.add_argument("--workdir", default="build/demo")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from urm_jax.errors import USER_ERRORS
+def load_ensemble(args):
+    return Ensemble.load(args.model, compute_dtype=args.compute_dtype, gate_dtype=args.gate_dtype,
+                         batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                         max_length=args.max_length, truncation=args.truncation,
+                         attention=args.attention)
 
+
+def run_score(args) -> int:
+    if args.bad_lines and args.on_bad_line != "skip":
+        raise ValueError("--bad-lines needs --on-bad-line skip")
+    run = score_jsonl(load_ensemble(args), args.input, args.output, chunk_size=args.chunk_size,
+                      on_bad_line=args.on_bad_line, bad_lines_path=args.bad_lines,
+                      progress=not args.no_progress, shard=args.shard)
+    if len(run.skipped):
+        print(f"warning: {run.skipped.summary()}", file=sys.stderr)
+    print(f"scored {run.written} examples -> {args.output} ({run.tokens} tokens, "
+          f"{run.tokens / max(run.seconds, 1e-9):.0f} tokens/s, {run.shapes} batch shapes"
+          f"{f', {len(run.skipped)} bad lines skipped' if len(run.skipped) else ''})")
+    return 0
+
+
+def run_eval(args) -> int:
+    out_dir = args.output_dir or f"eval-{Path(args.pairs).stem}"
+    check_output_dir(out_dir, args.overwrite)  # before the (slow) model load
+    if not Path(args.pairs).is_file():
+        raise FileNotFoundError(f"{args.pairs}: no such pairs file")
+    run = evaluate(load_ensemble(args), args.pairs, out_dir, measure=args.uncertainty,
+                   chunk_size=args.chunk_size, on_bad_line=args.on_bad_line, bins=args.bins,
+                   overwrite=args.overwrite, progress=not args.no_progress,
+                   meta={"models": list(args.model)})
+    if len(run.skipped):
+        print(f"warning: {run.skipped.summary()}", file=sys.stderr)
+    print(format_summary(run))
+    return 0
+
+
+def run_parity(args) -> int:
+    report = compare(args.hf, args.model, input_path=args.input, dtype=args.dtype,
+                     batch_size=args.batch_size, tolerance=args.tolerance,
+                     golden_path=args.golden, golden_tolerance=args.golden_tolerance,
+                     long_length=args.long_length, attention=args.attention,
+                     trust_remote_code=args.trust_remote_code)
+    print(report.format())
+    if args.json:
+        with atomic_file(args.json) as out:
+            out.write(json.dumps(dataclasses.asdict(report), indent=2))
+    return 0 if report.ok else 1
+
+
+def run_export(args) -> int:
+    out = export_step(args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite,
+                      mesh_shape=args.mesh)
+    print(json.dumps({"checkpoint": str(out)}))
+    return 0
+
+
+def run_train(args) -> int:
+    # Before anything touches a JAX backend (imports do not): jax.distributed must come first.
+    maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+    cfg = load_train_config(args.config, args.overrides)
     try:
-        if args.command == "score":
-            return run_score(args)
-        if args.command == "eval":
-            return run_eval_command(args)
-        if args.command == "parity":
-            from urm_jax.parity import main_parity
+        final = train(cfg, allow_changes=tuple(args.allow_config_change))
+    except TrainingPreempted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    print(json.dumps({"final_checkpoint": str(final)}))
+    return 0
 
-            return main_parity(args)
-        if args.command == "export":
-            from urm_jax.train.loop import export_step
 
-            out = export_step(args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite)
-            print(json.dumps({"checkpoint": str(out)}))
-            return 0
-        if args.command == "train":
-            from urm_jax.distributed import maybe_initialize
+def run_memory(args, parser: argparse.ArgumentParser) -> int:
+    if args.xla:
+        if args.devices is None:
+            parser.error("--xla needs --devices")
+        from jax._src import xla_bridge  # no public way to ask whether the backend has started
 
-            maybe_initialize(args.coordinator, args.num_processes, args.process_id)
-            from urm_jax.train.loop import main_train
-            from urm_jax.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
+        if xla_bridge.backends_are_initialized():  # the device-count flag would be ignored
+            parser.error("--xla must run in a fresh process (urm-jax memory ... --xla)")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
+    if args.chip is not None and args.chip not in CHIPS:
+        raise ValueError(f"--chip {args.chip!r}: one of {', '.join(sorted(CHIPS))}")
+    train = load_train_config(args.config, args.overrides, runnable=False)
+    cfg = model_config_for_plan(train, args.model_config)
+    platform = args.platform or (PLATFORMS[args.chip] if args.chip else "tpu")
+    est = estimate(cfg, train, num_devices=args.devices, platform=platform)
+    hbm = CHIPS[args.chip] if args.chip else None
+    lines = format_table(est, hbm, args.chip)
+    if args.xla:
+        cpu_train = dataclasses.replace(train, attention=xla_attention(train.attention))
+        measured = xla_bytes(cfg, cpu_train, est["mesh"])
+        cpu_estimate = estimate(cfg, cpu_train, num_devices=args.devices, platform="cpu")["total"]
+        lines.append(f"  {'xla_cpu_peak':<22} {measured / 1e9:8.2f} GB  the same step compiled for "
+                     f"{est['num_devices']} CPU devices with {cpu_train.attention} attention "
+                     f"(estimate for it: {cpu_estimate / 1e9:.2f} GB)")
+    if args.header:
+        cmd = " ".join(["urm-jax memory", args.config, *args.overrides]
+                       + ([f"--chip {args.chip}"] if args.chip else [])
+                       + ([f"--platform {args.platform}"] if args.platform else [])
+                       + [f"--devices {est['num_devices']}"] + (["--xla"] if args.xla else []))
+        lines = [f"Memory per device, estimated by `{cmd}`:"] + lines
+        lines = ["# " + line if line else "#" for line in lines]
+    print("\n".join(lines))
+    if hbm and est["total"] > hbm:
+        print(f"warning: the estimate exceeds the {args.chip} HBM", file=sys.stderr)
+        return 1
+    return 0
 
-            try:
-                return main_train(args.config, args.overrides)
-            except TrainingPreempted as stop:
-                print(f"stopped: {stop}", file=sys.stderr)
-                return PREEMPTED_EXIT_CODE
+
+def run_demo(args) -> int:
+    return 0 if demo(Path(args.workdir)) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"score": run_score, "eval": run_eval, "parity": run_parity, "export": run_export,
+                "train": run_train, "demo": run_demo,
+                "memory": lambda a: run_memory(a, parser)}
+    try:
+        return handlers[args.command](args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+from urm_jax.attributes import HELPSTEER2, check_attributes, from_id2label, id2label
 ARCHITECTURE = "LlamaForSequenceClassificationWithNormal_Weights"
 AUTO_MAP = {"AutoModelForSequenceClassification": f"modeling_custom.{ARCHITECTURE}"}
 
@@ -104,14 +104,20 @@ class ModelConfig:
     pad_token_id: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    num_labels: int = 2 * len(ATTRIBUTES)
+    attributes: tuple[str, ...] = HELPSTEER2  # value head: 2 outputs each; gate: 1 each
     torch_dtype: str = "float32"  # the checkpoint's backbone dtype, as config.json declares it
     gate_dtype: str = "float16"  # dtype the HF reference builds and runs the gate in
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def num_attributes(self) -> int:
-        return self.num_labels // 2
+        """K, the number of attributes (5 for URM-LLaMa-3.1-8B)."""
+        return len(self.attributes)
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs of the value head: (mean, log-std) per attribute, interleaved."""
+        return 2 * len(self.attributes)
 
     @property
     def gate_hidden_size(self) -> int:
@@ -141,12 +147,7 @@ class ModelConfig:
                               f"num_key_value_heads {kv_heads}")
         if head_dim % 2:
             raise ConfigError(f"{source}: head_dim {head_dim} must be even for RoPE")
-        num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2 * len(ATTRIBUTES))
-        if num_labels != 2 * len(ATTRIBUTES):
-            raise ConfigError(f"{source}: num_labels is {num_labels}; URM needs "
-                              f"{2 * len(ATTRIBUTES)} (mean and log-std of {len(ATTRIBUTES)} attributes). "
-                              "For a base model such as Skywork-Reward, make a stage-1 start "
-                              "with fresh URM heads: python -m convert init BASE_DIR OUT_DIR")
+        attributes = attributes_from_hf(hf, source)
         eos = hf.get("eos_token_id")
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
         vocab = int(need("vocab_size"))
@@ -167,7 +168,7 @@ class ModelConfig:
             pad_token_id=None if pad is None else int(pad),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            num_labels=num_labels,
+            attributes=attributes,
             torch_dtype=canonical_dtype(hf.get("dtype") or hf.get("torch_dtype") or "float32",
                                         what=f"{source}: dtype"),
             gate_dtype=canonical_dtype(hf.get("gate_dtype", "float16"), what=f"{source}: gate_dtype"),
@@ -197,8 +198,9 @@ class ModelConfig:
             architectures=[ARCHITECTURE],
             auto_map=dict(AUTO_MAP),
             num_labels=self.num_labels,
-            id2label={str(i): f"LABEL_{i}" for i in range(self.num_labels)},
-            label2id={f"LABEL_{i}": i for i in range(self.num_labels)},
+            urm_attributes=list(self.attributes),
+            id2label=id2label(self.attributes),
+            label2id={name: int(i) for i, name in id2label(self.attributes).items()},
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -222,15 +224,51 @@ class ModelConfig:
         return {"backbone": backbone, "score": score, "gate": gate, "total": backbone + score + gate}
 
 
-def read_hf_config(path: str | Path) -> dict:
-    """The config.json of an HF directory as a dict; a missing or broken file names itself."""
-    file = Path(path) / "config.json"
+def attributes_from_hf(hf: dict, source: str) -> tuple[str, ...]:
+    """The attribute set a config.json declares: `urm_attributes` (what urm-jax writes), else
+    an `id2label` of `<a>_mean`/`<a>_log_std` pairs, else HelpSteer2's five when the value head
+    has 10 outputs (the released URM checkpoint labels them LABEL_0..LABEL_9)."""
+    if "urm_attributes" in hf:
+        try:
+            attributes = check_attributes(hf["urm_attributes"], where=f"{source}: urm_attributes")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        attributes = from_id2label(hf.get("id2label"))
+    num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or None
+    if attributes is None:
+        if num_labels in (None, 2 * len(HELPSTEER2)):
+            return HELPSTEER2
+        raise ConfigError(f"{source}: num_labels is {num_labels} and no attribute names are given "
+                          "(`urm_attributes`); a URM value head has 2 outputs per attribute. For a "
+                          "base model such as Skywork-Reward, make a stage-1 start with fresh URM "
+                          "heads: python -m convert init BASE_DIR OUT_DIR")
+    if num_labels is not None and num_labels != 2 * len(attributes):
+        raise ConfigError(f"{source}: num_labels is {num_labels} but {len(attributes)} attributes "
+                          f"{list(attributes)} need {2 * len(attributes)} (mean and log-std each)")
+    return attributes
+
+
+def read_json_file(file: str | Path) -> dict:
+    """A JSON object from a file; ConfigError names the file when it is missing, not UTF-8, not
+    JSON, or not an object."""
+    file = Path(file)
     if not file.is_file():
         raise ConfigError(f"{file}: not found")
     try:
-        return json.loads(file.read_text())
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """The config.json of an HF directory as a dict; a missing or broken file names itself."""
+    return read_json_file(Path(path) / "config.json")
 
 
 @dataclasses.dataclass(frozen=True)

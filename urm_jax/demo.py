@@ -11,39 +11,51 @@ Skywork-Reward-like base (one-label classifier) -> `convert init` (its backbone,
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from urm_jax.data.samples import data_path, sample_examples
+from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+from urm_jax.eval import bundled_pairs_path, format_summary, run_eval
+from urm_jax.hf.base import init_from_base
+from urm_jax.hf.export import to_hf
+from urm_jax.hf.load import from_hf
+from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
+from urm_jax.hf.verify import format_verify, verify
+from urm_jax.parity import TOLERANCES, run_parity
+from urm_jax.scoring import Ensemble, Scorer, score_file
+from urm_jax.train.config import load_train_config
+from urm_jax.train.loop import train
+from urm_jax.train.metrics import read_metrics
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
+SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
 
 def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m urm_jax.demo", description=__doc__)
-    parser.add_argument("--workdir", default="build/demo")
-    args = parser.parse_args(argv)
-    work = Path(args.workdir)
+def print_verify(rows: list[dict]) -> bool:
+    lines, same = format_verify(rows)
+    print("\n".join(lines))
+    return same
+
+
+def run_demo(work: Path) -> bool:
+    """Run every step in `work` (emptied first); True when every check passed. torch is
+    imported for the transformers steps only: it is an optional dependency."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     started = time.time()
 
-    from convert import core
-    from convert.__main__ import print_verify
-    from convert.synthetic import llama3_hf_config, write_random_hf
-    from urm_jax.data.samples import data_path, sample_examples
-    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
-    from urm_jax.parity import run_parity
-    from urm_jax.scoring import Scorer, score_file
-
     step("1. Llama-3 tokenizer from Meta's llama-models wheel (offline), [PAD] = 128256")
     tok_dir = cached_llama3_tokenizer_dir()
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(tok_dir)
     print(f"{tok_dir}: {len(tok)} tokens, bos {tok.bos_token_id}, eot {tok.convert_tokens_to_ids('<|eot_id|>')}, "
           f"pad {tok.pad_token_id}")
@@ -56,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{hf_dir}: {sorted(p.name for p in hf_dir.iterdir())}")
 
     step("3. python -m convert from_hf")
-    ckpt = core.from_hf(hf_dir, work / "jax", progress=False)
+    ckpt = from_hf(hf_dir, work / "jax", progress=False)
     marker = json.loads((ckpt / "urm_jax.json").read_text())
     print(f"{ckpt}: layout v{marker['layout_version']}, {len(marker['dtypes'])} arrays, dtypes "
           f"{sorted(set(marker['dtypes'].values()))}")
@@ -78,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['id']:<16} {r['num_tokens']:>6} {r['reward']:>9.4f} {r['uncertainty']:>9.3f}  {gate}")
 
     step("5. python -m convert to_hf, then verify every tensor bit for bit")
-    export = core.to_hf(ckpt, work / "hf_export", max_shard_size="2MB", progress=False)
+    export = to_hf(ckpt, work / "hf_export", max_shard_size="2MB", progress=False)
     print(f"{export}: {sorted(p.name for p in export.iterdir())}")
-    ok_export = print_verify(core.verify(export, ckpt, progress=False), show_all=False)
-    ok_source = print_verify(core.verify(hf_dir, ckpt, progress=False), show_all=False)
+    ok_export = print_verify(verify(export, ckpt, progress=False))
+    ok_source = print_verify(verify(hf_dir, ckpt, progress=False))
 
     step("6. the export in transformers: AutoModelForSequenceClassification(trust_remote_code=True)")
     import torch
@@ -91,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = scorer.encode(sample_examples()[0])
     with torch.no_grad():
         hf_reward = model(torch.tensor([ids])).logits[0, 0].item()
-    jax_reward = scorer.score_ids([ids])[0].reward
+    jax_reward = float(scorer.score_ids([ids]).reward[0])
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     print(f"{type(model).__name__} ({dtypes}): reward {hf_reward:.6f}; urm-jax {jax_reward:.6f}")
 
@@ -103,23 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         ok = ok and report.ok
     ok = train_and_export(work, hf_cfg, tok_dir) and ok
     print(f"\ndemo {'OK' if ok else 'FAILED'} in {time.time() - started:.0f} s; files in {work}/")
-    return 0 if ok else 1
+    return ok
 
 
 def train_and_export(work: Path, hf_cfg: dict, tok_dir: Path) -> bool:
     """A base model with fresh URM heads, stage 1 then stage 2 on the bundled samples, then export
     the trained model to HF."""
-    import numpy as np
-
-    from convert import core
-    from convert.from_base import init_from_base
-    from convert.synthetic import write_random_hf
-    from urm_jax.parity import TOLERANCES
-    from urm_jax.train.config import load_train_config
-    from urm_jax.train.loop import train
-    from urm_jax.train.metrics import read_metrics
-
-    configs = Path(__file__).resolve().parent.parent / "configs" / "train"
+    configs = CONFIGS
     step("8. python -m convert init: a random Skywork-Reward-like base (score [1, hidden]) "
          "-> its backbone + fresh URM heads")
     base = write_random_hf(work / "base", hf_cfg, dtype="bfloat16", seed=1, tokenizer_dir=tok_dir,
@@ -149,24 +151,21 @@ def train_and_export(work: Path, hf_cfg: dict, tok_dir: Path) -> bool:
           f"pair accuracy (last 5 steps) {np.mean([r['accuracy'] for r in records[-5:]]):.2f}; {stage2}")
 
     step("11. python -m convert to_hf of the trained model, loaded in transformers")
-    export = core.to_hf(stage2, work / "hf_trained", progress=False)
+    export = to_hf(stage2, work / "hf_trained", progress=False)
     import torch
     from transformers import AutoModelForSequenceClassification
-
-    from urm_jax.scoring import Scorer
 
     model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True,
                                                                dtype=torch.float32)
     trained = Scorer(stage2)
-    pairs = [json.loads(line) for line in (configs.parent.parent / "data/samples/preference_sample.jsonl")
-             .read_text().splitlines()[:4]]
+    pairs = [json.loads(line) for line in (SAMPLES / "preference_sample.jsonl").read_text().splitlines()[:4]]
     worst, scale = 0.0, 0.0
     for pair in pairs:
         for side in ("chosen", "rejected"):
             ids = trained.encode({"messages": pair[side]})
             with torch.no_grad():
                 hf = model(torch.tensor([ids])).logits[0, 0].item()
-            worst, scale = max(worst, abs(hf - trained.score_ids([ids])[0].reward)), max(scale, abs(hf))
+            worst, scale = max(worst, abs(hf - float(trained.score_ids([ids]).reward[0]))), max(scale, abs(hf))
     # parity's metric and bound for these dtypes (max |diff| over max |reward|; fp16 gate rounding)
     dtypes = trained.model.options.dtypes
     bound = TOLERANCES.get((dtypes.compute, dtypes.gate_dtype(trained.cfg)), 1e-1)
@@ -175,13 +174,10 @@ def train_and_export(work: Path, hf_cfg: dict, tok_dir: Path) -> bool:
           f"{dtypes.compute}, gate {dtypes.gate_dtype(trained.cfg)})")
 
     step("12. urm-jax eval on the bundled RewardBench-format pairs (accuracy, uncertainty filter)")
-    from urm_jax.cli import main as cli_main
-    from urm_jax.eval import bundled_pairs_path
-
-    code = cli_main(["eval", "--model", str(stage2), "--pairs", str(bundled_pairs_path()),
-                     "--output-dir", str(work / "eval"), "--overwrite"])
-    return worst <= bound * scale and code == 0
+    evaluated = run_eval(Ensemble.load([stage2]), bundled_pairs_path(), work / "eval", overwrite=True)
+    print(format_summary(evaluated))
+    return worst <= bound * scale
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit("use `urm-jax demo [--workdir DIR]`")

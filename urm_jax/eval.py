@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from urm_jax.io_utils import OutputExistsError, atomic_dir
 from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores, least_uncertain
-from urm_jax.streaming import BadLines, chunked, count_lines, iter_jsonl
+from urm_jax.jsonl import BadLines, chunked, count_lines, iter_jsonl
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy",

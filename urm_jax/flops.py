@@ -23,12 +23,11 @@ tokens/s on an H100 and ≈ 10.2k on a TPU v5p chip (see /work/shared/reference/
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:
-    import jax
+import jax
 
-    from urm_jax.config import ModelConfig
+from urm_jax.config import ModelConfig
 
 PEAK_ENV_VAR = "URM_JAX_PEAK_TFLOPS"
 
@@ -62,7 +61,7 @@ _DEVICE_KIND_PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def matmul_params(cfg: "ModelConfig") -> int:
+def matmul_params(cfg: ModelConfig) -> int:
     """Weights used in a matmul by every token: q, k, v, o and gate/up/down in each layer."""
     d = cfg.hidden_size
     q = cfg.num_heads * cfg.head_dim
@@ -72,7 +71,7 @@ def matmul_params(cfg: "ModelConfig") -> int:
     return cfg.num_layers * (attention + mlp)
 
 
-def train_flops(cfg: "ModelConfig", segment_lengths: Sequence[int]) -> float:
+def train_flops(cfg: ModelConfig, segment_lengths: Sequence[int]) -> float:
     """FLOPs of one optimiser step (forward + backward) over sequences of these real lengths."""
     lengths = [int(n) for n in segment_lengths]
     dense = 6.0 * matmul_params(cfg) * sum(lengths)
@@ -81,12 +80,12 @@ def train_flops(cfg: "ModelConfig", segment_lengths: Sequence[int]) -> float:
     return dense + attention
 
 
-def forward_flops(cfg: "ModelConfig", segment_lengths: Sequence[int]) -> float:
+def forward_flops(cfg: ModelConfig, segment_lengths: Sequence[int]) -> float:
     """FLOPs of scoring (forward only): a third of `train_flops`."""
     return train_flops(cfg, segment_lengths) / 3.0
 
 
-def train_flops_per_token(cfg: "ModelConfig", seq_len: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """6·N_matmul + 6·L·T·H·d_h: training FLOPs per token of a segment of length `seq_len`."""
     return train_flops(cfg, [seq_len]) / seq_len
 
@@ -99,7 +98,7 @@ def _peak_tflops_for_kind(kind: str) -> float | None:
     return None
 
 
-def peak_flops_per_device(device: "jax.Device | None" = None) -> float | None:
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     """Peak dense bf16 FLOP/s of one device (default: jax.devices()[0]); None if unknown (CPU).
 
     `URM_JAX_PEAK_TFLOPS` (in TFLOP/s) overrides the table: for chips it does not know, or to
@@ -109,8 +108,6 @@ def peak_flops_per_device(device: "jax.Device | None" = None) -> float | None:
     if override:
         return float(override) * 1e12
     if device is None:
-        import jax
-
         device = jax.devices()[0]
     if device.platform == "cpu":
         return None

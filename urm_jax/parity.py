@@ -1,8 +1,10 @@
 """Numerical parity of the JAX model against the HF PyTorch reference on the same token ids.
 
-The reference is whatever the HF directory declares: its own `modeling_custom.py` through
-`trust_remote_code` when it ships one (the code its users run), else our reference class. Both
-are called with `return_dict=False`, which every version of the URM class supports, and reward is
+The reference is urm-jax's packaged PyTorch class (`urm_jax.hf.modeling_custom`, the class the
+parity bounds are measured against and every export ships), loaded with the directory's weights.
+The directory's own `modeling_custom.py` runs only with `trust_remote_code=True` (`urm-jax parity
+--trust-remote-code`): code from an input directory never runs without consent. Both are called
+with `return_dict=False`, which every version of the URM class supports, and reward is
 recomputed from (z, w) the way the real class does. Differences are reported per output as the
 largest absolute difference and the largest relative one, relative = max|jax - hf| / max|hf|
 (normalised by the output's scale, so values near zero do not blow it up).
@@ -11,13 +13,12 @@ largest absolute difference and the largest relative one, relative = max|jax - h
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from urm_jax.config import ModelConfig
+from urm_jax.data.samples import sample_examples
 from urm_jax.data.tokenization import pad_batch
 from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.scoring import Scorer, read_jsonl
@@ -75,24 +76,30 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def load_reference(hf_dir: str | Path, dtype: str):
-    """(torch model, description). dtype 'keep' keeps each checkpoint tensor's dtype."""
+def load_reference(hf_dir: str | Path, dtype: str, trust_remote_code: bool = False):
+    """(torch model, description) of an HF directory's weights in the PyTorch reference: urm-jax's
+    packaged class, or with `trust_remote_code` the directory's own `modeling_custom.py`.
+    dtype 'keep' keeps each checkpoint tensor's dtype. torch is imported here: it is an optional
+    dependency (the `parity` extra)."""
     import torch
     from transformers import AutoModelForSequenceClassification
+
+    from urm_jax.hf.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights as Ref
 
     torch_dtype = "auto" if dtype == "keep" else getattr(torch, dtype)
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}/config.json: not found (--hf must be an HF model directory)")
-    if (hf_dir / "modeling_custom.py").is_file():
+    if trust_remote_code:
+        if not (hf_dir / "modeling_custom.py").is_file():
+            raise ValueError(f"{hf_dir}: --trust-remote-code, but the directory ships no "
+                             "modeling_custom.py")
         model = AutoModelForSequenceClassification.from_pretrained(
             hf_dir, trust_remote_code=True, dtype=torch_dtype, attn_implementation="eager")
         source = f"{hf_dir}/modeling_custom.py (trust_remote_code)"
     else:
-        from convert.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights as Ref
-
         model = Ref.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="eager")
-        source = "urm-jax's reference class (the directory ships no modeling_custom.py)"
+        source = "urm-jax's reference class (urm_jax/hf/modeling_custom.py)"
     return model.eval(), source
 
 
@@ -140,20 +147,24 @@ def default_long_length(cfg: ModelConfig, cap: int = 1024) -> int:
 
 def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batch_size: int = 4,
                tolerance: float | None = None, golden_path=None, golden_tolerance: float = 2e-2,
-               long_length: int | None = None, attention: str = "reference") -> ParityReport:
+               long_length: int | None = None, attention: str = "reference",
+               trust_remote_code: bool = False) -> ParityReport:
+    """Score the same token ids with the JAX model (`model_path`: HF dir or urm-jax checkpoint)
+    and the HF PyTorch reference (`hf_dir`), and compare outputs (see the module doc). Inputs:
+    `input_path` (JSONL in any score schema), else the bundled samples plus seeded random ids
+    with one row past 4x the RoPE original context. `dtype`: keep (each side in the checkpoint's
+    dtypes) or a compute dtype for the backbone (the gate keeps its own)."""
     compute = None if dtype == "keep" else dtype
     # A named dtype casts the HF backbone's storage too; mirror it (the gate keeps its own dtype).
     scorer = Scorer(model_path, compute_dtype=compute, param_dtype=compute, batch_size=batch_size,
                     attention=attention)
     cfg = scorer.cfg
-    reference, source = load_reference(hf_dir, dtype)
+    reference, source = load_reference(hf_dir, dtype, trust_remote_code)
     if input_path:
         _, sequences = read_jsonl(input_path, scorer.encode)
     else:
         sequences = synthetic_sequences(cfg, long_length or default_long_length(cfg))
         if scorer.tokenizer is not None:
-            from urm_jax.data.samples import sample_examples
-
             sequences = [scorer.encode(e) for e in sample_examples()] + sequences
 
     jax_out = scorer.score_ids(sequences)
@@ -165,10 +176,8 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
         for k in OUTPUTS:
             hf_rows[k].append(out[k])
     hf = {k: np.concatenate(v) for k, v in hf_rows.items()}
-    jx = {"reward": np.array([r.reward for r in jax_out]),
-          "means": np.stack([r.means for r in jax_out]).astype(np.float64),
-          "log_stds": np.stack([r.log_stds for r in jax_out]).astype(np.float64),
-          "gate": np.stack([r.gate for r in jax_out]).astype(np.float64)}
+    jx = {"reward": jax_out.reward.astype(np.float64), "means": jax_out.means.astype(np.float64),
+          "log_stds": jax_out.log_stds.astype(np.float64), "gate": jax_out.gate.astype(np.float64)}
     max_abs, max_rel = differences(jx, hf)
     compute_dtype = scorer.model.options.dtypes.compute
     gate_dtype = scorer.model.options.dtypes.gate_dtype(cfg)
@@ -184,27 +193,12 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
 def check_goldens(scorer: Scorer, path, tolerance: float) -> list[dict]:
     """Examples with a known `expected_reward` (e.g. the model card's): JAX reward within tolerance."""
     examples, sequences = read_jsonl(path, scorer.encode)
-    results = scorer.score_ids(sequences)
+    rewards = scorer.score_ids(sequences).reward
     out = []
-    for n, (example, result) in enumerate(zip(examples, results)):
+    for n, (example, reward) in enumerate(zip(examples, rewards)):
         if "expected_reward" not in example:
             raise ValueError(f"{path}: example {n + 1} has no 'expected_reward'")
         expected = float(example["expected_reward"])
-        out.append({"id": example.get("id", n), "expected": expected, "jax": result.reward,
-                    "ok": abs(result.reward - expected) <= tolerance})
+        out.append({"id": example.get("id", n), "expected": expected, "jax": float(reward),
+                    "ok": abs(float(reward) - expected) <= tolerance})
     return out
-
-
-def main_parity(args) -> int:
-    report = run_parity(args.hf, args.model, input_path=args.input, dtype=args.dtype,
-                        batch_size=args.batch_size, tolerance=args.tolerance,
-                        golden_path=args.golden, golden_tolerance=args.golden_tolerance,
-                        long_length=args.long_length, attention=args.attention)
-    print(report.format())
-    if args.json:
-        Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=2))
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `urm-jax parity`")

@@ -75,20 +75,42 @@ class AxisRules:
         return P(*out)
 
 
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int | None) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with a -1 filled in from `num_devices`, checked against it (None:
+    only a shape without -1 can be resolved). ValueError says what does not fit."""
+    shape = [int(s) for s in shape]
+    if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh {tuple(shape)}: need 3 positive sizes (data, fsdp, tensor), at "
+                         "most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices is None:
+            raise ValueError(f"mesh {tuple(shape)} has a -1: give the number of devices")
+        if num_devices % known:
+            raise ValueError(f"mesh {tuple(shape)} does not divide {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if num_devices is not None and int(np.prod(shape)) != num_devices:
+        raise ValueError(f"mesh {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                         f"{num_devices} available")
+    return tuple(shape)
+
+
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axes (plain indexing keeps working); -1 takes the
     remaining devices."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = list(shape)
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one -1")
-    known = int(np.prod([s for s in shape if s != -1]))
-    if -1 in shape:
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                         f"{len(devices)} available")
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    shape = resolve_mesh_shape(shape, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def fit_mesh(shape: Sequence[int], devices=None) -> Mesh:
+    """`shape` if it fits the devices present, else FSDP over all of them: restoring a
+    checkpoint (export, a stage-2 start) must not need the mesh that trained it."""
+    devices = list(devices if devices is not None else jax.devices())
+    try:
+        return make_mesh(shape, devices)
+    except ValueError:
+        return make_mesh((1, -1, 1), devices)
 
 
 _state = threading.local()

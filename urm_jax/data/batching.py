@@ -27,7 +27,6 @@ import numpy as np
 
 from urm_jax.data.datasets import PairExample, RegressionExample
 
-NUM_ATTRIBUTES = 5
 STATE_VERSION = 1
 
 
@@ -129,12 +128,13 @@ def regression_batch(rows: list[list[int]], examples: Sequence[RegressionExample
                      max_segments: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Stage-1 batch from rows of example indices (an empty row is padding)."""
     b = len(rows)
+    num_attributes = len(examples[0].labels) if len(examples) else 0
     batch = {
         "input_ids": np.full((b, seq_len), pad_id, np.int32),
         "segment_ids": np.zeros((b, seq_len), np.int32),
         "pool_index": np.zeros((b, max_segments), np.int32),
         "pool_mask": np.zeros((b, max_segments), np.float32),
-        "labels": np.zeros((b, max_segments, NUM_ATTRIBUTES), np.float32),
+        "labels": np.zeros((b, max_segments, num_attributes), np.float32),
     }
     for r, row in enumerate(rows):
         if len(row) > max_segments:

@@ -15,10 +15,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from urm_jax.attributes import HELPSTEER2
 from urm_jax.data.tokenization import helpsteer_prompt_to_messages, render_ids
 
-HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
-HELPSTEER_COLUMNS = ("prompt", "response", *HELPSTEER_ATTRIBUTES)
+TEXT_COLUMNS = ("prompt", "response")
 PAIR_COLUMNS = ("chosen", "rejected")
 LABEL_RANGE = (0, 4)  # HelpSteer2's Likert scale
 
@@ -32,10 +32,11 @@ class DatasetSchemaError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RegressionExample:
-    """One HelpSteer2 row: rendered ids (ending in the final ``<|eot_id|>``) and 5 labels."""
+    """One HelpSteer2-schema row: rendered ids (ending in the final ``<|eot_id|>``) and one label
+    per attribute of the model."""
 
     input_ids: np.ndarray  # int32 [n]
-    labels: np.ndarray  # float32 [5], HELPSTEER_ATTRIBUTES order
+    labels: np.ndarray  # float32 [K], in the order of the model's attributes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +124,13 @@ def _require_columns(rows: Any, required: Iterable[str], source: str, what: str)
 
 
 def helpsteer2_examples(
-    rows: Any, tokenizer: Any, *, max_length: int, source: str = "<rows>", progress: bool = False
+    rows: Any, tokenizer: Any, *, max_length: int, source: str = "<rows>", progress: bool = False,
+    attributes: tuple[str, ...] = HELPSTEER2,
 ) -> tuple[list[RegressionExample], DatasetReport]:
-    """Render HelpSteer2 rows (a ``Dataset`` or list of dicts) into examples plus a report."""
-    _require_columns(rows, HELPSTEER_COLUMNS, source, "HelpSteer2 attribute regression")
+    """Render HelpSteer2-schema rows (a ``Dataset`` or list of dicts: ``prompt``, ``response``
+    and one score column per attribute, mapped by name) into examples plus a report.
+    DatasetSchemaError names the missing columns."""
+    _require_columns(rows, (*TEXT_COLUMNS, *attributes), source, "attribute regression")
     report = DatasetReport(source)
     examples: list[RegressionExample] = []
     for i, row in enumerate(_progress(rows, progress, "HelpSteer2")):
@@ -138,7 +142,7 @@ def helpsteer2_examples(
         if not response.strip():
             report.drop("empty_response", i)
             continue
-        labels, reason = _labels(row)
+        labels, reason = _labels(row, attributes)
         if reason:
             report.drop(reason, i)
             continue
@@ -157,9 +161,9 @@ def helpsteer2_examples(
     return examples, report
 
 
-def _labels(row: dict) -> tuple[np.ndarray | None, str | None]:
-    out = np.zeros(len(HELPSTEER_ATTRIBUTES), np.float32)
-    for k, name in enumerate(HELPSTEER_ATTRIBUTES):
+def _labels(row: dict, attributes: tuple[str, ...]) -> tuple[np.ndarray | None, str | None]:
+    out = np.zeros(len(attributes), np.float32)
+    for k, name in enumerate(attributes):
         v = row.get(name)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return None, "missing_label"
@@ -180,10 +184,13 @@ def load_helpsteer2(
     max_length: int = 4096,
     cache_dir: str | None = None,
     progress: bool = False,
+    attributes: tuple[str, ...] = HELPSTEER2,
 ) -> tuple[list[RegressionExample], DatasetReport]:
-    """Load and render HelpSteer2 (``nvidia/HelpSteer2`` or a local file with its columns)."""
+    """Load and render HelpSteer2 (``nvidia/HelpSteer2`` or a local file with its columns), the
+    label columns named by `attributes`."""
     rows = load_rows(source, split, cache_dir=cache_dir)
-    return helpsteer2_examples(rows, tokenizer, max_length=max_length, source=f"{source}[{split}]", progress=progress)
+    return helpsteer2_examples(rows, tokenizer, max_length=max_length, source=f"{source}[{split}]",
+                               progress=progress, attributes=attributes)
 
 
 # --- preference pairs (stage 2) -------------------------------------------------------------

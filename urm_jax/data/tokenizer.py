@@ -22,6 +22,8 @@ from pathlib import Path
 from tokenizers import AddedToken, processors
 from transformers import PreTrainedTokenizerFast
 
+from urm_jax.io_utils import atomic_dir
+
 # Bump when anything below changes the saved files, so stale caches are not reused.
 BUILD_VERSION = "v1"
 
@@ -158,7 +160,6 @@ def save_llama3_tokenizer(out_dir: str | Path) -> Path:
     Files are written into a temporary sibling directory that is renamed into place, so a
     crash never leaves a half-written tokenizer directory.  An existing ``out_dir`` is replaced.
     """
-    from urm_jax.io_utils import atomic_dir
 
     out_dir = Path(out_dir).expanduser().resolve()
     with atomic_dir(out_dir, overwrite=True) as tmp:

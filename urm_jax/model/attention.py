@@ -17,16 +17,30 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from urm_jax.sharding import active_mesh
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "splash")
 
 
-def resolve(implementation: str) -> str:
+# What `auto` picks per platform: the fused kernel where one exists.
+AUTO = {"tpu": "splash", "gpu": "cudnn", "cpu": "reference"}
+
+
+def resolve(implementation: str, platform: str | None = None) -> str:
+    """The implementation `implementation` means on `platform` (tpu | gpu | cpu; default: this
+    process's JAX backend): `auto` becomes the platform's fused kernel (AUTO), others stay."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    return {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "reference")
+    if platform is None:  # this process: an unknown backend runs the portable reference
+        return AUTO.get(jax.default_backend(), "reference")
+    if platform not in AUTO:
+        raise ValueError(f"attention 'auto' depends on the platform: one of {sorted(AUTO)}, "
+                         f"got {platform!r}")
+    return AUTO[platform]
 
 
 # The platform each kernel exists on: asking for it elsewhere fails here, in one line, instead of
@@ -73,13 +87,11 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False, block: in
     """Pallas splash attention, one MQA kernel per KV head (vmapped), one call per row (vmapped).
     Under an active mesh the call is wrapped in shard_map (batch over data/fsdp, KV heads over
     tensor), since a Pallas kernel cannot be partitioned by GSPMD."""
-    from urm_jax.sharding import active_mesh
 
     active = active_mesh()
     if active is None:
         return _splash_local(q, k, v, segment_ids, interpret=interpret, block=block)
     mesh, rules = active
-    from jax.sharding import PartitionSpec as P
 
     batch = rules.spec(("batch",), mesh, q.shape[:1])[0]
     heads = rules.spec(("kv_heads",), mesh, k.shape[2:3])[0]

@@ -21,13 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from urm_jax.config import DTypePolicy, ModelConfig
 from urm_jax.model.attention import allowed_mask, attention
+from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from urm_jax.model.attention import check_available as check_attention
 from urm_jax.model.attention import resolve as resolve_attention
+from urm_jax.model.paths import is_gate
 from urm_jax.model.rope import apply_rope, cos_sin
-from urm_jax.sharding import constrain
+from urm_jax.sharding import constrain, named_sharding
 
 SELU_SCALE = 1.0507009873554805
 SELU_ALPHA = 1.6732632423543772
@@ -57,7 +60,9 @@ class ModelOptions:
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not in {sorted(REMAT_POLICIES)}")
-        check_attention(self.attention, self.attention_interpret)
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:  # availability: when a model is built
+            raise ValueError(f"attention implementation {self.attention!r} not in "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str, fan_in: int = 1) -> nnx.Param:
@@ -119,30 +124,40 @@ class DecoderLayers(nnx.Module):
 
 
 def decoder_layer(cfg: ModelConfig, options: ModelOptions, x, w: dict, cos, sin, segment_ids, allowed):
-    """One pre-norm Llama block on one layer's slice of the stacked weights."""
+    """One pre-norm Llama block on one layer's slice of the stacked weights.
+
+    x [B, L, D] in the compute dtype; w: this layer's weights (kernels [in, out]); cos/sin
+    [B, L, head_dim] RoPE tables; segment_ids [B, L]; allowed [B, L, L] bool or None (kernels that
+    build their own mask). Each sub-step runs under a `jax.named_scope` (qkv, rope, attention,
+    o_proj, mlp) so profiles read by name, and the matmul outputs carry `checkpoint_name` tags
+    (q, k, v, attn_out, o_proj, mlp_gate, mlp_up, mlp_out) that remat policies can name."""
     dtype = x.dtype
     prec = _precision(dtype)
 
     def c(name):
         return w[name].astype(dtype)
 
-    h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("ble,ehd->blhd", h, c("q_proj"), precision=prec)
-    k = jnp.einsum("ble,ehd->blhd", h, c("k_proj"), precision=prec)
-    v = jnp.einsum("ble,ehd->blhd", h, c("v_proj"), precision=prec)
-    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
-    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
-    attn = attention(q, k, v, segment_ids, allowed, options.attention, prec,
-                     interpret=options.attention_interpret)
-    x = x + jnp.einsum("blhd,hde->ble", attn, c("o_proj"), precision=prec)
-    x = constrain(x, ("batch", "seq", "act_embed"))
-
-    h = rms_norm(x, w["post_attn_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("ble,ef->blf", h, c("gate_proj"), precision=prec)
-    up = jnp.einsum("ble,ef->blf", h, c("up_proj"), precision=prec)
-    act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-    x = x + jnp.einsum("blf,fe->ble", act, c("down_proj"), precision=prec)
-    return constrain(x, ("batch", "seq", "act_embed"))
+    with jax.named_scope("qkv"):
+        h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
+        q = checkpoint_name(jnp.einsum("ble,ehd->blhd", h, c("q_proj"), precision=prec), "q")
+        k = checkpoint_name(jnp.einsum("ble,ehd->blhd", h, c("k_proj"), precision=prec), "k")
+        v = checkpoint_name(jnp.einsum("ble,ehd->blhd", h, c("v_proj"), precision=prec), "v")
+    with jax.named_scope("rope"):
+        q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
+    with jax.named_scope("attention"):
+        attn = checkpoint_name(attention(q, k, v, segment_ids, allowed, options.attention, prec,
+                                         interpret=options.attention_interpret), "attn_out")
+    with jax.named_scope("o_proj"):
+        o = checkpoint_name(jnp.einsum("blhd,hde->ble", attn, c("o_proj"), precision=prec), "o_proj")
+        x = constrain(x + o, ("batch", "seq", "act_embed"))
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, w["post_attn_norm"], cfg.rms_norm_eps)
+        gate = checkpoint_name(jnp.einsum("ble,ef->blf", h, c("gate_proj"), precision=prec), "mlp_gate")
+        up = checkpoint_name(jnp.einsum("ble,ef->blf", h, c("up_proj"), precision=prec), "mlp_up")
+        act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        down = checkpoint_name(jnp.einsum("blf,fe->ble", act, c("down_proj"), precision=prec), "mlp_out")
+        return constrain(x + down, ("batch", "seq", "act_embed"))
 
 
 class Backbone(nnx.Module):
@@ -184,6 +199,9 @@ def selu(x):
 class URM(nnx.Module):
     def __init__(self, cfg: ModelConfig, options: ModelOptions = ModelOptions(), *,
                  rngs: nnx.Rngs | None = None):
+        # Here, not in ModelOptions: asking the backend at import time would start it before
+        # jax.distributed.initialize can run.
+        check_attention(options.attention, options.attention_interpret)
         self.cfg = cfg
         self.options = options
         dt = options.dtypes
@@ -287,8 +305,7 @@ def model_from_params(cfg: ModelConfig, params: dict, options: ModelOptions = Mo
         if tuple(value.shape) != tuple(want.shape):
             raise ValueError(f"{jax.tree_util.keystr(path)}: shape {tuple(value.shape)}, "
                              f"model expects {tuple(want.shape)}")
-        is_gate = jax.tree_util.keystr(path).startswith("['gate']")
-        dtype = gate_dtype if is_gate else (jnp.dtype(param_dtype) if param_dtype else value.dtype)
+        dtype = gate_dtype if is_gate(path) else (jnp.dtype(param_dtype) if param_dtype else value.dtype)
         return value if value.dtype == dtype else jnp.asarray(value).astype(dtype)
 
     values = jax.tree_util.tree_map_with_path(cast, params, expected)
@@ -298,8 +315,6 @@ def model_from_params(cfg: ModelConfig, params: dict, options: ModelOptions = Mo
 
 def param_shardings(cfg: ModelConfig, mesh, rules=None, options: ModelOptions = ModelOptions()) -> dict:
     """Pure-dict tree of NamedSharding for every parameter, from its logical axes and shape."""
-    from urm_jax.sharding import named_sharding
-
     model = abstract_model(cfg, options)
     shapes = nnx.state(model).to_pure_dict()
     return jax.tree.map(lambda axes, s: named_sharding(mesh, axes, s.shape, rules),

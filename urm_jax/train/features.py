@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -48,7 +49,6 @@ def compute_features(pooled_fn, examples: Sequence[PairExample], *, seq_len: int
     shorter than the limit (3x less work in bench/stage2_fast_path.py). `pooled_fn(batch)` is the
     jitted frozen-backbone forward; each host feeds its slice of every batch and the pooled rows
     are gathered back to all hosts."""
-    from jax.experimental import multihost_utils
 
     per_host = batch_pairs // jax.process_count()
     lo = jax.process_index() * per_host

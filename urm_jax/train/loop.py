@@ -1,18 +1,17 @@
 """`urm-jax train`: both URM stages on one host or many, on any (data, fsdp, tensor) mesh.
 
-A run directory holds
-    checkpoints/<step>/   Orbax CheckpointManager steps: train state (trainable params, optimiser
-                          state, step) + data-iterator position; RNG is derived from (seed, step)
-    final/                a full urm-jax checkpoint (feeds stage 2, `urm-jax score`, `convert to_hf`)
-                          (`urm-jax export RUN_DIR OUT --step N` makes one from any kept step)
-    metrics.jsonl, tensorboard/, loss.png, config.yaml, data_report.txt
-Resuming is automatic: a run pointed at a directory with checkpoints continues from the latest
-one and ends with the parameters an uninterrupted run would have, bit for bit.
+A run directory (see `urm_jax.train.run_dir`) holds the Orbax checkpoints (train state:
+trainable params, optimiser state, step; data-iterator position; RNG derives from (seed, step)),
+`final/` (a full urm-jax checkpoint that feeds stage 2, `urm-jax score` and `convert to_hf`;
+`urm-jax export RUN_DIR OUT --step N` makes one from any kept step), metrics, the data report
+and the accepted config.yaml. Resuming is automatic: a run pointed at a directory with
+checkpoints continues from the latest one and ends with the parameters an uninterrupted run
+would have, bit for bit.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -20,41 +19,46 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import yaml
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from urm_jax.config import DTypePolicy, ModelConfig
-from urm_jax.loading import load_config_any, load_params_any
-from urm_jax.model.urm import ModelBinder, ModelOptions
-from urm_jax.scoring import load_tokenizer
-from urm_jax.sharding import make_mesh
-from urm_jax.train.config import TrainConfig, to_dict
+from urm_jax.checkpoint import checkpoint_writer, chunk_rows, stacked_paths
+from urm_jax.config import ModelConfig, np_dtype
+from urm_jax.data.batching import BatchIterator
+from urm_jax.data.datasets import load_helpsteer2, load_preference_pairs
+from urm_jax.flops import peak_flops_per_device, train_flops
+from urm_jax.io_utils import OutputExistsError
+from urm_jax.loading import load_config_any, load_params_any, load_tokenizer
+from urm_jax.model.paths import is_gate, leaf_paths
+from urm_jax.model.urm import ModelBinder, param_shardings
+from urm_jax.sharding import batch_sharding, fit_mesh, make_mesh, use_mesh
+from urm_jax.train.config import TrainConfig, load_train_config
+from urm_jax.train.features import (FeatureIterator, cache_key, compute_features, load_or_compute,
+                                    pooled_forward)
+from urm_jax.train.metrics import MetricsWriter, Throughput, plot_metrics
 from urm_jax.train.preemption import PreemptionWatch, TrainingPreempted
-from urm_jax.train.step import StepSettings, Trainer, build_trainer, merge_params
+from urm_jax.train.run_dir import RunDirectory
+from urm_jax.train.step import Trainer, build_trainer, merge_params
 
 
 def log(message: str) -> None:
+    """A line on stderr from process 0 only."""
     if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
 
 
-def model_options(cfg: TrainConfig) -> ModelOptions:
-    p = cfg.precision
-    return ModelOptions(DTypePolicy(param=p.param, compute=p.compute, gate=p.gate_compute,
-                                    gate_param=p.gate_param), remat=cfg.remat, attention=cfg.attention)
+def load_examples(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, source: str, split: str):
+    """(examples, DatasetReport) of a stage's data source, rendered with the model's tokenizer;
+    stage 1 maps the model's attribute columns by name."""
+    if cfg.stage == 1:
+        return load_helpsteer2(source, tokenizer, split=split, max_length=cfg.data.seq_len,
+                               progress=jax.process_index() == 0, attributes=model_cfg.attributes)
+    return load_preference_pairs(source, tokenizer, split=split, max_length=cfg.data.seq_len,
+                                 progress=jax.process_index() == 0)
 
 
-def load_examples(cfg: TrainConfig, tokenizer, source: str, split: str):
-    from urm_jax.data.datasets import load_helpsteer2, load_preference_pairs
-
-    load = load_helpsteer2 if cfg.stage == 1 else load_preference_pairs
-    return load(source, tokenizer, split=split, max_length=cfg.data.seq_len,
-                progress=jax.process_index() == 0)
-
-
-def make_iterator(cfg: TrainConfig, examples, num_epochs, pad_id: int):
-    from urm_jax.data.batching import BatchIterator
-
+def make_iterator(cfg: TrainConfig, examples, num_epochs, pad_id: int) -> BatchIterator:
+    """This process's slice of every global token batch (stage 1 packed when `data.pack`)."""
     return BatchIterator(examples, cfg.global_batch_size, cfg.data.seq_len, cfg.data.shuffle_seed,
                          pack=cfg.data.pack and cfg.stage == 1,
                          max_segments=cfg.data.max_segments, process_index=jax.process_index(),
@@ -72,7 +76,7 @@ def segment_lengths(batch: dict) -> list[int]:
     seg = batch["segment_ids"]
     lengths = []
     for row in seg.reshape(-1, seg.shape[-1]):
-        ids, counts = np.unique(row[row > 0], return_counts=True)
+        _, counts = np.unique(row[row > 0], return_counts=True)
         lengths.extend(int(c) for c in counts)
     return lengths
 
@@ -96,33 +100,17 @@ def check_finite(metrics: dict, step: int, manager: ocp.CheckpointManager) -> No
             + "; lower optim.learning_rate or check the data")
 
 
-class RunDirectory:
-    def __init__(self, cfg: TrainConfig, root: str | Path | None = None):
-        self.root = Path(root or cfg.output_dir).absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.checkpoints = self.root / "checkpoints"
-        self.final = self.root / "final"
-
-
 def checkpoint_manager(run: RunDirectory, cfg: TrainConfig) -> ocp.CheckpointManager:
+    """Orbax's manager of the run's step checkpoints (keep N, async as configured)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
                                            enable_async_checkpointing=cfg.checkpoint.async_save,
                                            create=True)
     return ocp.CheckpointManager(run.checkpoints, options=options)
 
 
-def restore_latest(manager: ocp.CheckpointManager, trainer: Trainer, iterator) -> int:
-    """Resume from the newest complete checkpoint; returns the step (0 when starting fresh)."""
-    step = manager.latest_step()
-    if step is None:
-        return 0
-    iterator.restore(restore_step(manager, trainer, step, data=True))
-    return int(step)
-
-
 def restore_step(manager: ocp.CheckpointManager, trainer: Trainer, step: int, data: bool = False):
-    """Put a checkpointed train state onto the trainer's shardings (Orbax reshards it if the mesh
-    changed); returns the data-iterator state when `data`."""
+    """Put a checkpointed train state onto the trainer's shardings (Orbax reshards it when the
+    mesh differs from the one that saved it); returns the data-iterator state when `data`."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             trainer.state, trainer.state_shardings)
     items = {"state": ocp.args.StandardRestore(abstract)}
@@ -137,26 +125,21 @@ def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer:
                tokenizer_dir: str, overwrite: bool = True) -> Path:
     """Write the trained model as a full urm-jax checkpoint, chunk by chunk: every process takes
     part in gathering each chunk of the (possibly multi-host) arrays, process 0 writes it. Memory
-    stays at one chunk per host whatever the model size or the number of hosts."""
-    import contextlib
-
-    from jax.experimental import multihost_utils
-
-    from urm_jax.checkpoint import checkpoint_writer, chunk_rows, stacked_paths
-    from urm_jax.config import np_dtype
-
+    stays at one chunk per host whatever the model size or the number of hosts. Dtypes: the
+    backbone and value head in `precision.save` (keep: as trained), the gate in
+    `precision.gate_save` (source: the checkpoint's gate dtype)."""
     params = merge_params(trainer.state.params, trainer.frozen)
-    gate = model_cfg.gate_dtype if cfg.precision.gate_save == "source" else cfg.precision.gate_save
+    gate = np_dtype(model_cfg.gate_dtype if cfg.precision.gate_save == "source" else cfg.precision.gate_save)
     backbone = cfg.precision.save
 
     def out_dtype(path, leaf):
-        if path[0] == "gate":
-            return np_dtype(gate)
+        if is_gate(path):
+            return gate
         return np.dtype(leaf.dtype) if backbone == "keep" else np_dtype(backbone)
 
-    leaves = [(tuple(str(k.key) for k in p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
-    dtypes = {"torch_dtype": out_dtype(("backbone",), params["backbone"]["embed_tokens"]).name,
-              "gate_dtype": np_dtype(gate).name}
+    leaves = list(zip(leaf_paths(params), jax.tree.leaves(params)))
+    embed = params["backbone"]["embed_tokens"]
+    dtypes = {"torch_dtype": out_dtype(("backbone",), embed).name, "gate_dtype": gate.name}
     is_main = jax.process_index() == 0
     writer_ctx = (checkpoint_writer(out_dir, model_cfg.to_hf_dict(**dtypes), tokenizer_dir=tokenizer_dir,
                                     overwrite=overwrite) if is_main else contextlib.nullcontext(None))
@@ -175,29 +158,21 @@ def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer:
     return Path(out_dir)
 
 
-def step_settings(cfg: TrainConfig) -> StepSettings:
-    return StepSettings(stage=cfg.stage, loss=cfg.loss.kind, label_scale=cfg.loss.label_scale,
-                        label_shift=cfg.loss.label_shift,
-                        use_features=cfg.stage == 2 and cfg.stage2_cached_features)
-
-
 def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
-                overwrite: bool = False, progress: bool = True) -> Path:
+                overwrite: bool = False, progress: bool = True,
+                mesh_shape: tuple[int, int, int] | None = None) -> Path:
     """A kept training step of a run (default: the newest) as a full urm-jax checkpoint, like
-    `final/`: the run's own config.yaml rebuilds its trainer (frozen parameters from its `model`,
-    on its mesh), the step's train state is restored onto it, and the model is written as
-    `final/` would be. Needs the memory training needed (run it where the run ran)."""
-    from urm_jax.io_utils import OutputExistsError
-    from urm_jax.train.config import load_train_config
-
-    run_dir, out_dir = Path(run_dir).absolute(), Path(out_dir).absolute()
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise ValueError(f"{saved}: not found ({run_dir} is not an `urm-jax train` run directory)")
+    `final/`: the run's own config.yaml rebuilds its trainer (frozen parameters from its `model`),
+    the step's train state is restored onto it, and the model is written as `final/` would be.
+    Runs on whatever devices are present: the run's mesh if it fits them, else FSDP over all of
+    them (`mesh_shape` chooses); Orbax reshards the saved state. Needs the memory of the model's
+    parameters and optimiser state spread over those devices."""
+    run, out_dir = RunDirectory(run_dir), Path(out_dir).absolute()
+    if not run.config.is_file():
+        raise ValueError(f"{run.config}: not found ({run.root} is not an `urm-jax train` run directory)")
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
-    cfg = load_train_config(saved)
-    run = RunDirectory(cfg, run_dir)
+    cfg = load_train_config(run.config)
     manager = checkpoint_manager(run, cfg)
     steps = sorted(manager.all_steps())
     if not steps:
@@ -205,147 +180,20 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ValueError(f"{run.checkpoints}: no step {step}; kept steps: {steps}")
-    mesh = make_mesh(cfg.mesh)
+    mesh = make_mesh(mesh_shape) if mesh_shape is not None else fit_mesh(cfg.mesh)
     model_cfg = load_config_any(cfg.model)
     params = load_params_any(cfg.model, model_cfg, progress=progress and jax.process_index() == 0)
-    trainer = build_trainer(model_cfg, params, model_options(cfg), step_settings(cfg), cfg.optim,
-                            total_steps=max(step, 1), mesh=mesh, seed=cfg.seed)
+    trainer = build_trainer(model_cfg, params, cfg, total_steps=max(step, 1), mesh=mesh)
     del params
     restore_step(manager, trainer, step)
     manager.close()
     return save_model(out_dir, cfg, model_cfg, trainer, cfg.model, overwrite=overwrite)
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
-    """Run (or resume) one training stage; returns the final checkpoint directory."""
-    from urm_jax.flops import peak_flops_per_device, train_flops
-    from urm_jax.train.metrics import MetricsWriter, Throughput, plot_metrics
-
-    run = RunDirectory(cfg)
-    is_main = jax.process_index() == 0
-    mesh = make_mesh(cfg.mesh)
-    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
-
-    model_cfg = load_config_any(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    if tokenizer is None:
-        raise ValueError(f"{cfg.model}: no tokenizer files; training renders chats with the checkpoint's tokenizer")
-    pad_id = model_cfg.pad_token_id if model_cfg.pad_token_id is not None else 0
-    examples, report = load_examples(cfg, tokenizer, cfg.data.train, cfg.data.split)
-    log(report.format())
-    if is_main:
-        (run.root / "data_report.txt").write_text(report.format() + "\n")
-        (run.root / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-    options = model_options(cfg)
-    settings = step_settings(cfg)
-    params = load_params_any(cfg.model, model_cfg, progress=is_main and progress)
-
-    if settings.use_features:
-        iterator = feature_iterator(cfg, run, model_cfg, options, params, examples, mesh, progress)
-    else:
-        iterator = make_iterator(cfg, examples, cfg.epochs, pad_id)
-    steps_per_epoch = iterator.steps_in_epoch(0)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    log(f"stage {cfg.stage}: {len(examples)} examples, {steps_per_epoch} steps/epoch, {total_steps} steps")
-
-    trainer = build_trainer(model_cfg, params, options, settings, cfg.optim, total_steps, mesh, seed=cfg.seed)
-    del params
-
-    eval_batches = load_eval_batches(cfg, tokenizer, pad_id, trainer)
-    manager = checkpoint_manager(run, cfg)
-    start = restore_latest(manager, trainer, iterator)
-    if start:
-        log(f"resumed from step {start}")
-    writer = MetricsWriter(run.root, tensorboard=cfg.tensorboard, enabled=is_main)
-    writer.truncate_after(start)
-    peak = peak_flops_per_device(jax.devices()[0])
-    throughput = Throughput()
-    bar = tqdm(total=total_steps, initial=start, desc=f"stage {cfg.stage}", unit="step",
-               disable=not (is_main and progress), file=sys.stderr)
-    window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
-    watch = PreemptionWatch()
-    try:
-        for step in range(start, total_steps):
-            host_batch = next(iterator)
-            batch = with_accum_axis(host_batch, cfg.grad_accum)
-            batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), batch)
-            metrics = trainer.run(batch)
-            if not settings.use_features:  # FLOPs of the real (unpadded) sequences, all hosts
-                lengths = segment_lengths(host_batch)
-                window_tokens += sum(lengths) * jax.process_count()
-                window_flops += train_flops(model_cfg, lengths) * jax.process_count()
-            done = step + 1
-            record = {}
-            if done % cfg.log_every == 0 or done == total_steps:
-                metrics = jax.device_get(metrics)  # waits for the step, so the window timing is honest
-                now = time.perf_counter()
-                throughput.record(now - window_start, window_tokens, window_flops)
-                window_start, window_tokens, window_flops = now, 0, 0.0
-                record = dict(metrics, epoch=iterator.epoch)
-                if not settings.use_features:
-                    record.update(tokens_per_s=throughput.tokens_per_second(),
-                                  mfu=throughput.mfu(jax.device_count(), peak))
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-            if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
-                results = trainer.evaluate(eval_batches)
-                record.update({f"eval/{k}": v for k, v in results.items()})
-                log(f"step {done} eval: " + ", ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items()))
-                window_start = time.perf_counter()  # evaluation time is not training throughput
-            if record:  # one line per step: train and eval metrics together
-                writer.write(done, {k: v for k, v in record.items() if v is not None})
-            bar.update(1)
-            preempted = watch.reached(done)
-            saving = done % cfg.checkpoint.every_steps == 0 or done == total_steps or preempted
-            if record or saving:  # never checkpoint (or go on from) weights that are not finite
-                check_finite(jax.device_get(metrics), done, manager)
-            if saving:
-                manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.state),
-                                                           data=ocp.args.JsonSave(iterator.state())),
-                             force=preempted)
-            if preempted:
-                manager.wait_until_finished()
-                raise TrainingPreempted(f"SIGTERM: stopped after step {done} of {total_steps}, "
-                                        f"checkpoint {done} saved in {run.checkpoints}; run the "
-                                        "same command to resume from it")
-    except (NonFiniteTrainingError, TrainingPreempted):  # the bad step's metrics are written
-        bar.close()
-        writer.close()
-        manager.close()
-        raise
-    finally:
-        watch.close()
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    final = save_model(run.final, cfg, model_cfg, trainer, cfg.model)
-    writer.close()
-    if is_main and cfg.plot:
-        plot_metrics(run.root / "metrics.jsonl", run.root / "loss.png")
-    log(f"final checkpoint: {final}")
-    return final
-
-
-def load_eval_batches(cfg: TrainConfig, tokenizer, pad_id: int, trainer: Trainer) -> list:
-    """The held-out set as device batches, loaded once (empty when no `data.eval`)."""
-    if not cfg.data.eval:
-        return []
-    examples, report = load_examples(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split)
-    log(f"eval: {report.format()}")
-    iterator = make_iterator(cfg, examples, 1, pad_id)
-    return [jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.eval_sharding, x),
-                         host_batch) for host_batch in iterator]
-
-
-def feature_iterator(cfg, run, model_cfg, options, params, examples, mesh, progress):
+def feature_iterator(cfg: TrainConfig, run: RunDirectory, model_cfg: ModelConfig, params, examples,
+                     mesh, progress: bool) -> FeatureIterator:
     """Stage-2 fast path: pool every pair once with the frozen backbone (cached on disk)."""
-    from urm_jax.model.urm import param_shardings
-    from urm_jax.sharding import batch_sharding, use_mesh
-    from urm_jax.train.features import (FeatureIterator, cache_key, compute_features, load_or_compute,
-                                        pooled_forward)
-
+    options = cfg.model_options()
     key = cache_key(cfg.model, examples, cfg.data.seq_len, options.dtypes.compute)
 
     def compute():
@@ -361,10 +209,159 @@ def feature_iterator(cfg, run, model_cfg, options, params, examples, mesh, progr
                            jax.process_index(), jax.process_count())
 
 
-def main_train(config_path: str, overrides: list[str]) -> int:
-    from urm_jax.train.config import load_train_config
+def load_eval_batches(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, pad_id: int,
+                      trainer: Trainer) -> list:
+    """The held-out set as device batches, loaded once (empty when no `data.eval`)."""
+    if not cfg.data.eval:
+        return []
+    examples, report = load_examples(cfg, model_cfg, tokenizer, cfg.data.eval, cfg.data.eval_split)
+    log(f"eval: {report.format()}")
+    iterator = make_iterator(cfg, examples, 1, pad_id)
+    return [jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.eval_sharding, x),
+                         host_batch) for host_batch in iterator]
 
-    cfg = load_train_config(config_path, overrides)
-    final = train(cfg)
-    print(json.dumps({"final_checkpoint": str(final)}))
-    return 0
+
+class TrainingRun:
+    """One stage, set up: data, trainer (resumed if the run has checkpoints), metrics. `run()`
+    trains to the end and writes `final/`."""
+
+    def __init__(self, cfg: TrainConfig, run: RunDirectory, *, progress: bool = True):
+        self.cfg, self.dir, self.progress = cfg, run, progress
+        self.is_main = jax.process_index() == 0
+        self.mesh = make_mesh(cfg.mesh)
+        log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, "
+            f"{jax.process_count()} process(es)")
+        self.model_cfg = load_config_any(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
+        if tokenizer is None:
+            raise ValueError(f"{cfg.model}: no tokenizer files; training renders chats with the "
+                             "checkpoint's tokenizer")
+        pad_id = self.model_cfg.pad_token_id if self.model_cfg.pad_token_id is not None else 0
+        examples, report = load_examples(cfg, self.model_cfg, tokenizer, cfg.data.train, cfg.data.split)
+        log(report.format())
+        if self.is_main:
+            (run.root / "data_report.txt").write_text(report.format() + "\n")
+        params = load_params_any(cfg.model, self.model_cfg, progress=self.is_main and progress)
+        if cfg.use_features:
+            self.iterator = feature_iterator(cfg, run, self.model_cfg, params, examples, self.mesh,
+                                             progress)
+        else:
+            self.iterator = make_iterator(cfg, examples, cfg.epochs, pad_id)
+        steps_per_epoch = self.iterator.steps_in_epoch(0)
+        self.total_steps = steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        log(f"stage {cfg.stage}: {len(examples)} examples, {steps_per_epoch} steps/epoch, "
+            f"{self.total_steps} steps")
+        self.trainer = build_trainer(self.model_cfg, params, cfg, self.total_steps, self.mesh)
+        del params
+        self.eval_batches = load_eval_batches(cfg, self.model_cfg, tokenizer, pad_id, self.trainer)
+        self.manager = checkpoint_manager(run, cfg)
+        self.start = self._resume()
+        self.writer = MetricsWriter(run.root, tensorboard=cfg.tensorboard, enabled=self.is_main,
+                                    attributes=self.model_cfg.attributes)
+        self.writer.truncate_after(self.start)
+
+    def _resume(self) -> int:
+        """Continue from the newest complete checkpoint; returns its step (0 when fresh)."""
+        step = self.manager.latest_step()
+        if step is None:
+            return 0
+        self.iterator.restore(restore_step(self.manager, self.trainer, step, data=True))
+        log(f"resumed from step {step}")
+        return int(step)
+
+    def run(self) -> Path:
+        """Train from `start` to `total_steps`, checkpointing and logging as configured; then
+        write `final/`. SIGTERM checkpoints the current step and raises TrainingPreempted; a
+        non-finite loss or norm raises NonFiniteTrainingError before any checkpoint holds it."""
+        cfg = self.cfg
+        self.bar = tqdm(total=self.total_steps, initial=self.start, desc=f"stage {cfg.stage}",
+                        unit="step", disable=not (self.is_main and self.progress), file=sys.stderr)
+        self.peak = peak_flops_per_device(jax.devices()[0])
+        self.throughput = Throughput()
+        self.window = [time.perf_counter(), 0, 0.0]  # start, tokens, flops since the last log
+        watch = PreemptionWatch()
+        try:
+            for step in range(self.start, self.total_steps):
+                self._train_step(step + 1, watch)
+        except (NonFiniteTrainingError, TrainingPreempted):  # the bad step's metrics are written
+            self.bar.close()
+            self.writer.close()
+            self.manager.close()
+            raise
+        finally:
+            watch.close()
+        self.bar.close()
+        self.manager.wait_until_finished()
+        self.manager.close()
+        final = save_model(self.dir.final, cfg, self.model_cfg, self.trainer, cfg.model)
+        self.writer.close()
+        if self.is_main and cfg.plot:
+            plot_metrics(self.dir.root / "metrics.jsonl", self.dir.root / "loss.png")
+        log(f"final checkpoint: {final}")
+        return final
+
+    def _train_step(self, done: int, watch: PreemptionWatch) -> None:
+        """Step number `done` (1-based): train, log, evaluate, checkpoint, stop if preempted."""
+        cfg = self.cfg
+        host_batch = next(self.iterator)
+        batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            self.trainer.batch_sharding, x), with_accum_axis(host_batch, cfg.grad_accum))
+        metrics = self.trainer.run(batch)
+        if not cfg.use_features:  # FLOPs of the real (unpadded) sequences, all hosts
+            lengths = segment_lengths(host_batch)
+            self.window[1] += sum(lengths) * jax.process_count()
+            self.window[2] += train_flops(self.model_cfg, lengths) * jax.process_count()
+        record = {}
+        if done % cfg.log_every == 0 or done == self.total_steps:
+            metrics = jax.device_get(metrics)  # waits for the step, so the window timing is honest
+            record = self._log_record(metrics)
+        if self.eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0)
+                                  or done == self.total_steps):
+            results = self.trainer.evaluate(self.eval_batches)
+            record.update({f"eval/{k}": v for k, v in results.items()})
+            log(f"step {done} eval: " + ", ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items()))
+            self.window[0] = time.perf_counter()  # evaluation time is not training throughput
+        if record:  # one line per step: train and eval metrics together
+            self.writer.write(done, {k: v for k, v in record.items() if v is not None})
+        self.bar.update(1)
+        preempted = watch.reached(done)
+        saving = done % cfg.checkpoint.every_steps == 0 or done == self.total_steps or preempted
+        if record or saving:  # never checkpoint (or go on from) weights that are not finite
+            check_finite(jax.device_get(metrics), done, self.manager)
+        if saving:
+            self.manager.save(done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self.trainer.state),
+                data=ocp.args.JsonSave(self.iterator.state())), force=preempted)
+        if preempted:
+            self.manager.wait_until_finished()
+            raise TrainingPreempted(f"SIGTERM: stopped after step {done} of {self.total_steps}, "
+                                    f"checkpoint {done} saved in {self.dir.checkpoints}; run the "
+                                    "same command to resume from it")
+
+    def _log_record(self, metrics: dict) -> dict:
+        """The step's metrics plus epoch, tokens/s and MFU over the window since the last log."""
+        now = time.perf_counter()
+        start, tokens, flops = self.window
+        self.throughput.record(now - start, tokens, flops)
+        self.window = [now, 0, 0.0]
+        record = dict(metrics, epoch=self.iterator.epoch)
+        if not self.cfg.use_features:
+            record.update(tokens_per_s=self.throughput.tokens_per_second(),
+                          mfu=self.throughput.mfu(jax.device_count(), self.peak))
+        self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+        return record
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, ...] = ()) -> Path:
+    """Run (or resume) one training stage; returns the final checkpoint directory. The run
+    directory is claimed first (one `urm-jax train` per directory), a resume is checked against
+    the recorded configuration (`allow_changes`: keys allowed to differ, or 'all'), and only then
+    is config.yaml written."""
+    run = RunDirectory(cfg.output_dir)
+    with run.claim(owner=jax.process_index() == 0):
+        run.check_resume(cfg, allow_changes)
+        if jax.process_index() == 0:
+            run.write_config(cfg)
+        return TrainingRun(cfg, run, progress=progress).run()

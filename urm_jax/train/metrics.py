@@ -17,7 +17,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from urm_jax.config import ATTRIBUTES
+from urm_jax.attributes import HELPSTEER2
+from urm_jax.flops import mfu
 from urm_jax.io_utils import atomic_file
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,12 @@ def _atomic_write(path: Path, write) -> None:
         write(handle)
 
 
-def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+def flatten_metrics(metrics: Mapping[str, Any],
+                    attributes: tuple[str, ...] = HELPSTEER2) -> dict[str, float]:
     """Python floats from numpy/jax scalars and small arrays.
 
-    A length-5 vector is per attribute (`mse_per_attribute/helpfulness`, ...); other small arrays
+    A vector with one value per attribute is named by attribute (`mse_per_attribute/helpfulness`,
+    ...; `attributes`: the model's); other small arrays
     are indexed (`name/0`, `name/1`, ...). Non-numeric values are skipped with a warning rather
     than raised: a logging glitch must not kill a long training run.
     """
@@ -56,7 +59,7 @@ def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             log.warning("metric %r has %d elements (> %d); skipped", name, arr.size, MAX_ARRAY_SIZE)
         else:
             flat = arr.reshape(-1)
-            labels = ATTRIBUTES if flat.size == len(ATTRIBUTES) else range(flat.size)
+            labels = attributes if flat.size == len(attributes) else range(flat.size)
             out.update({f"{name}/{label}": float(x) for label, x in zip(labels, flat)})
     return out
 
@@ -83,8 +86,10 @@ class MetricsWriter:
     callers need no `if process_index == 0` around each call.
     """
 
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, enabled: bool = True,
+                 attributes: tuple[str, ...] = HELPSTEER2):
         self.enabled = enabled
+        self.attributes = attributes
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_FILE
         self.tensorboard = tensorboard
@@ -117,7 +122,7 @@ class MetricsWriter:
         """Log one step; returns the flattened floats that were written."""
         if not self.enabled:
             return {}
-        values = flatten_metrics(metrics)
+        values = flatten_metrics(metrics, self.attributes)
         record = {"step": int(step), "time": time.time(), **values}
         f = self._open()
         f.write(json.dumps(record) + "\n")
@@ -232,7 +237,6 @@ class Throughput:
         return sum(f for _, _, f in self._steps) / secs if secs > 0 else None
 
     def mfu(self, num_devices: int, peak_per_device: float | None) -> float | None:
-        from urm_jax.flops import mfu
 
         flops = sum(f for _, _, f in self._steps)
         return mfu(flops, self.seconds, num_devices, peak_per_device) if flops else None

@@ -18,6 +18,7 @@ import signal
 import threading
 
 import jax
+from jax.experimental import multihost_utils
 
 PREEMPTED_EXIT_CODE = 143  # what a shell reports for a process ended by SIGTERM (128 + 15)
 
@@ -40,8 +41,6 @@ class PreemptionWatch:
     def reached(self, step: int) -> bool:
         """Whether to checkpoint this step and stop (the same answer on every process)."""
         if self.distributed:
-            from jax.experimental import multihost_utils
-
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service)

@@ -1,9 +1,10 @@
 """The jitted, sharded train step for both URM stages.
 
-State = (step, trainable params, optimiser state over the trainable params only). Frozen params
-(stage 1: the gate; stage 2: backbone and value head) are a separate argument: they get no
-gradient (JAX differentiates only w.r.t. the trainable tree), no optimiser state, and are never
-written, so stage 2 leaves them bit-identical by construction.
+State = (step, trainable params, optimiser state over the trainable params only). Which
+parameters train is a list of path patterns (`TrainConfig.trainable_patterns`; stage 1: backbone
+and value head, stage 2: the gate); the frozen rest is a separate argument: it gets no gradient
+(JAX differentiates only w.r.t. the trainable tree), no optimiser state, and is never written, so
+frozen parameters stay bit-identical by construction.
 
 One call = one optimiser update: a batch carries a leading gradient-accumulation axis
 [accum, micro, ...] that the step scans over, summing loss and gradient sums, then divides once by
@@ -25,30 +26,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from urm_jax.config import ModelConfig
+from urm_jax.model.paths import is_gate, merge, select
 from urm_jax.model.urm import ModelBinder, ModelOptions, param_shardings
-from urm_jax.train.config import OptimConfig as OptimizerSettings  # one definition, two names
+from urm_jax.sharding import batch_sharding, use_mesh
+from urm_jax.train.config import OptimConfig, TrainConfig
 from urm_jax.train.losses import bradley_terry_loss, finalize_metrics, regression_loss
-
-TOP_LEVEL_GROUPS = ("backbone", "value_head", "gate")
-STAGE_TRAINABLE = {1: ("backbone", "value_head"), 2: ("gate",)}
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    stage: int = 1
-    loss: str = "reparam"  # stage 1: reparam | nll; stage 2: bt
-    label_scale: float = 1.0
-    label_shift: float = 0.0
-    use_features: bool = False  # stage 2 fast path: batches carry pooled features, not tokens
-
-    def __post_init__(self):
-        valid = {1: ("reparam", "nll"), 2: ("bt",)}
-        if self.stage not in valid:
-            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
-        if self.loss not in valid[self.stage]:
-            raise ValueError(f"stage {self.stage} loss must be one of {valid[self.stage]}, got {self.loss!r}")
-        if self.use_features and self.stage != 2:
-            raise ValueError("use_features is the stage-2 fast path")
 
 
 class TrainState(NamedTuple):
@@ -57,16 +39,15 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def split_params(params: dict, trainable: tuple[str, ...]) -> tuple[dict, dict]:
-    unknown = set(trainable) - set(TOP_LEVEL_GROUPS)
-    if unknown:
-        raise ValueError(f"unknown trainable groups {sorted(unknown)}; choose from {TOP_LEVEL_GROUPS}")
-    return ({k: v for k, v in params.items() if k in trainable},
-            {k: v for k, v in params.items() if k not in trainable})
+def split_params(params: dict, patterns) -> tuple[dict, dict]:
+    """(trainable, frozen) pure-dict trees: the leaves some path pattern selects, and the rest
+    (see urm_jax.model.paths; ValueError names a pattern that selects nothing)."""
+    return select(params, patterns)
 
 
 def merge_params(trainable: dict, frozen: dict) -> dict:
-    return {**frozen, **trainable}
+    """The whole parameter tree again from `split_params`'s two halves."""
+    return merge(trainable, frozen)
 
 
 def weight_decay_mask(params: dict) -> dict:
@@ -78,7 +59,7 @@ def weight_decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def learning_rate_schedule(settings: OptimizerSettings, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(settings: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then cosine to min_lr_ratio * lr (HF's cosine-with-warmup)."""
     total_steps = max(int(total_steps), 1)
     warmup = int(math.ceil(settings.warmup_ratio * total_steps))
@@ -87,7 +68,8 @@ def learning_rate_schedule(settings: OptimizerSettings, total_steps: int) -> opt
         decay_steps=max(total_steps, warmup + 1), end_value=settings.learning_rate * settings.min_lr_ratio)
 
 
-def make_optimizer(settings: OptimizerSettings, total_steps: int, trainable_params: dict):
+def make_optimizer(settings: OptimConfig, total_steps: int, trainable_params: dict):
+    """(AdamW with decay on matrices only, after global-norm clipping; its schedule)."""
     schedule = learning_rate_schedule(settings, total_steps)
     adamw = optax.adamw(schedule, b1=settings.b1, b2=settings.b2, eps=settings.eps,
                         weight_decay=settings.weight_decay, mask=weight_decay_mask(trainable_params))
@@ -95,16 +77,16 @@ def make_optimizer(settings: OptimizerSettings, total_steps: int, trainable_para
     return optax.chain(*chain), schedule
 
 
-def _loss_sums(model, settings: StepSettings, batch: dict, key: jax.Array):
+def _loss_sums(model, train: TrainConfig, batch: dict, key: jax.Array, use_features: bool):
     """(loss_sum, metric_sums) of one micro-batch."""
-    if settings.stage == 1:
+    if train.stage == 1:
         pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])
         out = model.heads(pooled)  # [b, S, 5]
         noise = jax.random.normal(key, out.means.shape, jnp.float32)
         return regression_loss(out.means, out.log_stds, batch["labels"], batch["pool_mask"], noise,
-                               kind=settings.loss, label_scale=settings.label_scale,
-                               label_shift=settings.label_shift)
-    if settings.use_features:
+                               kind=train.loss.kind, label_scale=train.loss.label_scale,
+                               label_shift=train.loss.label_shift)
+    if use_features:
         pooled = batch["features"]  # [2b, D], cached by the frozen backbone
     else:
         pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])[:, 0]
@@ -113,20 +95,21 @@ def _loss_sums(model, settings: StepSettings, batch: dict, key: jax.Array):
 
 
 def float32_global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares) over every leaf, accumulated in float32."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(cfg: ModelConfig, options: ModelOptions, settings: StepSettings,
-                    optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    seed: int = 0) -> Callable:
-    """step(state, frozen, batch) -> (state, metrics); batch leaves have a leading accum axis."""
+def make_train_step(cfg: ModelConfig, train: TrainConfig, options: ModelOptions,
+                    optimizer: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+    """step(state, frozen, batch) -> (state, metrics); batch leaves have a leading accum axis.
+    `options`: the model's (normally `train.model_options()`)."""
     binder = ModelBinder(cfg, options)
-    base_key = jax.random.key(seed)
+    base_key = jax.random.key(train.seed)
 
     def micro_grads(trainable, frozen, micro, key):
         def loss_fn(tp):
             model = binder(merge_params(tp, jax.lax.stop_gradient(frozen)))
-            return _loss_sums(model, settings, micro, key)
+            return _loss_sums(model, train, micro, key, train.use_features)
 
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         return grads, sums
@@ -157,18 +140,16 @@ def make_train_step(cfg: ModelConfig, options: ModelOptions, settings: StepSetti
     return step
 
 
-def make_eval_step(cfg: ModelConfig, options: ModelOptions, settings: StepSettings,
-                   seed: int = 0) -> Callable:
+def make_eval_step(cfg: ModelConfig, train: TrainConfig, options: ModelOptions) -> Callable:
     """eval(trainable, frozen, batch) -> metric sums of one batch (no gradients). Token batches
     without an accumulation axis; stage 2 evaluates through the backbone (eval pairs are not
     cached). The noise key is fixed, so reparam eval losses are comparable across steps."""
     binder = ModelBinder(cfg, options)
-    token_settings = dataclasses.replace(settings, use_features=False)
-    key = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
+    key = jax.random.fold_in(jax.random.key(train.seed), 2**31 - 1)
 
     def evaluate(trainable, frozen, batch):
         model = binder(merge_params(trainable, frozen))
-        return _loss_sums(model, token_settings, batch, key)[1]
+        return _loss_sums(model, train, batch, key, use_features=False)[1]
 
     return evaluate
 
@@ -178,11 +159,12 @@ def cast_params(params: dict, cfg: ModelConfig, options: ModelOptions) -> dict:
     dt = options.dtypes
     backbone = jnp.dtype(dt.param or cfg.torch_dtype)
     gate = jnp.dtype(dt.gate_param_dtype(cfg))
-    def cast(x, dtype):  # host arrays stay on the host: device_put then places them sharded
+
+    def cast(path, x):  # host arrays stay on the host: device_put then places them sharded
+        dtype = gate if is_gate(path) else backbone
         return jnp.asarray(x).astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype)
 
-    return {k: jax.tree.map(lambda x, d=(gate if k == "gate" else backbone): cast(x, d), v)
-            for k, v in params.items()}
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 @dataclasses.dataclass
@@ -225,8 +207,6 @@ def optimizer_state_shardings(optimizer, train_params: dict, train_sh: dict, mes
 def jit_train_step(step: Callable, mesh, rules, state_sh: TrainState, frozen_sh: dict, batch_sh):
     """The train step jitted over the mesh: sharded in and out, state donated, logical-axis
     constraints resolved under `use_mesh`."""
-    from urm_jax.sharding import use_mesh
-
     def step_in_mesh(state, frozen_params, batch):
         with use_mesh(mesh, rules):
             return step(state, frozen_params, batch)
@@ -235,39 +215,38 @@ def jit_train_step(step: Callable, mesh, rules, state_sh: TrainState, frozen_sh:
                    out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
 
 
-def build_trainer(cfg: ModelConfig, params: dict, options: ModelOptions, settings: StepSettings,
-                  optim: OptimizerSettings, total_steps: int, mesh, rules=None, seed: int = 0,
-                  trainable: tuple[str, ...] | None = None) -> Trainer:
-    trainable = trainable or STAGE_TRAINABLE[settings.stage]
+def build_trainer(cfg: ModelConfig, params: dict, train: TrainConfig, total_steps: int, mesh,
+                  rules=None, options: ModelOptions | None = None) -> Trainer:
+    """The compiled step and the sharded state for training `params` (the full pure-dict tree,
+    host or device arrays in any dtype) as `train` says: the parameters its patterns select
+    train, the rest is frozen. `options` overrides `train.model_options()` (e.g. Pallas
+    interpret mode in tests)."""
+    options = options or train.model_options()
     shardings = param_shardings(cfg, mesh, rules, options)
     # A private copy: the step donates its state, which must never free the caller's arrays
     # (device_put alone may reuse a buffer already on the right device).
     private = jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
                            cast_params(params, cfg, options))
     params = jax.device_put(private, shardings)
-    train_params, frozen = split_params(params, trainable)
-    train_sh, frozen_sh = split_params(shardings, trainable)
-    optimizer, schedule = make_optimizer(optim, total_steps, train_params)
+    train_params, frozen = split_params(params, train.trainable_patterns)
+    train_sh, frozen_sh = split_params(shardings, train.trainable_patterns)
+    optimizer, schedule = make_optimizer(train.optim, total_steps, train_params)
     replicated = NamedSharding(mesh, P())
     _, opt_sh = optimizer_state_shardings(optimizer, train_params, train_sh, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(train_params)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), train_params, opt_state)
     state_sh = TrainState(replicated, train_sh, opt_sh)
-    from urm_jax.sharding import batch_sharding as batch_sharding_of
-
-    batch_sharding = batch_sharding_of(mesh, rules, accum_axis=True)
-    step = make_train_step(cfg, options, settings, optimizer, schedule, seed)
-    compiled = jit_train_step(step, mesh, rules, state_sh, frozen_sh, batch_sharding)
-    from urm_jax.sharding import use_mesh
-
-    evaluate = make_eval_step(cfg, options, settings, seed)
+    step_sharding = batch_sharding(mesh, rules, accum_axis=True)
+    step = make_train_step(cfg, train, options, optimizer, schedule)
+    compiled = jit_train_step(step, mesh, rules, state_sh, frozen_sh, step_sharding)
+    evaluate = make_eval_step(cfg, train, options)
 
     def eval_in_mesh(trainable, frozen_params, batch):
         with use_mesh(mesh, rules):
             return evaluate(trainable, frozen_params, batch)
 
-    eval_sharding = batch_sharding_of(mesh, rules)
+    eval_sharding = batch_sharding(mesh, rules)
     compiled_eval = jax.jit(eval_in_mesh, in_shardings=(train_sh, frozen_sh, eval_sharding),
                             out_shardings=replicated)
-    return Trainer(compiled, state, frozen, batch_sharding, schedule, state_sh, compiled_eval,
+    return Trainer(compiled, state, frozen, step_sharding, schedule, state_sh, compiled_eval,
                    eval_sharding)

@@ -1,4 +1,4 @@
-"""Line-numbered JSONL streaming shared by `urm-jax score` and `urm-jax eval`.
+"""Line-numbered JSONL reading shared by `urm-jax score`, `urm-jax eval` and parity.
 
 Files are read one line at a time, so memory stays bounded whatever the file size. A bad line
 either stops the run (the default: an `InputError` naming file and line) or, with

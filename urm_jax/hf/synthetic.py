@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.hf_io import parse_size, write_sharded
-from convert.mapping import TABLE, is_gate, is_head
+from urm_jax.checkpoint import copy_tokenizer_files
 from urm_jax.config import ModelConfig, np_dtype
+from urm_jax.hf.mapping import TABLE, is_gate, is_head
+from urm_jax.hf.plan import jax_shapes
+from urm_jax.hf.safetensors_io import parse_size, write_sharded
+from urm_jax.hf.streams import Progress
 from urm_jax.io_utils import atomic_dir
 
 MODELING_FILE = Path(__file__).with_name("modeling_custom.py")
@@ -112,8 +115,6 @@ def write_random_hf(out_dir, hf_config: dict, *, dtype: str = "float32", gate_dt
     `heads`: "urm" (value head + gate), or "base": a Skywork-Reward-like
     LlamaForSequenceClassification with one label (`score.weight` [1, hidden], no gate), the
     input of `python -m convert init`."""
-    from convert.core import Progress, jax_shapes
-
     if fill not in ("normal", "fast"):
         raise ValueError(f"fill {fill!r}: normal or fast")
     if heads not in ("urm", "base"):
@@ -150,7 +151,5 @@ def write_random_hf(out_dir, hf_config: dict, *, dtype: str = "float32", gate_dt
         if heads == "urm":
             shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
         if tokenizer_dir is not None:
-            from urm_jax.checkpoint import copy_tokenizer_files
-
             copy_tokenizer_files(tokenizer_dir, tmp)
     return Path(out_dir)

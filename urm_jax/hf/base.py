@@ -24,10 +24,12 @@ from typing import Iterator
 
 import numpy as np
 
-from convert.core import ConversionError, jax_shapes, write_checkpoint
-from convert.hf_io import HFWeights
-from convert.mapping import TABLE, is_gate, is_head
-from urm_jax.config import ATTRIBUTES, ModelConfig, canonical_dtype, np_dtype, read_hf_config
+from urm_jax.hf.load import write_checkpoint
+from urm_jax.hf.mapping import TABLE, is_gate, is_head
+from urm_jax.hf.plan import ConversionError, jax_shapes
+from urm_jax.hf.safetensors_io import HFWeights
+from urm_jax.attributes import HELPSTEER2
+from urm_jax.config import ModelConfig, canonical_dtype, np_dtype, read_hf_config
 
 # Base tensors that are not part of the URM backbone and are replaced by fresh heads (or, for a
 # causal LM's output projection, dropped).
@@ -36,13 +38,16 @@ BARE_BACKBONE_KEY = re.compile(r"(embed_tokens\.weight|norm\.weight|layers\.\d+\
 DEFAULT_INIT_STD = 0.02  # transformers' default initializer_range
 
 
-def urm_config_from_base(base: dict, *, source: str) -> ModelConfig:
-    """The URM config for a base Llama config: same backbone, 10 labels, the reference's gate.
+def urm_config_from_base(base: dict, *, source: str,
+                         attributes: tuple[str, ...] = HELPSTEER2) -> ModelConfig:
+    """The URM config for a base Llama config: same backbone, a value head and gate for
+    `attributes` (2 x K and K outputs), the reference's gate.
     Classification fields of the base (one label, its names, problem type) do not carry over."""
     hf = {k: v for k, v in base.items()
           if k not in ("num_labels", "id2label", "label2id", "problem_type", "architectures",
                        "auto_map", "gate_dtype")}
-    hf["num_labels"] = 2 * len(ATTRIBUTES)
+    hf["num_labels"] = 2 * len(attributes)
+    hf["urm_attributes"] = list(attributes)
     if hf.get("pad_token_id") is None:
         raise ConversionError(
             f"{source}: no pad_token_id. URM batches are padded with the tokenizer's [PAD] "
@@ -133,13 +138,16 @@ class BaseWithFreshHeads:
 
 def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None = None,
                    dtype: str = "keep", gate_dtype: str = "float16", overwrite: bool = False,
-                   allow_nonfinite: bool = False, progress: bool = True) -> Path:
-    """Base Llama HF dir -> urm-jax checkpoint with the base's backbone and fresh URM heads.
+                   allow_nonfinite: bool = False, progress: bool = True,
+                   attributes: tuple[str, ...] = HELPSTEER2) -> Path:
+    """Base Llama HF dir -> urm-jax checkpoint with the base's backbone and fresh URM heads
+    for `attributes` (HelpSteer2's five by default).
     The value head is stored in the backbone's dtype (or `dtype`), the gate in `gate_dtype`.
     config.json records the base, seed and std under `urm_jax_init`."""
     base_dir = Path(base_dir)
     base_config = read_hf_config(base_dir)
-    cfg = urm_config_from_base(base_config, source=str(base_dir / "config.json"))
+    cfg = urm_config_from_base(base_config, source=str(base_dir / "config.json"),
+                               attributes=attributes)
     std = float(init_std if init_std is not None else
                 base_config.get("initializer_range") or DEFAULT_INIT_STD)
     if not (math.isfinite(std) and std > 0):

@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from urm_jax.model.paths import HEAD_GROUPS, is_gate as is_gate_path
+
 Box = tuple[slice, ...]  # one [start, stop) slice per dim (step 1), as sharding indices give
 Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]  # np.empty or a buffer pool's take
 
@@ -161,12 +163,13 @@ LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def is_gate(entry: Entry) -> bool:
-    return entry.path[0] == "gate"
+    """Whether the entry is a gate tensor (see urm_jax.model.paths.is_gate)."""
+    return is_gate_path(entry.path)
 
 
 def is_head(entry: Entry) -> bool:
     """Value head or gate: the URM parameters a base Llama checkpoint does not have."""
-    return entry.path[0] in ("value_head", "gate")
+    return entry.path[0] in HEAD_GROUPS
 
 
 def get_path(tree: dict, path: tuple[str, ...]):

@@ -1,4 +1,4 @@
-"""Batch scoring with uncertainty: token ids in, per-sequence reward, attribute means, log-stds,
+"""The scoring engine: token ids in, per-sequence reward, attribute means, log-stds,
 gate weights and uncertainty out, in input order, for one model or an ensemble (URME).
 
 How a batch is formed, and why:
@@ -26,10 +26,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -39,20 +37,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from urm_jax.config import ATTRIBUTES, ModelConfig
 from urm_jax.data.tokenization import pad_batch, render_ids
-from urm_jax.io_utils import atomic_file
-from urm_jax.loading import load_model
-from urm_jax.model.urm import URM
+from urm_jax.loading import load_model, load_tokenizer
+from urm_jax.scoring.results import EnsembleScores, Scores
 from urm_jax.sharding import make_mesh, use_mesh
-from urm_jax.streaming import BadLines, InputError, chunked, count_lines, iter_jsonl
 
 MIN_BUCKET = 16
-UNCERTAINTY_MEASURES = ("aleatoric", "reward_gap", "cov_frobenius")
-
-__all__ = ["Scorer", "Ensemble", "Scores", "EnsembleScores", "ScoreResult", "ScoreRun", "InputError",
-           "bucket_lengths", "encode_example", "ensemble_statistics", "load_tokenizer", "read_jsonl",
-           "score_file", "score_jsonl"]
 
 
 def bucket_lengths(max_length: int, min_bucket: int = MIN_BUCKET) -> tuple[int, ...]:
@@ -69,15 +59,6 @@ def bucket_lengths(max_length: int, min_bucket: int = MIN_BUCKET) -> tuple[int, 
     return tuple(out)
 
 
-def load_tokenizer(path: str | Path):
-    """The checkpoint's own tokenizer, or None when it ships none (then only input_ids work)."""
-    if not (Path(path) / "tokenizer_config.json").is_file() and not (Path(path) / "tokenizer.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
 def encode_example(tokenizer, example: dict, *, max_length: int, truncation: str,
                    vocab_size: int) -> tuple[list[int], bool]:
     """(token ids, whether they were left-truncated) by the tokenisation policy training uses;
@@ -90,181 +71,11 @@ def encode_example(tokenizer, example: dict, *, max_length: int, truncation: str
                       truncation=truncation, vocab_size=vocab_size), True
 
 
-# --- results ----------------------------------------------------------------------------------
-
-
-def _named(values) -> dict:
-    return {a: float(x) for a, x in zip(ATTRIBUTES, values)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Scores:
-    """One model's outputs for N sequences, as arrays (float32 unless noted).
-
-    reward [N]; means, log_stds, gate [N, 5] (attribute order `ATTRIBUTES`); uncertainty [N] =
-    sum_k exp(2 log_std_k), as computed by the model; num_tokens [N] int; truncated [N] bool.
-    """
-
-    reward: np.ndarray
-    means: np.ndarray
-    log_stds: np.ndarray
-    gate: np.ndarray
-    uncertainty: np.ndarray
-    num_tokens: np.ndarray
-    truncated: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.reward)
-
-    @property
-    def variance(self) -> np.ndarray:
-        """[N, 5] per-attribute variance exp(2 log_std), float64."""
-        return np.exp(2.0 * self.log_stds.astype(np.float64))
-
-    @property
-    def cov_frobenius(self) -> np.ndarray:
-        """[N] Frobenius norm of the diagonal covariance diag(exp(2 log_std)), float64."""
-        return np.sqrt(np.sum(np.exp(4.0 * self.log_stds.astype(np.float64)), axis=-1))
-
-    def measure(self, name: str) -> np.ndarray:
-        """[N] uncertainty by name: aleatoric (sum of variances) or cov_frobenius."""
-        if name == "aleatoric":
-            return self.uncertainty.astype(np.float64)
-        if name == "cov_frobenius":
-            return self.cov_frobenius
-        if name == "reward_gap":
-            raise ValueError("uncertainty 'reward_gap' needs an ensemble (several models)")
-        raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {name!r}")
-
-    def record(self, i: int) -> dict:
-        """The JSON output line of sequence i (without its id)."""
-        return {"reward": float(self.reward[i]), "mean": _named(self.means[i]),
-                "log_std": _named(self.log_stds[i]),
-                "variance": _named(np.exp(2.0 * self.log_stds[i].astype(np.float64))),
-                "gate": _named(self.gate[i]), "uncertainty": float(self.uncertainty[i]),
-                "num_tokens": int(self.num_tokens[i]), "truncated": bool(self.truncated[i])}
-
-    def take(self, index) -> "Scores":
-        return Scores(*(np.asarray(getattr(self, f.name))[index] for f in dataclasses.fields(self)))
-
-    @staticmethod
-    def concat(parts: Sequence["Scores"]) -> "Scores":
-        return Scores(*(np.concatenate([getattr(p, f.name) for p in parts])
-                        for f in dataclasses.fields(Scores)))
-
-
-def least_uncertain(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
-    """Indices of the `fraction` least uncertain results: at least one, ties in input order."""
-    k = max(1, math.ceil(fraction * len(uncertainty) - 1e-9))
-    return np.argsort(uncertainty, kind="stable")[:k]
-
-
-def ensemble_statistics(rewards: np.ndarray, log_stds: np.ndarray) -> dict[str, np.ndarray]:
-    """URME statistics from M members' rewards [M, N] and log-stds [M, N, 5] (float64 math).
-
-    reward_mean: the ensemble's reward; reward_gap: the largest pairwise difference of member
-    rewards, max_m r_m - min_m r_m; cov_frobenius: the largest over members of
-    ||diag(exp(2 log_std_m))||_F = sqrt(sum_k exp(4 log_std_mk)); aleatoric: the members' mean of
-    sum_k exp(2 log_std_mk).
-    """
-    r = np.asarray(rewards, np.float64)
-    s = np.asarray(log_stds, np.float64)
-    return {"reward_mean": r.mean(axis=0), "reward_gap": r.max(axis=0) - r.min(axis=0),
-            "cov_frobenius": np.sqrt(np.exp(4.0 * s).sum(axis=-1)).max(axis=0),
-            "aleatoric": np.exp(2.0 * s).sum(axis=-1).mean(axis=0)}
-
-
-@dataclasses.dataclass(frozen=True)
-class EnsembleScores:
-    """Outputs of an ensemble of URMs (URME) for N sequences: each member's `Scores`, in the
-    order the models were given, plus the ensemble statistics (see `ensemble_statistics`)."""
-
-    members: tuple[Scores, ...]
-
-    def __post_init__(self):
-        object.__setattr__(self, "_stats", ensemble_statistics(
-            np.stack([m.reward for m in self.members]), np.stack([m.log_stds for m in self.members])))
-
-    def __len__(self) -> int:
-        return len(self.members[0])
-
-    @property
-    def reward(self) -> np.ndarray:
-        """[N] the ensemble's reward: the members' mean."""
-        return self._stats["reward_mean"]
-
-    @property
-    def uncertainty(self) -> np.ndarray:
-        """[N] aleatoric uncertainty, averaged over members."""
-        return self._stats["aleatoric"]
-
-    @property
-    def reward_gap(self) -> np.ndarray:
-        return self._stats["reward_gap"]
-
-    @property
-    def cov_frobenius(self) -> np.ndarray:
-        return self._stats["cov_frobenius"]
-
-    @property
-    def num_tokens(self) -> np.ndarray:
-        return self.members[0].num_tokens
-
-    @property
-    def truncated(self) -> np.ndarray:
-        return self.members[0].truncated
-
-    def measure(self, name: str) -> np.ndarray:
-        if name not in UNCERTAINTY_MEASURES:
-            raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {name!r}")
-        return self._stats[name]
-
-    def record(self, i: int) -> dict:
-        members = []
-        for m in self.members:
-            rec = m.record(i)
-            del rec["num_tokens"], rec["truncated"]  # the same for every member: kept once
-            members.append(rec)
-        return {"reward": float(self.reward[i]), "reward_mean": float(self.reward[i]),
-                "max_reward_gap": float(self.reward_gap[i]),
-                "max_cov_frobenius": float(self.cov_frobenius[i]),
-                "uncertainty": float(self.uncertainty[i]),
-                "num_tokens": int(self.num_tokens[i]), "truncated": bool(self.truncated[i]),
-                "members": members}
-
-    def take(self, index) -> "EnsembleScores":
-        return EnsembleScores(tuple(m.take(index) for m in self.members))
-
-    @staticmethod
-    def concat(parts: Sequence["EnsembleScores"]) -> "EnsembleScores":
-        return EnsembleScores(tuple(Scores.concat([p.members[m] for p in parts])
-                                    for m in range(len(parts[0].members))))
-
-
-@dataclasses.dataclass
-class ScoreResult:
-    """One sequence's outputs (the per-row view `score_ids` returns)."""
-
-    reward: float
-    means: np.ndarray
-    log_stds: np.ndarray
-    gate: np.ndarray
-    uncertainty: float
-    num_tokens: int
-
-    def to_json(self) -> dict:
-        return {"reward": float(self.reward), "mean": _named(self.means),
-                "log_std": _named(self.log_stds),
-                "variance": _named(np.exp(2.0 * self.log_stds.astype(np.float64))),
-                "gate": _named(self.gate), "uncertainty": float(self.uncertainty),
-                "num_tokens": self.num_tokens}
-
-
 # --- one model --------------------------------------------------------------------------------
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, input_ids, attention_mask):
+def forward_batch(graphdef, state, input_ids, attention_mask):
     """The model on one batch. Module-level with the graph definition static, so every scorer of
     the same architecture shares compiled programs (per shape and device placement): loading a
     second ensemble member, or a second Scorer of the same model, compiles nothing new.
@@ -393,7 +204,7 @@ class Scorer:
             ids, mask = pad_batch([list(r) for r in rows], pad_id=self.pad_id, length=length)
             self.compiled_shapes.add(ids.shape)
             with use_mesh(self.mesh):  # activation constraints (batch -> data) at trace time
-                out = _forward(self._graphdef, self._state, jax.device_put(ids, self._rows),
+                out = forward_batch(self._graphdef, self._state, jax.device_put(ids, self._rows),
                                 jax.device_put(mask, self._rows))
             pending.batches.append((np.asarray(idx), out))
         return pending
@@ -412,25 +223,28 @@ class Scorer:
             log_stds[idx] = np.asarray(out.log_stds[:m], np.float32)
             gate[idx] = np.asarray(out.gate[:m], np.float32)
             unc[idx] = np.asarray(out.uncertainty[:m], np.float32)
-        return Scores(reward, means, log_stds, gate, unc, pending.num_tokens, pending.truncated)
+        return Scores(reward, means, log_stds, gate, unc, pending.num_tokens, pending.truncated,
+                      attributes=self.cfg.attributes)
 
     def score_arrays(self, sequences: Sequence[Sequence[int]], truncated=None) -> Scores:
         return self.collect(self.submit(sequences, truncated))
 
-    def score_ids(self, sequences: Sequence[list[int]], progress: bool = False) -> list[ScoreResult]:
-        """Per-row results for token id lists (any order, any lengths up to max_length)."""
-        parts: list[tuple[np.ndarray, Scores]] = []
+    def score_ids(self, sequences: Sequence[Sequence[int]], progress: bool = False) -> Scores:
+        """`Scores` for token id lists (any order, any lengths up to max_length), in order; a
+        chunk of 64 batches is dispatched at a time."""
+        parts: list[Scores] = []
         step = max(64 * self.batch_size, 1)
         with tqdm(total=len(sequences), desc="score", unit="seq", disable=not progress, file=sys.stderr) as bar:
             for start in range(0, len(sequences), step):
                 chunk = sequences[start:start + step]
                 parts.append(self.score_arrays(chunk))
                 bar.update(len(chunk))
-        s = Scores.concat(parts) if parts else None
-        return [ScoreResult(float(s.reward[i]), s.means[i], s.log_stds[i], s.gate[i],
-                            float(s.uncertainty[i]), int(s.num_tokens[i])) for i in range(len(sequences))]
+        if not parts:
+            raise ValueError("no sequences to score")
+        return Scores.concat(parts)
 
-    def score(self, examples: Iterable[dict], progress: bool = False) -> list[ScoreResult]:
+    def score(self, examples: Iterable[dict], progress: bool = False) -> Scores:
+        """`Scores` for examples in any score input schema (see `render_ids`)."""
         return self.score_ids([self.encode(e) for e in examples], progress=progress)
 
 
@@ -497,97 +311,3 @@ class Ensemble:
             previous = (chunk, pending)
         if previous is not None:
             yield previous[0], self.collect(previous[1])
-
-
-# --- JSONL helpers ----------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | Path, encode) -> tuple[list[dict], list[list[int]]]:
-    """Parse and encode every line (small files: parity, goldens); the first bad line raises
-    InputError naming file and line."""
-    examples, sequences = [], []
-    for _, (example, ids) in iter_jsonl(path, lambda obj: (obj, encode(obj))):
-        examples.append(example)
-        sequences.append(ids)
-    return examples, sequences
-
-
-@dataclasses.dataclass
-class ScoreRun:
-    """What a `score_file` run did."""
-
-    written: int
-    skipped: BadLines
-    tokens: int
-    seconds: float
-    shapes: int  # distinct padded batch shapes (one compile each per member)
-
-
-_NO_ID = object()
-
-
-def score_file(models: Scorer | Ensemble, input_path, output_path, **kwargs) -> int:
-    """`score_jsonl`, returning the number of lines written."""
-    return score_jsonl(models, input_path, output_path, **kwargs).written
-
-
-def shard_range(num_lines: int, shard: tuple[int, int]) -> range:
-    """Shard k of n of num_lines lines: contiguous and balanced, so the shards' outputs
-    concatenated in shard order are the whole file's output in input order."""
-    index, count = shard
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
-    return range(num_lines * index // count, num_lines * (index + 1) // count)
-
-
-def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_size: int = 1024,
-                on_bad_line: str = "error", bad_lines_path=None, progress: bool = True,
-                shard: tuple[int, int] | None = None) -> ScoreRun:
-    """Stream-score a JSONL file into another, line for line in input order.
-
-    Memory is bounded by ``chunk_size`` lines: a chunk is read, tokenised and dispatched to every
-    member; while the devices work, the next chunk is read and tokenised; then the first is
-    gathered and written. The output appears only when the whole file succeeded (atomic rename);
-    a bad line stops the run naming ``file:line`` unless ``on_bad_line="skip"``, which leaves it
-    out and records it (written to ``bad_lines_path`` as JSONL when given). ``shard=(k, n)``
-    scores only the k-th of n contiguous slices of the non-blank lines (one process or host per
-    slice; `cat` of the outputs in shard order is the whole file's output).
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    ensemble = models if isinstance(models, Ensemble) else Ensemble([models])
-    bad = BadLines(str(input_path))
-    started = time.perf_counter()
-
-    def parse(obj):
-        ids, truncated = ensemble.encode_with_info(obj)  # ValueError for a bad example
-        return obj.get("id", _NO_ID), ids, truncated
-
-    lines = None if shard is None else shard_range(count_lines(input_path), shard)
-    total = len(lines) if lines is not None else count_lines(input_path) if progress else None
-    written = tokens = counted_bad = 0
-    chunks = chunked(iter_jsonl(input_path, parse, on_bad_line=on_bad_line, bad=bad, lines=lines),
-                     chunk_size)
-    with atomic_file(output_path) as out, tqdm(total=total, desc="score", unit="line", file=sys.stderr,
-                                               disable=not progress, dynamic_ncols=True) as bar:
-        for chunk, scores in ensemble.score_chunks(chunks, lambda chunk: (
-                [ids for _, (_, ids, _) in chunk], [t for _, (_, _, t) in chunk])):
-            for row, (_, (example_id, _, _)) in enumerate(chunk):
-                record = {} if example_id is _NO_ID else {"id": example_id}
-                record.update(scores.record(row))
-                out.write(json.dumps(record) + "\n")
-            written += len(chunk)
-            tokens += int(scores.num_tokens.sum())
-            bar.update(len(chunk) + len(bad) - counted_bad)  # skipped lines are progress too
-            counted_bad = len(bad)
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", skipped=len(bad))
-    if bad_lines_path is not None:
-        bad.write(bad_lines_path)
-    shapes = len(set().union(*(s.compiled_shapes for s in ensemble.scorers)))
-    return ScoreRun(written, bad, tokens, time.perf_counter() - started, shapes)
-
-
-def describe(cfg: ModelConfig, model: URM) -> str:
-    dt = model.options.dtypes
-    return (f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; "
-            f"compute {dt.compute}, gate {dt.gate_dtype(cfg)}")

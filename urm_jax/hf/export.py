@@ -1,0 +1,75 @@
+"""urm-jax checkpoint -> HF directory (`to_hf`): sharded safetensors laid out and reserved first,
+then every stored chunk read and written, transposed, into its tensors' regions; config.json,
+the PyTorch reference class (`modeling_custom.py`) and the tokenizer files beside them."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
+from urm_jax.config import np_dtype
+from urm_jax.hf.mapping import Alloc
+from urm_jax.hf.plan import ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units, unit_progress
+from urm_jax.hf.safetensors_io import SafetensorsWriter, parse_size
+from urm_jax.hf.streams import BufferPool, Progress, ordered_map, pooled, readahead
+from urm_jax.io_utils import atomic_dir
+
+MODELING_FILE = Path(__file__).with_name("modeling_custom.py")
+
+
+def _into_shaped(out: np.ndarray) -> Alloc:
+    """An Alloc handing out `out` under another shape of the same size (HF and JAX shapes of an
+    untransposed tensor differ only by reshape)."""
+    return lambda shape, dtype: out.reshape(shape)
+
+
+
+def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5GB",
+          overwrite=False, progress=True) -> Path:
+    """urm-jax checkpoint -> HF dir. Shard files are laid out and reserved first; then each
+    stored chunk is read (one per thread at a time) and written, transposed, into its tensors'
+    mapped regions of the shards, in any order."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg = load_config(ckpt_dir)
+    reader = ParamsReader(ckpt_dir)
+    plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
+    limit = parse_size(max_shard_size)
+    specs = [spec for plan in plans for spec in plan.hf_specs()]
+
+    def export(unit, alloc):
+        plan, start, stop = unit
+        entry = plan.entry
+        if not entry.stacked and entry.n_in is None:  # rows of one tensor, untransposed
+            with writer.region(entry.hf_key, start, stop - start) as out:
+                same = out.dtype == reader.dtype(plan.path)
+                rows = reader.read(plan.path, start, stop, _into_shaped(out) if same else alloc)
+                if not same:
+                    np.copyto(out, rows, casting="unsafe")
+        else:
+            block = reader.read(plan.path, start, stop, alloc)
+            for key, value in plan.unit_tensors(start, stop, block):
+                with writer.region(key) as out:
+                    entry.to_hf_into(value, out, alloc)
+        return unit_progress(plan, start, stop, np_dtype(plan.out).itemsize)
+
+    units = row_units(plans, ckpt_chunk_rows(reader))
+    total = sum(math.prod(shape) * np_dtype(d).itemsize for _, d, shape in specs)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = SafetensorsWriter(tmp, specs, limit)
+        writer.create()
+        with Progress("to_hf", total, len(specs), progress) as bar:
+            work = readahead(units, lambda unit: reader.prefetch(unit[0].path, *unit[1:]))
+            for done in ordered_map(pooled(BufferPool(), export), work):
+                bar.update(*done)
+        writer.finish()
+        hf = cfg.to_hf_dict(**output_dtypes(plans))
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+        shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
+        copy_tokenizer_files(ckpt_dir, tmp)
+    return Path(out_dir)
+

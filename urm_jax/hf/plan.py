@@ -1,0 +1,179 @@
+"""What a conversion will do, decided from headers alone: one `Plan` per entry of the mapping
+table (JAX shape, stored and written dtype), checked against config.json (keys, shapes, dtypes)
+before the first byte is read or written, and the units of rows the streamed converters work in
+(one layer of a stacked array, a block of embedding rows, a small tensor whole)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+from urm_jax.checkpoint import ParamsReader, chunk_rows
+from urm_jax.config import ModelConfig, canonical_dtype, np_dtype
+from urm_jax.hf.mapping import IGNORED_HF_KEYS, LAYER_KEY, TABLE, Entry, get_path, is_gate
+from urm_jax.hf.safetensors_io import HFWeights
+from urm_jax.hf.streams import Progress
+from urm_jax.model.urm import abstract_model
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def jax_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """JAX shape of every table entry, from the model's own parameter declarations."""
+    tree = nnx.state(abstract_model(cfg)).to_pure_dict()
+    return {e.path: tuple(get_path(tree, e.path).shape) for e in TABLE}
+
+
+def target_dtype(entry: Entry, stored: str, dtype: str, gate_dtype: str | None) -> str:
+    """`dtype` ('keep' or a name) applies to backbone and value head; the gate keeps its own
+    dtype unless `gate_dtype` is given (the HF reference builds the gate in its own dtype)."""
+    if is_gate(entry):
+        return canonical_dtype(gate_dtype) if gate_dtype else stored
+    return stored if dtype == "keep" else canonical_dtype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One table entry as it will be converted."""
+    entry: Entry
+    shape: tuple[int, ...]  # JAX shape (stacked)
+    stored: str  # dtype in the source
+    out: str  # dtype written
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return self.entry.path
+
+    def hf_keys(self) -> list[str]:
+        return self.entry.hf_keys(self.shape[0])
+
+    @property
+    def whole(self) -> bool:
+        """A non-stacked kernel: its HF rows are JAX columns, so it converts as one unit (the
+        HF tensor is read, or written, once)."""
+        return not self.entry.stacked and self.entry.n_in is not None
+
+    def unit_tensors(self, start: int, stop: int, block: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """(HF key, JAX-layout value) of each HF tensor in rows [start, stop) of the parameter
+        (`block`): one per layer when stacked, else the block itself."""
+        if not self.entry.stacked:
+            return [(self.entry.hf_key, block)]
+        return list(zip(self.entry.hf_keys(range(start, stop)), block))
+
+    def hf_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        shape = self.entry.hf_shape(self.shape)
+        return [(key, self.out, shape) for key in self.hf_keys()]
+
+
+def stored_bytes(plans: list[Plan]) -> int:
+    return sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
+
+
+def output_dtypes(plans: list[Plan]) -> dict:
+    """{'torch_dtype', 'gate_dtype'} an output config.json records: what is actually stored."""
+    def pick(gate: bool) -> str:
+        names = {p.out for p in plans if is_gate(p.entry) == gate}
+        return "float32" if "float32" in names else sorted(names)[0]
+
+    return {"torch_dtype": pick(False), "gate_dtype": pick(True)}
+
+
+
+def check_keys(weights: HFWeights, num_layers: int) -> None:
+    layers_in_file = sorted({int(m.group(1)) for k in weights.keys() if (m := LAYER_KEY.match(k))})
+    if layers_in_file and layers_in_file != list(range(num_layers)):
+        raise ConversionError(
+            f"config.json says num_hidden_layers={num_layers} but the weights hold layers "
+            f"{layers_in_file[0]}..{layers_in_file[-1]} ({len(layers_in_file)} layers)")
+    expected = [k for e in TABLE for k in e.hf_keys(num_layers)]
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise ConversionError(f"{weights.dir}: tensor {missing[0]} missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(set(weights.keys()) - set(expected))
+    unexpected = [k for k in unexpected if not IGNORED_HF_KEYS.fullmatch(k)]
+    if unexpected:
+        raise ConversionError(f"{weights.where(unexpected[0])}: unexpected tensor {unexpected[0]}"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                              + " - not part of the URM architecture")
+
+
+def plan_from_hf(weights: HFWeights, cfg: ModelConfig, dtype: str = "keep",
+                 gate_dtype: str | None = None) -> list[Plan]:
+    """Check keys, shapes and dtypes of every HF tensor from the headers alone (nothing read)."""
+    check_keys(weights, cfg.num_layers)
+    plans = []
+    for entry, shape in zip(TABLE, jax_shapes(cfg).values()):
+        want = entry.hf_shape(shape)
+        keys = entry.hf_keys(cfg.num_layers)
+        for key in keys:
+            got = weights.dtype(key)
+            if got not in FLOAT_DTYPES:
+                raise ConversionError(f"{weights.where(key)}: tensor {key} has dtype {got}; "
+                                      f"the model takes {', '.join(FLOAT_DTYPES)}")
+            if weights.shape(key) != want:
+                raise ConversionError(f"{weights.where(key)}: tensor {key} has shape "
+                                      f"{list(weights.shape(key))}, config.json implies {list(want)}")
+            if got != weights.dtype(keys[0]):
+                raise ConversionError(f"{weights.where(key)}: tensor {key} is {got}, {keys[0]} is "
+                                      f"{weights.dtype(keys[0])}; a stacked tensor needs one dtype")
+        stored = weights.dtype(keys[0])
+        plans.append(Plan(entry, shape, stored, target_dtype(entry, stored, dtype, gate_dtype)))
+    return plans
+
+
+
+def row_units(plans: list[Plan], rows_of: Callable[[Plan], int]) -> list[tuple[Plan, int, int]]:
+    return [(p, start, min(start + rows_of(p), p.shape[0]))
+            for p in plans for start in range(0, p.shape[0], rows_of(p))]
+
+
+def unit_progress(plan: Plan, start: int, stop: int,
+                   itemsize: int | None = None) -> tuple[int, float]:
+    """(bytes, HF tensors) a unit of rows accounts for (bytes at `itemsize`, default stored)."""
+    itemsize = itemsize or np_dtype(plan.stored).itemsize
+    nbytes = (stop - start) * math.prod(plan.shape[1:]) * itemsize
+    return nbytes, (stop - start) if plan.entry.stacked else (stop - start) / plan.shape[0]
+
+
+
+
+def hf_chunk_rows(plan: Plan) -> int:
+    if plan.whole:
+        return plan.shape[0]
+    return chunk_rows(plan.shape, np_dtype(plan.out), plan.entry.stacked)
+
+
+def plan_progress(desc: str, plans: list[Plan], enabled: bool) -> Progress:
+    return Progress(desc, stored_bytes(plans), sum(len(p.hf_keys()) for p in plans), enabled)
+
+
+
+def plan_from_ckpt(reader: ParamsReader, cfg: ModelConfig, dtype: str = "keep",
+                   gate_dtype: str | None = None) -> list[Plan]:
+    plans = []
+    for entry, shape in zip(TABLE, jax_shapes(cfg).values()):
+        got = reader.shape(entry.path)
+        if got != shape:
+            raise ConversionError(f"parameter {entry.jax_name} has shape {list(got)}, "
+                                  f"config.json implies {list(shape)}")
+        stored = canonical_dtype(reader.dtype(entry.path).name)
+        plans.append(Plan(entry, shape, stored, target_dtype(entry, stored, dtype, gate_dtype)))
+    return plans
+
+
+def ckpt_chunk_rows(reader: ParamsReader) -> Callable[[Plan], int]:
+    def rows(plan: Plan) -> int:
+        if plan.whole:
+            return plan.shape[0]
+        return reader.chunk_rows(plan.path)  # aligned with storage: each chunk read once
+    return rows
+

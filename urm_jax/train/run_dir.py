@@ -1,0 +1,141 @@
+"""A training run's directory: one owner at a time, one configuration per run.
+
+    checkpoints/<step>/   Orbax CheckpointManager steps (train state + data position)
+    final/                the trained model as a full urm-jax checkpoint
+    config.yaml           the accepted configuration (written once the run is accepted)
+    metrics.jsonl, tensorboard/, loss.png, data_report.txt, feature_cache/
+    .lock                 held (flock) by the process training into the directory
+
+Ownership: `claim` takes an exclusive `flock` on `.lock`. The kernel drops it when its process
+dies, however it dies, so a lock left by a killed run is never in the way (a stale lock cannot
+exist), while a live run in the same directory is refused with its host and pid. On a multi-host
+job only process 0 claims the directory (the others share it).
+
+One configuration: resuming compares the new configuration with the recorded `config.yaml` and
+refuses any change that alters the training trajectory (`TRAJECTORY_NEUTRAL` lists the keys
+that do not: logging, checkpoint cadence, evaluation, and the layout keys that only move float
+rounding), unless the key is allowed explicitly (`--allow-config-change KEY`, or `all`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from urm_jax.io_utils import atomic_file
+from urm_jax.train.config import TrainConfig, TrainConfigError, config_from_dict, to_dict
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.yaml"
+
+# Keys whose change leaves the trained parameters as they were (or moves them only by float
+# rounding: the mesh, remat, attention kernel and micro-batching of the same global batch).
+TRAJECTORY_NEUTRAL = frozenset({
+    "output_dir", "log_every", "eval_every", "tensorboard", "plot", "data.eval", "data.eval_split",
+    "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "mesh", "remat",
+    "attention", "grad_accum", "stage2_cached_features",
+})
+
+
+class RunDirectoryError(ValueError):
+    """The run directory is in use, or holds a run this configuration would not continue."""
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"optim.learning_rate": 2e-6, ...} from a nested config dict."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(recorded: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
+    """{key: (recorded value, new value)} for every key that differs."""
+    old, cur = flatten(to_dict(recorded)), flatten(to_dict(new))
+    return {k: (old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)}
+
+
+class RunDirectory:
+    """The paths of one run directory (`root`: absolute)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).absolute()
+        self.checkpoints = self.root / "checkpoints"
+        self.final = self.root / "final"
+        self.config = self.root / CONFIG_FILE
+        self.lock = self.root / LOCK_FILE
+
+    def recorded_config(self) -> TrainConfig | None:
+        """The configuration the run was accepted with, or None before it was."""
+        if not self.config.is_file():
+            return None
+        try:
+            raw = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+            raise RunDirectoryError(f"{self.config}: unreadable ({err})") from None
+        try:
+            return config_from_dict(raw)
+        except TrainConfigError as err:
+            raise RunDirectoryError(f"{self.config}: {err}") from None
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
+
+    def check_resume(self, cfg: TrainConfig, allow_changes: tuple[str, ...] = ()) -> None:
+        """Refuse to continue a checkpointed run with a configuration that changes its
+        trajectory (keys outside TRAJECTORY_NEUTRAL and not in `allow_changes`; 'all' allows
+        every key)."""
+        recorded = self.recorded_config()
+        if recorded is None or not self.has_checkpoints():
+            return
+        allowed = set(allow_changes)
+        changes = {k: v for k, v in config_changes(recorded, cfg).items()
+                   if k not in TRAJECTORY_NEUTRAL and k not in allowed and "all" not in allowed}
+        if changes:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            keys = " ".join(f"--allow-config-change {k}" for k in changes)
+            raise RunDirectoryError(
+                f"{self.root} holds checkpoints of a run with another configuration ({listed}); "
+                f"resuming would mix two trainings. Use a new output_dir, or pass {keys} to "
+                "continue anyway")
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        with atomic_file(self.config) as out:
+            out.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    @contextlib.contextmanager
+    def claim(self, owner: bool = True) -> Iterator["RunDirectory"]:
+        """Hold the directory for this process (an exclusive flock on `.lock`) for the block;
+        RunDirectoryError names the live holder if another process has it. `owner=False`
+        (processes > 0 of a multi-host job) only makes sure the directory exists."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not owner:
+            yield self
+            return
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+                raise RunDirectoryError(f"{self.root} is in use by a running `urm-jax train` "
+                                        f"({holder}); wait for it to finish or use another "
+                                        "output_dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the flock
