@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "TPU pods need none of these flags with URM_JAX_DISTRIBUTED=1)")
     p.add_argument("--num-processes", type=positive_int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+
+    from urm_jax.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -177,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_score(args)
         if args.command == "eval":
             return run_eval_command(args)
+        if args.command == "serve":
+            from urm_jax.serve import run_serve
+
+            return run_serve(args)
         if args.command == "parity":
             from urm_jax.parity import main_parity
 
