@@ -340,14 +340,16 @@ def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | No
             if not batcher.ready:
                 raise RequestError(503, f"the model is not ready ({batcher.state}); see GET /health",
                                    headers={"Retry-After": "5"})
-            body = await _read_body(request, limits)
-            parsed = await loop.run_in_executor(pool, parse, batcher, limits, body, dict(request.query_params))
-            try:
-                future = batcher.submit(parsed.sequences, parsed.truncated)
-            except ServerBusy as err:
-                raise RequestError(503, f"server busy: {err}", headers={"Retry-After": "1"}) from None
-            except NotReady as err:
-                raise RequestError(503, f"not serving: {err}", headers={"Retry-After": "5"}) from None
+            with batcher.arriving():  # the worker waits for this request's items, briefly
+                body = await _read_body(request, limits)
+                parsed = await loop.run_in_executor(pool, parse, batcher, limits, body,
+                                                    dict(request.query_params))
+                try:
+                    future = batcher.submit(parsed.sequences, parsed.truncated)
+                except ServerBusy as err:
+                    raise RequestError(503, f"server busy: {err}", headers={"Retry-After": "1"}) from None
+                except NotReady as err:
+                    raise RequestError(503, f"not serving: {err}", headers={"Retry-After": "5"}) from None
             try:
                 scores = await _result_or_disconnect(request, future)
             except (NotReady, ServerBusy) as err:

@@ -2,8 +2,10 @@
 
 Requests arrive as lists of token-id sequences (already tokenised by the HTTP side, which never
 calls JAX). Each request is cut into pieces of at most ``max_batch_items`` sequences and queued
-first in, first out. The worker takes pieces until it holds ``max_batch_items`` sequences or the
-oldest piece has waited ``max_wait_s`` (a lone request is never held longer), and hands them to
+first in, first out. The worker takes pieces until it holds ``max_batch_items`` sequences, or no
+other request is on its way (being received or tokenised: see `Batcher.arriving`; so a lone
+request, or a closed loop of clients that all wait for their answers, is never held), or the
+oldest piece has waited ``max_wait_s``, and hands them to
 the scoring engine in one `Ensemble.submit`, which packs them into the engine's fixed length
 buckets and row counts over all local devices, exactly as `urm-jax score` does. While the
 devices run that dispatch, the worker already takes and dispatches the next one (JAX dispatch is
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -126,6 +129,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue: deque[_Piece] = deque()
         self._queued_items = 0
+        self._arriving = 0  # requests being received or tokenised (will call submit soon)
         self._stopping = False
         self._shapes_at_ready = 0
         self._settled = threading.Event()  # set when loading and compiling are over, either way
@@ -170,6 +174,20 @@ class Batcher:
                 "compiled_shapes": self._shape_count()}
 
     # -- requests (HTTP side) --
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Announce a request from its first byte until its `submit` (or its rejection): while
+        any request is announced, the worker waits (up to max_wait_s) for it to join the next
+        dispatch; when none is, it dispatches at once."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
 
     def submit(self, sequences: Sequence[Sequence[int]], truncated: Sequence[bool]) -> concurrent.futures.Future:
         """Queue one request's sequences; the future gets its `Scores` / `EnsembleScores` in the
@@ -263,8 +281,8 @@ class Batcher:
 
     def _take(self, wait: bool) -> list[_Piece] | None:
         """Pieces for one dispatch. wait=True (devices idle): block for the first piece, then
-        up to max_wait_s after it was queued for more. wait=False (a dispatch in flight): only
-        what is queued now. None when nothing is taken."""
+        wait for more while requests are arriving, up to max_wait_s after the first was queued.
+        wait=False (a dispatch in flight): only what is queued now. None when nothing is taken."""
         with self._cond:
             while wait and not self._queue and not self._stopping:
                 self._cond.wait()
@@ -284,7 +302,7 @@ class Batcher:
                     count += len(piece)
                     deadline = deadline or piece.enqueued + self.max_wait_s
                     continue
-                if not wait or not taken or self._stopping:
+                if not wait or not taken or self._stopping or not self._arriving:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -66,7 +66,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     batching.add_argument("--max-batch-items", type=_at_least(1), default=64,
                           help="sequences per device dispatch; a larger request is split and reassembled")
     batching.add_argument("--max-wait-ms", type=_at_least(0, float), default=5.0,
-                          help="how long a queued request may wait for others to share its dispatch")
+                          help="how long a queued request may wait for requests still arriving to share "
+                          "its dispatch (none arriving: no wait)")
     batching.add_argument("--max-items", type=_at_least(1), default=1024, help="items per request (413 beyond)")
     batching.add_argument("--max-body-bytes", type=_at_least(1), default=64 << 20,
                           help="request body size (413 beyond; checked before reading it)")
