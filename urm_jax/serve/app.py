@@ -49,6 +49,7 @@ from urm_jax.rewards import penalized_reward
 from urm_jax.serve.batcher import Batcher, NotReady, ServerBusy
 
 OPEN_PATHS = ("/health",)  # answered without the bearer token (load balancers, probes)
+INLINE_FORMAT_ITEMS = 64  # answers of up to this many items are built on the event loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,8 +306,9 @@ async def _result_or_disconnect(request: Request, future: concurrent.futures.Fut
 
 def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
     """The FastAPI app over a (not yet started) `Batcher`: the app's lifespan starts the device
-    worker and, at shutdown, lets it finish what is queued. Tokenisation, JSON parsing and
-    response building run on one helper thread, so the event loop only moves bytes."""
+    worker and, at shutdown, lets it finish what is queued. Tokenisation and JSON parsing run on
+    one helper thread (the tokenizer is never used by two threads at once), and so does building
+    answers of more than `INLINE_FORMAT_ITEMS` items, so the event loop only moves bytes."""
     metrics = batcher.metrics
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="urm-tokenize")
 
@@ -356,7 +358,10 @@ def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | No
                 raise RequestError(503, f"not serving: {err}", headers={"Retry-After": "5"}) from None
             except Exception as err:  # the engine failed on this batch
                 raise RequestError(500, f"scoring failed: {type(err).__name__}: {err}") from None
-            payload, non_finite = await loop.run_in_executor(pool, fmt, parsed, scores)
+            if len(parsed.sequences) <= INLINE_FORMAT_ITEMS:  # microseconds: a thread hop costs more
+                payload, non_finite = fmt(parsed, scores)
+            else:
+                payload, non_finite = await loop.run_in_executor(pool, fmt, parsed, scores)
             metrics.count("items", len(parsed.sequences))
             metrics.count("tokens", sum(len(s) for s in parsed.sequences))
             if non_finite:
