@@ -42,7 +42,7 @@ from hf_fixtures import make_tiny_chat_urm, make_tiny_urm
 from urm_jax.api import RewardModel, penalized_reward, reward_function
 from urm_jax.cli import build_parser, main as cli_main
 from urm_jax.scoring import Ensemble, Scorer, Scores
-from urm_jax.serve.app import Limits, create_app, finite_or_none, format_score, parse_score
+from urm_jax.serve.app import Limits, create_app, finite_or_none, format_score
 from urm_jax.serve.batcher import Batcher, warmup_shapes
 from urm_jax.serve.server import ServerThread
 
@@ -184,7 +184,7 @@ def assert_error(response, status: int, *fragments: str, item: int | None = None
 
 def test_health_is_503_until_loaded_and_compiled(ensemble, client):
     gate = threading.Event()
-    with serving(ensemble, gate=gate, ready=False) as (server, batcher):
+    with serving(ensemble, gate=gate, ready=False) as (server, _):
         health = client.get(f"{server.url}/health")
         assert health.status_code == 503 and health.json() == {"status": "loading"}
         assert_error(post(client, server.url, "/score", {"items": [{"input_ids": [1, 2]}]}), 503,
@@ -220,7 +220,7 @@ def test_native_score_equals_urm_jax_score_bit_for_bit(served, client, pool, ref
 def test_ordering_under_concurrency_and_splitting(served, client, pool, reference):
     """48 concurrent requests of 1..40 mixed-length items (some split over several dispatches:
     max_batch_items=16): each answer holds its own items, in its order, bit for bit."""
-    server, batcher = served
+    server, _ = served
     rng = random.Random(1)
     requests = [rng.sample(range(len(pool)), rng.choice([1, 2, 3, 5, 8, 13, 17, 40])) for _ in range(48)]
 

@@ -50,6 +50,7 @@ from urm_jax.serve.batcher import Batcher, NotReady, ServerBusy
 
 OPEN_PATHS = ("/health",)  # answered without the bearer token (load balancers, probes)
 INLINE_FORMAT_ITEMS = 64  # answers of up to this many items are built on the event loop
+STOP_TIMEOUT_S = 60.0  # at shutdown, how long to wait for the device worker to finish
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +319,9 @@ def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | No
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+            # A load or compile in progress may take minutes: give up waiting after a while
+            # (the worker is a daemon thread).
+            await asyncio.get_running_loop().run_in_executor(None, batcher.stop, STOP_TIMEOUT_S)
             pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="urm-jax reward server", lifespan=lifespan, docs_url=None, redoc_url=None,
