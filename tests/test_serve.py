@@ -516,15 +516,19 @@ def _cli_env() -> dict:
 
 
 def test_urm_jax_serve_command_serves_and_stops_on_sigterm(chat_model):
+    """The real command: loopback by default, the API key from the environment, 200 once
+    ready, and SIGTERM stops it gracefully with exit status 0."""
     proc = _start(["--model", str(chat_model), "--port", "0", "--max-length", "32", "--batch-size", "1",
-                   "--no-progress"], _cli_env())
+                   "--no-progress"], {**_cli_env(), "URM_JAX_API_KEY": "from-env"})
     try:
         line = proc.stdout.readline()  # blocks until the server has bound its socket
         assert line.startswith("listening on http://127.0.0.1:"), (line, proc.poll())
         url = line.split()[-1]
-        info = wait_ready(url)
+        info = wait_ready(url)  # /health needs no token
         assert info["buckets"] == [16, 24, 32] and info["devices"] == 1
-        answer = httpx.post(f"{url}/score", json={"items": [{"prompt": "hi", "response": "hello"}]}, timeout=WAIT_S)
+        body = {"items": [{"prompt": "hi", "response": "hello"}]}
+        assert_error(httpx.post(f"{url}/score", json=body, timeout=WAIT_S), 401, "bearer token")
+        answer = httpx.post(f"{url}/score", json=body, headers={"Authorization": "Bearer from-env"}, timeout=WAIT_S)
         assert answer.status_code == 200 and answer.json()["results"][0]["num_tokens"] > 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT_S) == 0, proc.stderr.read()

@@ -226,6 +226,9 @@ def format_score(parsed: _Parsed, scores) -> tuple[dict, int]:
 
 
 def format_get_reward(parsed: _Parsed, scores) -> tuple[dict, int]:
+    """(OpenRLHF's {"rewards", "scores", "extra_logs"}, number of non-finite values written as
+    null): rewards = scores, penalised when the request's std_penalty is > 0; extra_logs hold the
+    raw reward and the uncertainty, one per query (float, from float32 / an ensemble's float64)."""
     raw = [float(r) for r in scores.reward]
     rewards = raw if not parsed.std_penalty else \
         [float(r) for r in penalized_reward(scores.reward, scores.uncertainty, parsed.std_penalty)]

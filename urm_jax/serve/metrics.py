@@ -33,6 +33,7 @@ class Metrics:
     # -- updates --
 
     def count(self, name: str, n: int = 1) -> None:
+        """Add n to the counter `name` (created at 0)."""
         with self._lock:
             self._counts[name] += n
 
@@ -44,14 +45,17 @@ class Metrics:
                 self._series["latency_s"].append(latency_s)
 
     def observe(self, series: str, value: float) -> None:
+        """Append one observation (seconds, or items) to a windowed series."""
         with self._lock:
             self._series[series].append(value)
 
     def gauge(self, name: str, value: float | int) -> None:
+        """Set the current value of `name` (queue depth, in-flight requests, shapes)."""
         with self._lock:
             self._gauges[name] = value
 
     def add_gauge(self, name: str, delta: int) -> None:
+        """Move the gauge `name` by delta."""
         with self._lock:
             self._gauges[name] += delta
 

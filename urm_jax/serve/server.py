@@ -28,11 +28,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def socket_url(sock: socket.socket) -> str:
+    """``http://host:port`` of a bound socket (IPv6 hosts in brackets)."""
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine (localhost, 127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
