@@ -95,9 +95,10 @@ class Batcher:
     ``load``: called once on the worker thread, returns the `Ensemble` (one member: a plain URM).
     ``max_batch_items``: sequences per dispatch (one `Ensemble.submit`; the engine cuts it into
     device batches); a longer request is split into pieces of this size. ``max_wait_s``: how long
-    the oldest queued piece may wait for others to join its dispatch. ``max_queued_items``:
+    the oldest queued piece may wait for requests still arriving (`arriving`) to join its
+    dispatch. ``max_queued_items``:
     beyond this many queued sequences `submit` raises `ServerBusy`. ``max_length``: the longest
-    sequence (tokens) warm-up prepares for (default: the ensemble's). ``warmup``: compile every
+    sequence (tokens) warm-up prepares for (default, and at most: the ensemble's). ``warmup``: compile every
     shape before turning ready. ``log``: receives one-line progress messages.
     """
 
@@ -143,8 +144,8 @@ class Batcher:
 
     @property
     def max_length(self) -> int:
-        """The longest sequence (tokens) the server accepts; only known once loaded."""
-        return self._max_length or self.ensemble.max_length
+        """The longest sequence (tokens) warm-up prepares for; only known once loaded."""
+        return min(self._max_length or self.ensemble.max_length, self.ensemble.max_length)
 
     def start(self) -> None:
         self._thread.start()
