@@ -25,7 +25,6 @@ from hf_fixtures import make_tiny_urm
 from urm_jax.cli import main as cli_main
 from urm_jax.attributes import HELPSTEER2 as ATTRIBUTES
 from urm_jax.scoring import Ensemble, Scorer, bucket_lengths, ensemble_statistics, score_jsonl
-from urm_jax.jsonl import InputError
 
 VOCAB, PAD = 512, 511
 TOL = 1e-6

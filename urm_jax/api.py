@@ -9,6 +9,8 @@ structured results inside RLHF loops (best-of-n selection, uncertainty filtering
     scores.reward, scores.uncertainty                     # [N] arrays
     keep = confident(scores, keep_fraction=0.8)           # [N] bool: the 80% least uncertain
     best = rm.best_of_n(q, candidates, penalty=0.1)       # argmax of reward - 0.1 * uncertainty
+    reward_fn = reward_function(rm, std_penalty=0.5)      # for TRL GRPOTrainer / Tunix learners
+    reward_fn = reward_function("http://127.0.0.1:8000")  # ... scored by a running `urm-jax serve`
 
 Scoring goes through the same engine as `urm-jax score` (length buckets, data parallel over all
 local devices, the training tokenisation policy), so the numbers are the CLI's numbers.
@@ -22,20 +24,29 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from urm_jax.data.tokenization import text_ids
+from urm_jax.rewards import RewardClient, RewardFunction, RewardServerError, penalized_reward
 from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores, least_uncertain
 
-Conversation = Any  # list of {role, content} | (prompt, response) | dict example | list of ids
+Conversation = Any  # list of {role, content} | (prompt, response) | rendered text | dict | ids
 
-__all__ = ["RewardModel", "BestOfN", "Scores", "EnsembleScores", "confident", "as_example"]
+__all__ = ["RewardModel", "BestOfN", "Scores", "EnsembleScores", "confident", "as_example",
+           "encode_item", "reward_function", "RewardFunction", "RewardClient", "RewardServerError",
+           "penalized_reward"]
+
+_SCHEMA_KEYS = ("messages", "prompt", "input_ids")
 
 
 def as_example(conversation: Conversation) -> dict:
-    """The `render_ids` example for a conversation given in any of the accepted forms:
-    a list of ``{"role", "content"}`` messages (ending with the assistant's), a
-    ``(prompt, response)`` pair of strings, a list of token ids, or a dict with ``messages``,
-    ``prompt`` + ``response`` or ``input_ids``."""
+    """The example (an `encode_item` dict) for a conversation given in any of the accepted
+    forms: a list of ``{"role", "content"}`` messages (ending with the assistant's), a
+    ``(prompt, response)`` pair of strings, a string of already-rendered chat text, a list of
+    token ids, or a dict with ``messages``, ``prompt`` + ``response``, ``input_ids`` or
+    ``text``."""
     if isinstance(conversation, dict):
         return conversation
+    if isinstance(conversation, str):
+        return {"text": conversation}
     if isinstance(conversation, np.ndarray):
         return {"input_ids": conversation.tolist()}
     if isinstance(conversation, (list, tuple)):
@@ -47,7 +58,25 @@ def as_example(conversation: Conversation) -> dict:
                                 for c in conversation):
             return {"input_ids": list(conversation)}
     raise ValueError("a conversation must be a list of {role, content} messages, a (prompt, "
-                     f"response) pair, a list of token ids or a dict; got {type(conversation).__name__}")
+                     f"response) pair, a rendered text, a list of token ids or a dict; got "
+                     f"{type(conversation).__name__}")
+
+
+def encode_item(ensemble: Ensemble, item: dict) -> tuple[list[int], bool]:
+    """(token ids, whether they were left-truncated) for one example: the score input schemas
+    (`urm_jax.data.tokenization.render_ids`: ``messages``, ``prompt`` + ``response``,
+    ``input_ids``) or ``{"text": ...}``, a chat already rendered by the template (OpenRLHF's
+    ``query``, a Tunix prompt + completion), tokenised by `text_ids` (exactly one BOS, nothing
+    stripped or appended) and then held to the same max_length / truncation policy.
+    ValueError about the item only."""
+    if isinstance(item, dict) and "text" in item:
+        mixed = [k for k in _SCHEMA_KEYS if k in item]
+        if mixed:
+            raise ValueError(f"example mixes schemas: has 'text' and also {mixed}; give only one")
+        if ensemble.tokenizer is None:
+            raise ValueError("this model has no tokenizer files, so it cannot score 'text'; give 'input_ids'")
+        return ensemble.encode_with_info({"input_ids": text_ids(ensemble.tokenizer, item["text"])})
+    return ensemble.encode_with_info(item)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +113,7 @@ class RewardModel:
         return self.ensemble.tokenizer
 
     def encode(self, conversation: Conversation) -> list[int]:
-        return self.ensemble.encode_with_info(as_example(conversation))[0]
+        return encode_item(self.ensemble, as_example(conversation))[0]
 
     def score(self, conversations: Sequence[Conversation], *, chunk_size: int = 1024) -> Scores | EnsembleScores:
         """Score conversations; results come back in the given order. One model gives `Scores`,
@@ -95,7 +124,7 @@ class RewardModel:
         encoded = []
         for i, conversation in enumerate(conversations):
             try:
-                encoded.append(self.ensemble.encode_with_info(as_example(conversation)))
+                encoded.append(encode_item(self.ensemble, as_example(conversation)))
             except ValueError as err:
                 raise ValueError(f"conversation {i}: {err}") from None
         chunks = (encoded[start:start + chunk_size] for start in range(0, len(encoded), chunk_size))
@@ -151,3 +180,33 @@ def confident(scores: Scores | EnsembleScores, *, keep_fraction: float | None = 
     if max_uncertainty is not None:
         keep &= u <= max_uncertainty
     return keep
+
+
+def reward_function(source: "RewardModel | RewardClient | str", *, std_penalty: float = 0.0,
+                    prompt_format: str = "chat", end_of_turn: str | None = None,
+                    prompt_column: str | None = None, api_key: str | None = None,
+                    name: str = "urm_reward") -> RewardFunction:
+    """A reward function for TRL's ``GRPOTrainer(reward_funcs=...)`` and Tunix's RL learners
+    (``reward_fns=...``): ``f(prompts, completions, **kwargs) -> list[float]``, each reward
+    ``reward - std_penalty * sqrt(uncertainty)`` (see `RewardFunction` for how prompts and
+    completions become conversations).
+
+    ``source``: a `RewardModel` (scores in this process), or a running `urm-jax serve` given as
+    its base URL (``"http://host:port"``, with ``api_key`` if it has one) or a `RewardClient`.
+    Both give the same numbers as `RewardModel.score` on the same conversations.
+    """
+    if isinstance(source, str):
+        source = RewardClient(source, api_key=api_key)
+    if isinstance(source, RewardModel):
+        def score(items):
+            scores = source.score(items)
+            return np.asarray(scores.reward), np.asarray(scores.uncertainty)
+    elif isinstance(source, RewardClient):
+        def score(items):
+            records = source.score(items)
+            return (np.array([r["reward"] for r in records], np.float64),
+                    np.array([r["uncertainty"] for r in records], np.float64))
+    else:
+        raise ValueError(f"source must be a RewardModel, a RewardClient or a server URL, got {type(source).__name__}")
+    return RewardFunction(score, std_penalty=std_penalty, prompt_format=prompt_format,
+                          end_of_turn=end_of_turn, prompt_column=prompt_column, name=name)

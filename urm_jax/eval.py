@@ -33,7 +33,6 @@ sigmoid(|margin|) the reward model implies.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from importlib import resources
@@ -45,7 +44,7 @@ from tqdm.auto import tqdm
 
 from urm_jax.io_utils import OutputExistsError, atomic_dir
 from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores, least_uncertain
-from urm_jax.jsonl import BadLines, chunked, count_lines, iter_jsonl
+from urm_jax.jsonl import BadLines, chunked, count_lines, dumps, iter_jsonl
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy",
@@ -260,7 +259,7 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
                        "margin": float(rc[i]) - float(rr[i]), "correct": bool(rc[i] > rr[i]),
                        "uncertainty_chosen": float(uc[i]), "uncertainty_rejected": float(ur[i]),
                        "uncertainty": float(uc[i] + ur[i]), "truncated": bool(tc or tr)}
-                out.write(json.dumps(rec) + "\n")
+                out.write(dumps(rec) + "\n")
                 cols["subset"].append(subset)
             cols["rc"].append(np.asarray(rc, np.float64))
             cols["rr"].append(np.asarray(rr, np.float64))
@@ -275,7 +274,7 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
         metrics = compute_metrics(cols["subset"], rc, rr, unc, bins=bins)
         metrics = {**(meta or {}), "pairs_file": str(pairs_path), "skipped_lines": len(bad),
                    "uncertainty_measure": measure, "pair_uncertainty": "chosen + rejected", **metrics}
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "metrics.json").write_text(dumps(metrics, indent=2) + "\n")
         if len(bad):
             bad.write(tmp / "skipped_lines.jsonl")
         plot_uncertainty_filter(metrics, tmp / "uncertainty_filter.png")

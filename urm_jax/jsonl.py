@@ -1,4 +1,4 @@
-"""Line-numbered JSONL reading shared by `urm-jax score`, `urm-jax eval` and parity.
+"""Line-numbered JSONL reading and standard-JSON writing, shared by every command.
 
 Files are read one line at a time, so memory stays bounded whatever the file size. A bad line
 either stops the run (the default: an `InputError` naming file and line) or, with
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -47,7 +48,34 @@ class BadLines:
     def write(self, path: str | Path) -> None:
         with atomic_file(path) as out:
             for entry in self.entries:
-                out.write(json.dumps(entry) + "\n")
+                out.write(dumps(entry) + "\n")
+
+
+def json_safe(value: Any) -> tuple[Any, int]:
+    """(value with every non-finite float, in any nesting of dicts and lists, replaced by None;
+    how many were replaced): what a JSON record may hold."""
+    if isinstance(value, float):
+        return (value, 0) if math.isfinite(value) else (None, 1)
+    if isinstance(value, dict):
+        out, bad = {}, 0
+        for k, v in value.items():
+            out[k], n = json_safe(v)
+            bad += n
+        return out, bad
+    if isinstance(value, (list, tuple)):
+        pairs = [json_safe(v) for v in value]
+        return [v for v, _ in pairs], sum(n for _, n in pairs)
+    return value, 0
+
+
+def dumps(value: Any, **kwargs) -> str:
+    """Standard JSON text of `value`, non-finite floats written as null (`json_safe`): never the
+    NaN/Infinity tokens strict parsers reject."""
+    return json.dumps(json_safe(value)[0], allow_nan=False, **kwargs)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name} (use null or a number)")
 
 
 def count_lines(path: str | Path) -> int:
@@ -91,7 +119,7 @@ def iter_jsonl(path: str | Path, parse: Callable[[Any], T], *, on_bad_line: str 
                 except UnicodeDecodeError as err:
                     raise ValueError(f"not UTF-8 ({err.reason} at byte {err.start})") from None
                 try:
-                    obj = json.loads(text)
+                    obj = json.loads(text, parse_constant=_reject_constant)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"invalid JSON ({err.msg})") from None
                 item = parse(obj)

@@ -68,11 +68,7 @@ def render_ids(
         messages = _messages(example)  # schema errors first: they say what is wrong with the line
         if tokenizer is None:
             raise ValueError("this model has no tokenizer files, so examples must give 'input_ids'")
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-        # A template that already writes BOS (stock Llama-3) plus the tokenizer's own BOS.
-        if bos is not None and ids[:2] == [bos, bos]:
-            ids = ids[1:]
+        ids = text_ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
 
     if max_length is None or len(ids) <= max_length:
         return ids
@@ -84,6 +80,28 @@ def render_ids(
     if bos is not None and ids[0] == bos and max_length >= 2:
         return [bos] + ids[len(ids) - (max_length - 1) :]
     return ids[len(ids) - max_length :]  # max_length 1: the end token beats the BOS
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a chat text already rendered by a chat template (what `render_ids` makes of
+    ``apply_chat_template(messages, tokenize=False)``; what OpenRLHF sends as ``query``).
+
+    ``tokenizer(text, add_special_tokens=True)``, then, when the text itself began with the BOS
+    (a template that writes it, like stock Llama-3's) and the tokenizer added another, one of the
+    two is dropped: the result starts with exactly one BOS whether or not the text had one
+    (none for a tokenizer without a BOS). Special tokens written in the text (``<|eot_id|>``)
+    become their ids; nothing is stripped or appended, so the reward is read at the text's last
+    token, which should be the final ``<|eot_id|>``. ValueError for a non-string or empty text.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"a rendered text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("the rendered text is empty")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    return ids
 
 
 _SCHEMAS = ("messages", "prompt", "input_ids")

@@ -5,7 +5,6 @@ goldens). Bad lines name `file:line` (see `urm_jax.jsonl`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from urm_jax.io_utils import atomic_file
-from urm_jax.jsonl import BadLines, chunked, count_lines, iter_jsonl
+from urm_jax.jsonl import BadLines, chunked, count_lines, dumps, iter_jsonl
 from urm_jax.scoring.engine import Ensemble, Scorer
 
 
@@ -90,7 +89,7 @@ def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_siz
             for row, (_, (example_id, _, _)) in enumerate(chunk):
                 record = {} if example_id is _NO_ID else {"id": example_id}
                 record.update(scores.record(row))
-                out.write(json.dumps(record) + "\n")
+                out.write(dumps(record) + "\n")
             written += len(chunk)
             tokens += int(scores.num_tokens.sum())
             bar.update(len(chunk) + len(bad) - counted_bad)  # skipped lines are progress too

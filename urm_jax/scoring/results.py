@@ -2,8 +2,9 @@
 `EnsembleScores`), the ensemble statistics, and the one JSON record per sequence that `urm-jax
 score`, the Python API and the server all write.
 
-Every record is standard JSON: a value that is not finite (a variance that overflows float64, a
-NaN from broken weights) is written as null, never as the non-standard NaN/Infinity tokens.
+Every JSON output is standard JSON: `json_safe` turns a value that is not finite (a variance that
+overflows float64, a NaN from broken weights) into null, never the non-standard NaN/Infinity
+tokens; every writer of records passes them through it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,8 @@ from urm_jax.attributes import HELPSTEER2
 UNCERTAINTY_MEASURES = ("aleatoric", "reward_gap", "cov_frobenius")
 
 
-def json_number(x) -> float | None:
-    """A float for JSON output, or None (null) when it is NaN or infinite."""
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
 def _named(attributes: Sequence[str], values) -> dict:
-    return {a: json_number(x) for a, x in zip(attributes, values)}
+    return {a: float(x) for a, x in zip(attributes, values)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +69,14 @@ class Scores:
         raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {name!r}")
 
     def record(self, i: int) -> dict:
-        """The JSON output record of sequence i (without its id): reward, per-attribute mean,
-        log_std, variance and gate, uncertainty, num_tokens, truncated."""
+        """The output record of sequence i (without its id): reward, per-attribute mean,
+        log_std, variance and gate, uncertainty, num_tokens, truncated (Python floats; pass it
+        through `json_safe` before writing JSON)."""
         names = self.attributes
-        return {"reward": json_number(self.reward[i]), "mean": _named(names, self.means[i]),
+        return {"reward": float(self.reward[i]), "mean": _named(names, self.means[i]),
                 "log_std": _named(names, self.log_stds[i]),
                 "variance": _named(names, np.exp(2.0 * self.log_stds[i].astype(np.float64))),
-                "gate": _named(names, self.gate[i]), "uncertainty": json_number(self.uncertainty[i]),
+                "gate": _named(names, self.gate[i]), "uncertainty": float(self.uncertainty[i]),
                 "num_tokens": int(self.num_tokens[i]), "truncated": bool(self.truncated[i])}
 
     def take(self, index) -> "Scores":
@@ -172,10 +168,10 @@ class EnsembleScores:
             rec = m.record(i)
             del rec["num_tokens"], rec["truncated"]  # the same for every member: kept once
             members.append(rec)
-        return {"reward": json_number(self.reward[i]), "reward_mean": json_number(self.reward[i]),
-                "max_reward_gap": json_number(self.reward_gap[i]),
-                "max_cov_frobenius": json_number(self.cov_frobenius[i]),
-                "uncertainty": json_number(self.uncertainty[i]),
+        return {"reward": float(self.reward[i]), "reward_mean": float(self.reward[i]),
+                "max_reward_gap": float(self.reward_gap[i]),
+                "max_cov_frobenius": float(self.cov_frobenius[i]),
+                "uncertainty": float(self.uncertainty[i]),
                 "num_tokens": int(self.num_tokens[i]), "truncated": bool(self.truncated[i]),
                 "members": members}
 

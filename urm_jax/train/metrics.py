@@ -20,6 +20,7 @@ import numpy as np
 from urm_jax.attributes import HELPSTEER2
 from urm_jax.flops import mfu
 from urm_jax.io_utils import atomic_file
+from urm_jax.jsonl import dumps
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class MetricsWriter:
         values = flatten_metrics(metrics, self.attributes)
         record = {"step": int(step), "time": time.time(), **values}
         f = self._open()
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps(record) + "\n")
         f.flush()  # one line per step reaches the OS now: a crash loses at most the current step
         if self.tensorboard:
             tb = self._tb_writer()
@@ -143,7 +144,7 @@ class MetricsWriter:
             self._file = None
         if self.path.exists():
             kept = [r for r in read_metrics(self.path) if int(r["step"]) <= step]
-            _atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+            _atomic_write(self.path, lambda f: f.write("".join(dumps(r) + "\n" for r in kept).encode()))
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -1,0 +1,98 @@
+"""Running the reward server's app with uvicorn: on a socket bound up front (so port 0 works and
+the real port is known), in the foreground (`urm-jax serve`) or on a background thread
+(`ServerThread`: tests, benchmarks, notebooks)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+
+import uvicorn
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port); port 0 picks a free one (see `socket_url`).
+    OSError when the address is taken or not local."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def socket_url(sock: socket.socket) -> str:
+    """``http://host:port`` of a bound socket (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def uvicorn_server(app, *, log_level: str = "warning", access_log: bool = False,
+                   graceful_timeout_s: float = 30.0) -> uvicorn.Server:
+    """A uvicorn server for `app` (lifespan on: it starts and stops the device worker)."""
+    config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=access_log,
+                            timeout_graceful_shutdown=graceful_timeout_s)
+    return uvicorn.Server(config)
+
+
+class ServerThread:
+    """Serve `app` on a background thread at ``http://host:port`` (port 0: a free port).
+
+        with ServerThread(create_app(batcher)) as server:
+            httpx.get(server.url + "/health")
+
+    `start` returns once uvicorn accepts connections (the model may still be loading: poll
+    /health); `stop` shuts down gracefully (in-flight requests finish) and joins the thread.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **server_kwargs):
+        self._sock = bind_socket(host, port)
+        self.url = socket_url(self._sock)
+        self.server = uvicorn_server(app, **server_kwargs)
+        self._thread = threading.Thread(target=self._run, name="urm-http", daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self._sock])
+        except BaseException as err:  # noqa: BLE001 - surfaced by start()/stop()
+            self.error = err
+
+    def start(self, timeout: float = 120.0) -> "ServerThread":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start serving {self.url} within {timeout:g} s"
+                                   + (f": {self.error!r}" if self.error else ""))
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 120.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+        if self._thread.is_alive():
+            raise RuntimeError(f"the server at {self.url} did not shut down within {timeout:g} s")
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
