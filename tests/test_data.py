@@ -342,8 +342,52 @@ def test_pair_batches(pairs):
                 np.testing.assert_array_equal(batch["input_ids"][row, : len(ids)], ids)
                 assert batch["pool_index"][row, 0] == len(ids) - 1 and batch["input_ids"][row, len(ids) - 1] == EOT
                 assert batch["segment_ids"][row].sum() == len(ids) and batch["pool_mask"][row, 0] == 1
-    with pytest.raises(ValueError, match="not packed"):
-        BatchIterator(examples, batch_size=8, seq_len=SEQ_LEN, seed=1, pack=True)
+    with pytest.raises(ValueError, match="even max_segments"):
+        BatchIterator(examples, batch_size=8, seq_len=SEQ_LEN, seed=1, pack=True, max_segments=5)
+
+
+def test_packed_pair_batches(pairs):
+    """Packed stage-2 rows hold whole pairs side by side (chosen, rejected as segments 2j, 2j+1
+    of one row of 2 x seq_len tokens); every pair appears once per epoch; real tokens go from 13%
+    (one side per seq_len row) to >= 90% on the bundled pairs."""
+    examples, _ = pairs
+    it = BatchIterator(examples, batch_size=2, seq_len=SEQ_LEN, seed=3, pack=True, max_segments=32,
+                       num_epochs=1)
+    stats = it.epoch_stats(0)
+    unpacked = BatchIterator(examples, batch_size=2, seq_len=SEQ_LEN, seed=3, pack=False).epoch_stats(0)
+    assert unpacked["padding_efficiency"] < 0.15 and stats["padding_efficiency"] >= 0.90, (unpacked, stats)
+    seen = []
+    for batch in it:
+        assert batch["input_ids"].shape == (2, 2 * SEQ_LEN) and batch["pool_index"].shape == (2, 32)
+        assert batch["pair_mask"].shape == (2, 16)
+        for r in range(2):
+            for j in np.flatnonzero(batch["pair_mask"][r]):
+                sides = []
+                for s in (2 * j, 2 * j + 1):
+                    end = batch["pool_index"][r, s]
+                    assert batch["pool_mask"][r, s] == 1 and batch["input_ids"][r, end] == EOT
+                    assert batch["segment_ids"][r, end] == s + 1
+                    sides.append(batch["input_ids"][r, batch["segment_ids"][r] == s + 1])
+                match = [i for i, e in enumerate(examples) if np.array_equal(e.chosen_ids, sides[0])
+                         and np.array_equal(e.rejected_ids, sides[1])]
+                assert match, "a packed pair is not one of the examples"
+                seen.append(match[0])
+            assert np.all(batch["pool_mask"][r][2 * int(batch["pair_mask"][r].sum()):] == 0)
+    assert sorted(seen) == list(range(len(examples)))
+    with pytest.raises(ValueError, match="even max_segments"):
+        BatchIterator(examples, batch_size=2, seq_len=SEQ_LEN, seed=3, pack=True, max_segments=7)
+
+
+def test_packed_pairs_on_a_helpsteer2_like_mix():
+    """>= 90% real tokens for HelpSteer2-like pairs (median ~600 tokens a side) at seq_len 4096."""
+    from urm_jax.data.batching import plan_epoch
+
+    lengths = synthetic_helpsteer_lengths(4000, 0) + synthetic_helpsteer_lengths(4000, 1)
+    packed = plan_epoch(lengths, batch_size=16, seq_len=8192, seed=0, epoch=0, pack=True,
+                        max_segments=8, tokens_per_row=8192)  # 8 pairs (16 sides) per row
+    padded = plan_epoch(lengths, batch_size=16, seq_len=8192, seed=0, epoch=0, pack=False,
+                        max_segments=1, tokens_per_row=8192)
+    assert padded.padding_efficiency < 0.2 and packed.padding_efficiency >= 0.9
 
 
 def test_packing_beats_padding_on_the_sample(hs2):
@@ -449,3 +493,27 @@ def test_examples_longer_than_seq_len_are_rejected(hs2):
     examples, _ = hs2
     with pytest.raises(ValueError, match="seq_len=64"):
         BatchIterator(examples, 8, 64, seed=0)
+
+
+def test_feature_pass_packs_sides_to_over_90_percent_real_tokens(pairs):
+    """The stage-2 feature pass packs every side as its own segment into rows of a few fixed
+    lengths: >= 90% real tokens on the bundled pairs and on a HelpSteer2-like mix (one side per
+    power-of-two row gave ~40%), every side placed exactly once, rows within their length."""
+    from urm_jax.data.datasets import PairExample
+    from urm_jax.train.features import FeaturePlan, row_lengths, segments_per_row
+
+    examples, _ = pairs
+    plan = FeaturePlan.build(examples, seq_len=SEQ_LEN, rows_per_batch=8)
+    assert plan.real_token_fraction >= 0.9, plan.real_token_fraction
+    placed = []
+    for length, segments, rows in plan.batches():
+        assert length in row_lengths(SEQ_LEN) and segments == segments_per_row(length)
+        assert len(rows) in (8, 1, 2, 4)  # full, or a partial batch's power of two
+        for row in rows:
+            used = sum(len(examples[i].rejected_ids if s else examples[i].chosen_ids) for i, s in row)
+            assert used <= length and len(row) <= segments
+            placed += row
+    assert sorted(placed) == [(i, s) for i in range(len(examples)) for s in (0, 1)]
+    mix = [PairExample(np.zeros(a, np.int32), np.zeros(b, np.int32))
+           for a, b in zip(synthetic_helpsteer_lengths(2000, 0), synthetic_helpsteer_lengths(2000, 1))]
+    assert FeaturePlan.build(mix, seq_len=4096, rows_per_batch=64).real_token_fraction >= 0.9

@@ -23,8 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
-import jax
 
+from urm_jax import compile_cache
 from urm_jax.demo import run_demo as demo
 from urm_jax.distributed import maybe_initialize
 from urm_jax.errors import USER_ERRORS
@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attention implementation (see `urm-jax score --help`)")
     model.add_argument("--no-warmup", action="store_true",
                        help="turn ready right after loading; each batch shape then compiles on first use")
-    model.add_argument("--compilation-cache", default=None, metavar="DIR",
-                       help="JAX persistent compilation cache: a restart reuses the compiled shapes")
+    model.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                       help="JAX's persistent compilation cache (default: on, in URM_JAX_COMPILATION_CACHE "
+                       "or ~/.cache/urm-jax; 'off' turns it off): a restart reuses the compiled shapes")
 
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -288,7 +289,8 @@ def run_score(args) -> int:
     if len(run.skipped):
         print(f"warning: {run.skipped.summary()}", file=sys.stderr)
     print(f"scored {run.written} examples -> {args.output} ({run.tokens} tokens, "
-          f"{run.tokens / max(run.seconds, 1e-9):.0f} tokens/s, {run.shapes} batch shapes"
+          f"{run.tokens / max(run.seconds, 1e-9):.0f} tokens/s, {run.shapes} batch shapes, "
+          f"{run.compile.describe()}"
           f"{f', {len(run.skipped)} bad lines skipped' if len(run.skipped) else ''})")
     return 0
 
@@ -394,7 +396,7 @@ def run_serve(args) -> int:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{path}: no such model directory")
     if args.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache))
+        compile_cache.enable(args.compilation_cache)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host) and not api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
@@ -444,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                 "train": run_train, "demo": run_demo, "serve": run_serve,
                 "memory": lambda a: run_memory(a, parser)}
     try:
+        # Before the first compile: every command reuses programs compiled by earlier runs.
+        compile_cache.enable()
         return handlers[args.command](args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from urm_jax.compile_cache import CompileMeter, CompileTotals
 from urm_jax.io_utils import OutputExistsError, atomic_dir
 from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores, least_uncertain
 from urm_jax.jsonl import BadLines, chunked, count_lines, dumps, iter_jsonl
@@ -203,6 +204,7 @@ class EvalRun:
     skipped: BadLines
     out_dir: Path
     seconds: float
+    compile: CompileTotals = dataclasses.field(default_factory=CompileTotals)  # within `seconds`
 
 
 def _require_matplotlib() -> None:
@@ -246,7 +248,7 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
     total = count_lines(pairs_path) if progress else None
     chunks = chunked(iter_jsonl(pairs_path, parse, on_bad_line=on_bad_line, bad=bad), chunk_size)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp, open(tmp / "pairs.jsonl", "w") as out, \
-            tqdm(total=total, desc="eval", unit="pair", file=sys.stderr, disable=not progress) as bar:
+            CompileMeter() as meter, tqdm(total=total, desc="eval", unit="pair", file=sys.stderr, disable=not progress) as bar:
         for chunk, scores in ensemble.score_chunks(chunks, rows):
             k = len(chunk)
             # every statistic is per row, so the halves of the chunk's scores are the sides'
@@ -279,7 +281,7 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
             bad.write(tmp / "skipped_lines.jsonl")
         plot_uncertainty_filter(metrics, tmp / "uncertainty_filter.png")
         plot_reliability(metrics, tmp / "reliability.png")
-    return EvalRun(metrics, bad, Path(out_dir), time.perf_counter() - started)
+    return EvalRun(metrics, bad, Path(out_dir), time.perf_counter() - started, meter.totals)
 
 
 def check_output_dir(out_dir, overwrite: bool) -> None:
@@ -351,7 +353,7 @@ def format_summary(run: EvalRun) -> str:
         f"{p['keep_percent']}%:{pct(p['accuracy'])}" for p in m["uncertainty_filter"]))
     lines.append(f"reliability: ECE {m['reliability']['ece']:.3f} over {len(m['reliability']['bins'])} bins")
     lines.append(f"-> {run.out_dir}/ (metrics.json, pairs.jsonl, uncertainty_filter.png, reliability.png)"
-                 f" in {run.seconds:.1f} s")
+                 f" in {run.seconds:.1f} s ({run.compile.describe()})")
     return "\n".join(lines)
 
 

@@ -177,11 +177,14 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
         "optimizer": 2 * params,
     }
 
-    # Rows per device per micro-batch: stage 2 rows are chosen + rejected of each pair.
-    micro = train.micro_batch_size * (2 if train.stage == 2 else 1)
+    # Rows per device per micro-batch: unpacked stage-2 rows are the chosen and rejected side of
+    # each pair; packed stage-2 rows hold whole pairs in 2 x seq_len tokens.
+    packed_pairs = train.stage == 2 and train.data.pack
+    micro = train.micro_batch_size * (2 if train.stage == 2 and not packed_pairs else 1)
     rows = math.ceil(micro / (data * fsdp))
     c = DTYPE_BYTES[precision.compute]
-    d, hd, length = cfg.hidden_size, cfg.head_dim, train.data.seq_len
+    d, hd = cfg.hidden_size, cfg.head_dim
+    length = train.data.seq_len * (2 if packed_pairs else 1)
     split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731  (as AxisRules.spec)
     hq, hkv, f = split(cfg.num_heads), split(cfg.num_kv_heads), split(cfg.intermediate_size)
     tokens = rows * length

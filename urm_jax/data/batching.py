@@ -12,9 +12,16 @@ Stage-1 batch (``B`` rows on this host, ``L`` = seq_len, ``S`` = max segments pe
   pool_index  int32   [B, S]     position of each segment's last token (its final <|eot_id|>)
   pool_mask   float32 [B, S]     1 for a real segment, 0 for an empty slot
   labels      float32 [B, S, 5]  HelpSteer2 attributes, 0 for empty slots
-Stage-2 batch (``B`` pairs on this host): rows 0..B-1 chosen, B..2B-1 the matching rejected:
+Stage-2 batch, unpacked (``B`` pairs on this host): rows 2r and 2r+1 are pair r's chosen and
+rejected sides:
   input_ids, segment_ids [2B, L]; pool_index int32 [2B, 1]; pool_mask float32 [2B, 1];
   pair_mask float32 [B] (0 for padding pairs of a final partial batch).
+Stage-2 batch, packed (``B`` rows on this host, each holding whole pairs side by side in
+``2 L`` tokens, so any pair of two ``L``-limited sides fits; ``S`` = max segments per row, even):
+  input_ids, segment_ids [B, 2L]; pool_index, pool_mask [B, S] (segments 2j, 2j+1 = the chosen
+  and rejected side of the row's j-th pair); pair_mask float32 [B, S/2].
+Either way the pooled rewards, flattened in row-major order, alternate chosen / rejected, and
+pair_mask flattened marks the real pairs: the loss reads both layouts the same way.
 """
 
 from __future__ import annotations
@@ -157,8 +164,8 @@ def regression_batch(rows: list[list[int]], examples: Sequence[RegressionExample
 
 def pair_batch(rows: list[list[int]], examples: Sequence[PairExample], *, seq_len: int,
                pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Stage-2 batch from rows of one pair index each (an empty row is a padding pair): token
-    rows 2r and 2r+1 are pair r's chosen and rejected sides."""
+    """Unpacked stage-2 batch from rows of one pair index each (an empty row is a padding pair):
+    token rows 2r and 2r+1 are pair r's chosen and rejected sides."""
     b = len(rows)
     batch = {
         "input_ids": np.full((2 * b, seq_len), pad_id, np.int32),
@@ -182,17 +189,52 @@ def pair_batch(rows: list[list[int]], examples: Sequence[PairExample], *, seq_le
     return batch
 
 
+def packed_pair_batch(rows: list[list[int]], examples: Sequence[PairExample], *, seq_len: int,
+                      max_segments: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Packed stage-2 batch from rows of pair indices: each row holds whole pairs, chosen then
+    rejected as consecutive segments, in ``2 * seq_len`` tokens (see the module doc). Attention
+    never crosses a segment and positions restart at each one, so a packed side scores as it
+    would alone."""
+    b, width = len(rows), 2 * seq_len
+    if max_segments < 2 or max_segments % 2:
+        raise ValueError(f"packed pairs need an even max_segments >= 2, got {max_segments}")
+    batch = {
+        "input_ids": np.full((b, width), pad_id, np.int32),
+        "segment_ids": np.zeros((b, width), np.int32),
+        "pool_index": np.zeros((b, max_segments), np.int32),
+        "pool_mask": np.zeros((b, max_segments), np.float32),
+        "pair_mask": np.zeros((b, max_segments // 2), np.float32),
+    }
+    for r, row in enumerate(rows):
+        if 2 * len(row) > max_segments:
+            raise ValueError(f"row {r} has {len(row)} pairs, more than max_segments={max_segments} allow")
+        start = 0
+        for j, i in enumerate(row):
+            for side, ids in enumerate((examples[i].chosen_ids, examples[i].rejected_ids)):
+                s, end = 2 * j + side, start + len(ids)
+                if end > width:
+                    raise ValueError(f"row {r} overflows {width} tokens")
+                batch["input_ids"][r, start:end] = ids
+                batch["segment_ids"][r, start:end] = s + 1
+                batch["pool_index"][r, s] = end - 1
+                batch["pool_mask"][r, s] = 1.0
+                start = end
+            batch["pair_mask"][r, j] = 1.0
+    return batch
+
+
 # --- the iterator ---------------------------------------------------------------------------
 
 
 class BatchIterator:
     """Deterministic, resumable batches over regression examples or preference pairs.
 
-    ``batch_size`` is GLOBAL (rows for stage 1, pairs for stage 2).  Each host computes the same
-    global plan and yields only rows ``[k*B/P, (k+1)*B/P)`` of every batch, where
-    ``k = process_index`` and ``P = process_count``.  Without packing each row holds one
-    conversation and ``max_segments`` is 1; pairs are never packed.  ``num_epochs=None``
-    iterates forever.
+    ``batch_size`` is GLOBAL: rows (packed, or one conversation each) for stage 1; for stage 2
+    pairs when unpacked, packed rows of whole pairs (``2 * seq_len`` tokens, ``max_segments``
+    sides each) when packed.  Each host computes the same global plan and yields only rows
+    ``[k*B/P, (k+1)*B/P)`` of every batch, where ``k = process_index`` and ``P =
+    process_count``.  Without packing each row holds one conversation (or pair) and
+    ``max_segments`` is 1.  ``num_epochs=None`` iterates forever.
     """
 
     def __init__(
@@ -213,8 +255,9 @@ class BatchIterator:
         if not examples:
             raise ValueError("BatchIterator needs at least one example")
         self.pairs = isinstance(examples[0], PairExample)
-        if self.pairs and pack:
-            raise ValueError("preference pairs are not packed: pass pack=False")
+        if self.pairs and pack and (max_segments < 2 or max_segments % 2):
+            raise ValueError(f"packed pairs need an even max_segments >= 2 (two sides per pair), "
+                             f"got {max_segments}")
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}")
         if not 0 <= process_index < process_count:
@@ -250,9 +293,11 @@ class BatchIterator:
     def plan(self, epoch: int) -> EpochPlan:
         """The global plan of ``epoch`` (cached for the current epoch)."""
         if self._plan is None or self._plan[0] != epoch:
-            plan = plan_epoch(self.lengths, batch_size=self.batch_size, seq_len=self.seq_len, seed=self.seed,
-                              epoch=epoch, pack=self.pack, max_segments=self.max_segments,
-                              pack_window=self.pack_window, tokens_per_row=(2 if self.pairs else 1) * self.seq_len)
+            row_len = (2 if self.pairs else 1) * self.seq_len  # a pair row holds both sides
+            units = self.max_segments // 2 if self.pairs and self.pack else self.max_segments
+            plan = plan_epoch(self.lengths, batch_size=self.batch_size, seq_len=row_len, seed=self.seed,
+                              epoch=epoch, pack=self.pack, max_segments=units,
+                              pack_window=self.pack_window, tokens_per_row=row_len)
             self._plan = (epoch, plan)
         return self._plan[1]
 
@@ -280,6 +325,9 @@ class BatchIterator:
         per_host = self.batch_size // self.process_count
         rows = global_rows[self.process_index * per_host : (self.process_index + 1) * per_host]
         self.step += 1
+        if self.pairs and self.pack:
+            return packed_pair_batch(rows, self.examples, seq_len=self.seq_len,
+                                     max_segments=self.max_segments, pad_id=self.pad_id)
         if self.pairs:
             return pair_batch(rows, self.examples, seq_len=self.seq_len, pad_id=self.pad_id)
         return regression_batch(rows, self.examples, seq_len=self.seq_len, max_segments=self.max_segments,

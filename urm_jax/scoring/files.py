@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from urm_jax.compile_cache import CompileMeter, CompileTotals
 from urm_jax.io_utils import atomic_file
 from urm_jax.jsonl import BadLines, chunked, count_lines, dumps, iter_jsonl
 from urm_jax.scoring.engine import Ensemble, Scorer
@@ -35,6 +36,7 @@ class ScoreRun:
     tokens: int
     seconds: float
     shapes: int  # distinct padded batch shapes (one compile each per member)
+    compile: CompileTotals = dataclasses.field(default_factory=CompileTotals)  # within `seconds`
 
 
 _NO_ID = object()
@@ -82,8 +84,9 @@ def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_siz
     written = tokens = counted_bad = 0
     chunks = chunked(iter_jsonl(input_path, parse, on_bad_line=on_bad_line, bad=bad, lines=lines),
                      chunk_size)
-    with atomic_file(output_path) as out, tqdm(total=total, desc="score", unit="line", file=sys.stderr,
-                                               disable=not progress, dynamic_ncols=True) as bar:
+    with atomic_file(output_path) as out, CompileMeter() as meter, \
+            tqdm(total=total, desc="score", unit="line", file=sys.stderr, disable=not progress,
+                 dynamic_ncols=True) as bar:
         for chunk, scores in ensemble.score_chunks(chunks, lambda chunk: (
                 [ids for _, (_, ids, _) in chunk], [t for _, (_, _, t) in chunk])):
             for row, (_, (example_id, _, _)) in enumerate(chunk):
@@ -98,4 +101,4 @@ def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_siz
     if bad_lines_path is not None:
         bad.write(bad_lines_path)
     shapes = len(set().union(*(s.compiled_shapes for s in ensemble.scorers)))
-    return ScoreRun(written, bad, tokens, time.perf_counter() - started, shapes)
+    return ScoreRun(written, bad, tokens, time.perf_counter() - started, shapes, meter.totals)

@@ -65,7 +65,7 @@ class DataConfig:
     eval: str | None = None  # optional held-out source (same schema)
     eval_split: str = "validation"
     seq_len: int = 4096
-    pack: bool = True  # stage 1 only; stage 2 rows are pairs
+    pack: bool = True  # stage 1: conversations per row; stage 2 (uncached): whole pairs per 2*seq_len row
     max_segments: int = 8
     shuffle_seed: int = 0
 
@@ -171,6 +171,9 @@ class TrainConfig:
         if self.mesh.count(-1) > 1 or any(s == 0 or s < -1 for s in self.mesh):
             raise TrainConfigError(f"`mesh`: {list(self.mesh)} needs 3 positive sizes (data, fsdp, "
                                    "tensor), at most one of them -1 (the remaining devices)")
+        if self.stage == 2 and self.data.pack and self.data.max_segments % 2:
+            raise TrainConfigError(f"`data.max_segments`: packed pairs take two segments each (chosen, "
+                                   f"rejected); give an even number, got {self.data.max_segments}")
         if self.trainable is not None:
             try:
                 check_patterns(self.trainable)

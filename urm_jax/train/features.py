@@ -7,6 +7,8 @@ matches; it is written atomically, so a killed run never leaves a cache that loo
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,11 +19,13 @@ from jax.experimental import multihost_utils
 import numpy as np
 from tqdm.auto import tqdm
 
-from urm_jax.data.batching import epoch_order, pair_batch
+from urm_jax.data.batching import epoch_order
 from urm_jax.data.datasets import PairExample
 from urm_jax.io_utils import atomic_file
 
 STATE_VERSION = 1
+MAX_FEATURE_SEGMENTS = 64  # sides per packed row of the feature pass (pool_index width)
+MIN_SIDE_TOKENS = 8  # a row of length n holds at most n // 8 sides (and MAX_FEATURE_SEGMENTS)
 
 
 def cache_key(model_path: str, examples: Sequence[PairExample], seq_len: int, compute_dtype: str) -> str:
@@ -44,33 +48,138 @@ def bucket_length(n: int, seq_len: int, minimum: int = 128) -> int:
 def compute_features(pooled_fn, examples: Sequence[PairExample], *, seq_len: int, batch_pairs: int,
                      batch_sharding, progress: bool = True) -> np.ndarray:
     """[N, 2, D] pooled hidden states (chosen, rejected) in example order, identical on every
-    host. Pairs are grouped by length into power-of-two buckets (one compile each) instead of all
-    padded to seq_len: a pair's features do not depend on its padding, and typical pairs are far
-    shorter than the limit (3x less work in bench/stage2_fast_path.py). `pooled_fn(batch)` is the
-    jitted frozen-backbone forward; each host feeds its slice of every batch and the pooled rows
-    are gathered back to all hosts."""
+    host.
 
-    per_host = batch_pairs // jax.process_count()
-    lo = jax.process_index() * per_host
-    longest = [max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
-    order = sorted(range(len(examples)), key=lambda i: longest[i])
+    Every side is pooled on its own, so sides need not travel with their pair: they are grouped
+    by length into power-of-two row lengths (`bucket_length`, one compile each) and packed
+    first-fit into rows of that length as separate segments (attention never crosses a segment
+    and positions restart at each, so a side's features do not depend on its neighbours), with
+    `2 * batch_pairs` rows per batch (the memory of the unpacked layout at the same length).
+    Packing turns the ~40% real tokens of one side per padded row into ~90%+ (see
+    `FeaturePlan.real_token_fraction`). `pooled_fn(batch)` is the jitted frozen-backbone
+    forward returning [rows, S, D]; each host feeds its slice of every batch and the pooled rows
+    are gathered back to all hosts."""
+    plan = FeaturePlan.build(examples, seq_len=seq_len, rows_per_batch=2 * batch_pairs,
+                             row_multiple=len(batch_sharding.device_set))
     features = None
-    bar = tqdm(total=len(examples), desc="stage-2 features", unit="pair", disable=not progress)
-    for start in range(0, len(order), batch_pairs):
-        chunk = order[start:start + batch_pairs]
-        length = bucket_length(max(longest[i] for i in chunk), seq_len)
-        rows = [[i] for i in chunk] + [[] for _ in range(batch_pairs - len(chunk))]
-        local = pair_batch(rows[lo:lo + per_host], examples, seq_len=length)
-        local.pop("pair_mask")
+    bar = tqdm(total=2 * len(examples), desc="stage-2 features", unit="side", disable=not progress)
+    bar.set_postfix_str(f"{plan.real_token_fraction:.0%} real tokens", refresh=False)
+    for length, segments, rows in plan.batches():
+        per_host = len(rows) // jax.process_count()
+        lo = jax.process_index() * per_host
+        local = side_batch(rows[lo:lo + per_host], examples, row_len=length, max_segments=segments)
         batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
         pooled = np.asarray(multihost_utils.process_allgather(pooled_fn(batch), tiled=True))
-        pooled = pooled.reshape(batch_pairs, 2, -1)[:len(chunk)]  # rows 2r / 2r+1
         if features is None:
             features = np.zeros((len(examples), 2, pooled.shape[-1]), pooled.dtype)
-        features[chunk] = pooled
-        bar.update(len(chunk))
+        for r, row in enumerate(rows):
+            for s, (pair, side) in enumerate(row):
+                features[pair, side] = pooled[r, s]
+        bar.update(sum(len(row) for row in rows))
     bar.close()
     return features
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturePlan:
+    """Which sides go in which packed row: per row length, rows of (pair, side) slots."""
+
+    rows_per_batch: int
+    buckets: dict  # row length -> (segments per row, rows: list of [(pair, side), ...])
+    real_tokens: int
+    row_multiple: int = 1  # every batch's row count is a multiple of this (the device count)
+
+    @staticmethod
+    def build(examples: Sequence[PairExample], *, seq_len: int, rows_per_batch: int,
+              row_multiple: int = 1) -> "FeaturePlan":
+        """Best-fit decreasing of every side into rows whose lengths come from `row_lengths`:
+        each side, longest first, goes into the open row with the least free room that holds it;
+        a side that fits none opens a row of the shortest length holding twice its tokens (room
+        for a partner of its size: the attention work of one such row is that of the two rows
+        it replaces). O(n log n) with the open rows sorted by free room."""
+        sides = sorted(((len(ids), i, s) for i, e in enumerate(examples)
+                        for s, ids in enumerate((e.chosen_ids, e.rejected_ids))),
+                       key=lambda x: (-x[0], x[1], x[2]))  # deterministic
+        lengths = row_lengths(seq_len)
+        rows: list[list] = []  # [row length, free tokens, [(pair, side), ...]]
+        by_free: list[tuple[int, int]] = []  # (free tokens, row) of rows that can take a side
+        for n, i, s in sides:
+            at = bisect.bisect_left(by_free, (n, -1))
+            if at < len(by_free):
+                k = by_free.pop(at)[1]
+            else:
+                length = next(x for x in lengths if x >= min(2 * n, seq_len))
+                rows.append([length, length, []])
+                k = len(rows) - 1
+            rows[k][1] -= n
+            rows[k][2].append((i, s))
+            if rows[k][1] > 0 and len(rows[k][2]) < segments_per_row(rows[k][0]):
+                bisect.insort(by_free, (rows[k][1], k))
+        buckets: dict = {}
+        for length, _, slots in rows:
+            buckets.setdefault(length, (segments_per_row(length), []))[1].append(slots)
+        buckets = dict(sorted(buckets.items()))
+        if rows_per_batch % row_multiple:
+            raise ValueError(f"{rows_per_batch} rows per batch do not split over {row_multiple} devices")
+        return FeaturePlan(rows_per_batch, buckets, sum(n for n, _, _ in sides), row_multiple)
+
+    def batch_rows(self, n: int) -> int:
+        """Rows of a batch holding n rows of sides: the full count, or for a bucket's last,
+        partial batch the next device multiple x power of two (few empty rows, and at most
+        1 + log2(rows / devices) shapes per row length)."""
+        per_device = -(-n // self.row_multiple)
+        return min(self.rows_per_batch, self.row_multiple * (1 << (per_device - 1).bit_length()))
+
+    def batches(self):
+        """(row length, segments per row, rows of (pair, side)) per batch, empty rows filling
+        a partial batch up to `batch_rows`."""
+        for length, (segments, rows) in self.buckets.items():
+            for start in range(0, len(rows), self.rows_per_batch):
+                chunk = rows[start:start + self.rows_per_batch]
+                yield length, segments, chunk + [[] for _ in range(self.batch_rows(len(chunk)) - len(chunk))]
+
+    @property
+    def real_token_fraction(self) -> float:
+        """Real tokens over the token slots of every batch (padding rows included)."""
+        slots = sum(length * len(rows) for length, _, rows in self.batches())
+        return self.real_tokens / slots if slots else 0.0
+
+
+def row_lengths(seq_len: int) -> list[int]:
+    """The packed row lengths of the feature pass: multiples of 128 (TPU kernel blocks) in
+    half-octave steps (128, 256, 384, 512, 768, 1024, 1536, ...) below seq_len, then seq_len:
+    a handful of compiled shapes, and a long side wastes at most a third of its row."""
+    out, length = [], 128
+    while length < seq_len:
+        out.append(length)
+        if length >= 256 and length * 3 // 2 < seq_len:
+            out.append(length * 3 // 2)
+        length *= 2
+    return sorted(set(out)) + [seq_len]
+
+
+def segments_per_row(length: int) -> int:
+    """Sides a packed row of `length` tokens may hold (the width of its pool_index)."""
+    return max(2, min(MAX_FEATURE_SEGMENTS, length // MIN_SIDE_TOKENS))
+
+
+def side_batch(rows: list[list[tuple[int, int]]], examples: Sequence[PairExample], *, row_len: int,
+               max_segments: int) -> dict[str, np.ndarray]:
+    """Token batch of packed sides: row r holds the (pair, side) sides of `rows[r]` as segments
+    (input_ids, segment_ids [R, row_len]; pool_index [R, max_segments])."""
+    b = len(rows)
+    batch = {"input_ids": np.zeros((b, row_len), np.int32), "segment_ids": np.zeros((b, row_len), np.int32),
+             "pool_index": np.zeros((b, max_segments), np.int32)}
+    for r, row in enumerate(rows):
+        start = 0
+        for s, (pair, side) in enumerate(row):
+            ids = examples[pair].rejected_ids if side else examples[pair].chosen_ids
+            end = start + len(ids)
+            batch["input_ids"][r, start:end] = ids
+            batch["segment_ids"][r, start:end] = s + 1
+            batch["pool_index"][r, s] = end - 1
+            start = end
+    return batch
 
 
 def load_or_compute(cache_dir: Path, key: str, compute) -> np.ndarray:
@@ -138,10 +247,11 @@ class FeatureIterator:
 
 
 def pooled_forward(binder):
-    """The frozen forward that pools features: f(params, batch) -> [2b, D] (params passed in,
-    never closed over, so they are not baked into the compiled program as constants)."""
+    """The frozen forward that pools features: f(params, batch) -> [rows, S, D] at each row's
+    segment ends `pool_index` (params passed in, never closed over, so they are not baked into
+    the compiled program as constants)."""
     def pooled(params, batch):
         model = binder(params)
-        return model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])[:, 0]
+        return model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])
 
     return jax.jit(pooled)

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from urm_jax.checkpoint import checkpoint_writer, chunk_rows, stacked_paths
+from urm_jax.compile_cache import CompileMeter
 from urm_jax.config import ModelConfig, np_dtype
 from urm_jax.data.batching import BatchIterator
 from urm_jax.data.datasets import load_helpsteer2, load_preference_pairs
@@ -58,9 +59,10 @@ def load_examples(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, source: s
 
 
 def make_iterator(cfg: TrainConfig, examples, num_epochs, pad_id: int) -> BatchIterator:
-    """This process's slice of every global token batch (stage 1 packed when `data.pack`)."""
+    """This process's slice of every global token batch (packed when `data.pack`: stage 1
+    conversations, stage 2 whole pairs; see urm_jax.data.batching)."""
     return BatchIterator(examples, cfg.global_batch_size, cfg.data.seq_len, cfg.data.shuffle_seed,
-                         pack=cfg.data.pack and cfg.stage == 1,
+                         pack=cfg.data.pack,
                          max_segments=cfg.data.max_segments, process_index=jax.process_index(),
                          process_count=jax.process_count(), num_epochs=num_epochs, pad_id=pad_id)
 
@@ -252,7 +254,9 @@ class TrainingRun:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         log(f"stage {cfg.stage}: {len(examples)} examples, {steps_per_epoch} steps/epoch, "
-            f"{self.total_steps} steps")
+            f"{self.total_steps} steps"
+            + ("" if cfg.use_features else f"; {self.iterator.epoch_stats(0)['padding_efficiency']:.1%} "
+               "of the first epoch's token slots are real tokens"))
         self.trainer = build_trainer(self.model_cfg, params, cfg, self.total_steps, self.mesh)
         del params
         self.eval_batches = load_eval_batches(cfg, self.model_cfg, tokenizer, pad_id, self.trainer)
@@ -281,10 +285,13 @@ class TrainingRun:
         self.peak = peak_flops_per_device(jax.devices()[0])
         self.throughput = Throughput()
         self.window = [time.perf_counter(), 0, 0.0]  # start, tokens, flops since the last log
+        self.compile = CompileMeter().start()  # the first step's compile, reported apart
         watch = PreemptionWatch()
         try:
             for step in range(self.start, self.total_steps):
                 self._train_step(step + 1, watch)
+                if step == self.start:
+                    log(f"step {step + 1}: {self.compile.totals.describe()}")
         except (NonFiniteTrainingError, TrainingPreempted):  # the bad step's metrics are written
             self.bar.close()
             self.writer.close()
@@ -292,6 +299,7 @@ class TrainingRun:
             raise
         finally:
             watch.close()
+            self.compile.stop()
         self.bar.close()
         self.manager.wait_until_finished()
         self.manager.close()
@@ -346,10 +354,12 @@ class TrainingRun:
         start, tokens, flops = self.window
         self.throughput.record(now - start, tokens, flops)
         self.window = [now, 0, 0.0]
-        record = dict(metrics, epoch=self.iterator.epoch)
+        record = dict(metrics, epoch=self.iterator.epoch, compile_seconds=self.compile.totals.seconds)
         if not self.cfg.use_features:
             record.update(tokens_per_s=self.throughput.tokens_per_second(),
-                          mfu=self.throughput.mfu(jax.device_count(), self.peak))
+                          mfu=self.throughput.mfu(jax.device_count(), self.peak),
+                          real_token_fraction=self.iterator.epoch_stats(
+                              self.iterator.epoch)["padding_efficiency"])
         self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         return record
 

@@ -88,10 +88,11 @@ def _loss_sums(model, train: TrainConfig, batch: dict, key: jax.Array, use_featu
                                label_shift=train.loss.label_shift)
     if use_features:
         pooled = batch["features"]  # [2b, D], cached by the frozen backbone
-    else:
-        pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])[:, 0]
-    reward = model.heads(pooled).reward  # rows 2r / 2r+1: pair r's chosen / rejected
-    return bradley_terry_loss(reward[0::2], reward[1::2], batch["pair_mask"])
+    else:  # [2b, 1, D] unpacked or [rows, S, D] packed (urm_jax.data.batching)
+        pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])
+    # Flattened in row-major order, rewards alternate chosen / rejected in every layout.
+    reward = model.heads(pooled).reward.reshape(-1)
+    return bradley_terry_loss(reward[0::2], reward[1::2], batch["pair_mask"].reshape(-1))
 
 
 def float32_global_norm(tree) -> jax.Array:
