@@ -1,8 +1,15 @@
 """Padding waste of stage-1 batches with and without sequence packing, on a HelpSteer2-like length
 distribution (`synthetic_helpsteer_lengths`: log-normal, median ~600 tokens; an ASSUMPTION, the
-hub is unreachable here -- rerun on real lengths where it is).
+hub is unreachable here -- rerun on real lengths where it is), and of preference pairs (stage 2)
+on the bundled pairs (data/samples/preference_sample.jsonl, rendered with the real Llama-3
+tokenizer) and on HelpSteer2-like pairs (two independent draws per pair).
 
-    .venv/bin/python bench/padding_waste.py [--seed 0] [--examples 20324]
+    .venv/bin/python bench/padding_waste.py [--seed 0] [--examples 20324] [--pairs 4000]
+
+Pair layouts: unpacked = one side per row of seq_len (2 rows a pair: the old layout); packed =
+whole pairs side by side in rows of 2 x seq_len (`BatchIterator(pack=True)`, 8 pairs a row);
+feature pass, old = one side per row at the power of two >= the pair's longer side; feature
+pass, packed = `FeaturePlan` (every side its own segment, best-fit into a few row lengths).
 
 Rows: unpacked = one conversation per row, 64 rows per step (the paper's batch of 64 examples);
 packed = first-fit into rows of seq_len tokens, 16 rows per step (the recipe), max 8 or 16
@@ -27,7 +34,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from urm_jax.data.batching import plan_epoch  # noqa: E402
-from urm_jax.data.datasets import synthetic_helpsteer_lengths  # noqa: E402
+from urm_jax.data.datasets import PairExample, load_preference_pairs, synthetic_helpsteer_lengths  # noqa: E402
+from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir  # noqa: E402
+from urm_jax.train.features import FeaturePlan, bucket_length  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 HELPSTEER2_TRAIN = 20324  # rows in nvidia/HelpSteer2 train
 
@@ -36,7 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=HELPSTEER2_TRAIN)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", type=int, default=4000, help="HelpSteer2-like pairs")
     args = parser.parse_args()
+    pair_table(args)
 
     # (label, rows per step, pack, max_segments); 32 packed rows at 2048 = 16 rows of 4096 in slots.
     layouts = [("unpacked", 64, False, 1), ("packed, 8 seg", 16, True, 8), ("packed, 16 seg", 16, True, 16)]
@@ -66,6 +79,42 @@ def main() -> None:
         print(f"{'':>7} 64 examples/step in tokens = {64 * lengths.mean() / (seq_len * packed.padding_efficiency):.1f} "
               f"packed rows of {seq_len} (16 rows hold {16 * seq_len * packed.padding_efficiency / lengths.mean():.0f} "
               "examples)\n")
+
+
+def old_feature_fraction(examples, seq_len: int, batch_pairs: int) -> float:
+    """The feature pass before packing: pairs sorted by their longer side, one side per row padded
+    to the power of two >= it, `batch_pairs` pairs (2x rows) per batch."""
+    longest = [max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: longest[i])
+    slots = sum(2 * batch_pairs * bucket_length(max(longest[i] for i in order[s:s + batch_pairs]), seq_len)
+                for s in range(0, len(order), batch_pairs))
+    real = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    return real / slots
+
+
+def pair_table(args) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cached_llama3_tokenizer_dir())
+    bundled, _ = load_preference_pairs(str(ROOT / "data/samples/preference_sample.jsonl"), tok, max_length=640)
+    draws = zip(synthetic_helpsteer_lengths(args.pairs, args.seed), synthetic_helpsteer_lengths(args.pairs, args.seed + 1))
+    mix = [PairExample(np.zeros(a, np.int32), np.zeros(b, np.int32)) for a, b in draws]
+    print("Preference pairs: real tokens / token slots over one epoch (final partial batches included)\n")
+    header = f"{'pairs':<30} {'seq_len':>7} {'unpacked':>9} {'packed':>7} {'features old':>12} {'features packed':>15}"
+    print(header)
+    print("-" * len(header))
+    for name, examples, seq_len, rows, batch_pairs in (
+            (f"bundled ({len(bundled)} pairs)", bundled, 640, 2, 8),
+            (f"HelpSteer2-like ({len(mix)} pairs)", mix, 4096, 16, 128)):
+        lengths = np.array([len(e.chosen_ids) + len(e.rejected_ids) for e in examples])
+        unpacked = plan_epoch(lengths, batch_size=batch_pairs, seq_len=2 * seq_len, seed=args.seed, epoch=0,
+                              pack=False, max_segments=1, tokens_per_row=2 * seq_len)
+        packed = plan_epoch(lengths, batch_size=rows, seq_len=2 * seq_len, seed=args.seed, epoch=0,
+                            pack=True, max_segments=8, tokens_per_row=2 * seq_len)
+        features = FeaturePlan.build(examples, seq_len=seq_len, rows_per_batch=2 * batch_pairs)
+        print(f"{name:<30} {seq_len:>7} {unpacked.padding_efficiency:>9.1%} {packed.padding_efficiency:>7.1%} "
+              f"{old_feature_fraction(examples, seq_len, batch_pairs):>12.1%} {features.real_token_fraction:>15.1%}")
+    print()
 
 
 def _row(seq_len, examples, plan_row, base_slots) -> str:

@@ -124,11 +124,10 @@ class FeaturePlan:
         return FeaturePlan(rows_per_batch, buckets, sum(n for n, _, _ in sides), row_multiple)
 
     def batch_rows(self, n: int) -> int:
-        """Rows of a batch holding n rows of sides: the full count, or for a bucket's last,
-        partial batch the next device multiple x power of two (few empty rows, and at most
-        1 + log2(rows / devices) shapes per row length)."""
-        per_device = -(-n // self.row_multiple)
-        return min(self.rows_per_batch, self.row_multiple * (1 << (per_device - 1).bit_length()))
+        """Rows of a batch holding n rows of sides: the full count, or for a row length's last,
+        partial batch the next multiple of the device count (at most two shapes, so two
+        compiles, per row length; the pass runs once per training run)."""
+        return min(self.rows_per_batch, -(-n // self.row_multiple) * self.row_multiple)
 
     def batches(self):
         """(row length, segments per row, rows of (pair, side)) per batch, empty rows filling
