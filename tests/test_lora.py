@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_fixtures import make_tiny_urm
-from test_train_step import add_accum_axis, rel, unpacked_batch
+from test_train_step import add_accum_axis, pair_batch, rel, unpacked_batch
 
 from urm_jax.checkpoint import load_params
 from urm_jax.config import DTypePolicy
@@ -32,7 +32,8 @@ from urm_jax.model.lora import LoraConfig, merge_kernel
 from urm_jax.model.paths import leaf_paths, merge, path_name
 from urm_jax.model.urm import ModelBinder, ModelOptions, init_lora, lora_targets, model_from_params, param_shardings
 from urm_jax.sharding import make_mesh
-from urm_jax.train.config import OptimConfig, PrecisionConfig, TrainConfig, TrainConfigError, load_train_config
+from urm_jax.train.config import (LossConfig, OptimConfig, PrecisionConfig, TrainConfig, TrainConfigError,
+                                  load_train_config)
 from urm_jax.train.step import build_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,6 +294,43 @@ def test_mesh_equals_one_device_and_shards_adapters(tiny):
     q = shardings["lora"]["backbone"]["layers"]["q_proj"]
     assert tuple(q["lora_a"].spec) == (None, "fsdp", None)
     assert tuple(q["lora_b"].spec) == (None, None, "tensor", None)
+
+
+def test_stage2_trains_gate_adapters_on_cached_features(tiny, tmp_path):
+    """Stage 2 with `lora.targets: [gate]`: only the gate's adapters train (the gate itself, the
+    backbone and the value head stay bit-identical), cached features and the full path agree,
+    and the saved gate is the merged one in the gate's save dtype."""
+    from urm_jax.train.loop import save_model
+
+    path, cfg, params = tiny
+    lora = LoraConfig(targets=("gate",), r=4, alpha=8)
+    raw = pair_batch(np.random.default_rng(7), 4)
+    binder = ModelBinder(cfg, ModelOptions(FP32))
+    features = binder(params).pooled_segments(raw["input_ids"], raw["segment_ids"], raw["pool_index"])[:, 0]
+    cached = {"features": np.asarray(features), "pair_mask": raw["pair_mask"]}
+    runs = {}
+    for use_features, batch in ((False, raw), (True, cached)):
+        train = lora_train(lora, stage=2, loss=LossConfig(kind="bt"), stage2_cached_features=use_features)
+        trainer = build_trainer(cfg, params, train, 100, make_mesh((1, 1, 1), jax.devices()[:1]))
+        for _ in range(3):
+            metrics = jax.device_get(trainer.run(add_accum_axis(batch)))
+        runs[use_features] = trainer, metrics
+    trainer, metrics = runs[True]
+    trained = jax.device_get(trainer.state.params)
+    assert set(trained) == {"lora"} and set(trained["lora"]) == {"gate"}
+    assert set(trainer.frozen) == {"backbone", "value_head", "gate"}
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(jax.device_get(runs[False][0].state.params))):
+        assert np.max(np.abs(a - b)) < 1e-6
+    assert np.any(trained["lora"]["gate"]["fc0"]["kernel"]["lora_b"])
+    out = load_params(save_model(tmp_path / "final", train, cfg, trainer, str(path)))
+    for group in ("backbone", "value_head"):
+        for a, b in zip(jax.tree.leaves(out[group]), jax.tree.leaves(params[group])):
+            assert np.array_equal(a, b)
+    np.testing.assert_array_equal(out["gate"]["fc0"]["bias"], params["gate"]["fc0"]["bias"])
+    ad = trained["lora"]["gate"]["fc0"]["kernel"]
+    want = np.asarray(merge_kernel(params["gate"]["fc0"]["kernel"], ad["lora_a"], ad["lora_b"], 2.0, False))
+    np.testing.assert_array_equal(out["gate"]["fc0"]["kernel"], want.astype(out["gate"]["fc0"]["kernel"].dtype))
+    assert not np.array_equal(out["gate"]["fc0"]["kernel"], params["gate"]["fc0"]["kernel"])
 
 
 def test_save_merges_in_float32_then_rounds_once(tiny, tmp_path):
