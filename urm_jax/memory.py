@@ -13,8 +13,10 @@ Static state, from the model's real parameter shapes (`abstract_model`) and the 
 (`urm_jax.sharding.AxisRules`), so every tensor is divided by exactly the mesh axes it is sharded
 over (norm weights and the odd-sized vocab axis stay replicated where the rules say so):
   params            trainable parameters in their storage dtype (stage 1: backbone + value head in
-                    `precision.param`; stage 2: the gate in `precision.gate_param`).
-  frozen_params     the rest (stage 1: the gate; stage 2: backbone + value head), no grads/moments.
+                    `precision.param`; stage 2: the gate in `precision.gate_param`; LoRA: the
+                    adapters, in their kernel's dtype, + the value head in stage 1).
+  frozen_params     the rest (stage 1: the gate; stage 2: backbone + value head; LoRA: the base
+                    weights too), no grads/moments.
   gradients         one gradient per trainable parameter, in the parameter dtype.
   grad_accumulator  grad_accum > 1 only: the running gradient sum the step scans with.
   optimizer         AdamW: optax's mu and nu follow the parameter dtype (mu_dtype=None), so
@@ -39,8 +41,16 @@ D = hidden, F = intermediate / tensor, Hq, Hkv = heads / tensor, c = bytes of th
         splash, cudnn (flash attention): no L x L tensor, only softmax statistics (B·Hq·L·8
           bytes) and the [B, Hkv, G, L, hd] layout copies of q, k, v and the output; cudnn also
           takes the dense [B, L, L] mask (bool, and as a bf16 bias).
-  fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) and their
-      unsharded gradient before the reduce-scatter, both in the parameter dtype.
+  fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) and the
+      unsharded gradient of its trained ones before the reduce-scatter, in the parameter dtype.
+  LoRA adds, per adapted projection of a layer and per token (in/out: the kernel's input/output
+  size on one device, r the rank): r for x A and out for (x A) B, and with dropout the dropped
+  input (in) that A's gradient needs; they are in the layer's working set (x A and the dropped
+  input with their cotangents, the dropout's random bits, 4 bytes each; (x A) B's cotangent is
+  its projection's), saved for the backward
+  pass by remat none (x A, the dropped input) and dots (the two matmul outputs), and not at all
+  by remat full. Adapted head kernels act on one pooled row per
+  sequence: nothing to count.
 Stage 2 runs no backward through the backbone: activations are the forward working set of one
 layer (the feature-cache pass, or the uncached step) and the gathered layer weights, no grads.
 Not counted (the margin covers them): XLA temporaries beyond the above, the input batch, the RoPE
@@ -62,7 +72,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from urm_jax.config import ModelConfig, read_json_file
 from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.model.paths import is_gate, matches
-from urm_jax.model.urm import abstract_model, param_logical_axes, param_shardings
+from urm_jax.model.urm import ModelOptions, abstract_model, lora_targets, param_logical_axes, param_shardings
 from urm_jax.sharding import MESH_AXES, AxisRules, batch_sharding, make_mesh, resolve_mesh_shape
 from urm_jax.train.config import TrainConfig
 from urm_jax.train.step import (TrainState, jit_train_step, make_optimizer, make_train_step,
@@ -78,6 +88,7 @@ SCORE_BYTES = 4 * 4 + 1
 SCORE_BYTES_FORWARD = 2 * 4 + 1
 FLASH_STATS_BYTES = 8  # per (row, head, token): softmax max/log-sum-exp and the backward's sum(dO*O)
 FLASH = ("splash", "cudnn")
+DROPOUT_BITS_BYTES = 4  # LoRA dropout: the uint32 random bits drawn per dropped input element
 MARGIN = 0.10  # hardware recipes keep at least this fraction of HBM free
 
 # HBM per device in decimal GB (the vendors' GiB figures are a few % larger: extra cushion).
@@ -107,14 +118,14 @@ STATIC = ("params", "frozen_params", "gradients", "grad_accumulator", "optimizer
 ACTIVATIONS = ("activations_residuals", "activations_layer", "fsdp_gather")
 
 
-def _sharded_counts(cfg: ModelConfig, mesh: tuple[int, int, int]) -> list[dict]:
-    """Per parameter: its path, total elements, elements per device, and (stacked layers) one
-    layer's elements gathered over fsdp (still split over tensor), from the abstract model and
-    the sharding rules."""
+def _sharded_counts(cfg: ModelConfig, mesh: tuple[int, int, int], options: ModelOptions) -> list[dict]:
+    """Per parameter (LoRA adapters included when `options.lora`): its path, total elements,
+    elements per device, and (stacked layers) one layer's elements gathered over fsdp (still
+    split over tensor), from the abstract model and the sharding rules."""
     rules = AxisRules()
     full = _MeshSizes(dict(zip(MESH_AXES, mesh)))
     tensor_only = _MeshSizes({"data": 1, "fsdp": 1, "tensor": mesh[2]})
-    model = abstract_model(cfg)
+    model = abstract_model(cfg, options)
     shapes = nnx.state(model).to_pure_dict()
     is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)  # noqa: E731
     flat_axes = jax.tree.leaves(param_logical_axes(model), is_leaf=is_axes)
@@ -145,6 +156,25 @@ def _split(spec, sizes: dict) -> int:
     return n
 
 
+def _lora_per_token(cfg: ModelConfig, train: TrainConfig, tensor: int) -> tuple[int, int, int]:
+    """LoRA's extra elements per token of one layer on one device: (x A outputs, (x A) B outputs,
+    dropped inputs), summed over the adapted stacked kernels; zeros without LoRA."""
+    if train.lora is None:
+        return 0, 0, 0
+    rules, sizes = AxisRules(), _MeshSizes({"data": 1, "fsdp": 1, "tensor": tensor})
+    xa = xab = dropped = 0
+    for kernel in lora_targets(train.lora, abstract_model(cfg)).values():
+        if not kernel.stacked:
+            continue
+        spec = rules.spec(kernel.axes, sizes, kernel.shape)
+        per_axis = [n // _split((entry,), sizes.shape) for n, entry in zip(kernel.shape, spec)]
+        n_in = math.prod(per_axis[1:1 + kernel.in_axes])
+        xa += train.lora.r
+        xab += math.prod(per_axis[1 + kernel.in_axes:])
+        dropped += n_in if train.lora.dropout > 0 else 0
+    return xa, xab, dropped
+
+
 def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devices: int | None = None,
              platform: str | None = "tpu") -> dict:
     """Per-device memory in bytes for training `cfg` as `train` says (stage, trainable patterns,
@@ -158,7 +188,7 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     attention = resolve_attention(train.attention, platform)
     mesh = resolve_mesh_shape(mesh_shape if mesh_shape is not None else train.mesh, num_devices)
     data, fsdp, tensor = mesh
-    counts = _sharded_counts(cfg, mesh)
+    counts = _sharded_counts(cfg, mesh, ModelOptions(lora=train.lora))
     precision = train.precision
 
     def nbytes(leaves, key="per_device"):
@@ -200,19 +230,25 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     else:
         attn_backward = SCORE_BYTES * scores
         attn_forward = attn_saved = SCORE_BYTES_FORWARD * scores
-    layer_weights = sum(c_["layer"] for c_ in counts if c_["path"][0] == "backbone") * DTYPE_BYTES[precision.param]
+    def layer_bytes(leaves):  # one stacked layer of these parameters (adapters included)
+        return sum(c_["layer"] for c_ in leaves) * DTYPE_BYTES[precision.param]
+
+    layer_weights = layer_bytes(counts)
     layers = cfg.num_layers
     if train.stage == 2:  # forward only through the frozen backbone
         out["activations_residuals"] = 0
         out["activations_layer"] = attn_forward + mask + tokens * per_token * c
         out["fsdp_gather"] = layer_weights
     else:
+        xa, xab, dropped = _lora_per_token(cfg, train, tensor)
         saved = {"full": tokens * d * c,
-                 "dots": tokens * (d + dots) * c,
-                 "none": tokens * (d + per_token) * c + attn_saved}[train.remat]
+                 "dots": tokens * (d + dots + xa + xab) * c,
+                 "none": tokens * (d + per_token + xa + dropped) * c + attn_saved}[train.remat]
         out["activations_residuals"] = layers * saved
-        out["activations_layer"] = attn_backward + mask + 2 * tokens * per_token * c
-        out["fsdp_gather"] = 2 * layer_weights
+        out["activations_layer"] = (attn_backward + mask
+                                    + tokens * (2 * (per_token + xa + dropped) + xab) * c
+                                    + tokens * dropped * DROPOUT_BITS_BYTES)
+        out["fsdp_gather"] = layer_weights + layer_bytes(trained)
     out["static"] = sum(out[k] for k in STATIC)
     out["activations"] = sum(out[k] for k in ACTIVATIONS)
     out["total"] = out["static"] + out["activations"]

@@ -36,6 +36,7 @@ class AxisRules:
         ("labels", None),
         ("gate_hidden", "tensor"),
         ("attributes", None),
+        ("lora_rank", None),  # LoRA's r (4-64): replicated; A and B split like their kernel
     )
 
     def __post_init__(self):

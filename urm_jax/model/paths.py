@@ -2,7 +2,10 @@
 
 A parameter's path is its key sequence in the pure-dict tree (`("backbone", "layers", "q_proj")`,
 `("gate", "fc0", "bias")`), written with slashes in patterns and messages
-(`backbone/layers/q_proj`). Three top-level groups: `backbone`, `value_head` and `gate`.
+(`backbone/layers/q_proj`). Three top-level groups: `backbone`, `value_head` and `gate`; a
+LoRA run's tree has a fourth, `lora`, holding the adapters of the kernels it adapts under their
+paths (`lora/backbone/layers/q_proj/lora_a`, see urm_jax.model.lora). Saved models never hold it:
+adapters are merged into their kernels.
 
 Patterns choose parameters (what a training stage trains, where LoRA adapters go): a pattern is
 a glob (`fnmatch`: `*` matches anything, slashes included; `?`, `[...]`) that selects a parameter
@@ -19,6 +22,7 @@ import jax
 
 GROUPS = ("backbone", "value_head", "gate")
 HEAD_GROUPS = ("value_head", "gate")  # what a URM adds to a Llama backbone
+LORA = "lora"  # the adapters' group (training only)
 Path = tuple[str, ...]
 
 
@@ -28,8 +32,10 @@ def path_name(path: Sequence[Any]) -> str:
 
 
 def is_gate(path: Sequence[Any]) -> bool:
-    """Whether a parameter belongs to the gating MLP (its own dtype: float16 in the real model)."""
-    return bool(path) and str(getattr(path[0], "key", path[0])) == "gate"
+    """Whether a parameter belongs to the gating MLP (its own dtype: float16 in the real model);
+    a LoRA adapter of a gate kernel does (it takes the gate's dtype)."""
+    keys = [str(getattr(k, "key", k)) for k in path[:2]]
+    return bool(keys) and (keys[0] == "gate" or keys == [LORA, "gate"])
 
 
 def check_patterns(patterns: Any) -> tuple[str, ...]:

@@ -9,12 +9,16 @@ gate weights (bf16 x fp16 -> fp32, as torch promotes).
 
 Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`: one compile for any
 depth and one on-disk layout. Every parameter carries `logical_axes` metadata for the sharding
-rules in `urm_jax.sharding`.
+rules in `urm_jax.sharding`; projection kernels also carry `kernel_in_axes` (how many axes after
+`layers` are contracted with the input), which is what makes them LoRA targets
+(`urm_jax.model.lora`: with `ModelOptions.lora` the model holds adapters under `lora/` and adds
+them to their kernels' outputs, inside the layer scan for stacked kernels).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -23,12 +27,14 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from urm_jax.config import DTypePolicy, ModelConfig
+from urm_jax.config import DTypePolicy, ModelConfig, RopeConfig
 from urm_jax.model.attention import allowed_mask, attention
 from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from urm_jax.model.attention import check_available as check_attention
 from urm_jax.model.attention import resolve as resolve_attention
-from urm_jax.model.paths import is_gate
+from urm_jax.model import lora as lora_lib
+from urm_jax.model.lora import LORA_A, LORA_B, Kernel, LoraConfig
+from urm_jax.model.paths import LORA, Path, is_gate, leaf_paths
 from urm_jax.model.rope import apply_rope, cos_sin
 from urm_jax.sharding import constrain, named_sharding
 
@@ -56,6 +62,7 @@ class ModelOptions:
     remat: str = "none"
     attention: str = "reference"  # see urm_jax.model.attention: auto | reference | xla | cudnn | splash
     attention_interpret: bool = False  # run Pallas kernels in interpret mode (CPU tests)
+    lora: LoraConfig | None = None  # adapters on the kernels its targets select (training)
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -65,7 +72,10 @@ class ModelOptions:
                              f"{ATTENTION_IMPLEMENTATIONS}")
 
 
-def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str, fan_in: int = 1) -> nnx.Param:
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str, fan_in: int = 1,
+           kernel_in_axes: int | None = None) -> nnx.Param:
+    """A parameter with its logical axes; `kernel_in_axes` marks a projection kernel (a LoRA
+    target) and says how many of its axes after `layers` are inputs."""
     assert len(shape) == len(axes), (shape, axes)
     if init == "ones":
         value = jnp.ones(shape, dtype)
@@ -73,6 +83,8 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str, fan_in: int = 1
         value = jnp.zeros(shape, dtype)
     else:  # unit-variance outputs: random models give O(1) rewards, so relative parity is meaningful
         value = (jax.random.normal(rngs.params(), shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype)
+    if kernel_in_axes is not None:
+        return nnx.Param(value, logical_axes=tuple(axes), kernel_in_axes=kernel_in_axes)
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
@@ -113,35 +125,44 @@ class DecoderLayers(nnx.Module):
         n, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
         hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.input_norm = _param(rngs, (n, d), ("layers", "norm"), dtype, "ones")
-        self.q_proj = _param(rngs, (n, d, hq, hd), ("layers", "embed", "q_heads", "head_dim"), dtype, "normal", d)
-        self.k_proj = _param(rngs, (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype, "normal", d)
-        self.v_proj = _param(rngs, (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype, "normal", d)
-        self.o_proj = _param(rngs, (n, hq, hd, d), ("layers", "q_heads", "head_dim", "embed"), dtype, "normal", hq * hd)
+        self.q_proj = _param(rngs, (n, d, hq, hd), ("layers", "embed", "q_heads", "head_dim"), dtype, "normal", d, 1)
+        self.k_proj = _param(rngs, (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype, "normal", d, 1)
+        self.v_proj = _param(rngs, (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype, "normal", d, 1)
+        self.o_proj = _param(rngs, (n, hq, hd, d), ("layers", "q_heads", "head_dim", "embed"), dtype, "normal", hq * hd, 2)
         self.post_attn_norm = _param(rngs, (n, d), ("layers", "norm"), dtype, "ones")
-        self.gate_proj = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), dtype, "normal", d)
-        self.up_proj = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), dtype, "normal", d)
-        self.down_proj = _param(rngs, (n, f, d), ("layers", "mlp", "embed"), dtype, "normal", f)
+        self.gate_proj = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), dtype, "normal", d, 1)
+        self.up_proj = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), dtype, "normal", d, 1)
+        self.down_proj = _param(rngs, (n, f, d), ("layers", "mlp", "embed"), dtype, "normal", f, 1)
 
 
-def decoder_layer(cfg: ModelConfig, options: ModelOptions, x, w: dict, cos, sin, segment_ids, allowed):
+def decoder_layer(cfg: ModelConfig, options: ModelOptions, x, w: dict, cos, sin, segment_ids, allowed,
+                  adapters: dict | None = None, lora_key: jax.Array | None = None):
     """One pre-norm Llama block on one layer's slice of the stacked weights.
 
     x [B, L, D] in the compute dtype; w: this layer's weights (kernels [in, out]); cos/sin
     [B, L, head_dim] RoPE tables; segment_ids [B, L]; allowed [B, L, L] bool or None (kernels that
-    build their own mask). Each sub-step runs under a `jax.named_scope` (qkv, rope, attention,
-    o_proj, mlp) so profiles read by name, and the matmul outputs carry `checkpoint_name` tags
-    (q, k, v, attn_out, o_proj, mlp_gate, mlp_up, mlp_out) that remat policies can name."""
+    build their own mask); adapters: this layer's slice of the LoRA adapters by kernel name
+    ({"q_proj": {"lora_a", "lora_b"}}), added to those projections' outputs; lora_key: this
+    layer's dropout key (training) or None. Each sub-step runs under a `jax.named_scope` (qkv,
+    rope, attention, o_proj, mlp) so profiles read by name, and the projection outputs carry
+    `checkpoint_name` tags (q, k, v, attn_out, o_proj, mlp_gate, mlp_up, mlp_out) that remat
+    policies can name."""
     dtype = x.dtype
     prec = _precision(dtype)
+    adapters = adapters or {}
 
-    def c(name):
-        return w[name].astype(dtype)
+    def proj(equation, h, name):
+        y = jnp.einsum(equation, h, w[name].astype(dtype), precision=prec)
+        if name not in adapters:
+            return y
+        key = None if lora_key is None else lora_lib.dropout_key(lora_key, ("backbone", "layers", name))
+        return y + lora_lib.delta(h, adapters[name][LORA_A], adapters[name][LORA_B], options.lora, key, prec)
 
     with jax.named_scope("qkv"):
         h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
-        q = checkpoint_name(jnp.einsum("ble,ehd->blhd", h, c("q_proj"), precision=prec), "q")
-        k = checkpoint_name(jnp.einsum("ble,ehd->blhd", h, c("k_proj"), precision=prec), "k")
-        v = checkpoint_name(jnp.einsum("ble,ehd->blhd", h, c("v_proj"), precision=prec), "v")
+        q = checkpoint_name(proj("ble,ehd->blhd", h, "q_proj"), "q")
+        k = checkpoint_name(proj("ble,ehd->blhd", h, "k_proj"), "k")
+        v = checkpoint_name(proj("ble,ehd->blhd", h, "v_proj"), "v")
     with jax.named_scope("rope"):
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
@@ -149,14 +170,14 @@ def decoder_layer(cfg: ModelConfig, options: ModelOptions, x, w: dict, cos, sin,
         attn = checkpoint_name(attention(q, k, v, segment_ids, allowed, options.attention, prec,
                                          interpret=options.attention_interpret), "attn_out")
     with jax.named_scope("o_proj"):
-        o = checkpoint_name(jnp.einsum("blhd,hde->ble", attn, c("o_proj"), precision=prec), "o_proj")
+        o = checkpoint_name(proj("blhd,hde->ble", attn, "o_proj"), "o_proj")
         x = constrain(x + o, ("batch", "seq", "act_embed"))
     with jax.named_scope("mlp"):
         h = rms_norm(x, w["post_attn_norm"], cfg.rms_norm_eps)
-        gate = checkpoint_name(jnp.einsum("ble,ef->blf", h, c("gate_proj"), precision=prec), "mlp_gate")
-        up = checkpoint_name(jnp.einsum("ble,ef->blf", h, c("up_proj"), precision=prec), "mlp_up")
+        gate = checkpoint_name(proj("ble,ef->blf", h, "gate_proj"), "mlp_gate")
+        up = checkpoint_name(proj("ble,ef->blf", h, "up_proj"), "mlp_up")
         act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        down = checkpoint_name(jnp.einsum("blf,fe->ble", act, c("down_proj"), precision=prec), "mlp_out")
+        down = checkpoint_name(proj("blf,fe->ble", act, "down_proj"), "mlp_out")
         return constrain(x + down, ("batch", "seq", "act_embed"))
 
 
@@ -169,13 +190,19 @@ class Backbone(nnx.Module):
 
 class Dense(nnx.Module):
     def __init__(self, d_in: int, d_out: int, axes, dtype, rngs: nnx.Rngs | None, bias: bool = True):
-        self.kernel = _param(rngs, (d_in, d_out), axes, dtype, "normal", d_in)
+        self.kernel = _param(rngs, (d_in, d_out), axes, dtype, "normal", d_in, 1)
         self.bias = _param(rngs, (d_out,), axes[1:], dtype, "zeros") if bias else None
 
-    def __call__(self, x):
+    def __call__(self, x, adapter: dict | None = None, lora: LoraConfig | None = None,
+                 lora_key: jax.Array | None = None):
+        """x [..., d_in] -> [..., d_out] in x's dtype; `adapter` ({"lora_a", "lora_b"}) adds its
+        LoRA update after the bias, as peft does (dropout keyed by `lora_key` when given)."""
         prec = _precision(x.dtype)
         y = jnp.dot(x, self.kernel[...].astype(x.dtype), precision=prec)
-        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+        y = y if self.bias is None else y + self.bias[...].astype(x.dtype)
+        if adapter is None:
+            return y
+        return y + lora_lib.delta(x, adapter[LORA_A], adapter[LORA_B], lora, lora_key, prec)
 
 
 class Gate(nnx.Module):
@@ -188,8 +215,17 @@ class Gate(nnx.Module):
         self.fc2 = Dense(d, d, ("gate_hidden", "embed"), dtype, rngs)
         self.fc4 = Dense(d, k, ("embed", "attributes"), dtype, rngs)
 
-    def __call__(self, x):
-        return self.fc4(selu(self.fc2(selu(self.fc0(x)))))
+    def __call__(self, x, adapters: dict | None = None, lora: LoraConfig | None = None,
+                 lora_key: jax.Array | None = None):
+        """adapters: the gate's LoRA adapters by layer ({"fc0": {"kernel": {...}}}), if any."""
+        adapters = adapters or {}
+
+        def fc(name, h):
+            adapter = adapters.get(name, {}).get("kernel")
+            key = None if lora_key is None else lora_lib.dropout_key(lora_key, ("gate", name, "kernel"))
+            return getattr(self, name)(h, adapter, lora, key)
+
+        return fc("fc4", selu(fc("fc2", selu(fc("fc0", x)))))
 
 
 def selu(x):
@@ -210,13 +246,26 @@ class URM(nnx.Module):
         self.value_head = Dense(cfg.hidden_size, cfg.num_labels, ("embed", "labels"), param_dtype,
                                 rngs, bias=False)
         self.gate = Gate(cfg, jnp.dtype(dt.gate_param_dtype(cfg)), rngs)
+        self.lora = None
+        if options.lora is not None:
+            targets = lora_targets(options.lora, self)
+            values = lora_lib.init_adapters(options.lora, targets, None if rngs is None else rngs.params())
+            self.lora = nnx.data(_adapter_params(values[LORA], targets, options.lora.r))
 
-    def hidden_states(self, input_ids: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def _adapters(self) -> dict:
+        """The LoRA adapters as a pure dict of arrays (empty without LoRA)."""
+        if self.lora is None:
+            return {}
+        return jax.tree.map(lambda p: p[...], self.lora, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def hidden_states(self, input_ids: jax.Array, segment_ids: jax.Array,
+                      lora_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states [B, L, D] in the compute dtype.
 
         `segment_ids` [B, L]: 0 marks padding, equal positive ids mark one sequence; an attention
         mask is the one-sequence case. Tokens attend causally within their own segment only, and
-        positions restart at each segment, so packed rows equal their sequences run alone."""
+        positions restart at each segment, so packed rows equal their sequences run alone.
+        `lora_key`: LoRA dropout in training (None: no dropout)."""
         cfg = self.cfg
         compute = jnp.dtype(self.options.dtypes.compute)
         segment_ids = segment_ids.astype(jnp.int32)
@@ -232,34 +281,47 @@ class URM(nnx.Module):
                          if isinstance(p, nnx.Param)}
 
         options = self.options
+        # Stacked adapters ride the scan with their kernels: each step sees one layer's slice.
+        xs = {"w": layer_weights,
+              "lora": self._adapters().get("backbone", {}).get("layers", {})}
+        if lora_key is not None:
+            xs["layer"] = jnp.arange(cfg.num_layers)
 
-        def body(carry, w):
-            return decoder_layer(cfg, options, carry, w, cos, sin, segment_ids, allowed), None
+        def body(carry, xs):
+            key = None if lora_key is None else jax.random.fold_in(lora_key, xs["layer"])
+            return decoder_layer(cfg, options, carry, xs["w"], cos, sin, segment_ids, allowed,
+                                 xs["lora"], key), None
 
         policy = REMAT_POLICIES[self.options.remat]
         if self.options.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, layer_weights)
+        x, _ = jax.lax.scan(body, x, xs)
         return rms_norm(x, self.backbone.final_norm[...], cfg.rms_norm_eps)
 
-    def pooled(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def pooled(self, input_ids: jax.Array, attention_mask: jax.Array,
+               lora_key: jax.Array | None = None) -> jax.Array:
         """Hidden state of each row's last real token [B, D] (all the heads ever look at)."""
-        h = self.hidden_states(input_ids, attention_mask)
+        h = self.hidden_states(input_ids, attention_mask, lora_key)
         idx = last_token_index(attention_mask)
         return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
 
     def pooled_segments(self, input_ids: jax.Array, segment_ids: jax.Array,
-                        pool_index: jax.Array) -> jax.Array:
+                        pool_index: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         """Hidden states at `pool_index` [B, S] (each packed sequence's last token) -> [B, S, D]."""
-        h = self.hidden_states(input_ids, segment_ids)
+        h = self.hidden_states(input_ids, segment_ids, lora_key)
         return jnp.take_along_axis(h, pool_index[:, :, None], axis=1)
 
-    def heads(self, pooled: jax.Array) -> URMOutputs:
+    def heads(self, pooled: jax.Array, lora_key: jax.Array | None = None) -> URMOutputs:
         """Value head, gate and reward on pooled hidden states [..., D] (stage 2 trains on cached
-        ones). Leading dims are kept: [B, D] -> [B] rewards, [B, S, D] -> [B, S]."""
-        z = self.value_head(pooled.astype(self.options.dtypes.compute))
+        ones). Leading dims are kept: [B, D] -> [B] rewards, [B, S, D] -> [B, S]. `lora_key`:
+        LoRA dropout of adapted head kernels in training (None: no dropout)."""
+        adapters, lora = self._adapters(), self.options.lora
+        value_key = None if lora_key is None else lora_lib.dropout_key(lora_key, ("value_head", "kernel"))
+        z = self.value_head(pooled.astype(self.options.dtypes.compute),
+                            adapters.get("value_head", {}).get("kernel"), lora, value_key)
         means, log_stds = z[..., 0::2], z[..., 1::2]  # interleaved: view(B, 5, 2)
-        gate = self.gate(pooled.astype(self.options.dtypes.gate_dtype(self.cfg)))
+        gate = self.gate(pooled.astype(self.options.dtypes.gate_dtype(self.cfg)), adapters.get("gate"),
+                         lora, lora_key)
         reward_dtype = jnp.promote_types(means.dtype, gate.dtype)
         reward = jnp.sum(means.astype(reward_dtype) * gate.astype(reward_dtype), axis=-1)
         uncertainty = jnp.sum(jnp.exp(2.0 * log_stds.astype(jnp.float32)), axis=-1)
@@ -267,6 +329,65 @@ class URM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> URMOutputs:
         return self.heads(self.pooled(input_ids, attention_mask))
+
+
+def kernel_table(model: nnx.Module) -> dict[Path, Kernel]:
+    """Every projection kernel of a model (the parameters marked with `kernel_in_axes`), by
+    path in tree order: what LoRA can adapt."""
+    state = nnx.state(model, nnx.Param)
+    out = {}
+    for path, var in jax.tree_util.tree_flatten_with_path(
+            state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        meta = var.get_metadata()
+        if meta.get("kernel_in_axes") is not None:
+            value = var.get_value()  # an array, or a ShapeDtypeStruct in an abstract model
+            out[tuple(str(k.key) for k in path)] = Kernel(tuple(value.shape), tuple(meta["logical_axes"]),
+                                                          int(meta["kernel_in_axes"]), jnp.dtype(value.dtype))
+    return out
+
+
+def lora_targets(lora: LoraConfig, model: nnx.Module) -> dict[Path, Kernel]:
+    """The kernels `lora.targets` select in `model` (ValueError naming the pattern otherwise)."""
+    kernels = kernel_table(model)
+    params = leaf_paths(nnx.state(model, nnx.Param).to_pure_dict())
+    return {p: kernels[p] for p in lora_lib.resolve_targets(lora.targets, kernels, params)}
+
+
+@functools.lru_cache(maxsize=1)
+def _structure() -> nnx.Module:
+    """A one-layer abstract URM: the parameter tree's structure (names, which are kernels), which
+    no model size changes."""
+    tiny = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                       num_kv_heads=1, head_dim=4, rms_norm_eps=1e-5, max_position_embeddings=8,
+                       rope=RopeConfig(theta=1e4), pad_token_id=None, bos_token_id=None, eos_token_ids=())
+    return abstract_model(tiny)
+
+
+def lora_target_paths(lora: LoraConfig) -> list[Path]:
+    """The kernel paths `lora.targets` select in any URM (ValueError naming the pattern when one
+    selects no projection kernel): the check a training config runs before any model exists."""
+    return list(lora_targets(lora, _structure()))
+
+
+def _adapter_params(values: dict, targets: dict[Path, Kernel], r: int) -> dict:
+    """The adapter arrays as nnx.Params with their logical axes (the kernel's, plus lora_rank)."""
+    out: dict = {}
+    for target, kernel in targets.items():
+        _, a_axes, _, b_axes = kernel.adapter_shapes(r)
+        node, src = out, values
+        for part in target:
+            node, src = node.setdefault(part, {}), src[part]
+        node[LORA_A] = nnx.Param(src[LORA_A], logical_axes=a_axes)
+        node[LORA_B] = nnx.Param(src[LORA_B], logical_axes=b_axes)
+    return out
+
+
+def init_lora(cfg: ModelConfig, options: ModelOptions, seed: int) -> dict:
+    """Fresh adapters for `options.lora` as a pure-dict tree ({"lora": ...}) that
+    `merge`s with a checkpoint's parameters; A from `seed`'s LoRA stream, B zeros. Only the
+    adapters are allocated (the model is abstract)."""
+    targets = lora_targets(options.lora, abstract_model(cfg, dataclasses.replace(options, lora=None)))
+    return lora_lib.init_adapters(options.lora, targets, lora_lib.training_key(seed))
 
 
 def init_random(cfg: ModelConfig, options: ModelOptions = ModelOptions(), seed: int = 0) -> URM:

@@ -20,8 +20,9 @@ import yaml
 
 from urm_jax.config import DTypePolicy
 from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from urm_jax.model.paths import check_patterns
-from urm_jax.model.urm import REMAT_POLICIES, ModelOptions
+from urm_jax.model.lora import LoraConfig
+from urm_jax.model.paths import LORA, check_patterns, is_gate, path_name
+from urm_jax.model.urm import REMAT_POLICIES, ModelOptions, lora_target_paths
 
 
 class TrainConfigError(ValueError):
@@ -31,6 +32,9 @@ class TrainConfigError(ValueError):
 # What each stage trains, as path patterns over the parameter tree (see urm_jax.model.paths):
 # stage 1 the backbone and the value head, stage 2 the gate alone.
 STAGE_TRAINABLE = {1: ("backbone", "value_head"), 2: ("gate",)}
+# With a `lora:` section: stage 1 trains the adapters and the fresh value head (the base
+# backbone is frozen), stage 2 the gate's adapters.
+LORA_TRAINABLE = {1: (LORA, "value_head"), 2: (LORA,)}
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -153,6 +157,7 @@ class TrainConfig:
     eval_every: int | None = None
     stage2_cached_features: bool = True  # stage 2: pool once with the frozen backbone
     trainable: tuple[str, ...] | None = None  # path patterns; None: the stage's (STAGE_TRAINABLE)
+    lora: LoraConfig | None = None  # LoRA adapters (urm_jax.model.lora); None: no adapters
     tensorboard: bool = True
     plot: bool = True
 
@@ -179,6 +184,23 @@ class TrainConfig:
                 check_patterns(self.trainable)
             except ValueError as err:
                 raise TrainConfigError(f"`trainable`: {err}") from None
+        if self.lora is not None:
+            self._check_lora()
+
+    def _check_lora(self) -> None:
+        """The targets select projection kernels of the URM (checked on its structure, which
+        no model size changes); stage 2 adapts the gate only (its backbone is frozen, often
+        not even run: cached features)."""
+        try:
+            targets = lora_target_paths(self.lora)
+        except ValueError as err:
+            raise TrainConfigError(str(err)) from None
+        if self.stage == 2:
+            outside = [path_name(p) for p in targets if not is_gate(p)]
+            if outside:
+                raise TrainConfigError(f"`lora.targets`: stage 2 trains the gate; its adapters can "
+                                       f"only be on gate kernels (gate/fc0/kernel, gate/fc2/kernel, "
+                                       f"gate/fc4/kernel), not {', '.join(outside)}")
 
     def check_runnable(self) -> None:
         """The keys a training run needs and a plan does not: `model`, `output_dir`, `data.train`."""
@@ -196,8 +218,11 @@ class TrainConfig:
 
     @property
     def trainable_patterns(self) -> tuple[str, ...]:
-        """Path patterns of the trained parameters (`trainable`, else the stage's)."""
-        return self.trainable if self.trainable is not None else STAGE_TRAINABLE[self.stage]
+        """Path patterns of the trained parameters (`trainable`, else the stage's: with LoRA,
+        the adapters (+ the value head in stage 1))."""
+        if self.trainable is not None:
+            return self.trainable
+        return (LORA_TRAINABLE if self.lora is not None else STAGE_TRAINABLE)[self.stage]
 
     @property
     def use_features(self) -> bool:
@@ -215,7 +240,7 @@ class TrainConfig:
     def model_options(self, attention_interpret: bool = False) -> ModelOptions:
         """How the model runs in training: the dtypes, remat and attention of this config."""
         return ModelOptions(self.dtypes, remat=self.remat, attention=self.attention,
-                            attention_interpret=attention_interpret)
+                            attention_interpret=attention_interpret, lora=self.lora)
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -261,7 +286,7 @@ def _name(hint) -> str:
 
 def _build(cls, raw: dict, prefix: str = ""):
     if not isinstance(raw, dict):
-        raise TrainConfigError(f"`{prefix or 'config'}` must be a mapping, got {raw!r}")
+        raise TrainConfigError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping, got {raw!r}")
     hints = get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -272,8 +297,9 @@ def _build(cls, raw: dict, prefix: str = ""):
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
             raise TrainConfigError(f"unknown config key `{path}`{hint}")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{path}.")
+        section = _section(hint)
+        if section is not None and not (value is None and section is not hint):
+            kwargs[key] = _build(section, value, f"{path}.")
         else:
             kwargs[key] = _check_type(value, hint, path)
     try:
@@ -281,7 +307,21 @@ def _build(cls, raw: dict, prefix: str = ""):
     except TrainConfigError:
         raise
     except (TypeError, ValueError) as err:
+        if str(err).startswith(f"`{prefix}"):  # already names its key
+            raise TrainConfigError(str(err)) from None
         raise TrainConfigError(f"{prefix or 'config'}: {err}") from None
+
+
+def _section(hint):
+    """The dataclass of a config section (`DataConfig`, or `LoraConfig` of an optional
+    `LoraConfig | None` section, null meaning off), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    options = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) in (typing.Union, types.UnionType) and len(options) == 1 \
+            and dataclasses.is_dataclass(options[0]):
+        return options[0]
+    return None
 
 
 def config_from_dict(raw: dict) -> TrainConfig:

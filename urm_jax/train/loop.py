@@ -3,7 +3,8 @@
 A run directory (see `urm_jax.train.run_dir`) holds the Orbax checkpoints (train state:
 trainable params, optimiser state, step; data-iterator position; RNG derives from (seed, step)),
 `final/` (a full urm-jax checkpoint that feeds stage 2, `urm-jax score` and `convert to_hf`;
-`urm-jax export RUN_DIR OUT --step N` makes one from any kept step), metrics, the data report
+`urm-jax export RUN_DIR OUT --step N` makes one from any kept step; a LoRA run's adapters are
+merged into their kernels there, so every saved model is a plain URM), metrics, the data report
 and the accepted config.yaml. Resuming is automatic: a run pointed at a directory with
 checkpoints continues from the latest one and ends with the parameters an uninterrupted run
 would have, bit for bit.
@@ -12,6 +13,8 @@ would have, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -30,7 +33,8 @@ from urm_jax.data.datasets import load_helpsteer2, load_preference_pairs
 from urm_jax.flops import peak_flops_per_device, train_flops
 from urm_jax.io_utils import OutputExistsError
 from urm_jax.loading import load_config_any, load_params_any, load_tokenizer
-from urm_jax.model.paths import is_gate, leaf_paths
+from urm_jax.model.lora import LORA_A, LORA_B, merge_kernel
+from urm_jax.model.paths import LORA, is_gate, leaf_paths
 from urm_jax.model.urm import ModelBinder, param_shardings
 from urm_jax.sharding import batch_sharding, fit_mesh, make_mesh, use_mesh
 from urm_jax.train.config import TrainConfig, load_train_config
@@ -129,8 +133,13 @@ def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer:
     part in gathering each chunk of the (possibly multi-host) arrays, process 0 writes it. Memory
     stays at one chunk per host whatever the model size or the number of hosts. Dtypes: the
     backbone and value head in `precision.save` (keep: as trained), the gate in
-    `precision.gate_save` (source: the checkpoint's gate dtype)."""
+    `precision.gate_save` (source: the checkpoint's gate dtype).
+
+    LoRA: each adapted kernel is saved merged, W + s * A B computed in float32 block by block
+    (`urm_jax.model.lora.merge_kernel`) and rounded once, to the kernel's save dtype; the
+    adapters themselves are not saved."""
     params = merge_params(trainer.state.params, trainer.frozen)
+    adapters = params.pop(LORA, None)
     gate = np_dtype(model_cfg.gate_dtype if cfg.precision.gate_save == "source" else cfg.precision.gate_save)
     backbone = cfg.precision.save
 
@@ -152,12 +161,34 @@ def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer:
             rows = chunk_rows(leaf.shape, dtype, path in stacked)
             if writer is not None:
                 writer.add(path, leaf.shape, dtype, rows)
+            adapter = _adapter(adapters, path)
             for start in range(0, leaf.shape[0], rows):
-                block = multihost_utils.process_allgather(leaf[start:start + rows], tiled=True)
+                block = leaf[start:start + rows]
+                if adapter is not None:
+                    b = adapter[LORA_B][start:start + rows] if path in stacked else adapter[LORA_B]
+                    block = _merge_fn(cfg.lora.scaling, path in stacked)(
+                        block, adapter[LORA_A][start:start + rows], b)
+                block = multihost_utils.process_allgather(block, tiled=True)
                 if writer is not None:
                     writer.write(path, start, np.asarray(block).astype(dtype))
     multihost_utils.sync_global_devices("urm-jax model checkpoint written")
     return Path(out_dir)
+
+
+def _adapter(adapters: dict | None, path: tuple[str, ...]) -> dict | None:
+    """The {"lora_a", "lora_b"} of the kernel at `path`, if it is adapted."""
+    node = adapters
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_fn(scaling: float, stacked: bool):
+    """The jitted float32 merge of one row block of an adapted kernel."""
+    return jax.jit(functools.partial(merge_kernel, scaling=scaling, stacked=stacked))
 
 
 def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
@@ -195,7 +226,8 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
 def feature_iterator(cfg: TrainConfig, run: RunDirectory, model_cfg: ModelConfig, params, examples,
                      mesh, progress: bool) -> FeatureIterator:
     """Stage-2 fast path: pool every pair once with the frozen backbone (cached on disk)."""
-    options = cfg.model_options()
+    # The frozen backbone alone: stage 2's adapters (gate kernels only) never touch the features.
+    options = dataclasses.replace(cfg.model_options(), lora=None)
     key = cache_key(cfg.model, examples, cfg.data.seq_len, options.dtypes.compute)
 
     def compute():

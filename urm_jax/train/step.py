@@ -9,8 +9,12 @@ frozen parameters stay bit-identical by construction.
 One call = one optimiser update: a batch carries a leading gradient-accumulation axis
 [accum, micro, ...] that the step scans over, summing loss and gradient sums, then divides once by
 the number of real examples in the whole global batch (padding rows and empty pack slots count 0).
-Every random draw is keyed by (seed, step, micro-batch), so a resumed run draws exactly what an
-uninterrupted one would, on any mesh.
+Every random draw (the reparameterisation noise, LoRA dropout masks) is keyed by (seed, step,
+micro-batch), so a resumed run draws exactly what an uninterrupted one would, on any mesh.
+
+LoRA (`TrainConfig.lora`): the adapters join the parameter tree (fresh ones from the seed when
+the starting checkpoint has none), and the trainable patterns choose them like any parameter:
+by default the adapters and the value head train, and the base weights they adapt are frozen.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from urm_jax.config import ModelConfig
-from urm_jax.model.paths import is_gate, merge, select
-from urm_jax.model.urm import ModelBinder, ModelOptions, param_shardings
+from urm_jax.model import lora as lora_lib
+from urm_jax.model.paths import LORA, is_gate, merge, select
+from urm_jax.model.urm import ModelBinder, ModelOptions, init_lora, param_shardings
 from urm_jax.sharding import batch_sharding, use_mesh
 from urm_jax.train.config import OptimConfig, TrainConfig
 from urm_jax.train.losses import bradley_terry_loss, finalize_metrics, regression_loss
@@ -77,11 +82,17 @@ def make_optimizer(settings: OptimConfig, total_steps: int, trainable_params: di
     return optax.chain(*chain), schedule
 
 
-def _loss_sums(model, train: TrainConfig, batch: dict, key: jax.Array, use_features: bool):
-    """(loss_sum, metric_sums) of one micro-batch."""
+def _loss_sums(model, train: TrainConfig, batch: dict, key: jax.Array, use_features: bool,
+               training: bool = True):
+    """(loss_sum, metric_sums) of one micro-batch; `key` draws the reparameterisation noise and,
+    when `training`, the LoRA dropout masks (evaluation runs without dropout)."""
+    lora_key = None
+    if training and train.lora is not None and train.lora.dropout > 0:
+        lora_key = jax.random.fold_in(key, lora_lib.DROPOUT_STREAM)
     if train.stage == 1:
-        pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])
-        out = model.heads(pooled)  # [b, S, 5]
+        pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"],
+                                       lora_key)
+        out = model.heads(pooled, lora_key)  # [b, S, 5]
         noise = jax.random.normal(key, out.means.shape, jnp.float32)
         return regression_loss(out.means, out.log_stds, batch["labels"], batch["pool_mask"], noise,
                                kind=train.loss.kind, label_scale=train.loss.label_scale,
@@ -89,9 +100,10 @@ def _loss_sums(model, train: TrainConfig, batch: dict, key: jax.Array, use_featu
     if use_features:
         pooled = batch["features"]  # [2b, D], cached by the frozen backbone
     else:  # [2b, 1, D] unpacked or [rows, S, D] packed (urm_jax.data.batching)
-        pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"])
+        pooled = model.pooled_segments(batch["input_ids"], batch["segment_ids"], batch["pool_index"],
+                                       lora_key)
     # Flattened in row-major order, rewards alternate chosen / rejected in every layout.
-    reward = model.heads(pooled).reward.reshape(-1)
+    reward = model.heads(pooled, lora_key).reward.reshape(-1)
     return bradley_terry_loss(reward[0::2], reward[1::2], batch["pair_mask"].reshape(-1))
 
 
@@ -150,7 +162,7 @@ def make_eval_step(cfg: ModelConfig, train: TrainConfig, options: ModelOptions) 
 
     def evaluate(trainable, frozen, batch):
         model = binder(merge_params(trainable, frozen))
-        return _loss_sums(model, train, batch, key, use_features=False)[1]
+        return _loss_sums(model, train, batch, key, use_features=False, training=False)[1]
 
     return evaluate
 
@@ -223,6 +235,10 @@ def build_trainer(cfg: ModelConfig, params: dict, train: TrainConfig, total_step
     train, the rest is frozen. `options` overrides `train.model_options()` (e.g. Pallas
     interpret mode in tests)."""
     options = options or train.model_options()
+    if options.lora != train.lora:
+        raise ValueError("the model options' LoRA differs from the training config's")
+    if options.lora is not None and LORA not in params:  # a fresh LoRA run: adapters from the seed
+        params = merge(params, init_lora(cfg, options, train.seed))
     shardings = param_shardings(cfg, mesh, rules, options)
     # A private copy: the step donates its state, which must never free the caller's arrays
     # (device_put alone may reuse a buffer already on the right device).
@@ -230,6 +246,10 @@ def build_trainer(cfg: ModelConfig, params: dict, train: TrainConfig, total_step
                            cast_params(params, cfg, options))
     params = jax.device_put(private, shardings)
     train_params, frozen = split_params(params, train.trainable_patterns)
+    if options.lora is not None and LORA not in train_params:
+        raise ValueError(f"`trainable` {list(train.trainable_patterns)} selects none of the LoRA "
+                         f"adapters, which would stay at zero: add `{LORA}` (or leave `trainable` "
+                         "unset: stage 1 trains the adapters and the value head)")
     train_sh, frozen_sh = split_params(shardings, train.trainable_patterns)
     optimizer, schedule = make_optimizer(train.optim, total_steps, train_params)
     replicated = NamedSharding(mesh, P())
