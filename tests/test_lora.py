@@ -27,10 +27,9 @@ from urm_jax.checkpoint import load_params
 from urm_jax.config import DTypePolicy
 from urm_jax.loading import load_model
 from urm_jax.memory import estimate
-from urm_jax.model import lora as lora_lib
 from urm_jax.model.lora import LoraConfig, merge_kernel
 from urm_jax.model.paths import leaf_paths, merge, path_name
-from urm_jax.model.urm import ModelBinder, ModelOptions, init_lora, lora_targets, model_from_params, param_shardings
+from urm_jax.model.urm import ModelBinder, ModelOptions, init_lora, model_from_params, param_shardings
 from urm_jax.sharding import make_mesh
 from urm_jax.train.config import (LossConfig, OptimConfig, PrecisionConfig, TrainConfig, TrainConfigError,
                                   load_train_config)
