@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 from convert.__main__ import main as convert_main
 from hf_fixtures import load_reference, make_tiny_chat_urm, make_tiny_urm, reference_outputs
+from refusals import refused
 from urm_jax.checkpoint import load_config, load_params, save_checkpoint
 from urm_jax.cli import main as cli_main
 from urm_jax.attributes import HELPSTEER2 as ATTRIBUTES
@@ -61,18 +62,8 @@ def temp_siblings(out: Path) -> list[Path]:
 def score_err(capsys, model, inp, out: Path, *needles: str, extra=()) -> str:
     """Expect a refusal: exit 2, one `error:` line holding `needles`, no traceback, and neither the
     output file nor a temporary sibling of it left behind."""
-    capsys.readouterr()
-    rc = score(model, inp, out, *extra)
-    err = capsys.readouterr().err
-    assert rc == 2, f"exit code {rc}, stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert not out.exists(), f"{out} left behind"
-    assert temp_siblings(out) == [], temp_siblings(out)
-    return lines[0]
+    return refused(capsys, cli_main, ["score", "--model", model, "--input", inp, "--output", out,
+                                      *extra], *needles, absent=[out])
 
 
 def by_id(records: list[dict]) -> dict:

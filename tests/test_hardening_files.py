@@ -40,6 +40,7 @@ from urm_jax.jsonl import InputError
 from urm_jax.train.features import load_or_compute
 from urm_jax.train.run_dir import RunDirectory, RunDirectoryError
 from urm_jax.validate import Fields, MetadataError, read_json
+from refusals import refused
 
 HF_CONFIG = tiny_hf_config()
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
@@ -48,44 +49,6 @@ ROWS = [{"input_ids": [4, 5, 6], "id": "a"}, {"input_ids": [7, 8, 9, 10], "id": 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def snapshot(path: Path):
-    """The bytes of a file, or {relative path: bytes} of a directory (None if absent)."""
-    path = Path(path)
-    if path.is_file():
-        return path.read_bytes()
-    if path.is_dir():
-        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-    return None
-
-
-def leftovers(path: Path) -> list[Path]:
-    """Temporary siblings (`.NAME.tmp-*`, `.NAME.old-*`) of an output."""
-    return sorted(Path(path).parent.glob(f".{Path(path).name}.*"))
-
-
-def refused(capsys, main, argv, *needles, keep=(), absent=()) -> str:
-    """Run a command expecting a refusal: exit 2, exactly one `error:` line holding every needle
-    and no traceback; every path in `keep` is byte for byte what it was, every path in `absent`
-    does not exist, and no temporary sibling of either is left."""
-    before = {Path(p): snapshot(p) for p in keep}
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2, f"exit code {rc}, stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert str(needle) in lines[0], f"{needle!r} not in {lines[0]!r}"
-    for path, content in before.items():
-        assert snapshot(path) == content, f"{path} changed"
-    for path in [*keep, *absent]:
-        assert leftovers(path) == [], leftovers(path)
-    for path in absent:
-        assert not os.path.lexists(path), f"{path} left behind"
-    return lines[0]
 
 
 def ok(main, *argv) -> None:
@@ -530,6 +493,36 @@ def test_fresh_heads_and_scoring_casts_are_range_checked(capsys, hf_dir, ids_fil
             "gate.fc4.kernel", "float16", "beyond", absent=[tmp_path / "o.jsonl"])
 
 
+def test_chunk_checksums_detect_silent_corruption(capsys, hf_dir, ckpt, ids_file, tmp_path):
+    """Every writer records each chunk's digest in urm_jax.json; every reader checks it: a flipped
+    bit in a chunk is an error naming the chunk file, not a slightly wrong model. A checkpoint
+    written before checksums existed (no `checksums` in its marker) still loads."""
+    marker = json.loads((ckpt / "urm_jax.json").read_text())
+    chunks = marker["checksums"]["chunks"]
+    assert marker["checksums"]["algorithm"] == "xxh3_64" and len(chunks["backbone.layers.q_proj"]) == 2
+    bad = copy(ckpt, tmp_path / "bad")
+    chunk = bad / "params" / "backbone.layers.down_proj" / "1.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[1000] ^= 0x10  # a finite value stays finite: only the checksum can tell
+    chunk.write_bytes(bytes(data))
+    refused(capsys, convert_main, ["to_hf", bad, tmp_path / "hf"], chunk, "corrupt", "checksum",
+            absent=[tmp_path / "hf"])
+    refused(capsys, convert_main, ["verify", hf_dir, bad], chunk, "corrupt")
+    refused(capsys, cli_main, score_argv(bad, ids_file, tmp_path / "o.jsonl"), chunk, "corrupt",
+            absent=[tmp_path / "o.jsonl"])
+    old = copy(ckpt, tmp_path / "old")
+    del marker["checksums"]
+    (old / "urm_jax.json").write_text(json.dumps(marker))
+    ok(convert_main, "to_hf", old, tmp_path / "hf")
+    assert load_params(old)["gate"]["fc0"]["bias"].shape == (HF_CONFIG["hidden_size"],)
+    for checksums, needle in [({"algorithm": "md5", "chunks": {}}, "field checksums.algorithm"),
+                              ({"algorithm": "xxh3_64", "chunks": {"a": 3}}, "field checksums.chunks.a"),
+                              ([], "field checksums: expected an object")]:
+        (old / "urm_jax.json").write_text(json.dumps({**marker, "checksums": checksums}))
+        refused(capsys, convert_main, ["to_hf", old, tmp_path / "hf2"], old / "urm_jax.json", needle,
+                absent=[tmp_path / "hf2"])
+
+
 def test_finite_helpers():
     check_finite(np.array([1.0, -2.0], np.float32), "x")
     with pytest.raises(NonFiniteError, match=r"t holds NaN or Inf \(first at \[3, 1\]"):
@@ -539,7 +532,8 @@ def test_finite_helpers():
         check_finite(np.array([0, np.inf], jnp.bfloat16), "b")
     check_finite(np.array([1, 2], np.int32), "ints")  # not floats: nothing to check
     big = np.array([[1.0, 7e4]], np.float32)
-    with pytest.raises(NonFiniteError, match=r"w: a value beyond float16's range .* 70000"):
+    with np.errstate(over="ignore"), pytest.raises(NonFiniteError,
+                                                   match=r"w: a value beyond float16's range .* 70000"):
         check_cast(big, big.T.astype(np.float16), "w")  # any layout: a transposed cast too
     with pytest.raises(NonFiniteError, match="beyond float16's range"):
         checked_astype(np.array([np.inf, 7e4], np.float32), np.float16, "w")  # one new Inf
