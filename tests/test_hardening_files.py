@@ -336,16 +336,18 @@ def test_bad_checkpoint_marker(capsys, ckpt, ids_file, tmp_path, text, needle):
     ("params/_METADATA", '{"use_ocdbt": false}', "field tree_metadata: missing"),
     ("params/_METADATA", '{"tree_metadata": [], "use_ocdbt": false}', "field tree_metadata"),
     ("params/_METADATA", '{"tree_metadata": {}, "use_ocdbt": "no"}', "field use_ocdbt"),
+    ("params/_CHECKPOINT_METADATA", "[]", "expected a JSON object"),
+    ("params/_CHECKPOINT_METADATA", "{", "not valid JSON"),
     ("params/gate.fc0.bias/.zarray", "[]", "expected a JSON object"),
     ("params/gate.fc0.bias/.zarray", '{"shape": "5", "chunks": [5]}', "field shape"),
-], ids=["metadata-empty", "metadata-list", "no-tree", "tree-list", "ocdbt-string", "zarray-list",
-        "zarray-shape"])
+], ids=["metadata-empty", "metadata-list", "no-tree", "tree-list", "ocdbt-string",
+        "checkpoint-metadata-list", "checkpoint-metadata-broken", "zarray-list", "zarray-shape"])
 def test_bad_orbax_metadata_names_the_file(capsys, ckpt, ids_file, tmp_path, name, text, needle):
     bad = copy(ckpt, tmp_path / "ckpt")
     (bad / name).write_text(text)
     refused(capsys, convert_main, ["to_hf", bad, tmp_path / "hf"], bad / name, needle,
             keep=[bad], absent=[tmp_path / "hf"])
-    if name.endswith("_METADATA"):  # Orbax's restore path (scoring) parses it first
+    if name.endswith("_METADATA"):  # Orbax's restore path (scoring) parses them first
         refused(capsys, cli_main, score_argv(bad, ids_file, tmp_path / "o.jsonl"), bad / name,
                 needle, absent=[tmp_path / "o.jsonl"])
 

@@ -319,6 +319,9 @@ def _params_dir(path: str | Path) -> tuple[Path, dict, dict]:
     params_dir = Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing")
+    checkpoint_metadata = params_dir / ORBAX_CHECKPOINT_METADATA
+    if checkpoint_metadata.exists() or checkpoint_metadata.is_symlink():  # optional, but Orbax reads it
+        read_json(checkpoint_metadata, CheckpointError, what="Orbax checkpoint metadata")
     return params_dir, read_orbax_metadata(params_dir), marker
 
 
