@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"])
     p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--allow-nonfinite", action="store_true", help="export tensors holding NaN/Inf")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
     p = sub.add_parser("init", help="base Llama HF dir (e.g. Skywork-Reward-Llama-3.1-8B) -> urm-jax "
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("ckpt_dir")
     p.add_argument("--all", action="store_true", help="print every tensor, not only differences")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="compare a checkpoint holding NaN/Inf (bit for bit) instead of refusing it")
     return parser
 
 
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "verify":
-            lines, same = format_verify(verify(args.hf_dir, args.ckpt_dir), args.all)
+            lines, same = format_verify(verify(args.hf_dir, args.ckpt_dir,
+                                               allow_nonfinite=args.allow_nonfinite), args.all)
             print("\n".join(lines))
             return 0 if same else 1
         if args.command == "init":
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                           overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
         else:
             out = to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, gate_dtype=args.gate_dtype,
-                        max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                        max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                        allow_nonfinite=args.allow_nonfinite)
     except USER_ERRORS as err:  # OSError among them: disk full, permissions, unreadable input
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 from convert.__main__ import main as convert_main
 from hf_fixtures import load_reference, make_tiny_chat_urm, make_tiny_urm, reference_outputs
+from refusals import refused
 from urm_jax.checkpoint import load_config, load_params, save_checkpoint
 from urm_jax.cli import main as cli_main
 from urm_jax.attributes import HELPSTEER2 as ATTRIBUTES
@@ -61,18 +62,8 @@ def temp_siblings(out: Path) -> list[Path]:
 def score_err(capsys, model, inp, out: Path, *needles: str, extra=()) -> str:
     """Expect a refusal: exit 2, one `error:` line holding `needles`, no traceback, and neither the
     output file nor a temporary sibling of it left behind."""
-    capsys.readouterr()
-    rc = score(model, inp, out, *extra)
-    err = capsys.readouterr().err
-    assert rc == 2, f"exit code {rc}, stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert not out.exists(), f"{out} left behind"
-    assert temp_siblings(out) == [], temp_siblings(out)
-    return lines[0]
+    return refused(capsys, cli_main, ["score", "--model", model, "--input", inp, "--output", out,
+                                      *extra], *needles, absent=[out])
 
 
 def by_id(records: list[dict]) -> dict:
@@ -333,11 +324,16 @@ def test_score_invalid_json(capsys, hf_dir, tmp_path):
 
 
 def test_score_bad_line_keeps_existing_output(capsys, hf_dir, tmp_path):
+    """An existing output is refused without --overwrite; with it, a run that fails on a bad
+    line still leaves the previous output as it was (it is replaced only on success)."""
     out = tmp_path / "out.jsonl"
     out.write_text("previous\n")
     inp = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [4, 5]}, "not json"])
     capsys.readouterr()
     assert score(hf_dir, inp, out) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_text() == "previous\n"
+    assert score(hf_dir, inp, out, "--overwrite") == 2
     assert ":2:" in capsys.readouterr().err
     assert out.read_text() == "previous\n"
     assert temp_siblings(out) == []
@@ -456,6 +452,25 @@ def test_parity_pass_with_json_and_golden(capsys, hf_dir, jax_dir, tmp_path):
         assert 0 <= report["max_rel"][name] <= 1e-5, name
         assert 0 <= report["max_abs"][name] <= 1e-4, name
     assert [g["id"] for g in report["golden"]] == ["g1"] and report["golden"][0]["ok"]
+
+
+def test_parity_golden_scored_in_the_dtypes_it_names(capsys, hf_dir, jax_dir, tmp_path):
+    """A golden line names the loading its reward came from (the model card's: float32 backbone,
+    float16 gate); parity scores it so, whatever the checkpoint's own gate dtype (float32 here)."""
+    row = {"id": "g16", "input_ids": [4, 9, 33, 200, 7, 7, 310]}
+    (rec16,) = score_ok(jax_dir, write_jsonl(tmp_path / "g.jsonl", [row]), tmp_path / "g16.jsonl",
+                        "--gate-dtype", "float16")
+    (rec32,) = score_ok(jax_dir, tmp_path / "g.jsonl", tmp_path / "g32.jsonl")
+    assert rec16["reward"] != rec32["reward"]  # the gate dtype shows in the reward
+    golden = write_jsonl(tmp_path / "golden.jsonl", [{**row, "expected_reward": rec16["reward"],
+                                                      "compute_dtype": "float32", "gate_dtype": "float16"}])
+    report_path = tmp_path / "report.json"
+    rc, out = parity(capsys, "--hf", hf_dir, "--model", jax_dir, "--golden", golden,
+                     "--golden-tolerance", "1e-6", "--json", report_path, "--long-length", "40")
+    assert rc == 0, out
+    (g,) = json.loads(report_path.read_text())["golden"]
+    assert g["jax"] == rec16["reward"] and (g["compute_dtype"], g["gate_dtype"]) == ("float32", "float16")
+    assert "golden g16" in out and "gate float16" in out
 
 
 def test_parity_hf_dir_both_sides(capsys, hf_dir, tmp_path):

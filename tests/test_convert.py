@@ -461,7 +461,11 @@ def test_nan_refused_unless_allowed(fp32_src, tmp_path, capsys):
     run_err(capsys, ["from_hf", str(src), str(out)], out, key, "NaN", "--allow-nonfinite")
 
     run_ok("from_hf", str(src), str(out), "--allow-nonfinite")
-    run_ok("to_hf", str(out), str(tmp_path / "hf"))
+    # The NaN checkpoint is refused on the way out too (naming the chunk, layer 1), unless allowed.
+    run_err(capsys, ["to_hf", str(out), str(tmp_path / "hf")], tmp_path / "hf",
+            "backbone.layers.o_proj", "1.0.0.0", "[1, 0, 5, 3]", "NaN", "--allow-nonfinite")
+    run_err(capsys, ["verify", str(src), str(out)], tmp_path / "none", "backbone.layers.o_proj", "NaN")
+    run_ok("to_hf", str(out), str(tmp_path / "hf"), "--allow-nonfinite")
     assert_bit_exact(read_tensors(src), read_tensors(tmp_path / "hf"))  # NaN bits preserved
 
 

@@ -227,9 +227,13 @@ def test_preference_pairs_parse(pairs, tok):
 def test_load_rows_local_formats_and_errors(tmp_path, hf_cache):
     rows = [hs_row(), hs_row(prompt="b")]
     jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
-    loaded = load_rows(jsonl, cache_dir=hf_cache)
-    assert loaded.column_names[:2] == ["prompt", "response"] and len(loaded) == 2
+    loaded = load_rows(jsonl, cache_dir=hf_cache)  # read line by line here: rows as given
+    assert loaded == rows
     assert len(load_rows(jsonl, "validation", cache_dir=hf_cache)) == 2  # a local file is whatever split you name
+    json_file = tmp_path / "a.json"
+    json_file.write_text(json.dumps(rows))
+    loaded = load_rows(str(json_file), cache_dir=hf_cache)  # other local formats: through datasets
+    assert loaded.column_names[:2] == ["prompt", "response"] and len(loaded) == 2
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -242,8 +246,8 @@ def test_load_rows_local_formats_and_errors(tmp_path, hf_cache):
     (tmp_path / "a.csv").write_text("prompt\nx\n")
     with pytest.raises(ValueError, match=r"a\.csv.*unsupported"):
         load_rows(str(tmp_path / "a.csv"))
-    (tmp_path / "broken.jsonl").write_text("{not json\n")
-    with pytest.raises(ValueError, match="broken.jsonl"):
+    (tmp_path / "broken.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: invalid JSON"):
         load_rows(str(tmp_path / "broken.jsonl"), cache_dir=hf_cache)
 
 

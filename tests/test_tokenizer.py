@@ -204,6 +204,43 @@ def test_exactly_one_bos_with_bos_template(tok):
     assert render_ids(doubled, ex, max_length=None) == render_ids(tok, ex, max_length=None)
 
 
+# The model card's Usage example, word for word (LxzGordon/URM-LLaMa-3.1-8B; the card's text is in
+# the project's shared reference files): its prompt, its two responses and the rewards it prints.
+CARD_PROMPT = "What is the range of the numeric output of a sigmoid node in a neural network?"
+CARD_RESPONSES = ("The output of a sigmoid node is bounded between -1 and 1.",
+                  "The output of a sigmoid node is bounded between 0 and 1.")
+CARD_REWARDS = (2.3285412788391113, 12.438033103942871)
+
+
+def test_model_card_goldens_are_the_cards_example(tok):
+    """urm_jax/data/model_card_goldens.jsonl holds the card's example verbatim and the loading
+    its rewards came from, and urm-jax tokenises it exactly as the card's code does:
+    `apply_chat_template(resp, tokenize=False)` then `tokenizer(text, return_tensors="pt")`.
+    With URM's tokenizer (Skywork's: BOS-free template, BOS added by the tokenizer) that is one
+    BOS; a stock Llama-3 template would make the card's code produce two (see the test above)."""
+    from urm_jax.data.samples import model_card_goldens
+
+    goldens = model_card_goldens()
+    assert [g["messages"] for g in goldens] == [
+        [{"role": "user", "content": CARD_PROMPT}, {"role": "assistant", "content": r}]
+        for r in CARD_RESPONSES]
+    assert [g["expected_reward"] for g in goldens] == list(CARD_REWARDS)
+    assert all((g["compute_dtype"], g["gate_dtype"]) == ("float32", "float16") for g in goldens)
+    assert "reconstruct" not in json.dumps(goldens)
+    for golden, response in zip(goldens, CARD_RESPONSES):
+        conversation = [{"role": "user", "content": CARD_PROMPT}, {"role": "assistant", "content": response}]
+        text = tok.apply_chat_template(conversation, tokenize=False)  # the card's code, step by step
+        assert text == ("<|start_header_id|>user<|end_header_id|>\n\n" + CARD_PROMPT + "<|eot_id|>"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n" + response + "<|eot_id|>")
+        card = tok(text, return_tensors="np")
+        card_ids = card["input_ids"][0].tolist()
+        assert card["attention_mask"].all()
+        assert render_ids(tok, golden, max_length=None) == card_ids
+        assert card_ids[0] == BOS and card_ids.count(BOS) == 1 and card_ids[-1] == EOT
+        assert card_ids[1:] == [SH] + enc(tok, "user") + [EH] + enc(tok, "\n\n") + enc(tok, CARD_PROMPT) + [
+            EOT, SH] + enc(tok, "assistant") + [EH] + enc(tok, "\n\n") + enc(tok, response) + [EOT]
+
+
 def test_no_bos_tokenizer_gets_none(tok):
     ids = render_ids(_Wrapped(tok, no_bos=True), {"prompt": "hi", "response": "yo"}, max_length=None)
     assert BOS not in ids and ids[0] == SH and ids[-1] == EOT

@@ -1,6 +1,7 @@
 """The JAX checkpoint: one directory holding
 
     urm_jax.json   format marker + layout version (checked on load) + each tensor's dtype
+                   + each stored chunk's xxh3-64 checksum (checked by every reader)
     config.json    the HF-style model config (source of truth for shapes and RoPE)
     params/        Orbax tree of parameters in the stacked-layer layout
     tokenizer files, when the source had them
@@ -34,10 +35,13 @@ from typing import Iterator
 import jax
 import ml_dtypes
 import numpy as np
+import xxhash
 
 from urm_jax.config import ModelConfig
+from urm_jax.finite import check_finite, check_tree_finite
 from urm_jax import io_utils
 from urm_jax.io_utils import atomic_dir
+from urm_jax.validate import Fields, MetadataError, read_json
 from urm_jax.model.urm import abstract_model, param_logical_axes
 
 FORMAT = "urm-jax"
@@ -48,13 +52,21 @@ ORBAX_METADATA = "_METADATA"
 ORBAX_CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 STANDARD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 CHUNK_BYTES = 64 * 2**20
+CHECKSUM = "xxh3_64"  # per-chunk digests in the marker; checkpoints without them still load
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json",
                    "added_tokens.json", "generation_config.json")
 
 
-class CheckpointError(ValueError):
-    pass
+def chunk_digest(data) -> str:
+    """The checksum of one stored chunk's bytes (the rows it holds, without zarr's padding):
+    xxh3-64 as 16 hex digits, ~10 GB/s on one core, so checking costs little next to reading."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+class CheckpointError(MetadataError):
+    """A urm-jax checkpoint that is missing, of another layout, or whose files are corrupt; the
+    message names the file (and the field or parameter)."""
 
 
 def is_jax_checkpoint(path: str | Path) -> bool:
@@ -129,7 +141,7 @@ class ParamsWriter:
                   "shape": list(shape), "zarr_format": 2}
         (array_dir / ".zarray").write_text(json.dumps(zarray))
         self.arrays[path] = {"shape": shape, "dtype": dtype, "rows": rows, "dir": array_dir,
-                             "todo": set(range(0, shape[0], rows))}
+                             "todo": set(range(0, shape[0], rows)), "digests": {}}
 
     @contextlib.contextmanager
     def chunk(self, path: tuple[str, ...], start: int) -> Iterator[np.ndarray]:
@@ -146,8 +158,10 @@ class ParamsWriter:
         io_utils.create_output(file, rows * row_bytes)
         with io_utils.mapped(file, 0, held * row_bytes) as raw:
             yield raw.view(dtype).reshape(held, *shape[1:])
+            digest = chunk_digest(raw)  # of the rows held, from the page cache just written
         with self._lock:
             meta["todo"].discard(start)
+            meta["digests"][start // rows] = digest
 
     def write(self, path: tuple[str, ...], start: int, block: np.ndarray) -> None:
         """Write rows [start, start + len(block)) of a parameter from memory; whole chunks."""
@@ -169,6 +183,12 @@ class ParamsWriter:
         self.add(path, value.shape, value.dtype, rows)
         for start in range(0, value.shape[0], rows):
             self.write(path, start, np.asarray(value[start:start + rows]))
+
+    def checksums(self) -> dict:
+        """The marker's `checksums`: each chunk's digest (CHECKSUM), by parameter, in chunk order."""
+        return {"algorithm": CHECKSUM, "chunks": {
+            ".".join(path): [meta["digests"][k] for k in sorted(meta["digests"])]
+            for path, meta in sorted(self.arrays.items())}}
 
     def finish(self) -> dict[str, str]:
         """Check every chunk was written, write Orbax's tree metadata; returns each dtype."""
@@ -205,7 +225,8 @@ def checkpoint_writer(out_dir: str | Path, hf_config: dict, *, tokenizer_dir: st
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         copy_tokenizer_files(tokenizer_dir, tmp)
         marker = {"format": FORMAT, "layout_version": LAYOUT_VERSION, "layers": "stacked",
-                  "rope": "rotate_half", "kernels": "[in, out]", "dtypes": dtypes}
+                  "rope": "rotate_half", "kernels": "[in, out]", "dtypes": dtypes,
+                  "checksums": writer.checksums()}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
 
 
@@ -223,20 +244,43 @@ def save_checkpoint(out_dir: str | Path, params: dict, cfg: ModelConfig, *,
 
 
 def read_marker(path: str | Path) -> dict:
+    """The checkpoint's `urm_jax.json`, validated: a JSON object whose `format` is urm-jax's and
+    whose `layout_version` this release reads. CheckpointError names the file and the field."""
     file = Path(path) / MARKER
-    if not file.is_file():
+    if not file.is_file() and not file.is_symlink():
         raise CheckpointError(f"{path}: not a urm-jax checkpoint ({MARKER} missing)")
-    try:
-        marker = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
-    if marker.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: format {marker.get('format')!r}, expected {FORMAT!r}")
-    if marker.get("layout_version") != LAYOUT_VERSION:
+    fields = Fields(read_json(file, CheckpointError), str(file), error=CheckpointError)
+    if fields.str("format") != FORMAT:
+        raise CheckpointError(f"{file}: format {fields.data['format']!r}, expected {FORMAT!r}")
+    version = fields.int("layout_version", minimum=1)
+    if version != LAYOUT_VERSION:
         raise CheckpointError(
-            f"{file}: layout version {marker.get('layout_version')}, this urm-jax reads "
+            f"{file}: layout version {version}, this urm-jax reads "
             f"version {LAYOUT_VERSION}; convert it with the urm-jax release that wrote it")
-    return marker
+    for key in ("layers", "rope", "kernels"):
+        fields.str(key, None)
+    fields.str_map("dtypes", None)
+    checksums = fields.object("checksums", None)
+    if checksums is not None:
+        checksums.str("algorithm", choices=(CHECKSUM,))
+        chunks = checksums.object("chunks")
+        for name in chunks.data:
+            chunks.str_list(name)
+    return fields.data
+
+
+def read_orbax_metadata(params_dir: Path) -> dict:
+    """Orbax's tree metadata (`_METADATA`) of a params dir, validated before Orbax parses it
+    (Orbax's own error for a corrupt file names neither file nor field)."""
+    file = params_dir / ORBAX_METADATA
+    fields = Fields(read_json(file, CheckpointError, what="Orbax tree metadata"), str(file),
+                    error=CheckpointError)
+    tree = fields.object("tree_metadata")
+    for key in tree.data:
+        tree.object(key)
+    fields.bool("use_ocdbt", None, null_ok=True)
+    fields.bool("use_zarr3", None, null_ok=True)
+    return fields.data
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -244,34 +288,92 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf_dir(path)
 
 
-def _params_dir(path: str | Path) -> Path:
-    read_marker(path)
+# The JSON files Orbax reads back when restoring a CheckpointManager step (each a JSON object);
+# checked first, because Orbax's own error for a corrupt one names no file.
+ORBAX_JSON_FILES = (ORBAX_CHECKPOINT_METADATA, ORBAX_METADATA, "_sharding", "metadata")
+
+
+def check_orbax_step(step_dir: str | Path) -> None:
+    """Validate the JSON metadata of an Orbax CheckpointManager step (a training checkpoint):
+    `_CHECKPOINT_METADATA`, and in each item `_METADATA`, `_sharding`, `array_metadatas/*` and
+    a JSON item's `metadata`. CheckpointError names the file (missing step, not JSON, not an
+    object), before Orbax parses them."""
+    step_dir = Path(step_dir)
+    if not step_dir.is_dir():
+        raise CheckpointError(f"{step_dir}: checkpoint step missing")
+    read_json(step_dir / ORBAX_CHECKPOINT_METADATA, CheckpointError, what="Orbax checkpoint metadata")
+    for item in sorted(p for p in step_dir.iterdir() if p.is_dir()):
+        files = [item / name for name in ORBAX_JSON_FILES[1:]]
+        if (item / "array_metadatas").is_dir():
+            files += sorted((item / "array_metadatas").iterdir())
+        for file in files:
+            if file.exists() or file.is_symlink():
+                read_json(file, CheckpointError, what="Orbax metadata")
+        if (item / ORBAX_METADATA).exists():
+            read_orbax_metadata(item)
+
+
+def _params_dir(path: str | Path) -> tuple[Path, dict, dict]:
+    """(the checkpoint's params dir, its Orbax metadata, its marker), both validated."""
+    marker = read_marker(path)
     params_dir = Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing")
-    return params_dir
+    checkpoint_metadata = params_dir / ORBAX_CHECKPOINT_METADATA
+    if checkpoint_metadata.exists() or checkpoint_metadata.is_symlink():  # optional, but Orbax reads it
+        read_json(checkpoint_metadata, CheckpointError, what="Orbax checkpoint metadata")
+    return params_dir, read_orbax_metadata(params_dir), marker
+
+
+def verify_checksums(path: str | Path) -> int:
+    """Check every chunk of a checkpoint against the digests its writer recorded in the marker
+    (each chunk file mapped and hashed in place; it also warms the page cache for the restore
+    that follows). CheckpointError names the chunk file whose bytes changed. A checkpoint
+    written before checksums existed has none: nothing to check. Returns the chunks checked."""
+    reader = ParamsReader(path, allow_nonfinite=True)
+    checked = 0
+    for name in reader.digests:
+        meta = reader.array(tuple(name.split(".")))
+        for first in range(0, meta["shape"][0], meta["rows"]):
+            reader.verify_chunk(meta, first)
+            checked += 1
+    return checked
 
 
 def stored_param_metadata(path: str | Path) -> dict:
     """Tree of jax.ShapeDtypeStruct with each tensor's stored shape and dtype."""
     import orbax.checkpoint as ocp  # lazily: 1.5 s of imports the streaming converters skip
 
-    meta = ocp.StandardCheckpointer().metadata(_params_dir(path)).item_metadata
+    meta = ocp.StandardCheckpointer().metadata(_params_dir(path)[0]).item_metadata
     tree = getattr(meta, "tree", meta)
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
                         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
 
-def load_params(path: str | Path, shardings=None) -> dict:
+NONFINITE_HINT = ("the checkpoint is damaged or holds a diverged training step; nothing is scored, "
+                  "trained or exported from it (`python -m convert to_hf/verify --allow-nonfinite` "
+                  "can still read it)")
+
+
+def load_params(path: str | Path, shardings=None, *, allow_nonfinite: bool = False) -> dict:
     """Restore params with their stored dtypes: numpy arrays on the host, or jax arrays placed
-    directly on their shards when `shardings` (a matching tree of NamedSharding) is given."""
+    directly on their shards when `shardings` (a matching tree of NamedSharding) is given.
+    A parameter holding NaN/Inf raises NonFiniteError naming it (unless `allow_nonfinite`), a
+    chunk whose bytes differ from its recorded checksum CheckpointError naming the file (on one
+    process; a multi-host job's processes each restore only their shards, and reading every
+    chunk on every host to hash it would multiply the job's reads by its host count)."""
     import orbax.checkpoint as ocp
 
     target = stored_param_metadata(path)
+    if jax.process_count() == 1:
+        verify_checksums(path)
     if shardings is not None:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               target, shardings)
-    return ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, target)
+    params = ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, target)
+    if not allow_nonfinite:
+        check_tree_finite(params, f"{Path(path) / PARAMS_DIR}", hint=NONFINITE_HINT)
+    return params
 
 
 class ParamsReader:
@@ -282,12 +384,10 @@ class ParamsReader:
     (OCDBT, zarr3, compression) is read with TensorStore, whole chunks at a time, so memory
     follows that checkpoint's chunking (Orbax's own saves chunk by device shard)."""
 
-    def __init__(self, path: str | Path):
-        self.dir = _params_dir(path)
-        try:
-            metadata = json.loads((self.dir / ORBAX_METADATA).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{self.dir / ORBAX_METADATA}: unreadable ({err})") from None
+    def __init__(self, path: str | Path, *, allow_nonfinite: bool = False):
+        self.allow_nonfinite = allow_nonfinite
+        self.dir, metadata, marker = _params_dir(path)
+        self.digests: dict[str, list[str]] = (marker.get("checksums") or {}).get("chunks", {})
         self.ocdbt = bool(metadata.get("use_ocdbt", (self.dir / "manifest.ocdbt").exists()))
         self.zarr3 = bool(metadata.get("use_zarr3", False))
         self._arrays: dict = {}
@@ -297,11 +397,13 @@ class ParamsReader:
         """shape/dtype/rows of an array in our raw layout, or None."""
         if self.ocdbt or self.zarr3:
             return None
-        try:
-            zarray = json.loads((self.dir / name / ".zarray").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        shape, chunks = tuple(zarray.get("shape", ())), tuple(zarray.get("chunks", ()))
+        file = self.dir / name / ".zarray"
+        if not file.is_file():
+            return None  # not zarr v2: TensorStore opens it (or names what is wrong)
+        fields = Fields(read_json(file, CheckpointError), str(file), error=CheckpointError)
+        shape = tuple(fields.int_list("shape", minimum=0))
+        chunks = tuple(fields.int_list("chunks", minimum=1))
+        zarray = fields.data
         plain = (zarray.get("compressor") is None and not zarray.get("filters")
                  and zarray.get("order") == "C" and zarray.get("dimension_separator", ".") == "."
                  and len(shape) >= 1 and chunks[1:] == shape[1:])
@@ -369,10 +471,11 @@ class ParamsReader:
             try:
                 out = alloc((stop - start, *meta["shape"][1:]), meta["dtype"])
                 out[...] = meta["store"][start:stop].read().result()
-                return out
             except ValueError as err:
                 raise CheckpointError(f"{self.dir}: cannot read parameter {name} rows "
                                       f"{start}:{stop} ({err})") from None
+            self._check(out, f"{self.dir / name}: parameter {name}", start)
+            return out
         shape, rows = meta["shape"], meta["rows"]
         out = alloc((stop - start, *shape[1:]), meta["dtype"])
         flat = out.reshape(stop - start, -1).view(np.uint8)
@@ -387,4 +490,37 @@ class ParamsReader:
                         raise CheckpointError(f"{file}: truncated chunk of parameter {name}")
             except FileNotFoundError:
                 raise CheckpointError(f"{file}: chunk of parameter {name} missing") from None
+            if (lo, hi) == (first, min(first + rows, shape[0])):  # a whole chunk: its digest
+                self._check_digest(meta, first, want, file)
+            self._check(out[lo - start:hi - start], f"{file}: parameter {name}", lo)
         return out
+
+    def _check_digest(self, meta: dict, first: int, data, file: Path) -> None:
+        digests = self.digests.get(meta["name"])
+        if digests is None:
+            return
+        k = first // meta["rows"]
+        want = digests[k] if k < len(digests) else None
+        got = chunk_digest(data)
+        if got != want:
+            raise CheckpointError(f"{file}: chunk of parameter {meta['name']} is corrupt (checksum "
+                                  f"{got}, the writer recorded {want}); re-create the checkpoint")
+
+    def verify_chunk(self, meta: dict, first: int) -> None:
+        """Check one stored chunk (raw layout) against its recorded digest, mapped in place."""
+        if "store" in meta:
+            return
+        row_bytes = math.prod(meta["shape"][1:]) * meta["dtype"].itemsize
+        held = min(meta["rows"], meta["shape"][0] - first)
+        file = self._chunk_file(meta, first)
+        if not file.is_file():
+            raise CheckpointError(f"{file}: chunk of parameter {meta['name']} missing")
+        if file.stat().st_size < held * row_bytes:
+            raise CheckpointError(f"{file}: truncated chunk of parameter {meta['name']}")
+        with io_utils.mapped(file, 0, held * row_bytes, writable=False) as data:
+            self._check_digest(meta, first, data, file)
+
+    def _check(self, values: np.ndarray, what: str, first_row: int) -> None:
+        if not self.allow_nonfinite:
+            check_finite(values, what, hint="pass --allow-nonfinite to read it anyway",
+                         first_row=first_row)

@@ -28,8 +28,8 @@ from urm_jax import compile_cache
 from urm_jax.demo import run_demo as demo
 from urm_jax.distributed import maybe_initialize
 from urm_jax.errors import USER_ERRORS
-from urm_jax.eval import check_output_dir, format_summary, run_eval as evaluate
-from urm_jax.io_utils import atomic_file
+from urm_jax.eval import format_summary, run_eval as evaluate
+from urm_jax.io_utils import atomic_file, check_outputs
 from urm_jax.jsonl import dumps
 from urm_jax.memory import (CHIPS, PLATFORMS, estimate, format_table, model_config_for_plan,
                             xla_attention, xla_bytes)
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=shard_spec, default=None, metavar="K/N",
                    help="score only the K-th of N contiguous slices of the input (one host or "
                    "process each); `cat` of the N outputs in order is the whole file's output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output / --bad-lines (never an input)")
 
     p = sub.add_parser("eval", help="accuracy on preference pairs (RewardBench format) with uncertainty")
     add_model_options(p)
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--golden-tolerance", type=float, default=2e-2)
     p.add_argument("--long-length", type=positive_int, default=None, help="length of the long synthetic row")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the HF directory's own modeling_custom.py as the reference instead of "
                    "urm-jax's packaged class (executes code from that directory)")
@@ -214,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded demo, end to end on CPU")
     p.add_argument("--workdir", default="build/demo")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty an existing --workdir that an earlier demo did not make")
 
     p = sub.add_parser(
         "serve", help="HTTP reward server: native JSON API, OpenRLHF's /get_reward, dynamic batching",
@@ -273,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def model_inputs(models: list[str]) -> list[tuple[str, str]]:
+    return [("--model", path) for path in models]
+
+
 def load_ensemble(args):
     return Ensemble.load(args.model, compute_dtype=args.compute_dtype, gate_dtype=args.gate_dtype,
                          batch_size=args.batch_size, batch_tokens=args.batch_tokens,
@@ -283,9 +292,12 @@ def load_ensemble(args):
 def run_score(args) -> int:
     if args.bad_lines and args.on_bad_line != "skip":
         raise ValueError("--bad-lines needs --on-bad-line skip")
+    check_outputs([*model_inputs(args.model), ("--input", args.input)],  # before the model load
+                  [("--output", args.output), ("--bad-lines", args.bad_lines)],
+                  overwrite=args.overwrite)
     run = score_jsonl(load_ensemble(args), args.input, args.output, chunk_size=args.chunk_size,
                       on_bad_line=args.on_bad_line, bad_lines_path=args.bad_lines,
-                      progress=not args.no_progress, shard=args.shard)
+                      progress=not args.no_progress, shard=args.shard, overwrite=args.overwrite)
     if len(run.skipped):
         print(f"warning: {run.skipped.summary()}", file=sys.stderr)
     print(f"scored {run.written} examples -> {args.output} ({run.tokens} tokens, "
@@ -297,7 +309,8 @@ def run_score(args) -> int:
 
 def run_eval(args) -> int:
     out_dir = args.output_dir or f"eval-{Path(args.pairs).stem}"
-    check_output_dir(out_dir, args.overwrite)  # before the (slow) model load
+    check_outputs([*model_inputs(args.model), ("--pairs", args.pairs)],  # before the model load
+                  [("--output-dir", out_dir)], overwrite=args.overwrite)
     if not Path(args.pairs).is_file():
         raise FileNotFoundError(f"{args.pairs}: no such pairs file")
     run = evaluate(load_ensemble(args), args.pairs, out_dir, measure=args.uncertainty,
@@ -311,6 +324,8 @@ def run_eval(args) -> int:
 
 
 def run_parity(args) -> int:
+    check_outputs([("--hf", args.hf), ("--model", args.model), ("--input", args.input),
+                   ("--golden", args.golden)], [("--json", args.json)], overwrite=args.overwrite)
     report = compare(args.hf, args.model, input_path=args.input, dtype=args.dtype,
                      batch_size=args.batch_size, tolerance=args.tolerance,
                      golden_path=args.golden, golden_tolerance=args.golden_tolerance,
@@ -384,7 +399,7 @@ def run_memory(args, parser: argparse.ArgumentParser) -> int:
 
 
 def run_demo(args) -> int:
-    return 0 if demo(Path(args.workdir)) else 1
+    return 0 if demo(Path(args.workdir), overwrite=args.overwrite) else 1
 
 
 def run_serve(args) -> int:

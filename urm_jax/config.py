@@ -10,13 +10,14 @@ message that names the field, rather than producing silently different numbers l
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from urm_jax.attributes import HELPSTEER2, check_attributes, from_id2label, id2label
+from urm_jax.validate import Fields, MetadataError, read_json
+
 ARCHITECTURE = "LlamaForSequenceClassificationWithNormal_Weights"
 AUTO_MAP = {"AutoModelForSequenceClassification": f"modeling_custom.{ARCHITECTURE}"}
 
@@ -24,7 +25,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(MetadataError):
     """A config that the model cannot honour exactly."""
 
 
@@ -49,34 +50,41 @@ class RopeConfig:
     original_max_position_embeddings: int | None = None
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "RopeConfig":
-        params = hf.get("rope_parameters")
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "RopeConfig":
+        """RoPE settings of an HF config: transformers-5 `rope_parameters`, else v4 top-level
+        `rope_theta` + `rope_scaling`. ConfigError names `source` and the field."""
+        fields = Fields(hf, source, error=ConfigError)
+        params = fields.object("rope_parameters", None, null_ok=True)
         if params is None:  # transformers-4 style
-            if "rope_theta" not in hf:
-                raise ConfigError("config.json has neither `rope_parameters` nor `rope_theta`")
-            params = dict(hf.get("rope_scaling") or {})
-            params["rope_theta"] = hf["rope_theta"]
-        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+            if not fields.has("rope_theta"):
+                raise ConfigError(f"{source}: config.json has neither `rope_parameters` nor `rope_theta`")
+            theta = fields.float("rope_theta", gt=0)
+            params = fields.object("rope_scaling", None, null_ok=True) or Fields({}, source)
+        else:
+            if not params.has("rope_theta"):
+                raise ConfigError(f"{source}: RoPE parameters lack `rope_theta`")
+            theta = params.float("rope_theta", gt=0)
+        rope_type = (params.str("rope_type", None, null_ok=True) or params.str("type", None, null_ok=True)
+                     or "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(
-                f"unsupported RoPE type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-        if "rope_theta" not in params:
-            raise ConfigError("RoPE parameters lack `rope_theta`")
-        kwargs: dict[str, Any] = {"theta": float(params["rope_theta"]), "rope_type": rope_type}
+            raise ConfigError(f"{source}: unsupported RoPE type {rope_type!r} (supported: "
+                              f"{', '.join(SUPPORTED_ROPE_TYPES)})")
+        kwargs: dict[str, Any] = {"theta": theta, "rope_type": rope_type}
         if rope_type in ("linear", "llama3"):
-            if "factor" not in params:
-                raise ConfigError(f"RoPE type {rope_type!r} needs `factor`")
-            kwargs["factor"] = float(params["factor"])
+            if not params.has("factor"):
+                raise ConfigError(f"{source}: RoPE type {rope_type!r} needs `factor`")
+            kwargs["factor"] = params.float("factor", gt=0)
         if rope_type == "llama3":
             missing = [k for k in ("low_freq_factor", "high_freq_factor",
-                                   "original_max_position_embeddings") if k not in params]
+                                   "original_max_position_embeddings") if not params.has(k)]
             if missing:
-                raise ConfigError(f"llama3 RoPE scaling lacks {', '.join(missing)}")
-            kwargs.update(low_freq_factor=float(params["low_freq_factor"]),
-                          high_freq_factor=float(params["high_freq_factor"]),
-                          original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+                raise ConfigError(f"{source}: llama3 RoPE scaling lacks {', '.join(missing)}")
+            kwargs.update(low_freq_factor=params.float("low_freq_factor", gt=0),
+                          high_freq_factor=params.float("high_freq_factor", gt=0),
+                          original_max_position_embeddings=params.int(
+                              "original_max_position_embeddings", minimum=1))
             if kwargs["high_freq_factor"] <= kwargs["low_freq_factor"]:
-                raise ConfigError("llama3 RoPE needs high_freq_factor > low_freq_factor")
+                raise ConfigError(f"{source}: llama3 RoPE needs high_freq_factor > low_freq_factor")
         return cls(**kwargs)
 
     def hf_parameters(self) -> dict:
@@ -125,53 +133,57 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, *, source: str = "config.json") -> "ModelConfig":
-        def need(key):
-            if key not in hf:
-                raise ConfigError(f"{source}: missing `{key}`")
-            return hf[key]
-
-        model_type = hf.get("model_type", "llama")
+        """The validated view of an HF config dict: every field read is checked for type and
+        range (`urm_jax.validate`), and ConfigError names `source` and the field."""
+        fields = Fields(hf, source, error=ConfigError)
+        model_type = fields.str("model_type", "llama")
         if model_type != "llama":
             raise ConfigError(f"{source}: model_type {model_type!r} is not 'llama'")
-        act = hf.get("hidden_act", "silu")
+        act = fields.str("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} unsupported (Llama uses 'silu')")
         for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-            if hf.get(flag, False):
+            if fields.bool(flag, False, null_ok=True):
                 raise ConfigError(f"{source}: `{flag}: true` is not part of the URM architecture")
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        kv_heads = int(hf.get("num_key_value_heads") or heads)
-        head_dim = int(hf.get("head_dim") or hidden // heads)
+        hidden = fields.int("hidden_size", minimum=1)
+        heads = fields.int("num_attention_heads", minimum=1)
+        kv_heads = fields.int("num_key_value_heads", heads, minimum=1, null_ok=True)
+        if not fields.has("head_dim") or hf["head_dim"] is None:
+            if hidden % heads:
+                raise ConfigError(f"{source}: hidden_size {hidden} is not a multiple of "
+                                  f"num_attention_heads {heads} (and no head_dim is given)")
+        head_dim = fields.int("head_dim", hidden // heads, minimum=1, null_ok=True)
         if heads % kv_heads:
             raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {kv_heads}")
         if head_dim % 2:
             raise ConfigError(f"{source}: head_dim {head_dim} must be even for RoPE")
         attributes = attributes_from_hf(hf, source)
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
-        vocab = int(need("vocab_size"))
-        pad = hf.get("pad_token_id")
-        if pad is not None and not 0 <= int(pad) < vocab:
+        vocab = fields.int("vocab_size", minimum=1)
+        pad = fields.int("pad_token_id", None, minimum=0, null_ok=True)
+        if pad is not None and not pad < vocab:
             raise ConfigError(f"{source}: pad_token_id {pad} outside the vocabulary (size {vocab})")
+        dtype = (fields.str("dtype", None, null_ok=True) or fields.str("torch_dtype", None, null_ok=True)
+                 or "float32")
         return cls(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            intermediate_size=fields.int("intermediate_size", minimum=1),
+            num_layers=fields.int("num_hidden_layers", minimum=1),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            rope=RopeConfig.from_hf(hf),
-            pad_token_id=None if pad is None else int(pad),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            rms_norm_eps=fields.float("rms_norm_eps", 1e-6, gt=0),
+            max_position_embeddings=fields.int("max_position_embeddings", 2048, minimum=1),
+            rope=RopeConfig.from_hf(hf, source),
+            pad_token_id=pad,
+            bos_token_id=fields.int("bos_token_id", None, minimum=0, null_ok=True),
+            eos_token_ids=tuple(fields.int_list("eos_token_id", [], minimum=0, scalar_ok=True,
+                                                null_ok=True)),
             attributes=attributes,
-            torch_dtype=canonical_dtype(hf.get("dtype") or hf.get("torch_dtype") or "float32",
-                                        what=f"{source}: dtype"),
-            gate_dtype=canonical_dtype(hf.get("gate_dtype", "float16"), what=f"{source}: gate_dtype"),
+            torch_dtype=canonical_dtype(dtype, what=f"{source}: field dtype"),
+            gate_dtype=canonical_dtype(fields.str("gate_dtype", "float16"),
+                                       what=f"{source}: field gate_dtype"),
             hf_config=dict(hf),
         )
 
@@ -228,14 +240,17 @@ def attributes_from_hf(hf: dict, source: str) -> tuple[str, ...]:
     """The attribute set a config.json declares: `urm_attributes` (what urm-jax writes), else
     an `id2label` of `<a>_mean`/`<a>_log_std` pairs, else HelpSteer2's five when the value head
     has 10 outputs (the released URM checkpoint labels them LABEL_0..LABEL_9)."""
-    if "urm_attributes" in hf:
+    fields = Fields(hf, source, error=ConfigError)
+    fields.object("id2label", None, null_ok=True)  # an object (or absent) before it is read
+    if fields.has("urm_attributes"):
         try:
-            attributes = check_attributes(hf["urm_attributes"], where=f"{source}: urm_attributes")
+            attributes = check_attributes(hf["urm_attributes"], where=f"{source}: field urm_attributes")
         except ValueError as err:
             raise ConfigError(str(err)) from None
     else:
         attributes = from_id2label(hf.get("id2label"))
-    num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or None
+    num_labels = (fields.int("num_labels", None, minimum=1, null_ok=True)
+                  or len(hf.get("id2label") or {}) or None)
     if attributes is None:
         if num_labels in (None, 2 * len(HELPSTEER2)):
             return HELPSTEER2
@@ -251,19 +266,8 @@ def attributes_from_hf(hf: dict, source: str) -> tuple[str, ...]:
 
 def read_json_file(file: str | Path) -> dict:
     """A JSON object from a file; ConfigError names the file when it is missing, not UTF-8, not
-    JSON, or not an object."""
-    file = Path(file)
-    if not file.is_file():
-        raise ConfigError(f"{file}: not found")
-    try:
-        value = json.loads(file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{file}: expected a JSON object, got a {type(value).__name__}")
-    return value
+    JSON, or not an object (`urm_jax.validate.read_json`)."""
+    return read_json(file, ConfigError)
 
 
 def read_hf_config(path: str | Path) -> dict:

@@ -27,6 +27,7 @@ from urm_jax.hf.export import to_hf
 from urm_jax.hf.load import from_hf
 from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
 from urm_jax.hf.verify import format_verify, verify
+from urm_jax.io_utils import check_outputs
 from urm_jax.parity import TOLERANCES, run_parity
 from urm_jax.scoring import Ensemble, Scorer, score_file
 from urm_jax.train.config import load_train_config
@@ -35,6 +36,9 @@ from urm_jax.train.metrics import read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
+
+
+DEMO_MARK = ".urm-jax-demo"  # in a workdir the demo made: a rerun may empty it
 
 
 def step(title: str) -> None:
@@ -47,11 +51,16 @@ def print_verify(rows: list[dict]) -> bool:
     return same
 
 
-def run_demo(work: Path) -> bool:
-    """Run every step in `work` (emptied first); True when every check passed. torch is
-    imported for the transformers steps only: it is an optional dependency."""
+def run_demo(work: Path, *, overwrite: bool = False) -> bool:
+    """Run every step in `work` (emptied first); True when every check passed. A `work` that
+    exists and was not made by a previous demo (no `.urm-jax-demo` mark) is emptied only with
+    `overwrite`. torch is imported for the transformers steps only: it is an optional
+    dependency."""
+    previous_demo = (work / DEMO_MARK).is_file()
+    check_outputs([], [("--workdir", work)], overwrite=overwrite or previous_demo)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    (work / DEMO_MARK).write_text("made by `urm-jax demo`: a rerun empties this directory\n")
     started = time.time()
 
     step("1. Llama-3 tokenizer from Meta's llama-models wheel (offline), [PAD] = 128256")

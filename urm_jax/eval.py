@@ -43,7 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from urm_jax.compile_cache import CompileMeter, CompileTotals
-from urm_jax.io_utils import OutputExistsError, atomic_dir
+from urm_jax.io_utils import atomic_dir, check_outputs
 from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores, least_uncertain
 from urm_jax.jsonl import BadLines, chunked, count_lines, dumps, iter_jsonl
 
@@ -225,6 +225,7 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
         raise ValueError("uncertainty 'reward_gap' needs an ensemble (give --model several times)")
     if bins < 1 or chunk_size < 1:
         raise ValueError("bins and chunk_size must be at least 1")
+    check_outputs([("--pairs", pairs_path)], [("--output-dir", out_dir)], overwrite=overwrite)
     _require_matplotlib()
     started = time.perf_counter()
     bad = BadLines(str(pairs_path))
@@ -282,12 +283,6 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
         plot_uncertainty_filter(metrics, tmp / "uncertainty_filter.png")
         plot_reliability(metrics, tmp / "reliability.png")
     return EvalRun(metrics, bad, Path(out_dir), time.perf_counter() - started, meter.totals)
-
-
-def check_output_dir(out_dir, overwrite: bool) -> None:
-    """Fail before loading any model when the output exists."""
-    if Path(out_dir).exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
 
 
 # --- plots (matplotlib's object API: no global pyplot state, no display needed) ---------------

@@ -18,13 +18,72 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 
 class OutputExistsError(FileExistsError):
-    pass
+    """An output that exists already (and no --overwrite)."""
+
+
+class OutputConflictError(ValueError):
+    """An output that would replace or sit inside an input, or another output of the same run."""
+
+
+def _resolved(path: str | Path) -> Path:
+    """`path` made absolute with every symlink of it (and of its existing parents) resolved,
+    so `x`, `./x`, `dir/../x` and a link to x compare equal."""
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Hard links and bind mounts of one file have different names: compare device and inode."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _overlap(a: Path, b: Path) -> str | None:
+    """How resolved paths `a` and `b` overlap: 'is', 'is inside' or 'contains'; None if not."""
+    if a == b or _same_file(a, b):
+        return "is"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
+                  outputs: Iterable[tuple[str, str | Path | None]], *, overwrite: bool) -> None:
+    """The one rule every command applies to its outputs, before any slow work: an output may
+    not be, contain or lie inside an input (a model directory, an input file), nor another
+    output of the same run, whatever `overwrite` says (`--overwrite` never destroys an input);
+    and an existing output (a dangling symlink included) is refused unless `overwrite`.
+
+    `inputs` and `outputs` are (label, path) pairs, e.g. ("--input", "in.jsonl"); None paths are
+    skipped. Paths are compared after resolving symlinks and `.`/`..` (and by inode), so
+    `./x`, `x` and a link to x are one path. Raises OutputConflictError or OutputExistsError
+    naming both paths."""
+    ins = [(label, os.fspath(path), _resolved(path)) for label, path in inputs if path is not None]
+    outs = [(label, os.fspath(path), _resolved(path)) for label, path in outputs if path is not None]
+    for k, (label, path, real) in enumerate(outs):
+        for in_label, in_path, in_real in ins:
+            how = _overlap(real, in_real)
+            if how:
+                raise OutputConflictError(
+                    f"{label} {path} {how} the input {in_label} {in_path}: an output never "
+                    "replaces an input (not even with --overwrite); choose another path")
+        for other_label, other_path, other_real in outs[:k]:
+            how = _overlap(real, other_real)
+            if how:
+                raise OutputConflictError(f"{label} {path} {how} {other_label} {other_path}: two "
+                                          "outputs of one run need two separate paths")
+        if os.path.lexists(path) and not overwrite:
+            raise OutputExistsError(f"{label} {path} already exists (pass --overwrite to replace it)")
 
 
 def _temp_sibling(path: Path) -> Path:

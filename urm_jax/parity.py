@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from urm_jax.config import ModelConfig
+from urm_jax.config import ModelConfig, canonical_dtype
 from urm_jax.data.samples import sample_examples
 from urm_jax.data.tokenization import pad_batch
 from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.scoring import Scorer, read_jsonl
+from urm_jax.validate import Fields
 
 OUTPUTS = ("reward", "means", "log_stds", "gate")
 
@@ -71,7 +72,8 @@ class ParityReport:
             lines.append(f"{name:<10} {self.max_abs[name]:12.3e} {self.max_rel[name]:12.3e}  {ok}")
         for g in self.golden:
             lines.append(f"golden {g['id']}: expected {g['expected']:.6f}, jax {g['jax']:.6f}, "
-                         f"|diff| {abs(g['jax'] - g['expected']):.2e} {'ok' if g['ok'] else 'NO'}")
+                         f"|diff| {abs(g['jax'] - g['expected']):.2e} {'ok' if g['ok'] else 'NO'} "
+                         f"(compute {g['compute_dtype']}, gate {g['gate_dtype']})")
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -186,19 +188,37 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
                           compute_dtype, gate_dtype, source, max_abs, max_rel, tol,
                           attention=resolve_attention(attention))
     if golden_path:
-        report.golden = check_goldens(scorer, golden_path, golden_tolerance)
+        def load(compute: str, gate: str) -> Scorer:
+            return Scorer(model_path, compute_dtype=compute, param_dtype=compute, gate_dtype=gate,
+                          batch_size=batch_size, attention=attention)
+
+        report.golden = check_goldens(scorer, golden_path, golden_tolerance, load=load)
     return report
 
 
-def check_goldens(scorer: Scorer, path, tolerance: float) -> list[dict]:
-    """Examples with a known `expected_reward` (e.g. the model card's): JAX reward within tolerance."""
+def check_goldens(scorer: Scorer, path, tolerance: float, load=None) -> list[dict]:
+    """Examples with a known `expected_reward` (e.g. the model card's): JAX reward within
+    `tolerance` (absolute). A line may name the dtypes its reward was produced in
+    (`compute_dtype`, `gate_dtype`: the model card's loading is a float32 backbone and the
+    class's float16 gate); when they differ from `scorer`'s, those lines are scored by
+    `load(compute, gate)` (the same checkpoint loaded in them), else by `scorer`. Each result
+    records the dtypes it was scored in."""
     examples, sequences = read_jsonl(path, scorer.encode)
-    rewards = scorer.score_ids(sequences).reward
-    out = []
-    for n, (example, reward) in enumerate(zip(examples, rewards)):
-        if "expected_reward" not in example:
-            raise ValueError(f"{path}: example {n + 1} has no 'expected_reward'")
-        expected = float(example["expected_reward"])
-        out.append({"id": example.get("id", n), "expected": expected, "jax": float(reward),
-                    "ok": abs(float(reward) - expected) <= tolerance})
+    have = (scorer.model.options.dtypes.compute, scorer.model.options.dtypes.gate_dtype(scorer.cfg))
+    groups: dict[tuple[str, str], list[int]] = {}
+    for n, example in enumerate(examples):
+        fields = Fields(example, f"{path}:{n + 1}")
+        fields.float("expected_reward")
+        want = (canonical_dtype(fields.str("compute_dtype", have[0]), what=f"{path}:{n + 1}: compute_dtype"),
+                canonical_dtype(fields.str("gate_dtype", have[1]), what=f"{path}:{n + 1}: gate_dtype"))
+        groups.setdefault(want if load is not None else have, []).append(n)
+    out: list[dict] = [{} for _ in examples]
+    for (compute, gate), rows in groups.items():
+        member = scorer if (compute, gate) == have else load(compute, gate)
+        rewards = member.score_ids([sequences[n] for n in rows]).reward
+        for n, reward in zip(rows, rewards):
+            expected = float(examples[n]["expected_reward"])
+            out[n] = {"id": examples[n].get("id", n), "expected": expected, "jax": float(reward),
+                      "ok": abs(float(reward) - expected) <= tolerance, "compute_dtype": compute,
+                      "gate_dtype": gate}
     return out

@@ -17,6 +17,7 @@ import numpy as np
 
 from urm_jax.attributes import HELPSTEER2
 from urm_jax.data.tokenization import helpsteer_prompt_to_messages, render_ids
+from urm_jax.jsonl import iter_jsonl
 
 TEXT_COLUMNS = ("prompt", "response")
 PAIR_COLUMNS = ("chosen", "rejected")
@@ -87,20 +88,28 @@ class DatasetReport:
 
 
 def load_rows(source: str, split: str = "train", *, cache_dir: str | None = None):
-    """A ``datasets.Dataset`` from a local ``.jsonl``/``.json``/``.parquet`` file or a hub name.
+    """The rows of a local ``.jsonl``/``.json``/``.parquet`` file or a hub dataset.
 
-    A local file is loaded as the given ``split`` (any name); anything else (``nvidia/HelpSteer2``,
-    a local dataset directory) goes to ``datasets.load_dataset(source, split=split)``.
-    Errors name the source.
+    A ``.jsonl`` file is read here, line by line with a strict JSON parser, into a list of dicts
+    (the ``split`` name is not used): a malformed line, a line that is not a JSON object, or a
+    file without rows fails naming ``file:line`` (`urm_jax.jsonl.InputError`), where ``datasets``
+    would report neither line nor file, and a column whose type changes from row to row is left
+    to the row checks (each such row is dropped and counted) instead of failing the whole load.
+    Other local files load as the given ``split`` (any name) through ``datasets``; anything else
+    (``nvidia/HelpSteer2``, a local dataset directory) goes to
+    ``datasets.load_dataset(source, split=split)``. Errors name the source.
     """
-    import datasets  # heavy; only needed when actually loading
-
     path = Path(source).expanduser()
     fmt = _LOCAL_FORMATS.get(path.suffix.lower())
     if fmt is not None and not path.is_file():
-        raise FileNotFoundError(f"dataset file {source!r} does not exist")
+        raise FileNotFoundError(f"dataset file {source!r} does not exist"
+                                + (" (a dangling symlink)" if path.is_symlink() else ""))
     if fmt is None and path.is_file():
         raise ValueError(f"dataset file {source!r}: unsupported format; use one of {sorted(_LOCAL_FORMATS)}")
+    if path.suffix.lower() == ".jsonl":
+        return [row for _, row in iter_jsonl(path, _json_object)]
+    import datasets  # heavy; only needed when actually loading
+
     try:
         if fmt is not None:
             return datasets.load_dataset(fmt, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
@@ -109,10 +118,16 @@ def load_rows(source: str, split: str = "train", *, cache_dir: str | None = None
         raise ValueError(f"could not load dataset {source!r} (split {split!r}): {type(e).__name__}: {e}") from e
 
 
+def _json_object(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object (one row), got {type(value).__name__}")
+    return value
+
+
 def _require_columns(rows: Any, required: Iterable[str], source: str, what: str) -> None:
     columns = getattr(rows, "column_names", None)
-    if columns is None:  # a plain list of dicts: the first row stands for the schema
-        columns = list(rows[0]) if len(rows) else list(required)
+    if columns is None:  # a plain list of dicts: every key any row has, as datasets would
+        columns = list(dict.fromkeys(k for row in rows for k in row)) if len(rows) else list(required)
     missing = [c for c in required if c not in columns]
     if missing:
         raise DatasetSchemaError(
@@ -189,8 +204,9 @@ def load_helpsteer2(
     """Load and render HelpSteer2 (``nvidia/HelpSteer2`` or a local file with its columns), the
     label columns named by `attributes`."""
     rows = load_rows(source, split, cache_dir=cache_dir)
-    return helpsteer2_examples(rows, tokenizer, max_length=max_length, source=f"{source}[{split}]",
-                               progress=progress, attributes=attributes)
+    return _nonempty(*helpsteer2_examples(rows, tokenizer, max_length=max_length,
+                                          source=f"{source}[{split}]", progress=progress,
+                                          attributes=attributes))
 
 
 # --- preference pairs (stage 2) -------------------------------------------------------------
@@ -241,8 +257,17 @@ def load_preference_pairs(
 ) -> tuple[list[PairExample], DatasetReport]:
     """Load and render pairs (``Skywork/Skywork-Reward-Preference-80K-v0.1`` or a local file)."""
     rows = load_rows(source, split, cache_dir=cache_dir)
-    return preference_pair_examples(rows, tokenizer, max_length=max_length, source=f"{source}[{split}]",
-                                    progress=progress)
+    return _nonempty(*preference_pair_examples(rows, tokenizer, max_length=max_length,
+                                               source=f"{source}[{split}]", progress=progress))
+
+
+def _nonempty(examples: list, report: DatasetReport) -> tuple[list, DatasetReport]:
+    """(examples, report), or DatasetSchemaError naming the source when no row is usable (a
+    training run would otherwise stop at its first batch with nothing to say why)."""
+    if not examples:
+        raise DatasetSchemaError(f"{report.format()}: no usable examples"
+                                 + ("" if report.total else " (the source has no rows)"))
+    return examples, report
 
 
 # --- shared rendering -----------------------------------------------------------------------

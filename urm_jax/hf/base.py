@@ -29,7 +29,10 @@ from urm_jax.hf.mapping import TABLE, is_gate, is_head
 from urm_jax.hf.plan import ConversionError, jax_shapes
 from urm_jax.hf.safetensors_io import HFWeights
 from urm_jax.attributes import HELPSTEER2
-from urm_jax.config import ModelConfig, canonical_dtype, np_dtype, read_hf_config
+from urm_jax.finite import checked_astype
+from urm_jax.io_utils import check_outputs
+from urm_jax.config import ConfigError, ModelConfig, canonical_dtype, np_dtype, read_hf_config
+from urm_jax.validate import Fields
 
 # Base tensors that are not part of the URM backbone and are replaced by fresh heads (or, for a
 # causal LM's output projection, dropped).
@@ -71,8 +74,8 @@ def fresh_heads(cfg: ModelConfig, *, seed: int, std: float, score_dtype: str,
             heads[entry.hf_key] = np.zeros(shape, dtype)
         else:
             rng = np.random.default_rng([seed, index])
-            heads[entry.hf_key] = (rng.standard_normal(shape, np.float32)
-                                   * np.float32(std)).astype(dtype)
+            heads[entry.hf_key] = checked_astype(rng.standard_normal(shape, np.float32) * np.float32(std),
+                                                 dtype, f"fresh head {entry.hf_key} (--init-std {std:g})")
     return heads
 
 
@@ -145,11 +148,14 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
     The value head is stored in the backbone's dtype (or `dtype`), the gate in `gate_dtype`.
     config.json records the base, seed and std under `urm_jax_init`."""
     base_dir = Path(base_dir)
+    check_outputs([("BASE_DIR", base_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
     base_config = read_hf_config(base_dir)
     cfg = urm_config_from_base(base_config, source=str(base_dir / "config.json"),
                                attributes=attributes)
-    std = float(init_std if init_std is not None else
-                base_config.get("initializer_range") or DEFAULT_INIT_STD)
+    if init_std is None:
+        init_std = Fields(base_config, str(base_dir / "config.json"), error=ConfigError).float(
+            "initializer_range", None, gt=0, null_ok=True) or DEFAULT_INIT_STD
+    std = float(init_std)
     if not (math.isfinite(std) and std > 0):
         raise ConversionError(f"init std must be a positive number, got {std}")
     gate_dtype = canonical_dtype(gate_dtype)

@@ -13,11 +13,12 @@ import numpy as np
 
 from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
 from urm_jax.config import np_dtype
+from urm_jax.finite import check_cast
 from urm_jax.hf.mapping import Alloc
 from urm_jax.hf.plan import ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units, unit_progress
 from urm_jax.hf.safetensors_io import SafetensorsWriter, parse_size
 from urm_jax.hf.streams import BufferPool, Progress, ordered_map, pooled, readahead
-from urm_jax.io_utils import atomic_dir
+from urm_jax.io_utils import atomic_dir, check_outputs
 
 MODELING_FILE = Path(__file__).with_name("modeling_custom.py")
 
@@ -30,13 +31,16 @@ def _into_shaped(out: np.ndarray) -> Alloc:
 
 
 def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5GB",
-          overwrite=False, progress=True) -> Path:
+          overwrite=False, allow_nonfinite=False, progress=True) -> Path:
     """urm-jax checkpoint -> HF dir. Shard files are laid out and reserved first; then each
     stored chunk is read (one per thread at a time) and written, transposed, into its tensors'
-    mapped regions of the shards, in any order."""
+    mapped regions of the shards, in any order. A chunk holding NaN/Inf is refused (unless
+    `allow_nonfinite`), and so is a down-cast (`dtype`, `gate_dtype`) that would turn a finite
+    value into Inf; either names the tensor, and no OUT_DIR is left."""
     ckpt_dir = Path(ckpt_dir)
+    check_outputs([("CKPT_DIR", ckpt_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
     cfg = load_config(ckpt_dir)
-    reader = ParamsReader(ckpt_dir)
+    reader = ParamsReader(ckpt_dir, allow_nonfinite=allow_nonfinite)
     plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
     limit = parse_size(max_shard_size)
     specs = [spec for plan in plans for spec in plan.hf_specs()]
@@ -49,12 +53,17 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
                 same = out.dtype == reader.dtype(plan.path)
                 rows = reader.read(plan.path, start, stop, _into_shaped(out) if same else alloc)
                 if not same:
-                    np.copyto(out, rows, casting="unsafe")
+                    with np.errstate(over="ignore"):  # refused just below, naming the tensor
+                        np.copyto(out, rows, casting="unsafe")
+                    check_cast(rows, out, f"{ckpt_dir}: parameter {entry.jax_name} -> tensor "
+                               f"{entry.hf_key} ({out.dtype.name})")
         else:
             block = reader.read(plan.path, start, stop, alloc)
             for key, value in plan.unit_tensors(start, stop, block):
                 with writer.region(key) as out:
                     entry.to_hf_into(value, out, alloc)
+                    check_cast(value, out, f"{ckpt_dir}: parameter {entry.jax_name} -> tensor "
+                               f"{key} ({out.dtype.name})")
         return unit_progress(plan, start, stop, np_dtype(plan.out).itemsize)
 
     units = row_units(plans, ckpt_chunk_rows(reader))

@@ -14,29 +14,13 @@ import numpy as np
 
 from urm_jax.checkpoint import checkpoint_writer
 from urm_jax.config import ModelConfig, np_dtype
+from urm_jax.finite import check_cast, check_finite, checked_astype
 from urm_jax.hf.mapping import Alloc, Box, get_path, normalize_box, set_path
-from urm_jax.hf.plan import (ConversionError, Plan, hf_chunk_rows, output_dtypes, plan_from_hf,
+from urm_jax.hf.plan import (Plan, hf_chunk_rows, output_dtypes, plan_from_hf,
                              plan_progress, row_units, unit_progress)
 from urm_jax.hf.safetensors_io import HFWeights
 from urm_jax.hf.streams import BufferPool, Progress, ordered_map, pooled, readahead
-
-EXPONENT_MASKS = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00),
-                  "float32": (np.uint32, 0x7F800000)}
-
-
-def check_finite(values: np.ndarray, what: str) -> None:
-    """NaN/Inf test on the bits: |x| as an integer reaches the all-ones exponent. A block at a
-    time through one small scratch buffer (cache-resident, no float32 copy of a 1 GB embedding;
-    numpy's isfinite on bfloat16 runs at a tenth of the speed)."""
-    uint, exponent = EXPONENT_MASKS[values.dtype.name]
-    magnitude = np.iinfo(uint).max >> 1
-    bits = values.reshape(-1).view(uint)
-    scratch = np.empty(max(1, min(bits.size, 1 << 20)), uint)
-    for start in range(0, bits.size, scratch.size):
-        block = bits[start:start + scratch.size]
-        if np.bitwise_and(block, magnitude, out=scratch[:block.size]).max() >= exponent:
-            raise ConversionError(f"{what} holds NaN or Inf (pass --allow-nonfinite to convert "
-                                  "it anyway)")
+from urm_jax.io_utils import check_outputs
 
 
 def read_box(weights: HFWeights, plan: Plan, box: Box, allow_nonfinite: bool = False,
@@ -53,16 +37,18 @@ def read_box(weights: HFWeights, plan: Plan, box: Box, allow_nonfinite: bool = F
 
     entry, out = plan.entry, np_dtype(plan.out)
     if not entry.stacked:
-        return np.asarray(entry.to_jax_box(rows_of(entry.hf_key), plan.shape, box, alloc)).astype(
-            out, copy=False)
+        return checked_astype(np.asarray(entry.to_jax_box(rows_of(entry.hf_key), plan.shape, box, alloc)),
+                              out, f"{weights.where(entry.hf_key)}: tensor {entry.hf_key}")
     layers = range(box[0].start, box[0].stop)
-    parts = (entry.to_jax_box(rows_of(key), plan.shape[1:], box[1:], alloc)
-             for key in entry.hf_keys(layers))
+    keys = entry.hf_keys(layers)
+    parts = (entry.to_jax_box(rows_of(key), plan.shape[1:], box[1:], alloc) for key in keys)
     if len(layers) == 1:  # one layer: no extra copy into a stacked buffer
-        return np.asarray(next(parts))[None].astype(out, copy=False)
+        return checked_astype(np.asarray(next(parts))[None], out,
+                              f"{weights.where(keys[0])}: tensor {keys[0]}")
     block = np.empty((len(layers), *(s.stop - s.start for s in box[1:])), out)
     for k, part in enumerate(parts):
         block[k] = part
+        check_cast(np.asarray(part), block[k], f"{weights.where(keys[k])}: tensor {keys[k]}")
     return block
 
 
@@ -86,6 +72,7 @@ def fill_rows(weights: HFWeights, plan: Plan, start: int, stop: int, out: np.nda
             if not allow_nonfinite:
                 check_finite(src, f"{weights.where(key)}: tensor {key}")
             entry.to_jax_into(src, dst, alloc)
+            check_cast(src, dst, f"{weights.where(key)}: tensor {key}", src_finite=not allow_nonfinite)
 
 
 
@@ -165,6 +152,7 @@ def from_hf(hf_dir, out_dir, *, dtype="keep", gate_dtype=None, overwrite=False,
             allow_nonfinite=False, progress=True) -> Path:
     """HF dir -> urm-jax checkpoint, one chunk at a time (never the whole model in memory)."""
     hf_dir = Path(hf_dir)
+    check_outputs([("HF_DIR", hf_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
     cfg = ModelConfig.from_hf_dir(hf_dir)
     with HFWeights(hf_dir) as weights:
         return write_checkpoint(weights, cfg, out_dir, dtype=dtype, gate_dtype=gate_dtype,

@@ -97,20 +97,22 @@ class Entry:
         mapped file), cast to out's dtype. Kernels are transposed into an `alloc` buffer first:
         the transpose's strided writes run twice as fast into a huge-page buffer as into a
         file mapping's 4 KB pages (TLB misses), and the copy after is sequential."""
-        if self.n_in is None:
-            np.copyto(out, hf_array.reshape(out.shape), casting="unsafe")
-            return
-        flat = out.reshape(math.prod(out.shape[:self.n_in]), -1)  # a view: out is contiguous
-        np.copyto(flat, transpose2d(hf_array, alloc), casting="unsafe")
+        with np.errstate(over="ignore"):  # an overflowing down-cast is refused by the caller's check_cast
+            if self.n_in is None:
+                np.copyto(out, hf_array.reshape(out.shape), casting="unsafe")
+                return
+            flat = out.reshape(math.prod(out.shape[:self.n_in]), -1)  # a view: out is contiguous
+            np.copyto(flat, transpose2d(hf_array, alloc), casting="unsafe")
 
     def to_hf_into(self, jax_array: np.ndarray, out: np.ndarray, alloc: Alloc = np.empty) -> None:
         """Write one JAX array's (one layer's slice when stacked) HF form into `out`, cast to
         out's dtype (kernels through an `alloc` buffer, as in to_jax_into)."""
-        if self.n_in is None:
-            np.copyto(out, jax_array.reshape(out.shape), casting="unsafe")
-            return
-        flat = jax_array.reshape(math.prod(jax_array.shape[:self.n_in]), -1)
-        np.copyto(out, transpose2d(flat, alloc), casting="unsafe")
+        with np.errstate(over="ignore"):  # an overflowing down-cast is refused by the caller's check_cast
+            if self.n_in is None:
+                np.copyto(out, jax_array.reshape(out.shape), casting="unsafe")
+                return
+            flat = jax_array.reshape(math.prod(jax_array.shape[:self.n_in]), -1)
+            np.copyto(out, transpose2d(flat, alloc), casting="unsafe")
 
     def to_jax_box(self, read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...],
                    box: Box, alloc: Alloc = np.empty) -> np.ndarray:

@@ -23,13 +23,14 @@ import math
 import os
 import re
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
 
 from urm_jax import io_utils
+from urm_jax.validate import Fields, MetadataError, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -40,7 +41,7 @@ DTYPE_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # what the safetensors library accepts
 
 
-class WeightsError(ValueError):
+class WeightsError(MetadataError):
     """A checkpoint that cannot be read as it claims to be."""
 
 
@@ -115,6 +116,22 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def shard_name_inside(name: str) -> bool:
+    """Whether an index's shard name is a relative path that stays inside the model directory
+    (`model-00001-of-00004.safetensors`, `sub/x.safetensors`), judged on the name alone:
+    a shard that is a symlink into a cache (the HF hub cache's snapshot layout) is fine."""
+    path = PurePosixPath(name)
+    return (bool(name) and "\\" not in name and not path.is_absolute()
+            and ".." not in path.parts)
+
+
+def check_not_dangling(file: Path) -> None:
+    """WeightsError naming `file` when it is a symlink whose target does not exist."""
+    if file.is_symlink() and not file.exists():
+        raise WeightsError(f"{file}: dangling symlink (points to {os.readlink(file)}, which does "
+                           "not exist)")
+
+
 class HFWeights:
     """Lazy, validated view of an HF directory's safetensors weights (thread-safe reads)."""
 
@@ -122,6 +139,8 @@ class HFWeights:
         self.dir = Path(hf_dir)
         self.info: dict[str, TensorInfo] = {}
         index, single = self.dir / INDEX_NAME, self.dir / SINGLE_NAME
+        for file in (index, single):
+            check_not_dangling(file)
         if index.is_file():
             self._open_index(index)
         elif single.is_file():
@@ -143,11 +162,16 @@ class HFWeights:
         self._fds = {file: os.open(file, os.O_RDONLY) for file in {i.file for i in self.info.values()}}
 
     def _open_index(self, index: Path) -> None:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise WeightsError(f"{index}: not a valid safetensors index ({err})") from None
+        weight_map = Fields(read_json(index, WeightsError, what="safetensors index"), str(index),
+                            error=WeightsError).str_map("weight_map")
+        files = sorted(set(weight_map.values()))
+        for name in files:  # before any shard is opened: an index never reaches outside its dir
+            if not shard_name_inside(name):
+                key = next(k for k, v in weight_map.items() if v == name)
+                raise WeightsError(f"{index}: field weight_map.{key}: shard {name!r} is not a "
+                                   f"file inside {self.dir} (absolute paths and '..' are refused)")
+        for name in files:
+            check_not_dangling(self.dir / name)
         missing = [f for f in files if not (self.dir / f).is_file()]
         if missing:
             raise WeightsError(f"{index}: names missing shard(s) {', '.join(missing)}")
@@ -160,7 +184,7 @@ class HFWeights:
         for key, name in weight_map.items():
             if key not in seen:
                 raise WeightsError(f"{index}: lists {key} in {name}, but no shard holds it")
-            if seen[key].file.name != name:
+            if seen[key].file != self.dir / name:
                 raise WeightsError(f"{index}: lists {key} in {name}, but it is in "
                                    f"{seen[key].file.name}")
         extra = sorted(set(seen) - set(weight_map))

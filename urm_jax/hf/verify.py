@@ -58,13 +58,14 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return worst
 
 
-def verify(hf_dir, ckpt_dir, *, progress: bool = True) -> list[dict]:
+def verify(hf_dir, ckpt_dir, *, progress: bool = True, allow_nonfinite: bool = False) -> list[dict]:
     """Compare every tensor of an HF directory with a urm-jax checkpoint: names, shapes, dtypes
     and values bit for bit, streamed one stored chunk at a time. Returns one row per HF tensor;
     raises nothing for a mismatch (the caller decides), but a missing/unexpected tensor or an
-    unreadable file raises as usual."""
+    unreadable file raises as usual, and so does a checkpoint chunk holding NaN/Inf unless
+    `allow_nonfinite` (then NaN bits compare like any others)."""
     cfg = load_config(ckpt_dir)
-    reader = ParamsReader(ckpt_dir)
+    reader = ParamsReader(ckpt_dir, allow_nonfinite=allow_nonfinite)
     plans = plan_from_ckpt(reader, cfg)
     with HFWeights(hf_dir) as weights:
         check_keys(weights, cfg.num_layers)

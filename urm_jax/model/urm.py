@@ -28,6 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from urm_jax.config import DTypePolicy, ModelConfig, RopeConfig
+from urm_jax.finite import check_device_casts
 from urm_jax.model.attention import allowed_mask, attention
 from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from urm_jax.model.attention import check_available as check_attention
@@ -422,14 +423,22 @@ def model_from_params(cfg: ModelConfig, params: dict, options: ModelOptions = Mo
     gate_dtype = jnp.dtype(options.dtypes.gate_param_dtype(cfg))
     param_dtype = options.dtypes.param
 
+    casts = []
+
     def cast(path, value, want):
         if tuple(value.shape) != tuple(want.shape):
             raise ValueError(f"{jax.tree_util.keystr(path)}: shape {tuple(value.shape)}, "
                              f"model expects {tuple(want.shape)}")
         dtype = gate_dtype if is_gate(path) else (jnp.dtype(param_dtype) if param_dtype else value.dtype)
-        return value if value.dtype == dtype else jnp.asarray(value).astype(dtype)
+        if value.dtype == dtype:
+            return value
+        source = jnp.asarray(value)
+        out = source.astype(dtype)
+        casts.append((".".join(str(k.key) for k in path), source, out))
+        return out
 
     values = jax.tree_util.tree_map_with_path(cast, params, expected)
+    check_device_casts(casts, "model parameters")  # a down-cast never turns a weight into Inf
     abstract.replace_by_pure_dict(values)
     return nnx.merge(graphdef, abstract)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from urm_jax.compile_cache import CompileMeter, CompileTotals
-from urm_jax.io_utils import atomic_file
+from urm_jax.io_utils import atomic_file, check_outputs
 from urm_jax.jsonl import BadLines, chunked, count_lines, dumps, iter_jsonl
 from urm_jax.scoring.engine import Ensemble, Scorer
 
@@ -58,7 +58,7 @@ def shard_range(num_lines: int, shard: tuple[int, int]) -> range:
 
 def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_size: int = 1024,
                 on_bad_line: str = "error", bad_lines_path=None, progress: bool = True,
-                shard: tuple[int, int] | None = None) -> ScoreRun:
+                shard: tuple[int, int] | None = None, overwrite: bool = False) -> ScoreRun:
     """Stream-score a JSONL file into another, line for line in input order.
 
     Memory is bounded by ``chunk_size`` lines: a chunk is read, tokenised and dispatched to every
@@ -67,8 +67,12 @@ def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_siz
     a bad line stops the run naming ``file:line`` unless ``on_bad_line="skip"``, which leaves it
     out and records it (written to ``bad_lines_path`` as JSONL when given). ``shard=(k, n)``
     scores only the k-th of n contiguous slices of the non-blank lines (one process or host per
-    slice; `cat` of the outputs in shard order is the whole file's output).
+    slice; `cat` of the outputs in shard order is the whole file's output). An output that is the
+    input, the other output, or (without ``overwrite``) exists is refused before anything is read
+    (`urm_jax.io_utils.check_outputs`).
     """
+    check_outputs([("--input", input_path)], [("--output", output_path),
+                                             ("--bad-lines", bad_lines_path)], overwrite=overwrite)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     ensemble = models if isinstance(models, Ensemble) else Ensemble([models])

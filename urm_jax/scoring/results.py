@@ -50,12 +50,12 @@ class Scores:
     @property
     def variance(self) -> np.ndarray:
         """[N, K] per-attribute variance exp(2 log_std), float64."""
-        return np.exp(2.0 * self.log_stds.astype(np.float64))
+        return _exp(2.0 * self.log_stds.astype(np.float64))
 
     @property
     def cov_frobenius(self) -> np.ndarray:
         """[N] Frobenius norm of the diagonal covariance diag(exp(2 log_std)), float64."""
-        return np.sqrt(np.sum(np.exp(4.0 * self.log_stds.astype(np.float64)), axis=-1))
+        return np.sqrt(np.sum(_exp(4.0 * self.log_stds.astype(np.float64)), axis=-1))
 
     def measure(self, name: str) -> np.ndarray:
         """[N] uncertainty by name: aleatoric (sum of variances) or cov_frobenius (float64);
@@ -75,7 +75,7 @@ class Scores:
         names = self.attributes
         return {"reward": float(self.reward[i]), "mean": _named(names, self.means[i]),
                 "log_std": _named(names, self.log_stds[i]),
-                "variance": _named(names, np.exp(2.0 * self.log_stds[i].astype(np.float64))),
+                "variance": _named(names, _exp(2.0 * self.log_stds[i].astype(np.float64))),
                 "gate": _named(names, self.gate[i]), "uncertainty": float(self.uncertainty[i]),
                 "num_tokens": int(self.num_tokens[i]), "truncated": bool(self.truncated[i])}
 
@@ -89,6 +89,13 @@ class Scores:
         """Rows of several `Scores` of the same model, in order."""
         return Scores(*(np.concatenate([getattr(p, name) for p in parts]) for name in Scores.ARRAYS),
                       attributes=parts[0].attributes)
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+    """exp without numpy's overflow warning: an overflowing variance is Inf, which every JSON
+    writer turns into null (`urm_jax.jsonl.dumps`)."""
+    with np.errstate(over="ignore"):
+        return np.exp(x)
 
 
 def least_uncertain(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
@@ -108,8 +115,8 @@ def ensemble_statistics(rewards: np.ndarray, log_stds: np.ndarray) -> dict[str, 
     r = np.asarray(rewards, np.float64)
     s = np.asarray(log_stds, np.float64)
     return {"reward_mean": r.mean(axis=0), "reward_gap": r.max(axis=0) - r.min(axis=0),
-            "cov_frobenius": np.sqrt(np.exp(4.0 * s).sum(axis=-1)).max(axis=0),
-            "aleatoric": np.exp(2.0 * s).sum(axis=-1).mean(axis=0)}
+            "cov_frobenius": np.sqrt(_exp(4.0 * s).sum(axis=-1)).max(axis=0),
+            "aleatoric": _exp(2.0 * s).sum(axis=-1).mean(axis=0)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import bisect
 import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from urm_jax.data.batching import epoch_order
 from urm_jax.data.datasets import PairExample
 from urm_jax.io_utils import atomic_file
+from urm_jax.validate import Fields, MetadataError, read_json
 
 STATE_VERSION = 1
 MAX_FEATURE_SEGMENTS = 64  # sides per packed row of the feature pass (pool_index width)
@@ -181,12 +183,45 @@ def side_batch(rows: list[list[tuple[int, int]]], examples: Sequence[PairExample
     return batch
 
 
+def cached_features(data: Path, meta: Path, key: str) -> np.ndarray | None:
+    """The cached [N, 2, D] features if the key file `meta` records `key` and `data` holds a
+    whole array of N pairs; None for no cache, another key, or a cache that is corrupt (a key
+    file that is not a JSON object of the key's fields, an array that does not load or has the
+    wrong shape): a cache is recomputed, never trusted, and its fault is said on stderr."""
+    if not (data.exists() or meta.exists()):
+        return None
+    want = json.loads(key)
+    try:
+        fields = Fields(read_json(meta), str(meta))
+        recorded = {"model": fields.str("model"), "seq_len": fields.int("seq_len", minimum=1),
+                    "compute": fields.str("compute"), "examples": fields.int("examples", minimum=0),
+                    "tokens": fields.str("tokens")}
+        if recorded != want:
+            return None
+        try:
+            features = np.load(data, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise MetadataError(f"{data}: unreadable ({err})") from None
+        if features.ndim != 3 or features.shape[:2] != (want["examples"], 2):
+            raise MetadataError(f"{data}: shape {list(features.shape)}, the key says "
+                                f"[{want['examples']}, 2, D]")
+    except MetadataError as err:
+        print(f"warning: stage-2 feature cache ignored and recomputed: {err}", file=sys.stderr)
+        return None
+    return features
+
+
 def load_or_compute(cache_dir: Path, key: str, compute) -> np.ndarray:
+    """The features for `key` (a `cache_key`) from the cache in `cache_dir`, or `compute()`d and
+    cached (array first, key file last, each atomically: a killed run leaves no key that
+    vouches for a partial array)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     data, meta = cache_dir / "features.npy", cache_dir / "features.json"
-    if data.is_file() and meta.is_file() and meta.read_text() == key:
-        return np.load(data)
+    features = cached_features(data, meta, key)
+    if features is not None:
+        return features
     features = compute()
+    meta.unlink(missing_ok=True)  # an old key must not vouch for the new array if killed below
     with atomic_file(data, "wb") as handle:
         np.save(handle, features)
     with atomic_file(meta) as handle:

@@ -25,13 +25,14 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from urm_jax.checkpoint import checkpoint_writer, chunk_rows, stacked_paths
+from urm_jax.checkpoint import check_orbax_step, checkpoint_writer, chunk_rows, stacked_paths
 from urm_jax.compile_cache import CompileMeter
 from urm_jax.config import ModelConfig, np_dtype
 from urm_jax.data.batching import BatchIterator
 from urm_jax.data.datasets import load_helpsteer2, load_preference_pairs
 from urm_jax.flops import peak_flops_per_device, train_flops
-from urm_jax.io_utils import OutputExistsError
+from urm_jax.finite import checked_astype
+from urm_jax.io_utils import check_outputs
 from urm_jax.loading import load_config_any, load_params_any, load_tokenizer
 from urm_jax.model.lora import LORA_A, LORA_B, merge_kernel
 from urm_jax.model.paths import LORA, is_gate, leaf_paths
@@ -40,7 +41,7 @@ from urm_jax.sharding import batch_sharding, fit_mesh, make_mesh, use_mesh
 from urm_jax.train.config import TrainConfig, load_train_config
 from urm_jax.train.features import (FeatureIterator, cache_key, compute_features, load_or_compute,
                                     pooled_forward)
-from urm_jax.train.metrics import MetricsWriter, Throughput, plot_metrics
+from urm_jax.train.metrics import METRICS_FILE, MetricsWriter, Throughput, plot_metrics
 from urm_jax.train.preemption import PreemptionWatch, TrainingPreempted
 from urm_jax.train.run_dir import RunDirectory
 from urm_jax.train.step import Trainer, build_trainer, merge_params
@@ -117,6 +118,7 @@ def checkpoint_manager(run: RunDirectory, cfg: TrainConfig) -> ocp.CheckpointMan
 def restore_step(manager: ocp.CheckpointManager, trainer: Trainer, step: int, data: bool = False):
     """Put a checkpointed train state onto the trainer's shardings (Orbax reshards it when the
     mesh differs from the one that saved it); returns the data-iterator state when `data`."""
+    check_orbax_step(Path(str(manager.directory)) / str(step))  # a corrupt file named, not parsed blind
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             trainer.state, trainer.state_shardings)
     items = {"state": ocp.args.StandardRestore(abstract)}
@@ -170,7 +172,9 @@ def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer:
                         block, adapter[LORA_A][start:start + rows], b)
                 block = multihost_utils.process_allgather(block, tiled=True)
                 if writer is not None:
-                    writer.write(path, start, np.asarray(block).astype(dtype))
+                    writer.write(path, start, checked_astype(
+                        np.asarray(block), dtype, f"{out_dir}: parameter {'.'.join(path)} "
+                        f"(precision.save / gate_save {dtype.name})"))
     multihost_utils.sync_global_devices("urm-jax model checkpoint written")
     return Path(out_dir)
 
@@ -203,9 +207,9 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     run, out_dir = RunDirectory(run_dir), Path(out_dir).absolute()
     if not run.config.is_file():
         raise ValueError(f"{run.config}: not found ({run.root} is not an `urm-jax train` run directory)")
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
     cfg = load_train_config(run.config)
+    check_outputs([("RUN_DIR", run_dir), ("the run's model", cfg.model)], [("OUT_DIR", out_dir)],
+                  overwrite=overwrite)
     manager = checkpoint_manager(run, cfg)
     steps = sorted(manager.all_steps())
     if not steps:
@@ -396,12 +400,25 @@ class TrainingRun:
         return record
 
 
+def check_run_outputs(cfg: TrainConfig, run: RunDirectory) -> None:
+    """What a run writes (final/, checkpoints/, the feature cache, metrics, config.yaml) never
+    holds, replaces or sits inside what it reads (the model, local data files), e.g. stage 2
+    with `output_dir` = stage 1's run and `model` = its final/ would replace the stage-1 model.
+    A run's own outputs exist on resume: only inputs are protected here."""
+    data = [(f"data.{name}", path) for name, path in (("train", cfg.data.train), ("eval", cfg.data.eval))
+            if path and Path(path).exists()]  # else a hub dataset name
+    outputs = [(f"output_dir's {path.name}", path) for path in (
+        run.final, run.checkpoints, run.root / "feature_cache", run.root / METRICS_FILE, run.config)]
+    check_outputs([("model", cfg.model), *data], outputs, overwrite=True)
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, ...] = ()) -> Path:
     """Run (or resume) one training stage; returns the final checkpoint directory. The run
     directory is claimed first (one `urm-jax train` per directory), a resume is checked against
     the recorded configuration (`allow_changes`: keys allowed to differ, or 'all'), and only then
     is config.yaml written."""
     run = RunDirectory(cfg.output_dir)
+    check_run_outputs(cfg, run)
     with run.claim(owner=jax.process_index() == 0):
         run.check_resume(cfg, allow_changes)
         if jax.process_index() == 0:

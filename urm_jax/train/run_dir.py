@@ -32,6 +32,7 @@ import yaml
 
 from urm_jax.io_utils import atomic_file
 from urm_jax.train.config import TrainConfig, TrainConfigError, config_from_dict, to_dict
+from urm_jax.validate import expect_object
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
@@ -84,6 +85,7 @@ class RunDirectory:
             raw = yaml.safe_load(self.config.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
             raise RunDirectoryError(f"{self.config}: unreadable ({err})") from None
+        expect_object(raw, str(self.config), RunDirectoryError, what="a YAML mapping")
         try:
             return config_from_dict(raw)
         except TrainConfigError as err:
