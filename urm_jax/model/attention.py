@@ -9,7 +9,7 @@
                skipped, and the backward recomputes blocks from q, k, v, the output and the
                log-sum-exp (a custom VJP), so memory is linear in L forward and backward
     auto       splash on TPU, cudnn on GPU; on CPU reference for rows shorter than
-               AUTO_BLOCKWISE_LENGTH tokens (the dense L x L op is faster there), blockwise from it
+               AUTO_BLOCKWISE_LENGTH tokens (as fast there, and HF's exact op order), blockwise from it
 
 Every implementation takes q [B, L, Hq, D], k/v [B, L, Hkv, D] and segment ids [B, L] (0 = pad;
 a token attends causally to earlier tokens of its own segment) and returns [B, L, Hq, D]. Tests
@@ -32,12 +32,23 @@ IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "splash", "blockwise")
 
 # What `auto` picks per platform: the fused kernel where one exists.
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cpu": "reference"}
-# On CPU, rows of at least this many (padded) tokens run `blockwise` under `auto`. Measured with
-# bench/long_context.py on a 2-core CPU (forward, 8 q / 2 kv heads of 64): the dense op is faster
-# up to one block, blockwise is ahead from two blocks on (it skips the blocks above the diagonal).
-AUTO_BLOCKWISE_LENGTH = {"cpu": 1024}
-# Block edge (tokens) of `blockwise`, for queries and keys alike.
-BLOCK = 512
+# On CPU, rows of at least this many (padded) tokens run `blockwise` under `auto`. Measured on a
+# 2-core CPU (jitted forward, interleaved medians; 8 q / 2 kv heads of 64 and 32 / 8 of 128):
+# up to 128 tokens both take the same time (one block), from 256 blockwise is 2-3x faster
+# (256: 3.3 vs 7.0 ms and 50 vs 170 ms; 1024: 79 vs 322 ms and 247 vs 1997 ms), and the gap grows
+# with L (no L x L softmax through memory, half the blocks skipped). Below it `auto` keeps the
+# reference's exact op order.
+AUTO_BLOCKWISE_LENGTH = {"cpu": 256}
+# Block edge (tokens) of `blockwise`, for queries and keys alike, per platform. CPU: 128 was the
+# fastest of 64..512 at 512-4096 tokens (a 128 x 128 float32 block per head stays in L2);
+# accelerators: larger blocks, since each loop step is a kernel launch.
+BLOCK = {"cpu": 128}
+BLOCK_DEFAULT = 512
+
+
+def block_size(platform: str | None = None) -> int:
+    """`blockwise`'s block edge on `platform` (default: this process's JAX backend)."""
+    return BLOCK.get(platform or jax.default_backend(), BLOCK_DEFAULT)
 # Implementations that never build an L x L tensor (nor take the dense mask, except cudnn).
 LINEAR_MEMORY = ("splash", "cudnn", "blockwise")
 
@@ -168,5 +179,5 @@ def attention(q, k, v, segment_ids, allowed, implementation: str, precision, int
     if impl in ("xla", "cudnn"):
         return fused_attention(q, k, v, allowed, impl)
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, segment_ids, precision, block=BLOCK)
+        return blockwise_attention(q, k, v, segment_ids, precision, block=block_size())
     return splash_attention(q, k, v, segment_ids, interpret=interpret)
