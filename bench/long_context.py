@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -262,24 +261,16 @@ def main() -> None:
     import jax
     import torch
 
-    from urm_jax.config import ModelConfig
+    from score_throughput import write_models
+
     from urm_jax.data.datasets import synthetic_helpsteer_lengths
-    from urm_jax.hf.export import to_hf
-    from urm_jax.hf.load import from_hf
-    from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf
 
     load_before = os.getloadavg()
     started = time.perf_counter()
     attention = attention_table(args.lengths, args.reps, args.dense_reps)
 
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    hf_cfg = tiny_hf_config(**SHAPE)
-    params = ModelConfig.from_hf_dict(hf_cfg).param_count()["total"]
-    src = write_random_hf(work / "hf", hf_cfg, dtype="float32", gate_dtype="float16", progress=False)
-    ckpt = from_hf(src, work / "jax", progress=False)
-    export = to_hf(ckpt, work / "export", progress=False)
+    params, ckpt, export = write_models(work, SHAPE)
     pad = SHAPE["pad_token_id"]
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(0, pad, int(n)).tolist()  # noqa: E731  (never the pad id)
