@@ -182,3 +182,56 @@ def test_auto_uses_blockwise_for_long_rows_on_cpu():
     assert resolve("auto", "cpu") == "reference"  # length unknown: short rows
     assert resolve("auto", "tpu", length=10 ** 6) == "splash"
     assert resolve("reference", "cpu", length=10 ** 6) == "reference"  # only auto switches
+
+
+def test_blockwise_in_the_sharded_training_step(tmp_path, monkeypatch):
+    """The stage-1 step with blockwise attention on a (data 2, fsdp 2, tensor 2) mesh, packed
+    rows, blocks of 16 over 48 tokens, trains as the reference attention on one device: loss,
+    gradient norm and parameters after two steps agree to float32 rounding."""
+    import dataclasses
+
+    from flax import nnx
+
+    from hf_fixtures import make_tiny_urm
+    from urm_jax.config import DTypePolicy
+    from urm_jax.loading import load_model
+    from urm_jax.model import attention as attention_module
+    from urm_jax.model.urm import ModelOptions
+    from urm_jax.sharding import make_mesh
+    from urm_jax.train.config import OptimConfig, PrecisionConfig, TrainConfig
+    from urm_jax.train.step import build_trainer
+
+    monkeypatch.setitem(attention_module.BLOCK, "cpu", 16)
+    model, cfg = load_model(make_tiny_urm(tmp_path / "m", gate_dtype="float32", seed=3), compute_dtype="float32")
+    params = nnx.state(model).to_pure_dict()
+    rng = np.random.default_rng(0)
+    length, rows = 48, 8
+    batch = {"input_ids": rng.integers(4, 500, (1, rows, length)).astype(np.int32),
+             "segment_ids": np.zeros((1, rows, length), np.int32),
+             "pool_index": np.zeros((1, rows, 2), np.int32), "pool_mask": np.ones((1, rows, 2), np.float32),
+             "labels": rng.integers(0, 5, (1, rows, 2, 5)).astype(np.float32)}
+    for r in range(rows):  # two packed sequences and right padding per row
+        a, b = int(rng.integers(5, 25)), int(rng.integers(5, 20))
+        batch["segment_ids"][0, r, :a], batch["segment_ids"][0, r, a:a + b] = 1, 2
+        batch["pool_index"][0, r] = [a - 1, a + b - 1]
+    # The recipe's learning rate (as test_train_step's mesh test: at large ones Adam turns
+    # float32-rounding differences of near-zero gradients into full-size updates).
+    train = TrainConfig(stage=1, optim=OptimConfig(learning_rate=2e-6, warmup_ratio=0.0),
+                        precision=PrecisionConfig(param="float32", compute="float32",
+                                                  gate_compute="float32", gate_param="float32"))
+    fp32 = DTypePolicy(param="float32", compute="float32", gate="float32")
+
+    def run(attention, mesh_shape):
+        devices = jax.devices()[:int(np.prod(mesh_shape))]
+        trainer = build_trainer(cfg, params, dataclasses.replace(train, attention=attention), 100,
+                                make_mesh(mesh_shape, devices), options=ModelOptions(fp32, attention=attention))
+        metrics = [jax.device_get(trainer.run(batch)) for _ in range(2)]
+        return jax.device_get(trainer.state.params), metrics
+
+    want, want_m = run("reference", (1, 1, 1))
+    got, got_m = run("blockwise", (2, 2, 2))
+    for m, w in zip(got_m, want_m):
+        assert abs(m["loss"] - w["loss"]) <= 1e-5 * abs(w["loss"])
+        assert abs(m["grad_norm"] - w["grad_norm"]) <= 1e-5 * abs(w["grad_norm"])
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        assert np.max(np.abs(a - b)) <= 1e-6, jax.tree_util.keystr(path)
