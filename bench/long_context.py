@@ -17,8 +17,8 @@ and scoring vs HF transformers (SDPA) on rows up to 8k tokens, with peak memory 
     (urm-jax: length buckets, `attention auto` = reference below 256 tokens, blockwise above;
     HF: file order, padded to the longest row); and 8192-token rows alone at batch 1. Each tool
     runs in its own worker process (one process tree), the workers alternate round by round,
-    and each reports its peak RSS (VmHWM) and its RSS after loading the model: peak - loaded
-    is what scoring itself took. urm-jax's warm-up compiles are timed apart. The ratio is HF time
+    and each reports its peak RSS (VmHWM, restarted after loading and warm-up so compiles do not
+    count) and its RSS when scoring started: peak - start is what scoring itself took. urm-jax's warm-up compiles are timed apart. The ratio is HF time
     / urm-jax time for the same real tokens (> 1: urm-jax faster).
 (c) One 3000-token conversation, urm-jax `reference` vs `auto` vs HF: seconds for the row alone
     (after warm-up), on the same model.
@@ -64,9 +64,19 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set of this process (MB): VmHWM, which belongs to the process's own address
-    space (getrusage's ru_maxrss would carry the parent's peak across fork + exec)."""
+    """Peak resident set of this process (MB) since the last `reset_peak_rss`: VmHWM, which
+    belongs to the process's own address space (getrusage's ru_maxrss would carry the parent's
+    peak across fork + exec, and cannot be reset)."""
     return _status_mb("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs),
+    so the peak of scoring is measured apart from loading and compiling."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 # --- (a) attention alone ---------------------------------------------------------------------
@@ -125,8 +135,9 @@ def attention_table(lengths, reps: int, dense_reps: int) -> list[dict]:
 
 def worker(kind: str, model: str, pad_id: int, batch: int, attention: str) -> None:
     """A scoring process: reads one JSON command per stdin line, answers one JSON line.
-    {"warmup": [[lengths...]...]} -> compile seconds; {"score": [[ids...]...]} -> seconds, tokens;
-    {"quit": true} -> peak RSS."""
+    {"warmup": [[lengths...]...]} -> compile seconds (then the peak RSS restarts from here);
+    {"score": [[ids...]...]} -> seconds, tokens; {"quit": true} -> peak RSS while scoring, peak
+    RSS of loading + warm-up, RSS when scoring started."""
     if kind == "jax":
         from score_throughput import jax_compile
 
@@ -141,19 +152,22 @@ def worker(kind: str, model: str, pad_id: int, batch: int, attention: str) -> No
         torch.set_num_threads(os.cpu_count() or 1)
         hf = AutoModelForSequenceClassification.from_pretrained(
             model, trust_remote_code=True, attn_implementation="sdpa").eval()
-    loaded = rss_mb()
+    loaded, warmup_peak = rss_mb(), peak_rss_mb()
     out = sys.stdout
     sys.stdout = sys.stderr  # nothing else may write to the answer channel
     for line in sys.stdin:
         cmd = json.loads(line)
         if "quit" in cmd:
-            answer = {"peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded}
+            answer = {"peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded, "warmup_peak_mb": warmup_peak}
         elif "warmup" in cmd:
             rounds = [[[1] * n for n in lengths] for lengths in cmd["warmup"]]
             if kind == "jax":
                 answer = {"seconds": jax_compile(scorer, rounds)}
             else:  # one short forward: allocator and kernels
                 answer = {"seconds": hf_forward(hf, [rounds[0][:1]], pad_id)[0]}
+            warmup_peak = max(warmup_peak, peak_rss_mb())
+            loaded = rss_mb()
+            reset_peak_rss()
         else:
             seqs = cmd["score"]
             if kind == "jax":
@@ -214,8 +228,8 @@ def scoring_workload(name: str, ckpt: Path, export: Path, pad_id: int, rounds, b
               file=sys.stderr, flush=True)
     jm, hm = jax_worker.close(), hf_worker.close()
     return dict(totals, compile_s=compile_s, ratio=totals["hf_s"] / totals["jax_s"], round_ratios=ratios,
-                jax_peak=jm["peak_rss_mb"], jax_loaded=jm["loaded_rss_mb"],
-                hf_peak=hm["peak_rss_mb"], hf_loaded=hm["loaded_rss_mb"])
+                jax_peak=jm["peak_rss_mb"], jax_loaded=jm["loaded_rss_mb"], jax_warmup_peak=jm["warmup_peak_mb"],
+                hf_peak=hm["peak_rss_mb"], hf_loaded=hm["loaded_rss_mb"], hf_warmup_peak=hm["warmup_peak_mb"])
 
 
 def one_row(ckpt: Path, export: Path, pad_id: int, seq, reps: int) -> dict:
@@ -243,6 +257,7 @@ def main() -> None:
     parser.add_argument("--mix-rows", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--skip-attention", action="store_true", help="scoring parts only")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     parser.add_argument("--worker", choices=["jax", "hf"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -267,7 +282,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     started = time.perf_counter()
-    attention = attention_table(args.lengths, args.reps, args.dense_reps)
+    attention = [] if args.skip_attention else attention_table(args.lengths, args.reps, args.dense_reps)
 
     work = Path(args.workdir)
     params, ckpt, export = write_models(work, SHAPE)
@@ -294,7 +309,7 @@ def main() -> None:
     print("| L | reference ms | blockwise ms | xla ms | reference / blockwise | xla / blockwise | "
           "fwd MB ref / blockwise / xla | fwd+bwd MB ref / blockwise / xla |")
     print("|---|---|---|---|---|---|---|---|")
-    for length in args.lengths:
+    for length in args.lengths if attention else []:
         r = {row["impl"]: row for row in attention if row["length"] == length}
         ms = {k: r[k]["seconds"] * 1e3 for k in r}
         print(f"| {length} | {ms['reference']:.0f} | {ms['blockwise']:.0f} | {ms['xla']:.0f} | "
@@ -308,18 +323,20 @@ def main() -> None:
           f"{lengths.min()}..{lengths.max()} tokens (median {int(np.median(lengths))}), batch {args.batch}; "
           f"long: {longest}-token rows at batch 1. RSS in MB (peak; peak - after load)\n")
     print("| workload | tokens | urm-jax s | HF s | ratio HF/urm-jax | per round | urm-jax compile s | "
-          "urm-jax RSS peak (scoring) | HF RSS peak (scoring) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "urm-jax RSS peak scoring (+ over start) | HF RSS peak scoring (+ over start) | "
+          "RSS peak load+warm-up urm-jax / HF |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['tokens']} | {r['jax_s']:.2f} | {r['hf_s']:.2f} | **{r['ratio']:.2f}x** | "
               f"{', '.join(f'{x:.2f}' for x in r['round_ratios'])} | {r['compile_s']:.1f} | "
-              f"{r['jax_peak']:.0f} ({r['jax_peak'] - r['jax_loaded']:.0f}) | "
-              f"{r['hf_peak']:.0f} ({r['hf_peak'] - r['hf_loaded']:.0f}) |")
+              f"{r['jax_peak']:.0f} (+{r['jax_peak'] - r['jax_loaded']:.0f}) | "
+              f"{r['hf_peak']:.0f} (+{r['hf_peak'] - r['hf_loaded']:.0f}) | "
+              f"{r['jax_warmup_peak']:.0f} / {r['hf_warmup_peak']:.0f} |")
     print(f"\n(c) one {min(3000, longest)}-token conversation, seconds after warm-up (median), peak RSS MB\n")
-    print("| tool | seconds | peak RSS (scoring) |")
+    print("| tool | seconds | RSS peak scoring (+ over start) |")
     print("|---|---|---|")
     for name, r in conversation.items():
-        print(f"| {name} | {r['seconds']:.2f} | {r['peak']:.0f} ({r['peak'] - r['loaded']:.0f}) |")
+        print(f"| {name} | {r['seconds']:.2f} | {r['peak']:.0f} (+{r['peak'] - r['loaded']:.0f}) |")
     (work / "results.json").write_text(json.dumps(dict(attention=attention, scoring=results,
                                                        conversation=conversation), indent=2))
 

@@ -7,16 +7,16 @@ How a batch is formed, and why:
   is at most 1/3 and a run compiles at most one program per (bucket, rows) pair, whatever the
   input mix.
 * Rows per batch are fixed per bucket (`batch_size`, or fewer for long buckets under a
-  `batch_tokens` budget) and rounded up to a multiple of the device count.
+  `batch_tokens` budget) and rounded up to a multiple of the device count. A partial batch is
+  padded to the next (device count x power of two) rows with copies of its first row, whose
+  outputs are dropped: few filler rows, and still at most 1 + log2(rows / devices) shapes per
+  bucket.
 * Memory is checked per bucket before anything is compiled (`urm_jax.scoring.fit`): the device
   memory of one forward at the bucket's shape is estimated against what the device has free
   (`memory_budget`); long buckets get fewer rows; a bucket whose dense attention cannot fit one
   row per device runs `blockwise` attention instead (linear memory; noted once on the
   `urm_jax.scoring` logger); a sequence that fits neither is refused when it is encoded (or
-  planned), with a `SequenceTooLong` (ValueError) that says how long a sequence fits. A partial batch is
-  padded to the next (device count x power of two) rows with copies of its first row, whose
-  outputs are dropped: few filler rows, and still at most 1 + log2(rows / devices) shapes per
-  bucket.
+  planned), with a `SequenceTooLong` (ValueError) that says how long a sequence fits.
 * The batch is sharded over all local devices on a 1-D `data` mesh with replicated parameters
   (plain data parallelism: scoring needs no gradient, so nothing else is worth sharding for
   models that fit one device).
@@ -270,12 +270,11 @@ class Scorer:
                 raise ValueError(f"sequence {i} is empty")
             if n > self.max_length:
                 raise ValueError(f"sequence {i} has {n} tokens, more than max_length={self.max_length}")
+            try:
+                self.check_fits(n)
+            except SequenceTooLong as err:
+                raise SequenceTooLong(f"sequence {i}: {err}") from None
             bucket = self.bucket_for(n)
-            if not self.bucket_plan(bucket).fits:
-                try:
-                    self.check_fits(n)
-                except SequenceTooLong as err:
-                    raise SequenceTooLong(f"sequence {i}: {err}") from None
             if bucket != current or len(rows) == self.rows_for(bucket):
                 if rows:
                     batches.append((current, rows))
