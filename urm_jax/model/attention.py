@@ -34,10 +34,10 @@ IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "splash", "blockwise")
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cpu": "reference"}
 # On CPU, rows of at least this many (padded) tokens run `blockwise` under `auto`. Measured on a
 # 2-core CPU (jitted forward, interleaved medians; 8 q / 2 kv heads of 64 and 32 / 8 of 128):
-# up to 128 tokens both take the same time (one block), from 256 blockwise is 2-3x faster
-# (256: 3.3 vs 7.0 ms and 50 vs 170 ms; 1024: 79 vs 322 ms and 247 vs 1997 ms), and the gap grows
-# with L (no L x L softmax through memory, half the blocks skipped). Below it `auto` keeps the
-# reference's exact op order.
+# up to 128 tokens both take the same time (one block); blockwise is 2-3x faster at 256 tokens
+# (3.3 vs 7.0 ms and 50 vs 170 ms), 4-8x at 1024 (79 vs 322 ms and 247 vs 1997 ms), and the gap
+# grows with L (no L x L softmax through memory, the blocks above the diagonal skipped). Below
+# the threshold `auto` keeps the reference's exact op order.
 AUTO_BLOCKWISE_LENGTH = {"cpu": 256}
 # Block edge (tokens) of `blockwise`, for queries and keys alike, per platform. CPU: 128 was the
 # fastest of 64..512 at 512-4096 tokens (a 128 x 128 float32 block per head stays in L2);
