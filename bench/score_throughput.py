@@ -52,6 +52,24 @@ def write_ids(path: Path, seqs) -> Path:
     return path
 
 
+def write_models(work: Path, shape: dict) -> tuple[int, Path, Path]:
+    """A random URM of `shape` (fp32 backbone, fp16 gate) in a fresh `work` directory: written
+    as an HF directory, converted to a urm-jax checkpoint and exported back to HF (with its
+    modelling file). Returns (parameter count, checkpoint, export)."""
+    from urm_jax.config import ModelConfig
+    from urm_jax.hf.export import to_hf
+    from urm_jax.hf.load import from_hf
+    from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    hf_cfg = tiny_hf_config(**shape)
+    src = write_random_hf(work / "hf", hf_cfg, dtype="float32", gate_dtype="float16", progress=False)
+    ckpt = from_hf(src, work / "jax", progress=False)
+    export = to_hf(ckpt, work / "export", progress=False)
+    return ModelConfig.from_hf_dict(hf_cfg).param_count()["total"], ckpt, export
+
+
 def hf_forward(model, batches, pad_id: int) -> tuple[float, int]:
     """Seconds and real tokens for right-padded batches (each padded to its longest row)."""
     import torch
@@ -129,24 +147,13 @@ def main() -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from urm_jax.hf.export import to_hf
-    from urm_jax.hf.load import from_hf
-    from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf
-    from urm_jax.config import ModelConfig
     from urm_jax.data.datasets import synthetic_helpsteer_lengths
     from urm_jax.scoring import Scorer
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-
-    hf_cfg = tiny_hf_config(**SHAPE)
-    params = ModelConfig.from_hf_dict(hf_cfg).param_count()["total"]
-    src = write_random_hf(work / "hf", hf_cfg, dtype="float32", gate_dtype="float16", progress=False)
-    ckpt = from_hf(src, work / "jax", progress=False)
-    export = to_hf(ckpt, work / "export", progress=False)
+    params, ckpt, export = write_models(work, SHAPE)
     hf = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True).eval()
     attn = getattr(hf.config, "_attn_implementation", "?")
     scorer = Scorer(ckpt, batch_size=args.batch, max_length=args.mix_max)

@@ -134,6 +134,19 @@ def test_flash_attention_drops_the_scores(cfg8b):
         assert impl["static"] == by_impl["splash"]["static"]
 
 
+def test_blockwise_attention_is_linear_in_the_length(cfg8b):
+    """blockwise (any backend, `auto` on CPU for long rows) holds no L x L tensor: its attention
+    working set grows with L, not L^2, and stays within a block pair of the flash kernels'."""
+    assert resolve_attention("auto", "cpu", length=4096) == "blockwise"
+    assert estimate(cfg8b, Setup(mesh=(1, 8, 1), global_batch_size=8), num_devices=8,
+                    platform="cpu")["attention"] == "blockwise"
+    layer = {n: estimate(cfg8b, Setup(mesh=(1, 8, 1), global_batch_size=8, seq_len=n, attention="blockwise"),
+                         num_devices=8, platform="cpu")["activations_layer"] for n in (1024, 4096)}
+    assert 3.5 < layer[4096] / layer[1024] < 4.5
+    splash = estimate(cfg8b, Setup(mesh=(1, 8, 1), global_batch_size=8, attention="splash"), num_devices=8)
+    assert 0 < layer[4096] - splash["activations_layer"] < 0.2 * splash["activations_layer"]
+
+
 def test_stage2_trains_only_the_gate(cfg8b):
     counts = cfg8b.param_count()
     est = estimate(cfg8b, Setup(stage=2, param_dtype="bfloat16", global_batch_size=256, mesh=(-1, 1, 1)),

@@ -33,7 +33,7 @@ from urm_jax.io_utils import atomic_file, check_outputs
 from urm_jax.jsonl import dumps
 from urm_jax.memory import (CHIPS, PLATFORMS, estimate, format_table, model_config_for_plan,
                             xla_attention, xla_bytes)
-from urm_jax.model.attention import IMPLEMENTATIONS
+from urm_jax.model.attention import AUTO_BLOCKWISE_LENGTH, IMPLEMENTATIONS
 from urm_jax.parity import run_parity as compare
 from urm_jax.scoring import Ensemble, score_jsonl
 from urm_jax.serve.app import Limits, create_app
@@ -96,7 +96,22 @@ def mesh_spec(text: str) -> tuple[int, int, int]:
 def add_attention_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=IMPLEMENTATIONS, default="reference",
                    help="reference: HF's eager attention op by op (default, the parity path); "
-                   "auto: splash on TPU, cuDNN flash on GPU (bf16/fp16 compute), reference on CPU")
+                   "blockwise: flash-style in plain JAX, memory linear in the length (any backend); "
+                   "auto: splash on TPU, cuDNN flash on GPU (bf16/fp16 compute), on CPU reference "
+                   f"below {AUTO_BLOCKWISE_LENGTH['cpu']} tokens and blockwise from there")
+
+
+def memory_budget(text: str) -> int:
+    """argparse type: decimal gigabytes (e.g. 2.5) -> bytes."""
+    return int(at_least(1e-9, float)(text) * 1e9)
+
+
+def add_memory_option(p) -> None:
+    p.add_argument("--memory-budget", type=memory_budget, default=None, metavar="GB",
+                   help="device memory one batch may use, per device (default: what the device reports "
+                   "free, minus a margin; on CPU the host's available RAM). Long length buckets get "
+                   "fewer rows; a bucket whose dense attention would not fit runs blockwise; a "
+                   "sequence that fits neither is refused with an error naming its line")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -120,6 +135,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: the checkpoint's gate dtype (float16 in the real model)")
     add_attention_option(p)
+    add_memory_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -243,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: the checkpoint's gate dtype")
     model.add_argument("--attention", choices=IMPLEMENTATIONS, default="reference",
                        help="attention implementation (see `urm-jax score --help`)")
+    add_memory_option(model)
     model.add_argument("--no-warmup", action="store_true",
                        help="turn ready right after loading; each batch shape then compiles on first use")
     model.add_argument("--compilation-cache", default=None, metavar="DIR|off",
@@ -286,7 +303,7 @@ def load_ensemble(args):
     return Ensemble.load(args.model, compute_dtype=args.compute_dtype, gate_dtype=args.gate_dtype,
                          batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                          max_length=args.max_length, truncation=args.truncation,
-                         attention=args.attention)
+                         attention=args.attention, memory_budget=args.memory_budget)
 
 
 def run_score(args) -> int:
@@ -424,7 +441,7 @@ def run_serve(args) -> int:
         return Ensemble.load(args.model, compute_dtype=args.compute_dtype, gate_dtype=args.gate_dtype,
                              batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                              max_length=args.max_length, truncation=args.truncation,
-                             attention=args.attention)
+                             attention=args.attention, memory_budget=args.memory_budget)
 
     batcher = Batcher(load, max_batch_items=args.max_batch_items, max_wait_s=args.max_wait_ms / 1000,
                       max_queued_items=args.max_queued_items, warmup=not args.no_warmup,

@@ -5,6 +5,11 @@ from urm_jax.checkpoint import CheckpointError
 from urm_jax.config import ConfigError
 from urm_jax.io_utils import OutputExistsError
 
+
+class DeviceMemoryError(RuntimeError):
+    """The device ran out of memory for a batch (said in one line: which batch, what to lower)."""
+
+
 # OSError: unreadable input, an HF dir without weights, an unwritable output, disk full.
 USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, OutputExistsError,
-                                                OSError, ValueError)
+                                                OSError, ValueError, DeviceMemoryError)

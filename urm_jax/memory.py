@@ -40,7 +40,9 @@ D = hidden, F = intermediate / tensor, Hq, Hkv = heads / tensor, c = bytes of th
           the [B, L, L] mask;
         splash, cudnn (flash attention): no L x L tensor, only softmax statistics (B·Hq·L·8
           bytes) and the [B, Hkv, G, L, hd] layout copies of q, k, v and the output; cudnn also
-          takes the dense [B, L, L] mask (bool, and as a bf16 bias).
+          takes the dense [B, L, L] mask (bool, and as a bf16 bias);
+        blockwise: as flash, plus one block pair's logits, probabilities and their gradients
+          (B·Hq·block² float32 each) and the float32 dq/dk/dv accumulators.
   fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) and the
       unsharded gradient of its trained ones before the reduce-scatter, in the parameter dtype.
   LoRA adds, per adapted projection of a layer and per token (in/out: the kernel's input/output
@@ -70,7 +72,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from urm_jax.config import ModelConfig, read_json_file
-from urm_jax.model.attention import resolve as resolve_attention
+from urm_jax.model.attention import block_size, resolve as resolve_attention
 from urm_jax.model.paths import is_gate, matches
 from urm_jax.model.urm import ModelOptions, abstract_model, lora_targets, param_logical_axes, param_shardings
 from urm_jax.sharding import MESH_AXES, AxisRules, batch_sharding, make_mesh, resolve_mesh_shape
@@ -87,7 +89,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SCORE_BYTES = 4 * 4 + 1
 SCORE_BYTES_FORWARD = 2 * 4 + 1
 FLASH_STATS_BYTES = 8  # per (row, head, token): softmax max/log-sum-exp and the backward's sum(dO*O)
-FLASH = ("splash", "cudnn")
+FLASH = ("splash", "cudnn", "blockwise")
 DROPOUT_BITS_BYTES = 4  # LoRA dropout: the uint32 random bits drawn per dropped input element
 MARGIN = 0.10  # hardware recipes keep at least this fraction of HBM free
 
@@ -185,7 +187,7 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     `total` (ints, bytes per device), plus the derived layout: mesh, rows_per_device,
     attention, param_count, trainable_param_count. ValueError for a mesh that does not fit.
     """
-    attention = resolve_attention(train.attention, platform)
+    attention = resolve_attention(train.attention, platform, length=train.data.seq_len)
     mesh = resolve_mesh_shape(mesh_shape if mesh_shape is not None else train.mesh, num_devices)
     data, fsdp, tensor = mesh
     counts = _sharded_counts(cfg, mesh, ModelOptions(lora=train.lora))
@@ -223,10 +225,14 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     # Attention beyond the per-token tensors: the L x L scores (unfused), or flash statistics.
     scores = rows * hq * length * length  # elements of one [B, H, L, L] score matrix
     # The dense [B, L, L] mask: bool; cudnn also turns it into a bf16 bias.
-    mask = rows * length * length * {"reference": 1, "xla": 1, "cudnn": 3, "splash": 0}[attention]
+    mask = rows * length * length * {"reference": 1, "xla": 1, "cudnn": 3}.get(attention, 0)
     if attention in FLASH:  # softmax statistics and the kernel-layout copies of q, k, v, out
         attn_backward = attn_forward = attn_saved = (rows * hq * length * FLASH_STATS_BYTES
                                                      + tokens * 2 * (hq + hkv) * hd * c)
+        if attention == "blockwise":  # one block pair in flight; float32 gradient accumulators
+            block = min(block_size(platform), length)
+            attn_forward += rows * hq * block * block * 3 * 4
+            attn_backward += rows * hq * block * block * 5 * 4 + tokens * (hq + 2 * hkv) * hd * 4
     else:
         attn_backward = SCORE_BYTES * scores
         attn_forward = attn_saved = SCORE_BYTES_FORWARD * scores
@@ -260,8 +266,9 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
 
 
 def xla_attention(attention: str) -> str:
-    """What a CPU compile can run in place of `attention` (flash kernels are TPU/GPU only)."""
-    return "xla" if attention == "xla" else "reference"
+    """What a CPU compile can run in place of `attention` (flash kernels are TPU/GPU only;
+    blockwise runs anywhere)."""
+    return attention if attention in ("xla", "blockwise") else "reference"
 
 
 def xla_bytes(cfg: ModelConfig, train: TrainConfig, mesh_shape: tuple[int, int, int]) -> int:

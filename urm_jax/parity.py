@@ -158,8 +158,10 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
     dtypes) or a compute dtype for the backbone (the gate keeps its own)."""
     compute = None if dtype == "keep" else dtype
     # A named dtype casts the HF backbone's storage too; mirror it (the gate keeps its own dtype).
+    # The attention asked for runs every bucket (no switch to blockwise under memory pressure):
+    # the report says which implementation was compared.
     scorer = Scorer(model_path, compute_dtype=compute, param_dtype=compute, batch_size=batch_size,
-                    attention=attention)
+                    attention=attention, switch_attention=False)
     cfg = scorer.cfg
     reference, source = load_reference(hf_dir, dtype, trust_remote_code)
     if input_path:
@@ -186,7 +188,7 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
     tol = tolerance if tolerance is not None else TOLERANCES.get((compute_dtype, gate_dtype), 1e-1)
     report = ParityReport(len(sequences), (min(map(len, sequences)), max(map(len, sequences))),
                           compute_dtype, gate_dtype, source, max_abs, max_rel, tol,
-                          attention=resolve_attention(attention))
+                          attention=", ".join(scorer.attention_used()) or resolve_attention(attention))
     if golden_path:
         def load(compute: str, gate: str) -> Scorer:
             return Scorer(model_path, compute_dtype=compute, param_dtype=compute, gate_dtype=gate,

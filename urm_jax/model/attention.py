@@ -4,7 +4,12 @@
     xla        jax.nn.dot_product_attention(implementation="xla")
     cudnn      jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention on GPU
     splash     Pallas splash attention on TPU (segment ids, causal mask, blocks skipped)
-    auto       splash on TPU, cudnn on GPU, reference on CPU
+    blockwise  online-softmax (flash-style) attention in plain JAX, any backend: no L x L tensor,
+               key blocks above the causal diagonal or outside the query block's segments are
+               skipped, and the backward recomputes blocks from q, k, v, the output and the
+               log-sum-exp (a custom VJP), so memory is linear in L forward and backward
+    auto       splash on TPU, cudnn on GPU; on CPU reference for rows shorter than
+               AUTO_BLOCKWISE_LENGTH tokens (as fast there, and HF's exact op order), blockwise from it
 
 Every implementation takes q [B, L, Hq, D], k/v [B, L, Hkv, D] and segment ids [B, L] (0 = pad;
 a token attends causally to earlier tokens of its own segment) and returns [B, L, Hq, D]. Tests
@@ -19,27 +24,54 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from urm_jax.model.blockwise import blockwise_attention
 from urm_jax.sharding import active_mesh
 
-IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "splash", "blockwise")
 
 
 # What `auto` picks per platform: the fused kernel where one exists.
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cpu": "reference"}
+# On CPU, rows of at least this many (padded) tokens run `blockwise` under `auto`. Measured on a
+# 2-core CPU (jitted forward, interleaved medians; 8 q / 2 kv heads of 64 and 32 / 8 of 128):
+# up to 128 tokens both take the same time (one block); blockwise is 2-3x faster at 256 tokens
+# (3.3 vs 7.0 ms and 50 vs 170 ms), 4-8x at 1024 (79 vs 322 ms and 247 vs 1997 ms), and the gap
+# grows with L (no L x L softmax through memory, the blocks above the diagonal skipped). Below
+# the threshold `auto` keeps the reference's exact op order.
+AUTO_BLOCKWISE_LENGTH = {"cpu": 256}
+# Block edge (tokens) of `blockwise`, for queries and keys alike, per platform. CPU: 128 was the
+# fastest of 64..512 at 512-4096 tokens (a 128 x 128 float32 block per head stays in L2);
+# accelerators: larger blocks, since each loop step is a kernel launch.
+BLOCK = {"cpu": 128}
+BLOCK_DEFAULT = 512
 
 
-def resolve(implementation: str, platform: str | None = None) -> str:
+def block_size(platform: str | None = None) -> int:
+    """`blockwise`'s block edge on `platform` (default: this process's JAX backend)."""
+    return BLOCK.get(platform or jax.default_backend(), BLOCK_DEFAULT)
+# Implementations that never build an L x L tensor (nor take the dense mask, except cudnn).
+LINEAR_MEMORY = ("splash", "cudnn", "blockwise")
+
+
+def resolve(implementation: str, platform: str | None = None, length: int | None = None) -> str:
     """The implementation `implementation` means on `platform` (tpu | gpu | cpu; default: this
-    process's JAX backend): `auto` becomes the platform's fused kernel (AUTO), others stay."""
+    process's JAX backend) for rows of `length` tokens (None: short rows): `auto` becomes the
+    platform's fused kernel (AUTO), or `blockwise` for rows of at least AUTO_BLOCKWISE_LENGTH
+    tokens; the others stay."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
     if platform is None:  # this process: an unknown backend runs the portable reference
-        return AUTO.get(jax.default_backend(), "reference")
+        platform = jax.default_backend()
+        if platform not in AUTO:
+            platform = "cpu"
     if platform not in AUTO:
         raise ValueError(f"attention 'auto' depends on the platform: one of {sorted(AUTO)}, "
                          f"got {platform!r}")
+    long_rows = AUTO_BLOCKWISE_LENGTH.get(platform)
+    if long_rows is not None and length is not None and length >= long_rows:
+        return "blockwise"
     return AUTO[platform]
 
 
@@ -49,7 +81,7 @@ PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
 
 
 def check_available(implementation: str, interpret: bool = False) -> str:
-    """The resolved implementation, if it can run on this process's backend."""
+    """The resolved implementation (short rows), if it can run on this process's backend."""
     impl = resolve(implementation)
     need, backend = PLATFORM.get(impl), jax.default_backend()
     if need and backend != need and not (impl == "splash" and interpret):
@@ -132,10 +164,20 @@ def _splash_local(q, k, v, segment_ids, *, interpret: bool, block: int):
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, q_heads, head_dim)
 
 
+def needs_dense_mask(implementation: str, length: int) -> bool:
+    """Whether `attention` reads the [B, L, L] `allowed` mask for rows of `length` tokens (the
+    others build what they need from the segment ids)."""
+    return resolve(implementation, length=length) in ("reference", "xla", "cudnn")
+
+
 def attention(q, k, v, segment_ids, allowed, implementation: str, precision, interpret: bool = False):
-    impl = resolve(implementation)
+    """q [B, L, Hq, D], k/v [B, L, Hkv, D], segment_ids [B, L], allowed [B, L, L] bool (or None
+    where `needs_dense_mask` is false) -> [B, L, Hq, D] by `implementation` (resolved for L)."""
+    impl = resolve(implementation, length=q.shape[1])
     if impl == "reference":
         return reference_attention(q, k, v, allowed, precision)
     if impl in ("xla", "cudnn"):
         return fused_attention(q, k, v, allowed, impl)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, segment_ids, precision, block=block_size())
     return splash_attention(q, k, v, segment_ids, interpret=interpret)

@@ -29,11 +29,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from urm_jax.config import DTypePolicy, ModelConfig, RopeConfig
 from urm_jax.finite import check_device_casts
-from urm_jax.model.attention import allowed_mask, attention
-from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from urm_jax.model.attention import check_available as check_attention
-from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.model import lora as lora_lib
+from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from urm_jax.model.attention import allowed_mask, attention, needs_dense_mask
+from urm_jax.model.attention import check_available as check_attention
 from urm_jax.model.lora import LORA_A, LORA_B, Kernel, LoraConfig
 from urm_jax.model.paths import LORA, Path, is_gate, leaf_paths
 from urm_jax.model.rope import apply_rope, cos_sin
@@ -61,7 +60,7 @@ class URMOutputs(NamedTuple):
 class ModelOptions:
     dtypes: DTypePolicy = DTypePolicy()
     remat: str = "none"
-    attention: str = "reference"  # see urm_jax.model.attention: auto | reference | xla | cudnn | splash
+    attention: str = "reference"  # see urm_jax.model.attention: auto | reference | xla | cudnn | splash | blockwise
     attention_interpret: bool = False  # run Pallas kernels in interpret mode (CPU tests)
     lora: LoraConfig | None = None  # adapters on the kernels its targets select (training)
 
@@ -272,8 +271,8 @@ class URM(nnx.Module):
         segment_ids = segment_ids.astype(jnp.int32)
         positions = segment_positions(segment_ids)
         cos, sin = cos_sin(positions, cfg.rope, cfg.head_dim)
-        # The dense mask only for implementations that take one (splash builds its own blocks).
-        needs_mask = resolve_attention(self.options.attention) in ("reference", "xla", "cudnn")
+        # The dense mask only for implementations that take one (splash, blockwise: from the ids).
+        needs_mask = needs_dense_mask(self.options.attention, segment_ids.shape[-1])
         allowed = allowed_mask(segment_ids) if needs_mask else None
 
         x = jnp.take(self.backbone.embed_tokens[...], input_ids, axis=0).astype(compute)

@@ -11,6 +11,12 @@ How a batch is formed, and why:
   padded to the next (device count x power of two) rows with copies of its first row, whose
   outputs are dropped: few filler rows, and still at most 1 + log2(rows / devices) shapes per
   bucket.
+* Memory is checked per bucket before anything is compiled (`urm_jax.scoring.fit`): the device
+  memory of one forward at the bucket's shape is estimated against what the device has free
+  (`memory_budget`); long buckets get fewer rows; a bucket whose dense attention cannot fit one
+  row per device runs `blockwise` attention instead (linear memory; noted once on the
+  `urm_jax.scoring` logger); a sequence that fits neither is refused when it is encoded (or
+  planned), with a `SequenceTooLong` (ValueError) that says how long a sequence fits.
 * The batch is sharded over all local devices on a 1-D `data` mesh with replicated parameters
   (plain data parallelism: scoring needs no gradient, so nothing else is worth sharding for
   models that fit one device).
@@ -24,8 +30,10 @@ prepare the next chunk (read, tokenise) while this one runs; `Scorer.collect` ga
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import sys
 from pathlib import Path
@@ -38,11 +46,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from urm_jax.data.tokenization import pad_batch, render_ids
+from urm_jax.errors import DeviceMemoryError
 from urm_jax.loading import load_model, load_tokenizer
+from urm_jax.model.attention import resolve as resolve_attention
+from urm_jax.scoring.fit import (BucketPlan, SequenceTooLong, available_bytes, format_bytes,
+                                 longest_fitting, plan_bucket, too_long_message)
 from urm_jax.scoring.results import EnsembleScores, Scores
 from urm_jax.sharding import make_mesh, use_mesh
 
 MIN_BUCKET = 16
+logger = logging.getLogger("urm_jax.scoring")
+_UNMEASURED = object()
 
 
 def bucket_lengths(max_length: int, min_bucket: int = MIN_BUCKET) -> tuple[int, ...]:
@@ -90,6 +104,7 @@ class Pending:
     num_tokens: np.ndarray
     truncated: np.ndarray
     batches: list  # (row indices, URMOutputs of device arrays)
+    shapes: list = dataclasses.field(default_factory=list)  # (rows, length, attention) per batch
 
 
 class Scorer:
@@ -100,19 +115,27 @@ class Scorer:
     batch_size rows and long ones fewer (never under one row per device). ``max_length``
     (default: the model's max_position_embeddings) and ``truncation`` ('error' | 'left') follow
     the tokenisation policy training uses (`urm_jax.data.tokenization.render_ids`).
-    ``attention``: 'reference' (default; HF's eager attention op by op), or a fused path
-    ('auto' = splash on TPU, cuDNN on GPU, reference on CPU; 'xla', 'cudnn', 'splash').
+    ``attention``: 'reference' (default; HF's eager attention op by op), 'blockwise' (linear
+    memory, any backend), or a fused path ('auto' = splash on TPU, cuDNN on GPU, on CPU reference
+    for short rows and blockwise for long ones; 'xla', 'cudnn', 'splash').
+    ``memory_budget``: bytes per device one forward may use (default: what the device reports
+    free, measured when first needed, minus a margin; see `urm_jax.scoring.fit`).
+    ``switch_attention``: run a bucket whose dense attention does not fit with `blockwise`
+    (default) instead of refusing its sequences.
     """
 
     def __init__(self, model: str | Path, *, compute_dtype: str | None = None,
                  param_dtype: str | None = None, gate_dtype: str | None = None,
                  batch_size: int = 8, batch_tokens: int | None = None,
                  max_length: int | None = None, truncation: str = "error", devices=None,
-                 attention: str = "reference"):
+                 attention: str = "reference", memory_budget: int | None = None,
+                 switch_attention: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if batch_tokens is not None and batch_tokens < 1:
             raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
+        if memory_budget is not None and memory_budget < 1:
+            raise ValueError(f"memory_budget must be at least 1 byte, got {memory_budget}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         if truncation not in ("error", "left"):
@@ -130,11 +153,16 @@ class Scorer:
         self.num_devices = self.mesh.devices.size
         self.batch_size = self._round_rows(batch_size)
         self.batch_tokens = batch_tokens
+        self.attention = attention
+        self.switch_attention = switch_attention
+        self._memory_budget = _UNMEASURED if memory_budget is None else int(memory_budget)
+        self._bucket_plans: dict[int, BucketPlan] = {}
         self._rows = NamedSharding(self.mesh, P("data"))
         self._graphdef, state = nnx.split(self.model)
         # Replicate in place: the model object keeps pointing at the one copy of the weights.
         self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
         nnx.update(self.model, self._state)
+        self._graphdefs = {}  # attention implementation -> graph definition, for switched buckets
         self.compiled_shapes: set[tuple[int, int]] = set()
 
     @property
@@ -144,12 +172,69 @@ class Scorer:
     def _round_rows(self, rows: int) -> int:
         return math.ceil(rows / self.num_devices) * self.num_devices
 
+    @property
+    def memory_budget(self) -> int | None:
+        """Bytes per device one forward may use: as given, else measured once when first needed
+        (after every ensemble member is loaded), None where nothing can be measured."""
+        if self._memory_budget is _UNMEASURED:
+            self._memory_budget = available_bytes(list(self.mesh.devices.flat))
+        return self._memory_budget
+
+    def bucket_plan(self, length: int) -> BucketPlan:
+        """Rows, attention and estimated memory of the bucket `length` (see `urm_jax.scoring.fit`);
+        decided once per bucket, so a run keeps a fixed set of shapes."""
+        plan = self._bucket_plans.get(length)
+        if plan is None:
+            rows = self.batch_size
+            if self.batch_tokens is not None:
+                rows = min(rows, max(1, self.batch_tokens // length))
+            plan = plan_bucket(self.cfg, length, max_rows=self._round_rows(rows),
+                               num_devices=self.num_devices, attention=self.attention,
+                               budget=self.memory_budget, switch_attention=self.switch_attention)
+            asked = resolve_attention(self.attention, length=length)
+            if plan.fits and plan.attention != asked:
+                logger.warning(f"{self.path}: {length}-token batches run with {plan.attention} attention: "
+                               f"{asked} attention would not fit one row in the "
+                               f"{format_bytes(plan.budget)} per device this run may use")
+            self._bucket_plans[length] = plan
+        return plan
+
+    def attention_used(self) -> list[str]:
+        """The attention implementations of the buckets planned so far (sorted names)."""
+        return sorted({plan.attention for plan in self._bucket_plans.values() if plan.fits})
+
+    def bucket_for(self, num_tokens: int) -> int:
+        """The bucket length a sequence of num_tokens (<= max_length) is padded to."""
+        return self.buckets[bisect.bisect_left(self.buckets, num_tokens)]
+
+    def check_fits(self, num_tokens: int) -> None:
+        """SequenceTooLong (a ValueError) when a sequence of num_tokens cannot run one row per
+        device in the memory budget with any attention this scorer may use; says what fits."""
+        plan = self.bucket_plan(self.bucket_for(num_tokens))
+        if not plan.fits:
+            longest = longest_fitting(self.cfg, self.buckets, attention=self.attention,
+                                      budget=plan.budget, switch_attention=self.switch_attention)
+            raise SequenceTooLong(too_long_message(plan, num_tokens, longest=longest,
+                                                   switch_attention=self.switch_attention))
+
     def rows_for(self, length: int) -> int:
-        """Rows per batch at a bucket length (a multiple of the device count)."""
-        rows = self.batch_size
-        if self.batch_tokens is not None:
-            rows = min(rows, max(1, self.batch_tokens // length))
-        return self._round_rows(rows)
+        """Rows per batch at a bucket length (a multiple of the device count); SequenceTooLong
+        for a bucket that does not fit."""
+        plan = self.bucket_plan(length)
+        if not plan.fits:
+            self.check_fits(length)
+        return plan.rows
+
+    def _graphdef_for(self, attention: str, length: int):
+        """The graph definition that runs `attention` on rows of `length` tokens: the model's own,
+        or (a switched bucket) the same weights with another implementation."""
+        if attention == resolve_attention(self.attention, length=length):
+            return self._graphdef
+        if attention not in self._graphdefs:
+            model = nnx.merge(self._graphdef, self._state)
+            model.options = dataclasses.replace(model.options, attention=attention)
+            self._graphdefs[attention] = nnx.split(model)[0]
+        return self._graphdefs[attention]
 
     def padded_rows(self, n: int, length: int) -> int:
         """Rows a batch of n sequences is padded to: the bucket's full row count, or for a partial
@@ -162,9 +247,12 @@ class Scorer:
     # -- tokenisation --
 
     def encode_with_info(self, example: dict) -> tuple[list[int], bool]:
-        """(token ids, whether they were left-truncated); ValueError on a bad example."""
-        return encode_example(self.tokenizer, example, max_length=self.max_length,
-                              truncation=self.truncation, vocab_size=self.cfg.vocab_size)
+        """(token ids, whether they were left-truncated); ValueError on a bad example, and
+        SequenceTooLong when its length bucket cannot fit in memory."""
+        ids, truncated = encode_example(self.tokenizer, example, max_length=self.max_length,
+                                        truncation=self.truncation, vocab_size=self.cfg.vocab_size)
+        self.check_fits(len(ids))
+        return ids, truncated
 
     def encode(self, example: dict) -> list[int]:
         return self.encode_with_info(example)[0]
@@ -182,7 +270,11 @@ class Scorer:
                 raise ValueError(f"sequence {i} is empty")
             if n > self.max_length:
                 raise ValueError(f"sequence {i} has {n} tokens, more than max_length={self.max_length}")
-            bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+            try:
+                self.check_fits(n)
+            except SequenceTooLong as err:
+                raise SequenceTooLong(f"sequence {i}: {err}") from None
+            bucket = self.bucket_for(n)
             if bucket != current or len(rows) == self.rows_for(bucket):
                 if rows:
                     batches.append((current, rows))
@@ -203,11 +295,31 @@ class Scorer:
             rows += [rows[0]] * (self.padded_rows(len(rows), length) - len(rows))
             ids, mask = pad_batch([list(r) for r in rows], pad_id=self.pad_id, length=length)
             self.compiled_shapes.add(ids.shape)
-            with use_mesh(self.mesh):  # activation constraints (batch -> data) at trace time
-                out = forward_batch(self._graphdef, self._state, jax.device_put(ids, self._rows),
-                                jax.device_put(mask, self._rows))
+            attention = self.bucket_plan(length).attention
+            with use_mesh(self.mesh), self._memory_errors(ids.shape, attention):
+                # activation constraints (batch -> data) at trace time
+                out = forward_batch(self._graphdef_for(attention, length), self._state,
+                                    jax.device_put(ids, self._rows), jax.device_put(mask, self._rows))
             pending.batches.append((np.asarray(idx), out))
+            pending.shapes.append((*ids.shape, attention))
         return pending
+
+    @contextlib.contextmanager
+    def _memory_errors(self, shape, attention: str):
+        """An allocation failure of XLA (the estimate was wrong, or memory went to someone else)
+        as one DeviceMemoryError line naming the batch, instead of a runtime traceback."""
+        try:
+            yield
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
+                raise
+            rows, length = shape
+            budget = self.memory_budget
+            raise DeviceMemoryError(
+                f"{self.path}: out of device memory on a batch of {rows} x {length} tokens with "
+                f"{attention} attention (estimated {format_bytes(self.bucket_plan(length).bytes_per_device)} "
+                f"per device{f' of {format_bytes(budget)}' if budget else ''}); lower --memory-budget, "
+                f"--batch-size or --batch-tokens, or --max-length with --truncation left") from None
 
     def collect(self, pending: Pending) -> Scores:
         """Gather dispatched batches into `Scores` in the submitted order."""
@@ -215,8 +327,12 @@ class Scorer:
         k = self.cfg.num_attributes
         reward, unc = np.zeros(n, np.float32), np.zeros(n, np.float32)
         means, log_stds, gate = (np.zeros((n, k), np.float32) for _ in range(3))
-        for idx, out in pending.batches:
-            out = jax.device_get(out)
+        for (idx, out), shape in zip(pending.batches, pending.shapes or [None] * len(pending.batches)):
+            if shape is None:
+                out = jax.device_get(out)
+            else:
+                with self._memory_errors(shape[:2], shape[2]):  # execution is asynchronous
+                    out = jax.device_get(out)
             m = len(idx)
             reward[idx] = np.asarray(out.reward[:m], np.float32)
             means[idx] = np.asarray(out.means[:m], np.float32)
@@ -285,9 +401,14 @@ class Ensemble:
         return next((s.tokenizer for s in self.scorers if s.tokenizer is not None), None)
 
     def encode_with_info(self, example: dict) -> tuple[list[int], bool]:
+        """(token ids, left-truncated?) by the first member's policy; ValueError for a bad
+        example or one that some member cannot fit in memory (SequenceTooLong)."""
         first = self.scorers[0]
-        return encode_example(self._tokenizer, example, max_length=self._max_length,
-                              truncation=first.truncation, vocab_size=first.cfg.vocab_size)
+        ids, truncated = encode_example(self._tokenizer, example, max_length=self._max_length,
+                                        truncation=first.truncation, vocab_size=first.cfg.vocab_size)
+        for scorer in self.scorers:
+            scorer.check_fits(len(ids))
+        return ids, truncated
 
     def submit(self, sequences, truncated=None) -> list[Pending]:
         return [s.submit(sequences, truncated) for s in self.scorers]

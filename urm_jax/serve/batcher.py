@@ -54,9 +54,11 @@ class ServerBusy(RuntimeError):
 def warmup_shapes(scorer: Scorer, max_length: int) -> list[tuple[int, int]]:
     """Every (rows, bucket length) batch shape `scorer.submit` can produce for sequences of up to
     ``max_length`` tokens: each bucket a sequence can land in, times each row count a batch of
-    1..rows_for(bucket) sequences is padded to. Sorted by bucket length, then rows."""
+    1..rows_for(bucket) sequences is padded to. Sorted by bucket length, then rows. Buckets that
+    do not fit in memory are left out (their sequences are refused when encoded)."""
     buckets = [b for b in scorer.buckets if b < max_length]
     buckets.append(scorer.buckets[bisect.bisect_left(scorer.buckets, max_length)])
+    buckets = [b for b in buckets if scorer.bucket_plan(b).fits]
     return sorted({(scorer.padded_rows(n, b), b) for b in buckets for n in range(1, scorer.rows_for(b) + 1)},
                   key=lambda shape: (shape[1], shape[0]))
 
