@@ -1,0 +1,240 @@
+"""Know before you pay: compile a training recipe's real programs for a TPU topology on this
+(CPU) machine and read the TPU compiler's own memory per chip.
+
+    urm-jax plan configs/hardware/v5p-8.yaml [key=value ...] [--topology v5p:2x2x1]
+
+libtpu (the `jax[tpu]` extra) carries a compile-only TPU client: `get_topology_desc` describes a
+slice's chips without owning any, a mesh over them plus ShapeDtypeStruct inputs with their
+shardings lower and compile the step exactly as `urm-jax train` would build it on the pod
+(`urm_jax.train.step.step_layout`), and `memory_analysis()` of the compiled program is the
+compiler's per-chip buffer assignment: arguments (parameters, optimiser state, batch), outputs,
+aliases (outputs written into donated arguments, counted once), temporaries (gradients,
+activations, collectives' buffers). Peak per chip = arguments + outputs - aliases + temporaries.
+
+Programs compiled per stage:
+  stage 1            the train step (forward, backward, AdamW update, all micro-batches);
+  stage 2, cached    the feature pass (the frozen backbone's forward over one micro-batch of pairs
+                     at full seq_len: the largest bucket) and the gate-only step on features;
+  stage 2, tokens    the train step through the frozen backbone.
+Nothing runs: no arrays are allocated, and the host needs only CPU and RAM (the 8B stage-1 step
+takes 10-25 minutes and ~10 GB of RAM to compile on a 2-core host). XLA's `cost_analysis()` of
+these programs counts the layer scan's body once, so it is not a step time and is not reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+from jax.sharding import NamedSharding
+
+from urm_jax.config import ModelConfig
+from urm_jax.memory import CHIPS, GB, MARGIN, estimate
+from urm_jax.model.attention import compile_target
+from urm_jax.model.urm import ModelBinder
+from urm_jax.sharding import batch_sharding, make_mesh, use_mesh
+from urm_jax.train.config import TrainConfig, parse_topology
+from urm_jax.train.features import pooled_forward
+from urm_jax.train.step import abstract_step_args, batch_shapes, step_layout, training_param_shapes
+
+INSTALL_HINT = ("pip install 'jax[tpu]==0.10.2' (libtpu, ~700 MB; in a separate virtual "
+                "environment if other work on this machine must not see a TPU plugin)")
+
+
+class PlanUnavailable(RuntimeError):
+    """This machine cannot compile for a TPU (no libtpu): an environment problem, not bad input."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+    """The TPU compiler's buffer assignment of one program, bytes per chip."""
+
+    arguments: int
+    outputs: int
+    aliases: int  # outputs that reuse a donated argument's buffer (counted once in `total`)
+    temporaries: int
+    generated_code: int
+
+    @property
+    def total(self) -> int:
+        """Peak bytes per chip: arguments + outputs - aliases + temporaries (+ the program)."""
+        return self.arguments + self.outputs - self.aliases + self.temporaries + self.generated_code
+
+    @classmethod
+    def of(cls, compiled) -> "CompiledMemory":
+        m = compiled.memory_analysis()
+        return cls(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
+                   int(m.temp_size_in_bytes), int(m.generated_code_size_in_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramPlan:
+    name: str  # "train step" | "feature pass"
+    memory: CompiledMemory
+    compile_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A recipe compiled for a topology: every program's memory per chip, the estimate, the HBM."""
+
+    topology: str
+    chip: str
+    num_chips: int
+    mesh: tuple[int, int, int]
+    programs: tuple[ProgramPlan, ...]
+    estimate: dict  # urm_jax.memory.estimate for the same config and mesh (attention as on TPU)
+
+    @property
+    def hbm(self) -> float:
+        return CHIPS[self.chip]
+
+    @property
+    def peak(self) -> ProgramPlan:
+        return max(self.programs, key=lambda p: p.memory.total)
+
+    @property
+    def free(self) -> float:
+        """Fraction of HBM left at the peak program (negative: it does not fit)."""
+        return 1 - self.peak.memory.total / self.hbm
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.memory.total <= self.hbm
+
+
+def topology_devices(name: str) -> tuple[str, list]:
+    """(chip, devices) of a TPU topology described by libtpu, without any TPU attached.
+    PlanUnavailable without libtpu; ValueError for a name libtpu rejects (its reason)."""
+    chip, dims = parse_topology(name)
+    chips = math.prod(dims)
+    try:
+        from jax.experimental import topologies
+    except ImportError as err:  # pragma: no cover - part of jax
+        raise PlanUnavailable(f"jax has no topologies module ({err})") from None
+    # On load, libtpu looks for the TPU attached to this host: its type and its slice's workers.
+    # There is none; these values only end that search (without them it logs an error that looks
+    # fatal and is not). A real TPU VM's own values are left alone; the compiled programs are
+    # the same either way (checked for v5p and v6e topologies).
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip}-{chips}")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if not on_tpu_vm():  # the lock guards attached chips: compile-only clients may share the host
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kwargs = {}
+    if chips < 4:  # libtpu's default host is 2x2x1 chips: a smaller slice is its own host
+        kwargs["chips_per_host_bounds"] = (*dims, 1)[:3]
+    try:
+        topology = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
+    except Exception as err:  # noqa: BLE001 - jax raises several types for a missing plugin
+        text = str(err)
+        if "lockfile" in text:
+            raise PlanUnavailable(f"another process holds libtpu on this TPU VM ({text.strip()})") from None
+        if "INVALID_ARGUMENT" in text:
+            raise ValueError(f"topology {name!r}: {text.split('INVALID_ARGUMENT:')[-1].strip()}") from None
+        raise PlanUnavailable(f"no TPU compiler on this machine ({type(err).__name__}: "
+                              f"{text.splitlines()[0] if text else ''}); install it with "
+                              f"{INSTALL_HINT}") from None
+    return chip, list(topology.devices)
+
+
+def on_tpu_vm() -> bool:
+    """Whether TPU chips are attached to this host (their device files exist)."""
+    return any(Path("/dev").glob("accel*")) or any(Path("/dev/vfio").glob("[0-9]*"))
+
+
+def use_cpu_host() -> None:
+    """Make CPU this process's backend before JAX starts one: with libtpu installed, JAX would
+    otherwise look for an attached TPU (and wait for it). The TPU compiler is reached through
+    the topology, not the backend."""
+    from jax._src import xla_bridge  # no public way to ask whether a backend has started
+
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+
+
+def _log(message: str) -> None:
+    print(f"urm-jax plan: {message}", file=sys.stderr, flush=True)
+
+
+def _compile(name: str, lower: Callable, log) -> ProgramPlan:
+    log(f"compiling the {name} ...")
+    start = time.perf_counter()
+    compiled = lower().compile()
+    seconds = time.perf_counter() - start
+    memory = CompiledMemory.of(compiled)
+    log(f"{name}: {memory.total / GB:.2f} GB per chip, compiled in {seconds:.0f} s")
+    return ProgramPlan(name, memory, seconds)
+
+
+def plan(cfg: ModelConfig, train: TrainConfig, topology: str, *, log: Callable[[str], None] | None = _log) -> Plan:
+    """Compile `train`'s programs for `cfg` on the TPU `topology` (e.g. 'v5p:2x2x1') and return
+    their memory per chip next to the estimate. The mesh is the config's, resolved over the
+    topology's chips (-1 takes the rest). ValueError for a mesh that does not match the
+    topology or a bad topology name; PlanUnavailable without libtpu."""
+    log = log or (lambda message: None)
+    chip, devices = topology_devices(topology)
+    mesh = make_mesh(train.mesh, devices)
+    shape = tuple(mesh.shape.values())
+    est = estimate(cfg, train, mesh_shape=shape, num_devices=len(devices), platform="tpu")
+    programs = []
+    with compile_target("tpu"):
+        if train.use_features:
+            programs.append(_compile("feature pass", lambda: _feature_pass(cfg, train, mesh), log))
+        layout = step_layout(cfg, train, 1, mesh)
+        state, frozen = abstract_step_args(cfg, train, layout)
+        batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout.batch_sh)
+                 for k, s in batch_shapes(cfg, train).items()}
+        programs.append(_compile("train step", lambda: layout.step_fn.lower(state, frozen, batch), log))
+    return Plan(topology, chip, len(devices), shape, tuple(programs), est)
+
+
+def _feature_pass(cfg: ModelConfig, train: TrainConfig, mesh):
+    """The lowered stage-2 feature pass: the frozen model's pooled forward over one micro-batch
+    of pairs (2B rows) at the full sequence length, as urm_jax.train.loop runs it."""
+    options = train.model_options()
+    layout_params = training_param_shapes(cfg, options)
+    shardings = step_layout(cfg, train, 1, mesh).shardings
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          layout_params, shardings)
+    rows, length = 2 * train.micro_batch_size, train.data.seq_len
+    sharding: NamedSharding = batch_sharding(mesh)
+    i32, f32 = jax.numpy.int32, jax.numpy.float32
+    batch = {"input_ids": jax.ShapeDtypeStruct((rows, length), i32, sharding=sharding),
+             "segment_ids": jax.ShapeDtypeStruct((rows, length), i32, sharding=sharding),
+             "pool_index": jax.ShapeDtypeStruct((rows, 1), i32, sharding=sharding),
+             "pool_mask": jax.ShapeDtypeStruct((rows, 1), f32, sharding=sharding)}
+    forward = pooled_forward(ModelBinder(cfg, options))
+    with use_mesh(mesh):
+        return forward.lower(params, batch)
+
+
+def format_plan(result: Plan, source: str) -> list[str]:
+    """The table `urm-jax plan` prints: per program the compiler's memory per chip, then the
+    estimate, the HBM and the headroom, in decimal GB."""
+    data, fsdp, tensor = result.mesh
+    est = result.estimate
+    lines = [f"{source} on {result.topology}: {result.num_chips} {result.chip} chips, "
+             f"{result.hbm / GB:.2f} GB HBM each; mesh data={data} fsdp={fsdp} tensor={tensor}, "
+             f"stage {est['stage']}, remat {est['remat']}, {est['attention']} attention, "
+             f"{est['rows_per_device']} row(s) x {est['seq_len']} tokens per chip per micro-batch",
+             "Per chip, decimal GB, as the TPU compiler assigns it:",
+             f"  {'program':<14}{'arguments':>10}{'outputs':>9}{'aliases':>9}{'temporaries':>13}"
+             f"{'total':>8}{'compile':>10}"]
+    for p in result.programs:
+        m = p.memory
+        lines.append(f"  {p.name:<14}{m.arguments / GB:>10.2f}{m.outputs / GB:>9.2f}{m.aliases / GB:>9.2f}"
+                     f"{m.temporaries / GB:>13.2f}{m.total / GB:>8.2f}{p.compile_seconds:>9.0f}s")
+    peak = result.peak.memory.total
+    lines.append(f"  {'estimate':<14}{'':>41}{est['total'] / GB:>8.2f}  "
+                 f"({(est['total'] - peak) / peak:+.0%} vs the compiler; urm-jax memory)")
+    verdict = ("fits" if result.free >= MARGIN else "fits, but with less than "
+               f"{MARGIN:.0%} free (runtime buffers and fragmentation need some)") if result.fits else "DOES NOT FIT"
+    lines.append(f"  {'HBM':<14}{'':>41}{result.hbm / GB:>8.2f}  "
+                 f"{(result.hbm - peak) / GB:.2f} GB free ({result.free:.0%}) at the {result.peak.name}: {verdict}")
+    return lines
