@@ -52,20 +52,11 @@ def run_one(case: str, layers: int | None, topology: str | None) -> dict:
     topo = topology or train.plan.topology
     start = time.time()
     result = plan(cfg, train, topo)
-    est = result.estimate
-    return {
-        "case": case, "recipe": recipe, "overrides": overrides, "layers": cfg.num_layers,
-        "topology": topo, "chip": result.chip, "chips": result.num_chips, "mesh": list(result.mesh),
-        "stage": train.stage, "remat": train.remat, "attention": est["attention"],
-        "grad_accum": train.grad_accum, "rows_per_chip": est["rows_per_device"],
-        "seq_len": train.data.seq_len, "hbm": result.hbm,
-        "programs": [{"name": p.name, **dataclasses.asdict(p.memory), "total": p.memory.total,
-                      "compile_seconds": round(p.compile_seconds, 1)} for p in result.programs],
-        "estimate": {k: v for k, v in est.items() if isinstance(v, int)},
-        "wall_seconds": round(time.time() - start, 1), "loadavg": os.getloadavg(),
-        "jax": metadata.version("jax"), "libtpu": metadata.version("libtpu"),
-        "host": f"{platform.node()} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    return {"case": case, "recipe": recipe, "overrides": overrides, "layers": cfg.num_layers,
+            "grad_accum": train.grad_accum, **result.to_dict(),
+            "wall_seconds": round(time.time() - start, 1), "loadavg": os.getloadavg(),
+            "jax": metadata.version("jax"), "libtpu": metadata.version("libtpu"),
+            "host": f"{platform.node()} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def peak(record: dict) -> dict:

@@ -8,3 +8,10 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
+
+# `make test` installs libtpu into a side directory and names it here: the TPU-compiler tests
+# (tests/test_plan.py) then run in subprocesses that alone see it. Named but missing is an error,
+# never a silent skip.
+_LIBTPU = os.environ.get("URM_JAX_LIBTPU_PATH")
+if _LIBTPU and not (Path(_LIBTPU) / "libtpu").is_dir():
+    raise RuntimeError(f"URM_JAX_LIBTPU_PATH={_LIBTPU} holds no libtpu package (make test installs it)")

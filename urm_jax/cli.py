@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", default=None,
                    help="HF config.json of the model (default: the config in `model=` if it is a "
                    "directory, else the real 8B model's)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the plan as JSON (bytes per chip, compile seconds)")
 
     p = sub.add_parser("demo", help="the embedded demo, end to end on CPU")
     p.add_argument("--workdir", default="build/demo")
@@ -414,6 +416,10 @@ def run_plan(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     print("\n".join(format_plan(result, " ".join([args.config, *args.overrides]))))
+    if args.json:
+        with atomic_file(args.json) as handle:
+            handle.write(dumps({"config": args.config, "overrides": args.overrides, **result.to_dict()},
+                               indent=1) + "\n")
     if not result.fits:
         print(f"error: {result.peak.name} needs {result.peak.memory.total / 1e9:.2f} GB per chip, "
               f"more than the {result.hbm / 1e9:.2f} GB of a {result.chip} chip", file=sys.stderr)

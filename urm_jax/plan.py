@@ -24,18 +24,21 @@ these programs counts the layer scan's body once, so it is not a step time and i
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 import jax
+from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
 from urm_jax.config import ModelConfig
-from urm_jax.memory import CHIPS, GB, MARGIN, estimate
+from urm_jax.memory import CHIPS, GB, MARGIN, PLATFORMS, estimate
 from urm_jax.model.attention import compile_target
 from urm_jax.model.urm import ModelBinder
 from urm_jax.sharding import batch_sharding, make_mesh, use_mesh
@@ -43,8 +46,21 @@ from urm_jax.train.config import TrainConfig, parse_topology
 from urm_jax.train.features import pooled_forward
 from urm_jax.train.step import abstract_step_args, batch_shapes, step_layout, training_param_shapes
 
-INSTALL_HINT = ("pip install 'jax[tpu]==0.10.2' (libtpu, ~700 MB; in a separate virtual "
-                "environment if other work on this machine must not see a TPU plugin)")
+TPU_INSTALL_HINT = (f"pip install 'jax[tpu]=={jax.__version__}' (libtpu, ~700 MB; in a separate "
+                    "virtual environment if other work on this machine must not see a TPU plugin)")
+# The CUDA compiler without the CUDA libraries (~500 MB): enough to compile, not to run.
+GPU_INSTALL_HINT = (f"pip install 'jax-cuda12-plugin=={jax.__version__}' 'jax-cuda12-pjrt=={jax.__version__}' "
+                    "(~500 MB; no GPU or CUDA libraries needed to compile)")
+GPU_SPECS = Path(__file__).resolve().parent / "gpu_specs"
+
+
+def libtpu_requirement() -> str:
+    """The libtpu release this jax pins in its `tpu` extra, e.g. 'libtpu==0.0.42.*'."""
+    for requirement in metadata.requires("jax") or []:
+        name, _, marker = requirement.partition(";")
+        if name.strip().startswith("libtpu") and 'extra == "tpu"' in marker:
+            return name.strip()
+    raise RuntimeError("jax declares no libtpu in its `tpu` extra")
 
 
 class PlanUnavailable(RuntimeError):
@@ -108,16 +124,27 @@ class Plan:
     def fits(self) -> bool:
         return self.peak.memory.total <= self.hbm
 
+    def to_dict(self) -> dict:
+        """Plain data (bytes per chip, seconds) for `urm-jax plan --json` and bench/tpu_plan.py."""
+        est = self.estimate
+        return {"topology": self.topology, "chip": self.chip, "chips": self.num_chips,
+                "mesh": list(self.mesh), "hbm": int(self.hbm), "stage": est["stage"],
+                "remat": est["remat"], "attention": est["attention"],
+                "rows_per_chip": est["rows_per_device"], "seq_len": est["seq_len"],
+                "programs": [{"name": p.name, **dataclasses.asdict(p.memory), "total": p.memory.total,
+                              "compile_seconds": round(p.compile_seconds, 1)} for p in self.programs],
+                "peak": self.peak.name, "fits": self.fits, "free": round(self.free, 4),
+                "estimate": {k: v for k, v in est.items() if isinstance(v, int) and not isinstance(v, bool)}}
+
 
 def topology_devices(name: str) -> tuple[str, list]:
-    """(chip, devices) of a TPU topology described by libtpu, without any TPU attached.
-    PlanUnavailable without libtpu; ValueError for a name libtpu rejects (its reason)."""
+    """(chip, devices) of a TPU or GPU topology (`plan.topology` syntax, e.g. 'v5p:2x2x1' or
+    'h100:1x8'), described by the platform's compiler without any chip attached. PlanUnavailable
+    when this machine has no compiler for it; ValueError for a name it rejects (its reason)."""
     chip, dims = parse_topology(name)
+    if PLATFORMS[chip] == "gpu":
+        return chip, _gpu_devices(name, chip, dims)
     chips = math.prod(dims)
-    try:
-        from jax.experimental import topologies
-    except ImportError as err:  # pragma: no cover - part of jax
-        raise PlanUnavailable(f"jax has no topologies module ({err})") from None
     # On load, libtpu looks for the TPU attached to this host: its type and its slice's workers.
     # There is none; these values only end that search (without them it logs an error that looks
     # fatal and is not). A real TPU VM's own values are left alone; the compiled programs are
@@ -139,8 +166,24 @@ def topology_devices(name: str) -> tuple[str, list]:
             raise ValueError(f"topology {name!r}: {text.split('INVALID_ARGUMENT:')[-1].strip()}") from None
         raise PlanUnavailable(f"no TPU compiler on this machine ({type(err).__name__}: "
                               f"{text.splitlines()[0] if text else ''}); install it with "
-                              f"{INSTALL_HINT}") from None
+                              f"{TPU_INSTALL_HINT}") from None
     return chip, list(topology.devices)
+
+
+def _gpu_devices(name: str, chip: str, dims: tuple[int, ...]) -> list:
+    """A CUDA topology of `dims` = (hosts, GPUs per host) compiled for without a GPU: the CUDA
+    plugin's deviceless mode, given the chip's GpuTargetConfigProto (urm_jax/gpu_specs/)."""
+    if len(dims) != 2:
+        raise ValueError(f"topology {name!r}: a GPU topology is HOSTSxGPUS, e.g. {chip}:1x8")
+    spec = GPU_SPECS / f"{chip}.txtpb"
+    if not spec.is_file():
+        raise ValueError(f"topology {name!r}: no compile-only description of a {chip} "
+                         f"({spec} is missing)")
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise PlanUnavailable(f"no CUDA compiler on this machine; install it with {GPU_INSTALL_HINT}")
+    hosts, per_host = dims
+    return list(topologies.get_topology_desc("cuda", "cuda", target_config=spec.read_text(),
+                                             topology=f"1x{hosts}x{per_host}").devices)
 
 
 def on_tpu_vm() -> bool:
@@ -181,9 +224,10 @@ def plan(cfg: ModelConfig, train: TrainConfig, topology: str, *, log: Callable[[
     chip, devices = topology_devices(topology)
     mesh = make_mesh(train.mesh, devices)
     shape = tuple(mesh.shape.values())
-    est = estimate(cfg, train, mesh_shape=shape, num_devices=len(devices), platform="tpu")
+    platform = PLATFORMS[chip]
+    est = estimate(cfg, train, mesh_shape=shape, num_devices=len(devices), platform=platform)
     programs = []
-    with compile_target("tpu"):
+    with compile_target(platform):
         if train.use_features:
             programs.append(_compile("feature pass", lambda: _feature_pass(cfg, train, mesh), log))
         layout = step_layout(cfg, train, 1, mesh)

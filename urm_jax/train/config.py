@@ -131,9 +131,10 @@ class CheckpointConfig:
         _at_least(self, "checkpoint.", every_steps=1, keep=1)
 
 
-# TPU generations `plan.topology` may name (libtpu's names), each with an example topology.
-# One JAX device per chip on all of them (v5p's two TensorCores act as one megacore device).
-TOPOLOGY_CHIPS = {"v5e": "v5e:2x4", "v5p": "v5p:2x2x1", "v6e": "v6e:2x4"}
+# Chips `plan.topology` may name, each with an example. TPUs (libtpu's names): the chips along
+# each axis of the slice, one JAX device per chip (v5p's two TensorCores act as one megacore
+# device). GPUs: hosts x GPUs per host.
+TOPOLOGY_CHIPS = {"v5e": "v5e:2x4", "v5p": "v5p:2x2x1", "v6e": "v6e:2x4", "h100": "h100:1x8"}
 _TOPOLOGY = re.compile(r"([a-z0-9]+):(\d+(?:x\d+){1,2})")
 
 
@@ -152,7 +153,8 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
     """Where a recipe is meant to run, for `urm-jax plan` (and tpu_scripts/launch.sh): the TPU
-    topology, e.g. `v5p:2x2x1` (a v5p-8: 4 chips). Training itself ignores it."""
+    topology, e.g. `v5p:2x2x1` (a v5p-8: 4 chips), or GPUs, e.g. `h100:1x8` (one host of 8).
+    Training itself ignores it."""
 
     topology: str | None = None
 
