@@ -28,7 +28,6 @@ import shlex
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +36,7 @@ GB = 1e9
 
 def run_one(case: str, layers: int | None, topology: str | None) -> dict:
     """Compile one case in this process and return its record."""
-    from urm_jax.plan import plan, use_cpu_host
+    from urm_jax.plan import compiler_versions, plan, use_cpu_host
 
     use_cpu_host()
     from urm_jax.memory import model_config_for_plan
@@ -55,7 +54,7 @@ def run_one(case: str, layers: int | None, topology: str | None) -> dict:
     return {"case": case, "recipe": recipe, "overrides": overrides, "layers": cfg.num_layers,
             "grad_accum": train.grad_accum, **result.to_dict(),
             "wall_seconds": round(time.time() - start, 1), "loadavg": os.getloadavg(),
-            "jax": metadata.version("jax"), "libtpu": metadata.version("libtpu"),
+            "compiler": compiler_versions(result.chip),
             "host": f"{platform.node()} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -117,11 +116,37 @@ def main() -> int:
     parser.add_argument("--topology", default=None, help="default: the recipe's plan.topology")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/tpu_plan_results.jsonl")
     parser.add_argument("--report", action="store_true", help="print the Markdown table of --out")
+    parser.add_argument("--header", action="store_true",
+                        help="print each --case's latest full-depth record as a recipe header block")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.report:
         records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
         print(report(records))
+        return 0
+    if args.header:
+        from urm_jax.memory import estimate, model_config_for_plan
+        from urm_jax.plan import PLATFORMS, Plan, format_header
+        from urm_jax.train.config import load_train_config
+
+        def config(case: str):
+            words = shlex.split(case)
+            return load_train_config(ROOT / words[0], words[1:], runnable=False)
+
+        records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        for case in args.case:  # the latest full-depth compile of a case resolving to this config
+            train = config(case)
+            same = [r for r in records if r["layers"] == 32 and config(r["case"]) == train]
+            if not same:
+                print(f"no full-depth record resolves to {case}", file=sys.stderr)
+                return 1
+            record = same[-1]
+            result = Plan.from_dict(record)
+            result = dataclasses.replace(result, estimate=estimate(
+                model_config_for_plan(train), train, mesh_shape=result.mesh, num_devices=result.num_chips,
+                platform=PLATFORMS[result.chip]))  # the estimator as it is now
+            versions = record.get("compiler") or f"jax {record['jax']}, libtpu {record['libtpu']}"
+            print("\n".join(format_header(result, f"urm-jax plan {case}", versions)))
         return 0
     if args.one:
         record = run_one(args.case[0], args.layers[0] if args.layers else None, args.topology)

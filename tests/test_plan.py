@@ -57,11 +57,8 @@ def test_topology_names_are_validated_with_the_config():
 
 
 @pytest.mark.parametrize("path", HARDWARE, ids=lambda p: p.stem)
-def test_every_tpu_recipe_names_its_topology(path):
+def test_every_hardware_recipe_names_its_topology(path):
     cfg = load_train_config(path, runnable=False)
-    if path.stem.startswith("h100"):
-        assert cfg.plan.topology is None  # a GPU recipe: bench/gpu_check.py is its check
-        return
     chip, _ = parse_topology(cfg.plan.topology)
     assert path.stem.startswith(chip)
     assert cfg.plan.chips == np.prod(cfg.mesh)
@@ -81,6 +78,9 @@ def test_plan_fails_clearly_without_a_topology_or_a_tpu_compiler():
         assert "no TPU compiler on this machine" in missing.stderr
         assert "pip install 'jax[tpu]==0.10.2'" in missing.stderr and "~700 MB" in missing.stderr
         assert missing.stdout == ""
+    gpu = cli("plan", "configs/hardware/h100x8.yaml")  # the suite never has the CUDA plugin
+    assert gpu.returncode == 3, gpu.stderr
+    assert "no CUDA compiler on this machine" in gpu.stderr and "pip install 'jax[cuda12]==" in gpu.stderr
 
 
 def test_compile_target_lets_splash_build_on_a_cpu_host():

@@ -36,7 +36,8 @@ from urm_jax.memory import (CHIPS, PLATFORMS, estimate, format_table, model_conf
                             xla_attention, xla_bytes)
 from urm_jax.model.attention import IMPLEMENTATIONS
 from urm_jax.parity import run_parity as compare
-from urm_jax.plan import PlanUnavailable, format_plan, plan, use_cpu_host
+from urm_jax.plan import (PlanUnavailable, compiler_versions, format_header, format_plan, plan,
+                          use_cpu_host)
 from urm_jax.scoring import Ensemble, score_jsonl
 from urm_jax.serve.app import Limits, create_app
 from urm_jax.serve.batcher import Batcher
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory, else the real 8B model's)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the plan as JSON (bytes per chip, compile seconds)")
+    p.add_argument("--header", action="store_true",
+                   help="print the compiled figures as a YAML comment block (configs/hardware headers)")
 
     p = sub.add_parser("demo", help="the embedded demo, end to end on CPU")
     p.add_argument("--workdir", default="build/demo")
@@ -415,7 +418,12 @@ def run_plan(args) -> int:
     except PlanUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    print("\n".join(format_plan(result, " ".join([args.config, *args.overrides]))))
+    if args.header:
+        command = " ".join(["urm-jax plan", args.config, *args.overrides]
+                           + ([f"--topology {args.topology}"] if args.topology else []))
+        print("\n".join(format_header(result, command, compiler_versions(result.chip))))
+    else:
+        print("\n".join(format_plan(result, " ".join([args.config, *args.overrides]))))
     if args.json:
         with atomic_file(args.json) as handle:
             handle.write(dumps({"config": args.config, "overrides": args.overrides, **result.to_dict()},

@@ -54,19 +54,16 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from urm_jax.config import ModelConfig, read_json_file
 from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.model.paths import is_gate, matches
-from urm_jax.model.urm import abstract_model, param_logical_axes, param_shardings
-from urm_jax.sharding import MESH_AXES, AxisRules, batch_sharding, make_mesh, resolve_mesh_shape
+from urm_jax.model.urm import abstract_model, param_logical_axes
+from urm_jax.sharding import MESH_AXES, AxisRules, make_mesh, resolve_mesh_shape
 from urm_jax.train.config import TrainConfig
-from urm_jax.train.step import (TrainState, jit_train_step, make_optimizer, make_train_step,
-                                optimizer_state_shardings, split_params)
+from urm_jax.train.step import abstract_step_args, batch_shapes, step_layout
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -97,13 +94,15 @@ COMPONENTS = (
     ("params", "trainable parameters"),
     ("frozen_params", "frozen parameters"),
     ("gradients", "gradients (parameter dtype)"),
-    ("grad_accumulator", "gradient sum across micro-batches"),
+    ("grad_accumulator", "accumulation: the running sum + its loop copy"),
+    ("grad_update", "the averaged, clipped gradient AdamW reads"),
     ("optimizer", "AdamW mu + nu (parameter dtype)"),
+    ("layer_grads", "per-layer gradients in the compute dtype"),
     ("activations_residuals", "saved per layer for the backward pass"),
     ("activations_layer", "one layer's working set incl. attention"),
-    ("fsdp_gather", "one layer gathered over fsdp + its gradient"),
+    ("fsdp_gather", "one layer's weights gathered, compute dtype"),
 )
-STATIC = ("params", "frozen_params", "gradients", "grad_accumulator", "optimizer")
+STATIC = ("params", "frozen_params", "gradients", "grad_accumulator", "grad_update", "optimizer", "layer_grads")
 ACTIVATIONS = ("activations_residuals", "activations_layer", "fsdp_gather")
 
 
@@ -169,18 +168,24 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     trained = [c for c in counts if any(matches(c["path"], p) for p in patterns)]
     frozen = [c for c in counts if c not in trained]
     params = nbytes(trained)
+    c = DTYPE_BYTES[precision.compute]
+    # Gradient-sized buffers the TPU compiler keeps (bench/tpu_plan_results.jsonl): the gradient,
+    # the averaged and clipped copy the AdamW update reads, and with accumulation the scan's
+    # running sum plus the copy its loop carries; the layer scan's backward also emits each
+    # layer's weight gradient in the compute dtype, stacked, before adding it in the parameter dtype.
     out = {
         "params": params,
         "frozen_params": nbytes(frozen),
         "gradients": params,
-        "grad_accumulator": params if train.grad_accum > 1 else 0,
+        "grad_accumulator": 2 * params if train.grad_accum > 1 else 0,
+        "grad_update": params,
         "optimizer": 2 * params,
+        "layer_grads": sum(c_["per_device"] for c_ in trained if c_["layer"]) * c,
     }
 
     # Rows per device per micro-batch: stage 2 rows are chosen + rejected of each pair.
     micro = train.micro_batch_size * (2 if train.stage == 2 else 1)
     rows = math.ceil(micro / (data * fsdp))
-    c = DTYPE_BYTES[precision.compute]
     d, hd, length = cfg.hidden_size, cfg.head_dim, train.data.seq_len
     split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731  (as AxisRules.spec)
     hq, hkv, f = split(cfg.num_heads), split(cfg.num_kv_heads), split(cfg.intermediate_size)
@@ -197,18 +202,24 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     else:
         attn_backward = SCORE_BYTES * scores
         attn_forward = attn_saved = SCORE_BYTES_FORWARD * scores
-    layer_weights = sum(c_["layer"] for c_ in counts if c_["path"][0] == "backbone") * DTYPE_BYTES[precision.param]
+    # One layer's weights as the matmuls read them: gathered over fsdp and cast to the compute
+    # dtype (the compiler gathers after the cast); the backward holds a second (transposed) copy.
+    layer_weights = sum(c_["layer"] for c_ in counts if c_["path"][0] == "backbone") * c
     layers = cfg.num_layers
     if train.stage == 2:  # forward only through the frozen backbone
         out["activations_residuals"] = 0
         out["activations_layer"] = attn_forward + mask + tokens * per_token * c
         out["fsdp_gather"] = layer_weights
     else:
+        # remat dots saves exactly the weight matmuls' outputs (the residual stream is
+        # rebuilt from them); full, the layer input; none, every intermediate.
         saved = {"full": tokens * d * c,
-                 "dots": tokens * (d + dots) * c,
+                 "dots": tokens * dots * c,
                  "none": tokens * (d + per_token) * c + attn_saved}[train.remat]
         out["activations_residuals"] = layers * saved
-        out["activations_layer"] = attn_backward + mask + 2 * tokens * per_token * c
+        # The layer being differentiated: its per-token intermediates once (the compiler
+        # reuses buffers between the recomputed forward and its cotangents).
+        out["activations_layer"] = attn_backward + mask + tokens * per_token * c
         out["fsdp_gather"] = 2 * layer_weights
     out["static"] = sum(out[k] for k in STATIC)
     out["activations"] = sum(out[k] for k in ACTIVATIONS)
@@ -233,27 +244,11 @@ def xla_bytes(cfg: ModelConfig, train: TrainConfig, mesh_shape: tuple[int, int, 
     if train.stage != 1:
         raise ValueError("--xla compiles the stage-1 step only")
     train = dataclasses.replace(train, attention=xla_attention(train.attention))
-    options = train.model_options()
-    mesh = make_mesh(mesh_shape)
-    shardings = param_shardings(cfg, mesh, None, options)
-    shapes = nnx.state(abstract_model(cfg, options)).to_pure_dict()
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    trainable, frozen = split_params(params, train.trainable_patterns)
-    train_sh, frozen_sh = split_params(shardings, train.trainable_patterns)
-    optimizer, schedule = make_optimizer(train.optim, 100, trainable)
-    replicated = NamedSharding(mesh, P())
-    opt_abstract, opt_sh = optimizer_state_shardings(optimizer, trainable, train_sh, mesh)
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_sh)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), trainable, opt_state)
-    batch_sh = batch_sharding(mesh, accum_axis=True)
-    a, b, length, segs = train.grad_accum, train.micro_batch_size, train.data.seq_len, train.data.max_segments
-    layout = {"input_ids": ((a, b, length), jnp.int32), "segment_ids": ((a, b, length), jnp.int32),
-              "pool_index": ((a, b, segs), jnp.int32), "pool_mask": ((a, b, segs), jnp.float32),
-              "labels": ((a, b, segs, cfg.num_attributes), jnp.float32)}
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in layout.items()}
-    step = make_train_step(cfg, train, options, optimizer, schedule)
-    compiled = jit_train_step(step, mesh, None, TrainState(replicated, train_sh, opt_sh), frozen_sh,
-                              batch_sh).lower(state, frozen, batch).compile()
+    layout = step_layout(cfg, train, 100, make_mesh(mesh_shape))
+    state, frozen = abstract_step_args(cfg, train, layout)
+    batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout.batch_sh)
+             for k, s in batch_shapes(cfg, train).items()}
+    compiled = layout.step_fn.lower(state, frozen, batch).compile()
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding
 from urm_jax.config import ModelConfig
 from urm_jax.memory import CHIPS, GB, MARGIN, PLATFORMS, estimate
 from urm_jax.model.attention import compile_target
-from urm_jax.model.urm import ModelBinder
+from urm_jax.model.urm import ModelBinder, param_shardings
 from urm_jax.sharding import batch_sharding, make_mesh, use_mesh
 from urm_jax.train.config import TrainConfig, parse_topology
 from urm_jax.train.features import pooled_forward
@@ -48,9 +48,10 @@ from urm_jax.train.step import abstract_step_args, batch_shapes, step_layout, tr
 
 TPU_INSTALL_HINT = (f"pip install 'jax[tpu]=={jax.__version__}' (libtpu, ~700 MB; in a separate "
                     "virtual environment if other work on this machine must not see a TPU plugin)")
-# The CUDA compiler without the CUDA libraries (~500 MB): enough to compile, not to run.
-GPU_INSTALL_HINT = (f"pip install 'jax-cuda12-plugin=={jax.__version__}' 'jax-cuda12-pjrt=={jax.__version__}' "
-                    "(~500 MB; no GPU or CUDA libraries needed to compile)")
+# The CUDA plugin with its CUDA and cuDNN libraries: enough to compile, no GPU needed (cuDNN's
+# flash attention, `attention: auto` on GPU, is built at compile time and needs the library).
+GPU_INSTALL_HINT = (f"pip install 'jax[cuda12]=={jax.__version__}' (the CUDA plugin, CUDA and cuDNN "
+                    "libraries, ~3.6 GB; no GPU needed to compile; in a separate virtual environment)")
 GPU_SPECS = Path(__file__).resolve().parent / "gpu_specs"
 
 
@@ -136,6 +137,17 @@ class Plan:
                 "peak": self.peak.name, "fits": self.fits, "free": round(self.free, 4),
                 "estimate": {k: v for k, v in est.items() if isinstance(v, int) and not isinstance(v, bool)}}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> "Plan":
+        """The Plan `to_dict` wrote (e.g. a line of bench/tpu_plan_results.jsonl)."""
+        fields = {f.name for f in dataclasses.fields(CompiledMemory)}
+        programs = tuple(ProgramPlan(p["name"], CompiledMemory(**{k: p[k] for k in fields}), p["compile_seconds"])
+                         for p in record["programs"])
+        est = dict(record["estimate"], stage=record["stage"], remat=record["remat"],
+                   attention=record["attention"], rows_per_device=record["rows_per_chip"],
+                   seq_len=record["seq_len"])
+        return cls(record["topology"], record["chip"], record["chips"], tuple(record["mesh"]), programs, est)
+
 
 def topology_devices(name: str) -> tuple[str, list]:
     """(chip, devices) of a TPU or GPU topology (`plan.topology` syntax, e.g. 'v5p:2x2x1' or
@@ -179,7 +191,11 @@ def _gpu_devices(name: str, chip: str, dims: tuple[int, ...]) -> list:
     if not spec.is_file():
         raise ValueError(f"topology {name!r}: no compile-only description of a {chip} "
                          f"({spec} is missing)")
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    try:
+        plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        plugin = None
+    if plugin is None:
         raise PlanUnavailable(f"no CUDA compiler on this machine; install it with {GPU_INSTALL_HINT}")
     hosts, per_host = dims
     return list(topologies.get_topology_desc("cuda", "cuda", target_config=spec.read_text(),
@@ -208,7 +224,13 @@ def _log(message: str) -> None:
 def _compile(name: str, lower: Callable, log) -> ProgramPlan:
     log(f"compiling the {name} ...")
     start = time.perf_counter()
-    compiled = lower().compile()
+    try:
+        compiled = lower().compile()
+    except RuntimeError as err:
+        if "cuDNN not found" in str(err):  # the CUDA plugin without its libraries
+            raise PlanUnavailable(f"cuDNN attention cannot be compiled here (cuDNN not found); install "
+                                  f"{GPU_INSTALL_HINT}, or plan with attention=xla") from None
+        raise
     seconds = time.perf_counter() - start
     memory = CompiledMemory.of(compiled)
     log(f"{name}: {memory.total / GB:.2f} GB per chip, compiled in {seconds:.0f} s")
@@ -242,10 +264,8 @@ def _feature_pass(cfg: ModelConfig, train: TrainConfig, mesh):
     """The lowered stage-2 feature pass: the frozen model's pooled forward over one micro-batch
     of pairs (2B rows) at the full sequence length, as urm_jax.train.loop runs it."""
     options = train.model_options()
-    layout_params = training_param_shapes(cfg, options)
-    shardings = step_layout(cfg, train, 1, mesh).shardings
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          layout_params, shardings)
+                          training_param_shapes(cfg, options), param_shardings(cfg, mesh, None, options))
     rows, length = 2 * train.micro_batch_size, train.data.seq_len
     sharding: NamedSharding = batch_sharding(mesh)
     i32, f32 = jax.numpy.int32, jax.numpy.float32
@@ -258,6 +278,32 @@ def _feature_pass(cfg: ModelConfig, train: TrainConfig, mesh):
         return forward.lower(params, batch)
 
 
+def compiler_versions(chip: str) -> str:
+    """'jax 0.10.2, libtpu 0.0.42.1' (or the CUDA plugin's version): what compiled a plan."""
+    package = "libtpu" if PLATFORMS[chip] == "tpu" else "jax-cuda12-plugin"
+    try:
+        version = metadata.version(package)
+    except metadata.PackageNotFoundError:
+        version = "?"
+    return f"jax {jax.__version__}, {package} {version}"
+
+
+def format_header(result: Plan, command: str, versions: str) -> list[str]:
+    """The compiled figures as a YAML comment block for a recipe's header (tests/test_memory.py
+    reads it back): per program the compiler's memory per chip, the HBM left, the estimate's error."""
+    peak = result.peak.memory.total
+    lines = [f"# Compiled for {result.topology} ({result.num_chips} {result.chip} chips) by `{command}` ({versions}),",
+             "# per chip, decimal GB, as the compiler assigns it:"]
+    for p in result.programs:
+        m = p.memory
+        lines.append(f"#   {p.name:<13} arguments {m.arguments / GB:.2f}  outputs {m.outputs / GB:.2f}  "
+                     f"aliases {m.aliases / GB:.2f}  temporaries {m.temporaries / GB:.2f}  "
+                     f"total {m.total / GB:.2f} GB")
+    lines.append(f"#   of {result.hbm / GB:.2f} GB ({result.chip}): {result.free:.0%} free; the estimate above is "
+                 f"{(result.estimate['total'] - peak) / peak:+.1%} off the compiled {result.peak.name}")
+    return lines
+
+
 def format_plan(result: Plan, source: str) -> list[str]:
     """The table `urm-jax plan` prints: per program the compiler's memory per chip, then the
     estimate, the HBM and the headroom, in decimal GB."""
@@ -267,7 +313,7 @@ def format_plan(result: Plan, source: str) -> list[str]:
              f"{result.hbm / GB:.2f} GB HBM each; mesh data={data} fsdp={fsdp} tensor={tensor}, "
              f"stage {est['stage']}, remat {est['remat']}, {est['attention']} attention, "
              f"{est['rows_per_device']} row(s) x {est['seq_len']} tokens per chip per micro-batch",
-             "Per chip, decimal GB, as the TPU compiler assigns it:",
+             f"Per chip, decimal GB, as the {PLATFORMS[result.chip].upper()} compiler assigns it:",
              f"  {'program':<14}{'arguments':>10}{'outputs':>9}{'aliases':>9}{'temporaries':>13}"
              f"{'total':>8}{'compile':>10}"]
     for p in result.programs:
