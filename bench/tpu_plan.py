@@ -40,7 +40,7 @@ def run_one(case: str, layers: int | None, topology: str | None) -> dict:
 
     use_cpu_host()
     from urm_jax.memory import model_config_for_plan
-    from urm_jax.train.config import load_train_config
+    from urm_jax.train.config import load_train_config, to_dict
 
     words = shlex.split(case)
     recipe, overrides = words[0], words[1:]
@@ -51,8 +51,9 @@ def run_one(case: str, layers: int | None, topology: str | None) -> dict:
     topo = topology or train.plan.topology
     start = time.time()
     result = plan(cfg, train, topo)
+    # The resolved config: a recipe file may change later, the record must keep meaning this run.
     return {"case": case, "recipe": recipe, "overrides": overrides, "layers": cfg.num_layers,
-            "grad_accum": train.grad_accum, **result.to_dict(),
+            "grad_accum": train.grad_accum, "config": to_dict(train), **result.to_dict(),
             "wall_seconds": round(time.time() - start, 1), "loadavg": os.getloadavg(),
             "compiler": compiler_versions(result.chip),
             "host": f"{platform.node()} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -127,16 +128,13 @@ def main() -> int:
     if args.header:
         from urm_jax.memory import estimate, model_config_for_plan
         from urm_jax.plan import PLATFORMS, Plan, format_header
-        from urm_jax.train.config import load_train_config
-
-        def config(case: str):
-            words = shlex.split(case)
-            return load_train_config(ROOT / words[0], words[1:], runnable=False)
+        from urm_jax.train.config import config_from_dict, load_train_config
 
         records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-        for case in args.case:  # the latest full-depth compile of a case resolving to this config
-            train = config(case)
-            same = [r for r in records if r["layers"] == 32 and config(r["case"]) == train]
+        for case in args.case:  # the latest full-depth compile of exactly this config
+            words = shlex.split(case)
+            train = load_train_config(ROOT / words[0], words[1:], runnable=False)
+            same = [r for r in records if r["layers"] == 32 and config_from_dict(r["config"]) == train]
             if not same:
                 print(f"no full-depth record resolves to {case}", file=sys.stderr)
                 return 1

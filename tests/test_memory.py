@@ -20,7 +20,7 @@ from urm_jax.memory import CHIPS, COMPONENTS, GB, MARGIN, PLATFORMS, estimate, x
 from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.model.urm import abstract_model
 from urm_jax.sharding import resolve_mesh_shape as resolve_mesh
-from urm_jax.train.config import load_train_config, load_raw
+from urm_jax.train.config import config_from_dict, load_train_config, load_raw
 
 # The layout the estimates below assume unless a test says otherwise: 16 packed rows, remat full,
 # FSDP over every device (the stage-1 recipe's).
@@ -240,7 +240,7 @@ def test_hardware_config_header_holds_the_compiled_figures(path, cfg8b):
     topology, compiled = parse_compiled(text)
     assert topology == train.plan.topology
     same = [r for r in plan_records() if r["layers"] == 32 and r["topology"] == topology
-            and load_train_config(ROOT / r["case"].split()[0], r["case"].split()[1:], runnable=False) == train]
+            and config_from_dict(r["config"]) == train]
     assert same, f"no compiled record of this recipe's layout: bench/tpu_plan.py --case configs/hardware/{path.name}"
     record = same[-1]
     for program in record["programs"]:
@@ -261,8 +261,7 @@ def test_estimate_is_within_10_percent_of_every_compiled_layout(cfg8b):
     for r in plan_records():
         if r["layers"] != cfg8b.num_layers or r["stage"] != 1:
             continue
-        words = r["case"].split()
-        train = load_train_config(ROOT / words[0], words[1:], runnable=False)
+        train = config_from_dict(r["config"])  # as compiled, whatever the recipe file says now
         est = estimate(cfg8b, train, mesh_shape=tuple(r["mesh"]), num_devices=r["chips"],
                        platform=PLATFORMS[r["chip"]])
         assert est["attention"] == r["attention"]

@@ -134,10 +134,11 @@ needs_libtpu = pytest.mark.skipif(
     LIBTPU is None, reason="libtpu not installed: `make test` puts it in build/libtpu and sets "
     "URM_JAX_LIBTPU_PATH (it refuses to skip these there)")
 
-# A model small enough to compile in seconds whose per-token tensors still dominate its tiny
-# vocabulary: the estimate's activation terms are what is compared.
-SMALL = {"hidden_size": 256, "intermediate_size": 896, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "head_dim": 64, "num_hidden_layers": 2, "vocab_size": 1000, "pad_token_id": 999}
+# A model small enough to compile in seconds whose per-token tensors still dominate its small
+# vocabulary: the estimate's activation terms are what is compared. Every sharded dimension is a
+# multiple of 128 (the TPU's lane tiling pads the rest, which only a toy model would notice).
+SMALL = {"hidden_size": 512, "intermediate_size": 1792, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 1024, "pad_token_id": 1023}
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +192,21 @@ def test_stage2_feature_pass_and_gate_step_compile(tmp_path, small_model):
     # The frozen bf16 backbone (replicated over data=4) dominates the feature pass's arguments;
     # the gate-only step holds the gate, its moments and a batch of pooled features.
     assert abs(feature["arguments"] - plan["estimate"]["frozen_params"]) < 0.05 * feature["arguments"]
-    assert step["total"] < 0.1 * feature["total"]
+    assert step["total"] < 0.25 * feature["total"]
     est = plan["estimate"]["total"]
     assert abs(est - feature["total"]) <= 0.10 * feature["total"], (est / GB, feature["total"] / GB)
+
+
+@pytest.mark.tpu
+@needs_libtpu
+def test_a_mesh_that_splits_the_slices_axes_compiles(tmp_path, small_model):
+    """fsdp=8 x tensor=2 on a 4x4 slice: neither mesh axis is a whole physical axis (as fsdp=16
+    x tensor=4 on a v6e-64's 8x8), which jax.make_mesh refuses; urm_jax.sharding.make_mesh
+    splits a physical axis instead, so the recipe runs (and plans) at all."""
+    done, plan = tpu_plan(tmp_path, "configs/hardware/v6e-8.yaml", "mesh=[1, 8, 2]", "plan.topology=v6e:4x4",
+                          "data.seq_len=1024", "--model-config", str(small_model))
+    assert done.returncode == 0, done.stderr
+    assert plan["mesh"] == [1, 8, 2] and plan["chips"] == 16 and plan["fits"]
 
 
 @pytest.mark.tpu

@@ -3,8 +3,11 @@
     urm-jax memory configs/hardware/v5p-8.yaml [key=value ...] [--devices N] [--chip v5p]
         [--header] [--xla]
 
-It is an estimate from a stated model, not a measurement. `xla_bytes` (`--xla`) adds a
-measurement to compare with: XLA's buffer assignment of the real stage-1 train step compiled for N
+It is an estimate from a stated model, calibrated against the TPU compiler: every 8B layout
+`urm-jax plan` compiled (bench/tpu_plan_results.jsonl: recipes and variants over remat
+none/dots/full, 1-4 rows per chip, splash and reference attention, fsdp 4-16, tensor 1-4) is
+matched within 10% (tests/test_memory.py). The terms below that are not the obvious ones were
+read off those compiles. `xla_bytes` (`--xla`) adds a CPU measurement to compare with: XLA's buffer assignment of the real stage-1 train step compiled for N
 simulated CPU devices, next to the estimate for that same CPU step (reference attention; CPU also
 stores the bf16 matmul outputs that remat `dots` saves in fp32, so it reads high there). Decimal
 GB (1e9 bytes).
@@ -16,9 +19,13 @@ over (norm weights and the odd-sized vocab axis stay replicated where the rules 
                     `precision.param`; stage 2: the gate in `precision.gate_param`).
   frozen_params     the rest (stage 1: the gate; stage 2: backbone + value head), no grads/moments.
   gradients         one gradient per trainable parameter, in the parameter dtype.
-  grad_accumulator  grad_accum > 1 only: the running gradient sum the step scans with.
+  grad_accumulator  grad_accum > 1 only: the running gradient sum the step scans with, and the
+                    copy of it the scan's loop carries (2 x params, as compiled).
+  grad_update       the averaged, clipped gradient the AdamW update reads (1 x params).
   optimizer         AdamW: optax's mu and nu follow the parameter dtype (mu_dtype=None), so
                     2 x params (fp32 master weights -> 8 bytes/param). Clipping holds no state.
+  layer_grads       the layer scan's backward emits each layer's weight gradient in the compute
+                    dtype, stacked over layers, before it is added in the parameter dtype.
 A full fp32 fine-tune is 4 + 4 + 8 = 16 bytes/param: 120.1 GB for the 7.5e9 trainable parameters,
 the "~128 GB for an 8B model" floor, divided by fsdp x tensor.
 
@@ -26,10 +33,13 @@ Activations (B = rows per device per micro-batch = micro_batch / (data x fsdp), 
 D = hidden, F = intermediate / tensor, Hq, Hkv = heads / tensor, c = bytes of the compute dtype):
   activations_residuals  what the layer scan saves for the backward pass, per layer:
       remat full: the residual stream entering the layer, B·L·D·c;
-      remat dots: that, plus the outputs of the weight matmuls (q, k, v, o, gate, up, down);
-      remat none: every intermediate of the layer (with the scores, for unfused attention).
+      remat dots: the outputs of the weight matmuls (q, k, v, o, gate, up, down), from which
+        the compiler rebuilds the residual stream;
+      remat none: every intermediate of the layer (with the scores, for unfused attention) and
+        the float32 copies the backward reads (both RMSNorm inputs, the SiLU input).
   activations_layer  the working set of the one layer being (re)computed and differentiated: its
-      per-token intermediates and their cotangents, 2 x B·L·(4D + 2(Hq+Hkv)·hd + 3F)·c, plus
+      per-token intermediates, B·L·(4D + 2(Hq+Hkv)·hd + 3F)·c (the compiler reuses them for
+      their cotangents), plus
       attention, by implementation (`attention`; auto = splash on TPU, cudnn on GPU, reference
       on CPU, as urm_jax.model.attention resolves it on that platform):
         reference, xla: the [B, Hq, L, L] scores exist, SCORE_BYTES = 17 bytes per element
@@ -39,12 +49,13 @@ D = hidden, F = intermediate / tensor, Hq, Hkv = heads / tensor, c = bytes of th
         splash, cudnn (flash attention): no L x L tensor, only softmax statistics (B·Hq·L·8
           bytes) and the [B, Hkv, G, L, hd] layout copies of q, k, v and the output; cudnn also
           takes the dense [B, L, L] mask (bool, and as a bf16 bias).
-  fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) and their
-      unsharded gradient before the reduce-scatter, both in the parameter dtype.
+  fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) in the
+      compute dtype (the compiler casts before it gathers), twice: forward and backward copies.
 Stage 2 runs no backward through the backbone: activations are the forward working set of one
 layer (the feature-cache pass, or the uncached step) and the gathered layer weights, no grads.
 Not counted (the margin covers them): XLA temporaries beyond the above, the input batch, the RoPE
-tables, the runtime's own reservation. Configs under configs/hardware keep >= 10% of HBM free.
+tables, the runtime's own reservation. Configs under configs/hardware keep >= 10% of HBM free,
+by the compiled figure in their header (`urm-jax plan`).
 """
 
 from __future__ import annotations
@@ -212,10 +223,11 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
         out["fsdp_gather"] = layer_weights
     else:
         # remat dots saves exactly the weight matmuls' outputs (the residual stream is
-        # rebuilt from them); full, the layer input; none, every intermediate.
+        # rebuilt from them); full, the layer input; none, every intermediate, plus the float32
+        # copies the backward reads: both RMSNorm inputs and the SiLU's input.
         saved = {"full": tokens * d * c,
                  "dots": tokens * dots * c,
-                 "none": tokens * (d + per_token) * c + attn_saved}[train.remat]
+                 "none": tokens * ((d + per_token) * c + (2 * d + f) * 4) + attn_saved}[train.remat]
         out["activations_residuals"] = layers * saved
         # The layer being differentiated: its per-token intermediates once (the compiler
         # reuses buffers between the recomputed forward and its cotangents).
