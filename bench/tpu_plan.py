@@ -60,7 +60,8 @@ def run_one(case: str, layers: int | None, topology: str | None) -> dict:
 
 
 def peak(record: dict) -> dict:
-    return max(record["programs"], key=lambda p: p["total"])
+    """The program needing the most memory; a refused one (it did not fit) counts as the peak."""
+    return max(record["programs"], key=lambda p: float("inf") if "refused" in p else p["total"])
 
 
 def extrapolated(records: list[dict]) -> dict[tuple, dict]:
@@ -88,6 +89,11 @@ def report(records: list[dict]) -> str:
     for r in records:
         est = r["estimate"]["total"]
         for p in r["programs"]:
+            if "refused" in p:
+                lines.append(f"| `{r['case']}` | {r['topology']} | {r['layers']} | {p['name']} | refused by the "
+                             f"compiler: {p['refused']} | | | | | {est / GB:.2f} | | no | {p['compile_seconds']:.0f} | "
+                             f"{r['loadavg'][0]:.1f} |")
+                continue
             ratio = f"{est / p['total']:.2f}" if p is peak(r) else ""
             lines.append(
                 f"| `{r['case']}` | {r['topology']} | {r['layers']} | {p['name']} | {p['arguments'] / GB:.2f} | "
@@ -151,9 +157,9 @@ def main() -> int:
         with open(args.out, "a") as handle:  # one line per case, appended whole
             handle.write(json.dumps(record) + "\n")
         p = peak(record)
+        size = p["refused"] if "refused" in p else f"{p['total'] / GB:.2f} GB"
         print(f"{record['case']} @ {record['topology']} x{record['layers']} layers: {p['name']} "
-              f"{p['total'] / GB:.2f} GB (estimate {record['estimate']['total'] / GB:.2f}), "
-              f"{p['compile_seconds']:.0f} s", flush=True)
+              f"{size} (estimate {record['estimate']['total'] / GB:.2f}), {p['compile_seconds']:.0f} s", flush=True)
         return 0
     failed = 0
     for case in args.case:

@@ -265,6 +265,9 @@ def test_estimate_is_within_10_percent_of_every_compiled_layout(cfg8b):
         est = estimate(cfg8b, train, mesh_shape=tuple(r["mesh"]), num_devices=r["chips"],
                        platform=PLATFORMS[r["chip"]])
         assert est["attention"] == r["attention"]
+        if any("refused" in p for p in r["programs"]):  # the compiler said it cannot fit: so must the estimate
+            assert est["total"] > (1 - MARGIN) * CHIPS[r["chip"]], r["case"]
+            continue
         peak = max(p["total"] for p in r["programs"])
         assert abs(est["total"] - peak) <= 0.10 * peak, (r["case"], est["total"] / GB, peak / GB)
         checked += 1

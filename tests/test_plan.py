@@ -172,12 +172,11 @@ def test_stage1_step_compiles_for_a_tpu_topology(tmp_path, small_model):
     # Arguments: the parameters, AdamW moments and the batch, exactly as the estimate shards them.
     batch = 2 * 4 * (1024 * 4 * 2 + 8 * 4 * 2 + 8 * 5 * 4)  # [accum, micro] rows: ids, segments; pools; labels
     static = est["params"] + est["frozen_params"] + est["optimizer"]
-    assert abs(step["arguments"] - static - batch / 4) < 0.01 * static
+    assert abs(step["arguments"] - static - batch / 4) < 0.03 * static  # 0.1% at 8B: bench/tpu_plan_results.jsonl
     assert step["aliases"] == step["outputs"] - 4 * 4  # the donated state comes back in place; metrics not
     # The whole peak: the calibrated estimate is within 10% of the compiler.
     assert abs(est["total"] - step["total"]) <= 0.10 * step["total"], (est["total"] / GB, step["total"] / GB)
-    assert "train step" in done.stdout and "of the compiler" not in done.stdout
-    assert done.stdout.splitlines()[-1].endswith(": fits")
+    assert "vs the compiler" in done.stdout and done.stdout.splitlines()[-1].endswith(": fits")
 
 
 @pytest.mark.tpu
@@ -212,11 +211,14 @@ def test_a_mesh_that_splits_the_slices_axes_compiles(tmp_path, small_model):
 @pytest.mark.tpu
 @needs_libtpu
 def test_a_recipe_that_does_not_fit_exits_1(tmp_path, small_model):
-    """Unfused attention's [B, H, L, L] scores at L=8192 cannot fit a 16 GB v5e chip."""
+    """Unfused attention's [B, H, L, L] scores at L=8192 cannot fit a 16 GB v5e chip: the TPU
+    compiler refuses the program, and the plan says so in its words, exit 1."""
     done, plan = tpu_plan(tmp_path, "configs/hardware/v5p-8.yaml", "attention=reference", "remat=none",
                           "data.seq_len=8192", "global_batch_size=16", "grad_accum=1", "plan.topology=v5e:2x2",
                           "--model-config", str(small_model))
     assert done.returncode == 1, done.stderr
-    assert not plan["fits"] and plan["programs"][0]["total"] > 16e9
-    assert "DOES NOT FIT" in done.stdout
-    assert done.stderr.strip().splitlines()[-1].startswith("error: train step needs ")
+    [step] = plan["programs"]
+    assert not plan["fits"] and plan["free"] is None and "exceeds available HBM" in step["refused"]
+    assert "DOES NOT FIT" in done.stdout and "refused by the compiler" in done.stdout
+    assert done.stderr.strip().splitlines()[-1].startswith("error: train step does not fit a v5e chip: Ran out of memory")
+    assert plan["estimate"]["total"] > 16e9  # the estimate agrees

@@ -428,6 +428,10 @@ def run_plan(args) -> int:
         with atomic_file(args.json) as handle:
             handle.write(dumps({"config": args.config, "overrides": args.overrides, **result.to_dict()},
                                indent=1) + "\n")
+    if result.refused:
+        first = result.refused[0]
+        print(f"error: {first.name} does not fit a {result.chip} chip: {first.refused}", file=sys.stderr)
+        return 1
     if not result.fits:
         print(f"error: {result.peak.name} needs {result.peak.memory.total / 1e9:.2f} GB per chip, "
               f"more than the {result.hbm / 1e9:.2f} GB of a {result.chip} chip", file=sys.stderr)

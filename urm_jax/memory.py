@@ -42,7 +42,8 @@ D = hidden, F = intermediate / tensor, Hq, Hkv = heads / tensor, c = bytes of th
       their cotangents), plus
       attention, by implementation (`attention`; auto = splash on TPU, cudnn on GPU, reference
       on CPU, as urm_jax.model.attention resolves it on that platform):
-        reference, xla: the [B, Hq, L, L] scores exist, SCORE_BYTES = 17 bytes per element
+        reference, xla: the [B, Hq, L, L] scores exist; on TPU (and GPU, unmeasured)
+          SCORE_BYTES_ACCELERATOR = 7 bytes per element, as compiled; on CPU SCORE_BYTES = 17
           (logits, probabilities and their two gradients, each counted in fp32, + the broadcast
           bool mask: what XLA's CPU buffer assignment of the 8B layer at L=4096 keeps live), and
           the [B, L, L] mask;
@@ -81,9 +82,13 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Bytes per element of the [B, H, L, L] attention scores that one layer keeps live at its peak:
 # backward: 4 fp32-sized buffers (logits, probabilities, their gradients) + the broadcast bool
 # mask; forward only: 2 fp32-sized (logits, probabilities) + the mask. XLA's CPU buffer assignment
-# of the real 8B layer at L=4096 holds exactly that (TPU fuses more: an upper estimate).
+# of the real 8B layer at L=4096 holds exactly that (the TPU compiler fuses more: below).
 SCORE_BYTES = 4 * 4 + 1
 SCORE_BYTES_FORWARD = 2 * 4 + 1
+# The TPU compiler fuses the softmax and its gradient around one float32 logits buffer, the bf16
+# probabilities and the mask: 4 + 2 + 1 bytes per element, in the backward and the forward alike
+# (the 8B step with reference attention at 4 rows per chip compiles 15.3 GB above splash).
+SCORE_BYTES_ACCELERATOR = 4 + 2 + 1
 FLASH_STATS_BYTES = 8  # per (row, head, token): softmax max/log-sum-exp and the backward's sum(dO*O)
 FLASH = ("splash", "cudnn")
 MARGIN = 0.10  # hardware recipes keep at least this fraction of HBM free
@@ -211,8 +216,9 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
         attn_backward = attn_forward = attn_saved = (rows * hq * length * FLASH_STATS_BYTES
                                                      + tokens * 2 * (hq + hkv) * hd * c)
     else:
-        attn_backward = SCORE_BYTES * scores
-        attn_forward = attn_saved = SCORE_BYTES_FORWARD * scores
+        cpu = platform == "cpu" or (platform is None and jax.default_backend() == "cpu")
+        attn_backward = (SCORE_BYTES if cpu else SCORE_BYTES_ACCELERATOR) * scores
+        attn_forward = attn_saved = (SCORE_BYTES_FORWARD if cpu else SCORE_BYTES_ACCELERATOR) * scores
     # One layer's weights as the matmuls read them: gathered over fsdp and cast to the compute
     # dtype (the compiler gathers after the cast); the backward holds a second (transposed) copy.
     layer_weights = sum(c_["layer"] for c_ in counts if c_["path"][0] == "backbone") * c

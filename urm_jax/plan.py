@@ -93,8 +93,9 @@ class CompiledMemory:
 @dataclasses.dataclass(frozen=True)
 class ProgramPlan:
     name: str  # "train step" | "feature pass"
-    memory: CompiledMemory
+    memory: CompiledMemory | None  # None: the compiler refused the program (`refused`)
     compile_seconds: float
+    refused: str | None = None  # the compiler's own words when the program cannot fit the chip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,17 +114,25 @@ class Plan:
         return CHIPS[self.chip]
 
     @property
-    def peak(self) -> ProgramPlan:
-        return max(self.programs, key=lambda p: p.memory.total)
+    def peak(self) -> ProgramPlan | None:
+        """The compiled program that needs the most memory (None if none compiled)."""
+        compiled = [p for p in self.programs if p.memory is not None]
+        return max(compiled, key=lambda p: p.memory.total) if compiled else None
 
     @property
-    def free(self) -> float:
-        """Fraction of HBM left at the peak program (negative: it does not fit)."""
+    def free(self) -> float | None:
+        """Fraction of HBM left at the peak program (negative: it does not fit; None: refused)."""
+        if self.refused:
+            return None
         return 1 - self.peak.memory.total / self.hbm
 
     @property
+    def refused(self) -> list[ProgramPlan]:
+        return [p for p in self.programs if p.refused]
+
+    @property
     def fits(self) -> bool:
-        return self.peak.memory.total <= self.hbm
+        return not self.refused and self.peak.memory.total <= self.hbm
 
     def to_dict(self) -> dict:
         """Plain data (bytes per chip, seconds) for `urm-jax plan --json` and bench/tpu_plan.py."""
@@ -132,16 +141,20 @@ class Plan:
                 "mesh": list(self.mesh), "hbm": int(self.hbm), "stage": est["stage"],
                 "remat": est["remat"], "attention": est["attention"],
                 "rows_per_chip": est["rows_per_device"], "seq_len": est["seq_len"],
-                "programs": [{"name": p.name, **dataclasses.asdict(p.memory), "total": p.memory.total,
-                              "compile_seconds": round(p.compile_seconds, 1)} for p in self.programs],
-                "peak": self.peak.name, "fits": self.fits, "free": round(self.free, 4),
+                "programs": [{"name": p.name, "compile_seconds": round(p.compile_seconds, 1),
+                              **({"refused": p.refused} if p.refused else
+                                 {**dataclasses.asdict(p.memory), "total": p.memory.total})}
+                             for p in self.programs],
+                "peak": self.peak.name if self.peak else None, "fits": self.fits,
+                "free": None if self.free is None else round(self.free, 4),
                 "estimate": {k: v for k, v in est.items() if isinstance(v, int) and not isinstance(v, bool)}}
 
     @classmethod
     def from_dict(cls, record: dict) -> "Plan":
         """The Plan `to_dict` wrote (e.g. a line of bench/tpu_plan_results.jsonl)."""
         fields = {f.name for f in dataclasses.fields(CompiledMemory)}
-        programs = tuple(ProgramPlan(p["name"], CompiledMemory(**{k: p[k] for k in fields}), p["compile_seconds"])
+        programs = tuple(ProgramPlan(p["name"], None if "refused" in p else CompiledMemory(**{k: p[k] for k in fields}),
+                                     p["compile_seconds"], p.get("refused"))
                          for p in record["programs"])
         est = dict(record["estimate"], stage=record["stage"], remat=record["remat"],
                    attention=record["attention"], rows_per_device=record["rows_per_chip"],
@@ -226,8 +239,14 @@ def _compile(name: str, lower: Callable, log) -> ProgramPlan:
     start = time.perf_counter()
     try:
         compiled = lower().compile()
-    except RuntimeError as err:
-        if "cuDNN not found" in str(err):  # the CUDA plugin without its libraries
+    except RuntimeError as err:  # JaxRuntimeError is one
+        text = str(err)
+        if "RESOURCE_EXHAUSTED" in text:  # the TPU compiler refuses what cannot fit the chip
+            seconds = time.perf_counter() - start
+            reason = text.split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+            log(f"{name}: the compiler refused it after {seconds:.0f} s: {reason}")
+            return ProgramPlan(name, None, seconds, reason)
+        if "cuDNN not found" in text:  # the CUDA plugin without its libraries
             raise PlanUnavailable(f"cuDNN attention cannot be compiled here (cuDNN not found); install "
                                   f"{GPU_INSTALL_HINT}, or plan with attention=xla") from None
         raise
@@ -291,6 +310,8 @@ def compiler_versions(chip: str) -> str:
 def format_header(result: Plan, command: str, versions: str) -> list[str]:
     """The compiled figures as a YAML comment block for a recipe's header (tests/test_memory.py
     reads it back): per program the compiler's memory per chip, the HBM left, the estimate's error."""
+    if result.refused:
+        raise ValueError(f"{result.refused[0].name}: the compiler refused it ({result.refused[0].refused})")
     peak = result.peak.memory.total
     lines = [f"# Compiled for {result.topology} ({result.num_chips} {result.chip} chips) by `{command}` ({versions}),",
              "# per chip, decimal GB, as the compiler assigns it:"]
@@ -318,8 +339,15 @@ def format_plan(result: Plan, source: str) -> list[str]:
              f"{'total':>8}{'compile':>10}"]
     for p in result.programs:
         m = p.memory
+        if m is None:
+            lines.append(f"  {p.name:<14}refused by the compiler after {p.compile_seconds:.0f} s: {p.refused}")
+            continue
         lines.append(f"  {p.name:<14}{m.arguments / GB:>10.2f}{m.outputs / GB:>9.2f}{m.aliases / GB:>9.2f}"
                      f"{m.temporaries / GB:>13.2f}{m.total / GB:>8.2f}{p.compile_seconds:>9.0f}s")
+    if result.refused:
+        lines.append(f"  {'HBM':<14}{'':>41}{result.hbm / GB:>8.2f}  DOES NOT FIT (estimate "
+                     f"{est['total'] / GB:.2f} GB)")
+        return lines
     peak = result.peak.memory.total
     lines.append(f"  {'estimate':<14}{'':>41}{est['total'] / GB:>8.2f}  "
                  f"({(est['total'] - peak) / peak:+.0%} vs the compiler; urm-jax memory)")
