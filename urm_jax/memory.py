@@ -194,7 +194,9 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
         "frozen_params": nbytes(frozen),
         "gradients": params,
         "grad_accumulator": 2 * params if train.grad_accum > 1 else 0,
-        "grad_update": params,
+        # The TPU compiler keeps it; the GPU compiler fuses averaging and clipping into the
+        # update (the one H100 compile recorded).
+        "grad_update": 0 if platform == "gpu" else params,
         "optimizer": 2 * params,
         "layer_grads": sum(c_["per_device"] for c_ in trained if c_["layer"]) * c,
     }
@@ -224,8 +226,12 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     layer_weights = sum(c_["layer"] for c_ in counts if c_["path"][0] == "backbone") * c
     layers = cfg.num_layers
     if train.stage == 2:  # forward only through the frozen backbone
+        # Without a backward nothing is kept for later: the peak is inside one layer, at the MLP
+        # (residual stream, normed input, one F-wide intermediate: 2D + F per token, as the 8B
+        # feature pass compiles) or, unfused, at the attention scores.
         out["activations_residuals"] = 0
-        out["activations_layer"] = attn_forward + mask + tokens * per_token * c
+        out["activations_layer"] = max(tokens * (2 * d + f) * c,
+                                       attn_forward + mask + tokens * (d + (hq + 2 * hkv) * hd) * c)
         out["fsdp_gather"] = layer_weights
     else:
         # remat dots saves exactly the weight matmuls' outputs (the residual stream is
@@ -242,6 +248,10 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     out["static"] = sum(out[k] for k in STATIC)
     out["activations"] = sum(out[k] for k in ACTIVATIONS)
     out["total"] = out["static"] + out["activations"]
+    if train.use_features:
+        # Two programs that are never live together: the feature pass (every parameter, no
+        # gradient or optimiser state, the forward working set) and the gate-only step.
+        out["total"] = max(out["params"] + out["frozen_params"] + out["activations"], out["static"])
     out.update(mesh=mesh, num_devices=data * fsdp * tensor, rows_per_device=rows, seq_len=length,
                stage=train.stage, remat=train.remat, attention=attention,
                param_count=sum(c_["total"] for c_ in counts),
@@ -280,6 +290,9 @@ def format_table(est: dict, hbm: float | None = None, chip: str | None = None) -
              "Per device, decimal GB:"]
     for key, what in COMPONENTS:
         lines.append(f"  {key:<22} {est[key] / GB:8.2f} GB  {what}")
+    if est["total"] != est["static"] + est["activations"]:  # stage 2 on cached features
+        lines.append("  (two programs: the total is the feature pass's parameters + activations, or the "
+                     "gate step's state, whichever is larger)")
     total = f"  {'total':<22} {est['total'] / GB:8.2f} GB"
     if hbm:
         free = 1 - est["total"] / hbm
