@@ -82,23 +82,36 @@ def extrapolated(records: list[dict]) -> dict[tuple, dict]:
     return out
 
 
+def calibrated(record: dict) -> int:
+    """The estimate for the record's config by the estimator as it is now (the record's own
+    `estimate` is the one at compile time)."""
+    from urm_jax.memory import estimate, model_config_for_plan
+    from urm_jax.plan import PLATFORMS
+    from urm_jax.train.config import config_from_dict
+
+    train = config_from_dict(record["config"])
+    cfg = dataclasses.replace(model_config_for_plan(train), num_layers=record["layers"])
+    return estimate(cfg, train, mesh_shape=tuple(record["mesh"]), num_devices=record["chips"],
+                    platform=PLATFORMS[record["chip"]])["total"]
+
+
 def report(records: list[dict]) -> str:
     lines = ["| case | topology | layers | program | arguments | outputs | aliases | temporaries | "
-             "compiled total | estimate | est/compiled | HBM free | compile s | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "compiled total | estimate then | estimate now | now/compiled | HBM free | compile s | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        est = r["estimate"]["total"]
+        then, now = r["estimate"]["total"], calibrated(r)
         for p in r["programs"]:
             if "refused" in p:
                 lines.append(f"| `{r['case']}` | {r['topology']} | {r['layers']} | {p['name']} | refused by the "
-                             f"compiler: {p['refused']} | | | | | {est / GB:.2f} | | no | {p['compile_seconds']:.0f} | "
-                             f"{r['loadavg'][0]:.1f} |")
+                             f"compiler: {p['refused']} | | | | | {then / GB:.2f} | {now / GB:.2f} | | no | "
+                             f"{p['compile_seconds']:.0f} | {r['loadavg'][0]:.1f} |")
                 continue
-            ratio = f"{est / p['total']:.2f}" if p is peak(r) else ""
+            ratio = f"{now / p['total']:.3f}" if p is peak(r) else ""
             lines.append(
                 f"| `{r['case']}` | {r['topology']} | {r['layers']} | {p['name']} | {p['arguments'] / GB:.2f} | "
                 f"{p['outputs'] / GB:.2f} | {p['aliases'] / GB:.2f} | {p['temporaries'] / GB:.2f} | "
-                f"{p['total'] / GB:.2f} | {est / GB:.2f} | {ratio} | {1 - p['total'] / r['hbm']:.0%} | "
+                f"{p['total'] / GB:.2f} | {then / GB:.2f} | {now / GB:.2f} | {ratio} | {1 - p['total'] / r['hbm']:.0%} | "
                 f"{p['compile_seconds']:.0f} | {r['loadavg'][0]:.1f} |")
     extra = extrapolated(records)
     if extra:
