@@ -97,8 +97,11 @@ def test_activations_follow_rows_heads_and_remat(cfg8b):
     assert half["rows_per_device"] == 1
     assert half["activations_layer"] * 2 == base["activations_layer"]
     assert half["grad_accumulator"] == 2 * half["gradients"] > 0  # the running sum + its loop copy
-    # The [B, H, L, L] scores dominate at L=4096: 17 bytes/element for one layer's backward.
-    assert half["activations_layer"] >= 17 * 1 * 32 * 4096 ** 2
+    # The [B, H, L, L] scores dominate at L=4096: 7 bytes/element on TPU (as compiled), 17 on CPU.
+    assert half["activations_layer"] >= 7 * 1 * 32 * 4096 ** 2
+    cpu = estimate(cfg8b, Setup(mesh=(1, 8, 1), attention="reference", global_batch_size=16, grad_accum=2),
+                   num_devices=8, platform="cpu")
+    assert cpu["activations_layer"] - half["activations_layer"] == (17 - 7) * 32 * 4096 ** 2
     # Tensor parallelism splits heads and MLP, not the residual stream.
     tp = estimate(cfg8b, Setup(mesh=(1, 4, 2), global_batch_size=16, grad_accum=4, attention="reference"),
                   num_devices=8)
@@ -127,7 +130,7 @@ def test_flash_attention_drops_the_scores(cfg8b):
     assert estimate(cfg8b, setup, num_devices=8, platform="gpu")["attention"] == "cudnn"
     scores = 32 * 4096 ** 2  # one row, 32 heads
     assert by_impl["reference"]["activations_layer"] == by_impl["xla"]["activations_layer"]
-    assert by_impl["reference"]["activations_layer"] - by_impl["splash"]["activations_layer"] > 16 * scores
+    assert by_impl["reference"]["activations_layer"] - by_impl["splash"]["activations_layer"] > 6 * scores
     assert by_impl["splash"]["activations_layer"] < 1.5e9  # per-token tensors only, 1 row of 4096
     assert by_impl["cudnn"]["activations_layer"] - by_impl["splash"]["activations_layer"] == 3 * 4096 ** 2  # mask
     for impl in by_impl.values():  # attention changes nothing else

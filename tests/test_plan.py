@@ -69,7 +69,7 @@ def test_plan_fails_clearly_without_a_topology_or_a_tpu_compiler():
     assert bare.returncode == 2
     assert bare.stderr.strip().splitlines()[-1] == (
         "error: configs/train/stage1_helpsteer2.yaml: no `plan.topology` in the config; pass "
-        "--topology (e.g. v5e:2x4, v5p:2x2x1, v6e:2x4)")
+        "--topology (e.g. v5e:2x4, v5p:2x2x1, v6e:2x4, h100:1x8)")
     unknown = cli("plan", "configs/hardware/v5p-8.yaml", "--topology", "v4:2x2x1")
     assert unknown.returncode == 2 and "unknown chip 'v4'; known: v5e (e.g. v5e:2x4)" in unknown.stderr
     if LIBTPU is None:  # this suite's own environment has no libtpu: the install hint
