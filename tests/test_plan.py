@@ -173,7 +173,8 @@ def test_stage1_step_compiles_for_a_tpu_topology(tmp_path, small_model):
     batch = 2 * 4 * (1024 * 4 * 2 + 8 * 4 * 2 + 8 * 5 * 4)  # [accum, micro] rows: ids, segments; pools; labels
     static = est["params"] + est["frozen_params"] + est["optimizer"]
     assert abs(step["arguments"] - static - batch / 4) < 0.03 * static  # 0.1% at 8B: bench/tpu_plan_results.jsonl
-    assert step["aliases"] == step["outputs"] - 4 * 4  # the donated state comes back in place; metrics not
+    # The donated state comes back in place: only the step's metrics (scalars) are new outputs.
+    assert 0 < step["outputs"] - step["aliases"] < 64 * 1024
     # The whole peak: the calibrated estimate is within 10% of the compiler.
     assert abs(est["total"] - step["total"]) <= 0.10 * step["total"], (est["total"] / GB, step["total"] / GB)
     assert "vs the compiler" in done.stdout and done.stdout.splitlines()[-1].endswith(": fits")

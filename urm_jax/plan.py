@@ -1,5 +1,5 @@
-"""Know before you pay: compile a training recipe's real programs for a TPU topology on this
-(CPU) machine and read the TPU compiler's own memory per chip.
+"""Know before you pay: compile a training recipe's real programs for a TPU (or GPU) topology on
+this CPU machine and read the compiler's own memory per chip.
 
     urm-jax plan configs/hardware/v5p-8.yaml [key=value ...] [--topology v5p:2x2x1]
 
@@ -9,7 +9,10 @@ shardings lower and compile the step exactly as `urm-jax train` would build it o
 (`urm_jax.train.step.step_layout`), and `memory_analysis()` of the compiled program is the
 compiler's per-chip buffer assignment: arguments (parameters, optimiser state, batch), outputs,
 aliases (outputs written into donated arguments, counted once), temporaries (gradients,
-activations, collectives' buffers). Peak per chip = arguments + outputs - aliases + temporaries.
+activations, collectives' buffers). Peak per chip = arguments + outputs - aliases + temporaries
+(+ the program itself). A program whose temporaries alone exceed the chip is refused by the TPU
+compiler (RESOURCE_EXHAUSTED): the plan reports it as not fitting, in the compiler's words. GPUs
+go the same way through the CUDA plugin's deviceless compile (`_gpu_devices`).
 
 Programs compiled per stage:
   stage 1            the train step (forward, backward, AdamW update, all micro-batches);
@@ -17,7 +20,7 @@ Programs compiled per stage:
                      at full seq_len: the largest bucket) and the gate-only step on features;
   stage 2, tokens    the train step through the frozen backbone.
 Nothing runs: no arrays are allocated, and the host needs only CPU and RAM (the 8B stage-1 step
-takes 10-25 minutes and ~10 GB of RAM to compile on a 2-core host). XLA's `cost_analysis()` of
+takes 6-12 minutes of wall time on a loaded 2-core host, bench/tpu_plan_results.md). XLA's `cost_analysis()` of
 these programs counts the layer scan's body once, so it is not a step time and is not reported.
 """
 
@@ -107,7 +110,7 @@ class Plan:
     num_chips: int
     mesh: tuple[int, int, int]
     programs: tuple[ProgramPlan, ...]
-    estimate: dict  # urm_jax.memory.estimate for the same config and mesh (attention as on TPU)
+    estimate: dict  # urm_jax.memory.estimate for the same config and mesh, on the target platform
 
     @property
     def hbm(self) -> float:
@@ -257,10 +260,11 @@ def _compile(name: str, lower: Callable, log) -> ProgramPlan:
 
 
 def plan(cfg: ModelConfig, train: TrainConfig, topology: str, *, log: Callable[[str], None] | None = _log) -> Plan:
-    """Compile `train`'s programs for `cfg` on the TPU `topology` (e.g. 'v5p:2x2x1') and return
+    """Compile `train`'s programs for `cfg` on `topology` (e.g. 'v5p:2x2x1', 'h100:1x8') and return
     their memory per chip next to the estimate. The mesh is the config's, resolved over the
     topology's chips (-1 takes the rest). ValueError for a mesh that does not match the
-    topology or a bad topology name; PlanUnavailable without libtpu."""
+    topology or a bad topology name; PlanUnavailable without the target's compiler. `log`
+    receives progress lines (default: stderr)."""
     log = log or (lambda message: None)
     chip, devices = topology_devices(topology)
     mesh = make_mesh(train.mesh, devices)
