@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+# libtpu, the TPU compiler (~700 MB), for the `urm-jax plan` tests only: a side directory that
+# only their subprocesses put on PYTHONPATH. Never in .venv: with libtpu importable, every JAX
+# process on the machine would look for a TPU first.
+LIBTPU := build/libtpu
+LIBTPU_STAMP := $(LIBTPU)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: demo test setup clean
@@ -14,13 +19,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(LIBTPU_STAMP): $(STAMP)
+	rm -rf $(LIBTPU)
+	# The libtpu release this jax pins in its `tpu` extra.
+	$(BIN)/pip install --quiet --no-deps --target $(LIBTPU) "$$($(BIN)/python -c 'from urm_jax.plan import libtpu_requirement; print(libtpu_requirement())')"
+	touch $(LIBTPU_STAMP)
+
+setup: $(STAMP) $(LIBTPU_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/urm-jax demo --workdir build/demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+test: $(STAMP) $(LIBTPU_STAMP)
+	URM_JAX_LIBTPU_PATH=$(CURDIR)/$(LIBTPU) $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -16,3 +16,10 @@ if "URM_JAX_COMPILATION_CACHE" not in os.environ:
     os.environ["URM_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="urm-jax-compile-cache-")
     atexit.register(shutil.rmtree, os.environ["URM_JAX_COMPILATION_CACHE"], ignore_errors=True)
 sys.path.insert(0, str(Path(__file__).parent))
+
+# `make test` installs libtpu into a side directory and names it here: the TPU-compiler tests
+# (tests/test_plan.py) then run in subprocesses that alone see it. Named but missing is an error,
+# never a silent skip.
+_LIBTPU = os.environ.get("URM_JAX_LIBTPU_PATH")
+if _LIBTPU and not (Path(_LIBTPU) / "libtpu").is_dir():
+    raise RuntimeError(f"URM_JAX_LIBTPU_PATH={_LIBTPU} holds no libtpu package (make test installs it)")

@@ -147,8 +147,10 @@ def train_argv(cmd):
 def test_launch_runs_the_same_training_command_on_every_worker():
     tricky = ["model=gs://bucket/urm init", "output_dir=/runs/it's $HOME", "optim.learning_rate=1e-5"]
     _, parsed = dry("launch", "--config", CONFIG, "--run", "s1", "--", *tricky)
-    assert len(parsed) == 1 and parsed[0][:-1] == SSH
-    cmd = remote(parsed[0])
+    assert len(parsed) == 2 and parsed[1][:-1] == SSH
+    # First the plan, here: the recipe with the same overrides, compiled for its TPU topology.
+    assert parsed[0] == [".venv/bin/python", "-m", "urm_jax.cli", "plan", CONFIG, *tricky]
+    cmd = remote(parsed[1])
     argv, before = train_argv(cmd)
     assert argv == [".venv/bin/urm-jax", "train", CONFIG, *tricky]  # quoted through two shells
     assert before[-3:] == ["URM_JAX_DISTRIBUTED=1", "JAX_PLATFORMS=tpu", "nohup"]
@@ -156,6 +158,14 @@ def test_launch_runs_the_same_training_command_on_every_worker():
     assert "> ~/urm-logs/s1/$(hostname).log 2>&1 < /dev/null &" in cmd
     assert "echo $! > $pid" in cmd and "pid=~/urm-logs/s1/$(hostname).pid" in cmd
     assert "cd ~/urm-jax" in cmd
+
+
+def test_launch_plan_can_be_skipped_or_use_another_python():
+    _, parsed = dry("launch", "--config", CONFIG, "--no-plan")
+    assert len(parsed) == 1 and parsed[0][:-1] == SSH
+    _, parsed = dry("launch", "--config", CONFIG, "--plan-python", "/opt/tpu venv/bin/python", "--", "remat=full")
+    assert parsed[0] == ["/opt/tpu venv/bin/python", "-m", "urm_jax.cli", "plan", CONFIG, "remat=full"]
+    assert parsed[1][:-1] == SSH
 
 
 def test_status_logs_stop_delete_commands():
@@ -316,7 +326,8 @@ def test_launch_status_logs_stop_on_a_fake_worker(fake_worker, tmp_path):
     base = ["--name", "urm-pod", "--zone", "z", "--run", "s1"]
     log = worker / "urm-logs/s1" / f"{host}.log"
 
-    done = run("launch", *base, "--config", CONFIG, "--", "model=/ckpt/a b", "output_dir=/runs/s1", env=env)
+    done = run("launch", *base, "--config", CONFIG, "--no-plan", "--", "model=/ckpt/a b", "output_dir=/runs/s1",
+               env=env)
     assert done.returncode == 0, done.stderr
     assert f"{host}: started run s1, pid" in done.stdout
     assert wait_for(lambda: log.exists() and "step 1" in log.read_text()), log
@@ -324,7 +335,7 @@ def test_launch_status_logs_stop_on_a_fake_worker(fake_worker, tmp_path):
     assert f"argv: train {CONFIG} model=/ckpt/a b output_dir=/runs/s1" in text
     assert "env: URM_JAX_DISTRIBUTED=1 JAX_PLATFORMS=tpu" in text
 
-    again = run("launch", *base, "--config", CONFIG, env=env)  # one run of a name at a time
+    again = run("launch", *base, "--config", CONFIG, "--no-plan", env=env)  # one run of a name at a time
     assert again.returncode != 0 and "already running" in again.stderr
 
     status = run("status", *base, env=env)
@@ -352,3 +363,33 @@ def _alive(pid: int) -> bool:
     # A zombie (killed, not yet reaped by its detached parent) counts as gone.
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+FAKE_PLANNER = r'''#!/usr/bin/env bash
+# Stand-in for the planning Python: records its argv, exits with $PLAN_EXIT.
+echo "$*" >> "$FAKE_WORKER.plan"
+echo "planned: $*"
+exit "${PLAN_EXIT:-0}"
+'''
+
+
+@pytest.mark.parametrize("verdict", [0, 1, 3], ids=["fits", "does-not-fit", "no-libtpu"])
+def test_launch_plans_first_and_a_failed_plan_takes_no_pod(fake_worker, tmp_path, verdict):
+    """launch.sh runs the plan here before anything reaches a worker: a plan that fails (out of
+    memory: exit 1; no TPU compiler: exit 3) stops it with a message and no gcloud call."""
+    worker, env = fake_worker
+    planner = tmp_path / "planner"
+    planner.write_text(FAKE_PLANNER)
+    planner.chmod(0o755)
+    env = dict(env, PLAN_EXIT=str(verdict))
+    done = run("launch", "--name", "urm-pod", "--zone", "z", "--run", "p1", "--config", CONFIG,
+               "--plan-python", str(planner), "--", "remat=full", env=env)
+    assert Path(f"{worker}.plan").read_text() == f"-m urm_jax.cli plan {CONFIG} remat=full\n"
+    if verdict == 0:
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"planned: -m urm_jax.cli plan {CONFIG}")
+        assert "started run p1" in done.stdout
+    else:
+        assert done.returncode == 1
+        assert f"urm-jax plan did not pass for {CONFIG}" in done.stderr and "--no-plan" in done.stderr
+        assert not Path(f"{worker}.calls").exists()  # no gcloud call: the pod was never touched

@@ -15,8 +15,8 @@ ALIVE='[ -f $pid ] && ps -o stat= -p "$(cat $pid)" | grep -qv Z'
 # Every flag any script knows; each script lists the ones it accepts in ACCEPTS.
 OPT_name="" OPT_zone="" OPT_project="" OPT_type="" OPT_version="" OPT_config="" OPT_dest=""
 OPT_run="train" OPT_repo="" OPT_ref="HEAD" OPT_python="python3.11"
-OPT_spot=0 OPT_queued=0 OPT_yes=0 OPT_dry_run=0
-SWITCHES=" spot queued yes dry-run "
+OPT_spot=0 OPT_queued=0 OPT_yes=0 OPT_dry_run=0 OPT_no_plan=0 OPT_plan_python=""
+SWITCHES=" spot queued yes dry-run no-plan "
 EXTRA_ARGS=()
 
 die() {

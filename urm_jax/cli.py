@@ -6,6 +6,7 @@
     train    stage 1 or 2 from a YAML recipe (resumes automatically)
     export   a kept training step as a full urm-jax checkpoint
     memory   per-device memory estimate of a training recipe
+    plan     a recipe compiled for its TPU topology on this CPU machine: the compiler's memory per chip
     demo     the embedded end-to-end demo
     serve    HTTP reward server (native JSON API, OpenRLHF's /get_reward), dynamic batching
 
@@ -35,11 +36,13 @@ from urm_jax.memory import (CHIPS, PLATFORMS, estimate, format_table, model_conf
                             xla_attention, xla_bytes)
 from urm_jax.model.attention import AUTO_BLOCKWISE_LENGTH, IMPLEMENTATIONS
 from urm_jax.parity import run_parity as compare
+from urm_jax.plan import (PlanUnavailable, compiler_versions, format_header, format_plan, plan,
+                          use_cpu_host)
 from urm_jax.scoring import Ensemble, score_jsonl
 from urm_jax.serve.app import Limits, create_app
 from urm_jax.serve.batcher import Batcher
 from urm_jax.serve.server import bind_socket, is_loopback, socket_url, uvicorn_server
-from urm_jax.train.config import load_train_config
+from urm_jax.train.config import TOPOLOGY_CHIPS, load_train_config
 from urm_jax.train.loop import export_step, train
 from urm_jax.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 
@@ -231,6 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "XLA's peak bytes per device next to the estimate for that CPU step (slow: "
                    "~30 s for the 8B model; needs --devices)")
 
+    p = sub.add_parser("plan", help="compile a recipe's programs for its TPU topology on this (CPU) "
+                       "machine and print the TPU compiler's memory per chip (needs libtpu)",
+                       description="Compile the real train step (stage 2 with cached features: also "
+                       "the feature pass) for a TPU topology without a TPU, and print per chip the "
+                       "compiler's arguments, outputs, aliases, temporaries and total next to the "
+                       "estimate and the HBM. Exit 0 when it fits, 1 when it does not, 2 for bad "
+                       "input, 3 when this machine has no TPU compiler (libtpu).")
+    p.add_argument("config", help="training YAML; configs/hardware/*.yaml name their topology (plan.topology)")
+    p.add_argument("overrides", nargs="*", help="key=value, as for `urm-jax train`")
+    p.add_argument("--topology", default=None,
+                   help="TPU topology, e.g. v5p:2x2x1 (a v5p-8), v6e:2x4, v5e:2x4, v6e:8x8 "
+                   "(default: the config's plan.topology)")
+    p.add_argument("--model-config", default=None,
+                   help="HF config.json of the model (default: the config in `model=` if it is a "
+                   "directory, else the real 8B model's)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the plan as JSON (bytes per chip, compile seconds)")
+    p.add_argument("--header", action="store_true",
+                   help="print the compiled figures as a YAML comment block (configs/hardware headers)")
+
     p = sub.add_parser("demo", help="the embedded demo, end to end on CPU")
     p.add_argument("--workdir", default="build/demo")
     p.add_argument("--overwrite", action="store_true",
@@ -415,6 +438,41 @@ def run_memory(args, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def run_plan(args) -> int:
+    """Handle `urm-jax plan`: 0 fits, 1 does not fit, 2 bad input, 3 no TPU compiler here."""
+    use_cpu_host()  # before anything starts a backend: libtpu would look for an attached TPU
+    train = load_train_config(args.config, args.overrides, runnable=False)
+    topology = args.topology or train.plan.topology
+    if topology is None:
+        raise ValueError(f"{args.config}: no `plan.topology` in the config; pass --topology "
+                         f"(e.g. {', '.join(TOPOLOGY_CHIPS.values())})")
+    cfg = model_config_for_plan(train, args.model_config)
+    try:
+        result = plan(cfg, train, topology)
+    except PlanUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    if args.header:
+        command = " ".join(["urm-jax plan", args.config, *args.overrides]
+                           + ([f"--topology {args.topology}"] if args.topology else []))
+        print("\n".join(format_header(result, command, compiler_versions(result.chip))))
+    else:
+        print("\n".join(format_plan(result, " ".join([args.config, *args.overrides]))))
+    if args.json:
+        with atomic_file(args.json) as handle:
+            handle.write(dumps({"config": args.config, "overrides": args.overrides, **result.to_dict()},
+                               indent=1) + "\n")
+    if result.refused:
+        first = result.refused[0]
+        print(f"error: {first.name} does not fit a {result.chip} chip: {first.refused}", file=sys.stderr)
+        return 1
+    if not result.fits:
+        print(f"error: {result.peak.name} needs {result.peak.memory.total / 1e9:.2f} GB per chip, "
+              f"more than the {result.hbm / 1e9:.2f} GB of a {result.chip} chip", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_demo(args) -> int:
     return 0 if demo(Path(args.workdir), overwrite=args.overwrite) else 1
 
@@ -476,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"score": run_score, "eval": run_eval, "parity": run_parity, "export": run_export,
                 "train": run_train, "demo": run_demo, "serve": run_serve,
-                "memory": lambda a: run_memory(a, parser)}
+                "memory": lambda a: run_memory(a, parser), "plan": run_plan}
     try:
         # Before the first compile: every command reuses programs compiled by earlier runs.
         compile_cache.enable()

@@ -3,8 +3,11 @@
     urm-jax memory configs/hardware/v5p-8.yaml [key=value ...] [--devices N] [--chip v5p]
         [--header] [--xla]
 
-It is an estimate from a stated model, not a measurement. `xla_bytes` (`--xla`) adds a
-measurement to compare with: XLA's buffer assignment of the real stage-1 train step compiled for N
+It is an estimate from a stated model, calibrated against the TPU compiler: every 8B layout
+`urm-jax plan` compiled (bench/tpu_plan_results.jsonl: recipes and variants over remat
+none/dots/full, 1-4 rows per chip, splash and reference attention, fsdp 4-16, tensor 1-4) is
+matched within 10% (tests/test_memory.py). The terms below that are not the obvious ones were
+read off those compiles. `xla_bytes` (`--xla`) adds a CPU measurement to compare with: XLA's buffer assignment of the real stage-1 train step compiled for N
 simulated CPU devices, next to the estimate for that same CPU step (reference attention; CPU also
 stores the bf16 matmul outputs that remat `dots` saves in fp32, so it reads high there). Decimal
 GB (1e9 bytes).
@@ -18,9 +21,13 @@ over (norm weights and the odd-sized vocab axis stay replicated where the rules 
   frozen_params     the rest (stage 1: the gate; stage 2: backbone + value head; LoRA: the base
                     weights too), no grads/moments.
   gradients         one gradient per trainable parameter, in the parameter dtype.
-  grad_accumulator  grad_accum > 1 only: the running gradient sum the step scans with.
+  grad_accumulator  grad_accum > 1 only: the running gradient sum the step scans with, and the
+                    copy of it the scan's loop carries (2 x params, as compiled).
+  grad_update       the averaged, clipped gradient the AdamW update reads (1 x params).
   optimizer         AdamW: optax's mu and nu follow the parameter dtype (mu_dtype=None), so
                     2 x params (fp32 master weights -> 8 bytes/param). Clipping holds no state.
+  layer_grads       the layer scan's backward emits each layer's weight gradient in the compute
+                    dtype, stacked over layers, before it is added in the parameter dtype.
 A full fp32 fine-tune is 4 + 4 + 8 = 16 bytes/param: 120.1 GB for the 7.5e9 trainable parameters,
 the "~128 GB for an 8B model" floor, divided by fsdp x tensor.
 
@@ -28,13 +35,17 @@ Activations (B = rows per device per micro-batch = micro_batch / (data x fsdp), 
 D = hidden, F = intermediate / tensor, Hq, Hkv = heads / tensor, c = bytes of the compute dtype):
   activations_residuals  what the layer scan saves for the backward pass, per layer:
       remat full: the residual stream entering the layer, B·L·D·c;
-      remat dots: that, plus the outputs of the weight matmuls (q, k, v, o, gate, up, down);
-      remat none: every intermediate of the layer (with the scores, for unfused attention).
+      remat dots: the outputs of the weight matmuls (q, k, v, o, gate, up, down), from which
+        the compiler rebuilds the residual stream;
+      remat none: every intermediate of the layer (with the scores, for unfused attention) and
+        the float32 copies the backward reads (both RMSNorm inputs, the SiLU input).
   activations_layer  the working set of the one layer being (re)computed and differentiated: its
-      per-token intermediates and their cotangents, 2 x B·L·(4D + 2(Hq+Hkv)·hd + 3F)·c, plus
+      per-token intermediates, B·L·(4D + 2(Hq+Hkv)·hd + 3F)·c (the compiler reuses them for
+      their cotangents), plus
       attention, by implementation (`attention`; auto = splash on TPU, cudnn on GPU, reference
       on CPU, as urm_jax.model.attention resolves it on that platform):
-        reference, xla: the [B, Hq, L, L] scores exist, SCORE_BYTES = 17 bytes per element
+        reference, xla: the [B, Hq, L, L] scores exist; on TPU (and GPU, unmeasured)
+          SCORE_BYTES_ACCELERATOR = 7 bytes per element, as compiled; on CPU SCORE_BYTES = 17
           (logits, probabilities and their two gradients, each counted in fp32, + the broadcast
           bool mask: what XLA's CPU buffer assignment of the 8B layer at L=4096 keeps live), and
           the [B, L, L] mask;
@@ -43,20 +54,20 @@ D = hidden, F = intermediate / tensor, Hq, Hkv = heads / tensor, c = bytes of th
           takes the dense [B, L, L] mask (bool, and as a bf16 bias);
         blockwise: as flash, plus one block pair's logits, probabilities and their gradients
           (B·Hq·block² float32 each) and the float32 dq/dk/dv accumulators.
-  fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) and the
-      unsharded gradient of its trained ones before the reduce-scatter, in the parameter dtype.
+  fsdp_gather  one layer's weights all-gathered over fsdp (still split over tensor) in the
+      compute dtype (the compiler casts before it gathers), twice: forward and backward copies.
   LoRA adds, per adapted projection of a layer and per token (in/out: the kernel's input/output
   size on one device, r the rank): r for x A and out for (x A) B, and with dropout the dropped
   input (in) that A's gradient needs; they are in the layer's working set (x A and the dropped
   input with their cotangents, the dropout's random bits, 4 bytes each; (x A) B's cotangent is
-  its projection's), saved for the backward
-  pass by remat none (x A, the dropped input) and dots (the two matmul outputs), and not at all
-  by remat full. Adapted head kernels act on one pooled row per
-  sequence: nothing to count.
+  its projection's), saved for the backward pass by remat none (x A, the dropped input) and dots
+  (the two matmul outputs), and not at all by remat full. Adapted head kernels act on one pooled
+  row per sequence: nothing to count.
 Stage 2 runs no backward through the backbone: activations are the forward working set of one
 layer (the feature-cache pass, or the uncached step) and the gathered layer weights, no grads.
 Not counted (the margin covers them): XLA temporaries beyond the above, the input batch, the RoPE
-tables, the runtime's own reservation. Configs under configs/hardware keep >= 10% of HBM free.
+tables, the runtime's own reservation. Configs under configs/hardware keep >= 10% of HBM free,
+by the compiled figure in their header (`urm-jax plan`).
 """
 
 from __future__ import annotations
@@ -66,28 +77,29 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from urm_jax.config import ModelConfig, read_json_file
 from urm_jax.model.attention import block_size, resolve as resolve_attention
 from urm_jax.model.paths import is_gate, matches
-from urm_jax.model.urm import ModelOptions, abstract_model, lora_targets, param_logical_axes, param_shardings
-from urm_jax.sharding import MESH_AXES, AxisRules, batch_sharding, make_mesh, resolve_mesh_shape
+from urm_jax.model.urm import ModelOptions, abstract_model, lora_targets, param_logical_axes
+from urm_jax.sharding import MESH_AXES, AxisRules, make_mesh, resolve_mesh_shape
 from urm_jax.train.config import TrainConfig
-from urm_jax.train.step import (TrainState, jit_train_step, make_optimizer, make_train_step,
-                                optimizer_state_shardings, split_params)
+from urm_jax.train.step import abstract_step_args, batch_shapes, step_layout
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Bytes per element of the [B, H, L, L] attention scores that one layer keeps live at its peak:
 # backward: 4 fp32-sized buffers (logits, probabilities, their gradients) + the broadcast bool
 # mask; forward only: 2 fp32-sized (logits, probabilities) + the mask. XLA's CPU buffer assignment
-# of the real 8B layer at L=4096 holds exactly that (TPU fuses more: an upper estimate).
+# of the real 8B layer at L=4096 holds exactly that (the TPU compiler fuses more: below).
 SCORE_BYTES = 4 * 4 + 1
 SCORE_BYTES_FORWARD = 2 * 4 + 1
+# The TPU compiler fuses the softmax and its gradient around one float32 logits buffer, the bf16
+# probabilities and the mask: 4 + 2 + 1 bytes per element, in the backward and the forward alike
+# (the 8B step with reference attention at 4 rows per chip compiles 15.3 GB above splash).
+SCORE_BYTES_ACCELERATOR = 4 + 2 + 1
 FLASH_STATS_BYTES = 8  # per (row, head, token): softmax max/log-sum-exp and the backward's sum(dO*O)
 FLASH = ("splash", "cudnn", "blockwise")
 DROPOUT_BITS_BYTES = 4  # LoRA dropout: the uint32 random bits drawn per dropped input element
@@ -110,13 +122,15 @@ COMPONENTS = (
     ("params", "trainable parameters"),
     ("frozen_params", "frozen parameters"),
     ("gradients", "gradients (parameter dtype)"),
-    ("grad_accumulator", "gradient sum across micro-batches"),
+    ("grad_accumulator", "accumulation: the running sum + its loop copy"),
+    ("grad_update", "the averaged, clipped gradient AdamW reads"),
     ("optimizer", "AdamW mu + nu (parameter dtype)"),
+    ("layer_grads", "per-layer gradients in the compute dtype"),
     ("activations_residuals", "saved per layer for the backward pass"),
     ("activations_layer", "one layer's working set incl. attention"),
-    ("fsdp_gather", "one layer gathered over fsdp + its gradient"),
+    ("fsdp_gather", "one layer's weights gathered, compute dtype"),
 )
-STATIC = ("params", "frozen_params", "gradients", "grad_accumulator", "optimizer")
+STATIC = ("params", "frozen_params", "gradients", "grad_accumulator", "grad_update", "optimizer", "layer_grads")
 ACTIVATIONS = ("activations_residuals", "activations_layer", "fsdp_gather")
 
 
@@ -201,12 +215,21 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     trained = [c for c in counts if any(matches(c["path"], p) for p in patterns)]
     frozen = [c for c in counts if c not in trained]
     params = nbytes(trained)
+    c = DTYPE_BYTES[precision.compute]
+    # Gradient-sized buffers the TPU compiler keeps (bench/tpu_plan_results.jsonl): the gradient,
+    # the averaged and clipped copy the AdamW update reads, and with accumulation the scan's
+    # running sum plus the copy its loop carries; the layer scan's backward also emits each
+    # layer's weight gradient in the compute dtype, stacked, before adding it in the parameter dtype.
     out = {
         "params": params,
         "frozen_params": nbytes(frozen),
         "gradients": params,
-        "grad_accumulator": params if train.grad_accum > 1 else 0,
+        "grad_accumulator": 2 * params if train.grad_accum > 1 else 0,
+        # The TPU compiler keeps it; the GPU compiler fuses averaging and clipping into the
+        # update (the one H100 compile recorded).
+        "grad_update": 0 if platform == "gpu" else params,
         "optimizer": 2 * params,
+        "layer_grads": sum(c_["per_device"] for c_ in trained if c_["layer"]) * c,
     }
 
     # Rows per device per micro-batch: unpacked stage-2 rows are the chosen and rejected side of
@@ -214,7 +237,6 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
     packed_pairs = train.stage == 2 and train.data.pack
     micro = train.micro_batch_size * (2 if train.stage == 2 and not packed_pairs else 1)
     rows = math.ceil(micro / (data * fsdp))
-    c = DTYPE_BYTES[precision.compute]
     d, hd = cfg.hidden_size, cfg.head_dim
     length = train.data.seq_len * (2 if packed_pairs else 1)
     split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731  (as AxisRules.spec)
@@ -234,30 +256,46 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
             attn_forward += rows * hq * block * block * 3 * 4
             attn_backward += rows * hq * block * block * 5 * 4 + tokens * (hq + 2 * hkv) * hd * 4
     else:
-        attn_backward = SCORE_BYTES * scores
-        attn_forward = attn_saved = SCORE_BYTES_FORWARD * scores
-    def layer_bytes(leaves):  # one stacked layer of these parameters (adapters included)
-        return sum(c_["layer"] for c_ in leaves) * DTYPE_BYTES[precision.param]
-
-    layer_weights = layer_bytes(counts)
+        cpu = platform == "cpu" or (platform is None and jax.default_backend() == "cpu")
+        attn_backward = (SCORE_BYTES if cpu else SCORE_BYTES_ACCELERATOR) * scores
+        attn_forward = attn_saved = (SCORE_BYTES_FORWARD if cpu else SCORE_BYTES_ACCELERATOR) * scores
+    # One layer's weights (adapters included) as the matmuls read them: gathered over fsdp and
+    # cast to the compute dtype (the compiler gathers after the cast); the backward holds a
+    # second (transposed) copy.
+    layer_weights = sum(c_["layer"] for c_ in counts) * c
     layers = cfg.num_layers
     if train.stage == 2:  # forward only through the frozen backbone
+        # Without a backward nothing is kept for later: the peak is inside one layer, at the MLP
+        # (residual stream, normed input, one F-wide intermediate: 2D + F per token, as the 8B
+        # feature pass compiles) or, unfused, at the attention scores.
         out["activations_residuals"] = 0
-        out["activations_layer"] = attn_forward + mask + tokens * per_token * c
+        out["activations_layer"] = max(tokens * (2 * d + f) * c,
+                                       attn_forward + mask + tokens * (d + (hq + 2 * hkv) * hd) * c)
         out["fsdp_gather"] = layer_weights
     else:
+        # remat dots saves exactly the weight matmuls' outputs (the residual stream is
+        # rebuilt from them); full, the layer input; none, every intermediate, plus the float32
+        # copies the backward reads: both RMSNorm inputs and the SiLU's input. LoRA's x A, (x A) B
+        # and dropped inputs join them as the docstring says.
         xa, xab, dropped = _lora_per_token(cfg, train, tensor)
         saved = {"full": tokens * d * c,
-                 "dots": tokens * (d + dots + xa + xab) * c,
-                 "none": tokens * (d + per_token + xa + dropped) * c + attn_saved}[train.remat]
+                 "dots": tokens * (dots + xa + xab) * c,
+                 "none": tokens * ((d + per_token + xa + dropped) * c + (2 * d + f) * 4) + attn_saved}[train.remat]
         out["activations_residuals"] = layers * saved
+        # The layer being differentiated: its per-token intermediates once (the compiler
+        # reuses buffers between the recomputed forward and its cotangents), LoRA's with their
+        # cotangents and the dropout's random bits.
         out["activations_layer"] = (attn_backward + mask
-                                    + tokens * (2 * (per_token + xa + dropped) + xab) * c
+                                    + tokens * (per_token + 2 * (xa + dropped) + xab) * c
                                     + tokens * dropped * DROPOUT_BITS_BYTES)
-        out["fsdp_gather"] = layer_weights + layer_bytes(trained)
+        out["fsdp_gather"] = 2 * layer_weights
     out["static"] = sum(out[k] for k in STATIC)
     out["activations"] = sum(out[k] for k in ACTIVATIONS)
     out["total"] = out["static"] + out["activations"]
+    if train.use_features:
+        # Two programs that are never live together: the feature pass (every parameter, no
+        # gradient or optimiser state, the forward working set) and the gate-only step.
+        out["total"] = max(out["params"] + out["frozen_params"] + out["activations"], out["static"])
     out.update(mesh=mesh, num_devices=data * fsdp * tensor, rows_per_device=rows, seq_len=length,
                stage=train.stage, remat=train.remat, attention=attention,
                param_count=sum(c_["total"] for c_ in counts),
@@ -279,27 +317,11 @@ def xla_bytes(cfg: ModelConfig, train: TrainConfig, mesh_shape: tuple[int, int, 
     if train.stage != 1:
         raise ValueError("--xla compiles the stage-1 step only")
     train = dataclasses.replace(train, attention=xla_attention(train.attention))
-    options = train.model_options()
-    mesh = make_mesh(mesh_shape)
-    shardings = param_shardings(cfg, mesh, None, options)
-    shapes = nnx.state(abstract_model(cfg, options)).to_pure_dict()
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    trainable, frozen = split_params(params, train.trainable_patterns)
-    train_sh, frozen_sh = split_params(shardings, train.trainable_patterns)
-    optimizer, schedule = make_optimizer(train.optim, 100, trainable)
-    replicated = NamedSharding(mesh, P())
-    opt_abstract, opt_sh = optimizer_state_shardings(optimizer, trainable, train_sh, mesh)
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_sh)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), trainable, opt_state)
-    batch_sh = batch_sharding(mesh, accum_axis=True)
-    a, b, length, segs = train.grad_accum, train.micro_batch_size, train.data.seq_len, train.data.max_segments
-    layout = {"input_ids": ((a, b, length), jnp.int32), "segment_ids": ((a, b, length), jnp.int32),
-              "pool_index": ((a, b, segs), jnp.int32), "pool_mask": ((a, b, segs), jnp.float32),
-              "labels": ((a, b, segs, cfg.num_attributes), jnp.float32)}
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in layout.items()}
-    step = make_train_step(cfg, train, options, optimizer, schedule)
-    compiled = jit_train_step(step, mesh, None, TrainState(replicated, train_sh, opt_sh), frozen_sh,
-                              batch_sh).lower(state, frozen, batch).compile()
+    layout = step_layout(cfg, train, 100, make_mesh(mesh_shape))
+    state, frozen = abstract_step_args(cfg, train, layout)
+    batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout.batch_sh)
+             for k, s in batch_shapes(cfg, train).items()}
+    compiled = layout.step_fn.lower(state, frozen, batch).compile()
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
@@ -313,6 +335,9 @@ def format_table(est: dict, hbm: float | None = None, chip: str | None = None) -
              "Per device, decimal GB:"]
     for key, what in COMPONENTS:
         lines.append(f"  {key:<22} {est[key] / GB:8.2f} GB  {what}")
+    if est["total"] != est["static"] + est["activations"]:  # stage 2 on cached features
+        lines.append("  (two programs: the total is the feature pass's parameters + activations, or the "
+                     "gate step's state, whichever is larger)")
     total = f"  {'total':<22} {est['total'] / GB:8.2f} GB"
     if hbm:
         free = 1 - est["total"] / hbm

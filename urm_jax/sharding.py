@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -101,7 +102,14 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     remaining devices."""
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(shape, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    types = (AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:
+        # A TPU slice whose physical axes the mesh axes cannot each take whole (fsdp=16 x
+        # tensor=4 on a v6e-64's 8x8 chips): split a physical axis between two mesh axes.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def fit_mesh(shape: Sequence[int], devices=None) -> Mesh:

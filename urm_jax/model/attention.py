@@ -18,7 +18,10 @@ check each available one against `reference`; splash also runs on CPU in Pallas 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -45,25 +48,50 @@ AUTO_BLOCKWISE_LENGTH = {"cpu": 256}
 BLOCK = {"cpu": 128}
 BLOCK_DEFAULT = 512
 
+# The platform a program is being compiled for when it is not this process's backend: a TPU
+# topology compiled ahead of time on a CPU host (`urm-jax plan`). None: this process's backend.
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_target(platform: str) -> Iterator[None]:
+    """Resolve `auto` and check kernel availability for `platform` (tpu | gpu | cpu) instead of
+    this process's backend, while building and tracing a program for that platform's devices."""
+    if platform not in AUTO:
+        raise ValueError(f"compile target {platform!r} not in {sorted(AUTO)}")
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_platform() -> str:
+    """The platform programs are built for: the `compile_target` in force, else the backend."""
+    return _TARGET.get() or jax.default_backend()
+
 
 def block_size(platform: str | None = None) -> int:
-    """`blockwise`'s block edge on `platform` (default: this process's JAX backend)."""
-    return BLOCK.get(platform or jax.default_backend(), BLOCK_DEFAULT)
+    """`blockwise`'s block edge on `platform` (default: the compile target, else this process's
+    JAX backend)."""
+    return BLOCK.get(platform or target_platform(), BLOCK_DEFAULT)
+
+
 # Implementations that never build an L x L tensor (nor take the dense mask, except cudnn).
 LINEAR_MEMORY = ("splash", "cudnn", "blockwise")
 
 
 def resolve(implementation: str, platform: str | None = None, length: int | None = None) -> str:
-    """The implementation `implementation` means on `platform` (tpu | gpu | cpu; default: this
-    process's JAX backend) for rows of `length` tokens (None: short rows): `auto` becomes the
-    platform's fused kernel (AUTO), or `blockwise` for rows of at least AUTO_BLOCKWISE_LENGTH
-    tokens; the others stay."""
+    """The implementation `implementation` means on `platform` (tpu | gpu | cpu; default: the
+    `compile_target` in force, else this process's JAX backend) for rows of `length` tokens
+    (None: short rows): `auto` becomes the platform's fused kernel (AUTO), or `blockwise` for rows
+    of at least AUTO_BLOCKWISE_LENGTH tokens; the others stay."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    if platform is None:  # this process: an unknown backend runs the portable reference
-        platform = jax.default_backend()
+    if platform is None:  # the compile target or this process; an unknown backend: the portable paths
+        platform = target_platform()
         if platform not in AUTO:
             platform = "cpu"
     if platform not in AUTO:
@@ -81,9 +109,10 @@ PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
 
 
 def check_available(implementation: str, interpret: bool = False) -> str:
-    """The resolved implementation (short rows), if it can run on this process's backend."""
+    """The resolved implementation (short rows), if it can run on this process's backend (or on
+    the `compile_target` in force: a TPU program compiled on a CPU host may use splash)."""
     impl = resolve(implementation)
-    need, backend = PLATFORM.get(impl), jax.default_backend()
+    need, backend = PLATFORM.get(impl), target_platform()
     if need and backend != need and not (impl == "splash" and interpret):
         raise ValueError(f"attention {impl!r} needs a {need.upper()}; this run's JAX backend is "
                          f"{backend!r} (use 'auto', 'xla' or 'reference')")

@@ -135,6 +135,46 @@ class CheckpointConfig:
         _at_least(self, "checkpoint.", every_steps=1, keep=1)
 
 
+# Chips `plan.topology` may name, each with an example. TPUs (libtpu's names): the chips along
+# each axis of the slice, one JAX device per chip (v5p's two TensorCores act as one megacore
+# device). GPUs: hosts x GPUs per host.
+TOPOLOGY_CHIPS = {"v5e": "v5e:2x4", "v5p": "v5p:2x2x1", "v6e": "v6e:2x4", "h100": "h100:1x8"}
+_TOPOLOGY = re.compile(r"([a-z0-9]+):(\d+(?:x\d+){1,2})")
+
+
+def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
+    """('v5p', (2, 2, 1)) from 'v5p:2x2x1' (chip generation: the chips along each axis).
+    ValueError names the format and the known generations."""
+    match = _TOPOLOGY.fullmatch(name)
+    known = ", ".join(f"{chip} (e.g. {example})" for chip, example in TOPOLOGY_CHIPS.items())
+    if not match:
+        raise ValueError(f"topology {name!r}: expected CHIP:AxB or CHIP:AxBxC; known chips: {known}")
+    if match[1] not in TOPOLOGY_CHIPS:
+        raise ValueError(f"topology {name!r}: unknown chip {match[1]!r}; known: {known}")
+    return match[1], tuple(int(d) for d in match[2].split("x"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """Where a recipe is meant to run, for `urm-jax plan` (and tpu_scripts/launch.sh): the TPU
+    topology, e.g. `v5p:2x2x1` (a v5p-8: 4 chips), or GPUs, e.g. `h100:1x8` (one host of 8).
+    Training itself ignores it."""
+
+    topology: str | None = None
+
+    def __post_init__(self):
+        if self.topology is not None:
+            try:
+                parse_topology(self.topology)
+            except ValueError as err:
+                raise TrainConfigError(f"`plan.topology`: {err}") from None
+
+    @property
+    def chips(self) -> int | None:
+        """Chips (= JAX devices) in the topology, None without one."""
+        return None if self.topology is None else math.prod(parse_topology(self.topology)[1])
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     stage: Literal[1, 2] = 1
@@ -160,6 +200,7 @@ class TrainConfig:
     lora: LoraConfig | None = None  # LoRA adapters (urm_jax.model.lora); None: no adapters
     tensorboard: bool = True
     plot: bool = True
+    plan: PlanConfig = PlanConfig()  # the TPU topology the recipe is laid out for (urm-jax plan)
 
     def __post_init__(self):
         want = "bt" if self.stage == 2 else ("reparam", "nll")
@@ -179,6 +220,11 @@ class TrainConfig:
         if self.stage == 2 and self.data.pack and self.data.max_segments % 2:
             raise TrainConfigError(f"`data.max_segments`: packed pairs take two segments each (chosen, "
                                    f"rejected); give an even number, got {self.data.max_segments}")
+        chips = self.plan.chips
+        known = math.prod(s for s in self.mesh if s != -1)
+        if chips is not None and (chips % known if -1 in self.mesh else chips != known):
+            raise TrainConfigError(f"`mesh`: {list(self.mesh)} does not fit `plan.topology` "
+                                   f"{self.plan.topology} ({chips} chips)")
         if self.trainable is not None:
             try:
                 check_patterns(self.trainable)

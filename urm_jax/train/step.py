@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from urm_jax.config import ModelConfig
 from urm_jax.model import lora as lora_lib
 from urm_jax.model.paths import LORA, is_gate, merge, select
-from urm_jax.model.urm import ModelBinder, ModelOptions, init_lora, param_shardings
+from urm_jax.model.urm import ModelBinder, ModelOptions, abstract_model, init_lora, param_shardings
 from urm_jax.sharding import batch_sharding, use_mesh
 from urm_jax.train.config import OptimConfig, TrainConfig
 from urm_jax.train.losses import bradley_terry_loss, finalize_metrics, regression_loss
@@ -228,38 +229,112 @@ def jit_train_step(step: Callable, mesh, rules, state_sh: TrainState, frozen_sh:
                    out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
 
 
+def batch_shapes(cfg: ModelConfig, train: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch one step takes (the loop's batches after `with_accum_axis`), each key
+    [accum, micro, ...] with A = grad_accum, B = micro-batch examples or pairs, L = seq_len,
+    S = max_segments, D = hidden:
+      stage 1:  input_ids, segment_ids [A, B, L] int32; pool_index [A, B, S] int32; pool_mask
+                [A, B, S] float32; labels [A, B, S, attributes] float32;
+      stage 2 on cached features: features [A, 2B, D] in the compute dtype, pair_mask [A, B];
+      stage 2 on tokens: input_ids, segment_ids [A, 2B, L]; pool_index, pool_mask [A, 2B, 1];
+      pair_mask [A, B] (rows 2r / 2r+1: pair r's chosen / rejected)."""
+    a, b, length = train.grad_accum, train.micro_batch_size, train.data.seq_len
+    i32, f32 = jnp.int32, jnp.float32
+    if train.stage == 1:
+        segs = train.data.max_segments
+        layout = {"input_ids": ((a, b, length), i32), "segment_ids": ((a, b, length), i32),
+                  "pool_index": ((a, b, segs), i32), "pool_mask": ((a, b, segs), f32),
+                  "labels": ((a, b, segs, cfg.num_attributes), f32)}
+    elif train.use_features:
+        layout = {"features": ((a, 2 * b, cfg.hidden_size), jnp.dtype(train.precision.compute)),
+                  "pair_mask": ((a, b), f32)}
+    else:
+        layout = {"input_ids": ((a, 2 * b, length), i32), "segment_ids": ((a, 2 * b, length), i32),
+                  "pool_index": ((a, 2 * b, 1), i32), "pool_mask": ((a, 2 * b, 1), f32),
+                  "pair_mask": ((a, b), f32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in layout.items()}
+
+
+@dataclasses.dataclass
+class StepLayout:
+    """How `train` lays the step out on a mesh, before any array exists: the parameter shardings
+    (all, trainable, frozen), the optimiser and its state shardings, the batch sharding, and the
+    jitted step. `build_trainer` places real arrays with it; `urm_jax.plan` compiles it with
+    abstract ones for a TPU topology, so both see the same program."""
+
+    options: ModelOptions
+    shardings: dict  # every parameter
+    train_sh: dict
+    frozen_sh: dict
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    opt_sh: Any
+    state_sh: TrainState
+    batch_sh: Any  # with the leading accumulation axis
+    step_fn: Callable  # jitted step(state, frozen, batch) -> (state, metrics), state donated
+
+
+def step_layout(cfg: ModelConfig, train: TrainConfig, total_steps: int, mesh, rules=None,
+                options: ModelOptions | None = None) -> StepLayout:
+    """The layout of `train`'s step on `mesh` (see StepLayout); `options` overrides
+    `train.model_options()`. ValueError when a trainable pattern selects nothing."""
+    options = options or train.model_options()
+    if options.lora != train.lora:
+        raise ValueError("the model options' LoRA differs from the training config's")
+    shardings = param_shardings(cfg, mesh, rules, options)
+    train_sh, frozen_sh = split_params(shardings, train.trainable_patterns)
+    train_shapes, _ = split_params(training_param_shapes(cfg, options), train.trainable_patterns)
+    if options.lora is not None and LORA not in train_shapes:
+        raise ValueError(f"`trainable` {list(train.trainable_patterns)} selects none of the LoRA "
+                         f"adapters, which would stay at zero: add `{LORA}` (or leave `trainable` "
+                         "unset: stage 1 trains the adapters and the value head)")
+    optimizer, schedule = make_optimizer(train.optim, total_steps, train_shapes)
+    _, opt_sh = optimizer_state_shardings(optimizer, train_shapes, train_sh, mesh)
+    state_sh = TrainState(NamedSharding(mesh, P()), train_sh, opt_sh)
+    batch_sh = batch_sharding(mesh, rules, accum_axis=True)
+    step = make_train_step(cfg, train, options, optimizer, schedule)
+    return StepLayout(options, shardings, train_sh, frozen_sh, optimizer, schedule, opt_sh, state_sh,
+                      batch_sh, jit_train_step(step, mesh, rules, state_sh, frozen_sh, batch_sh))
+
+
+def training_param_shapes(cfg: ModelConfig, options: ModelOptions) -> dict:
+    """Every parameter as a ShapeDtypeStruct in its training storage dtype (`cast_params`)."""
+    shapes = nnx.state(abstract_model(cfg, options)).to_pure_dict()
+    return jax.eval_shape(lambda p: cast_params(p, cfg, options), shapes)
+
+
+def abstract_step_args(cfg: ModelConfig, train: TrainConfig, layout: StepLayout) -> tuple[TrainState, dict]:
+    """(state, frozen) as ShapeDtypeStructs with the layout's shardings: what `layout.step_fn`
+    takes before its batch, for compiling without allocating (urm_jax.plan, urm_jax.memory)."""
+    def place(tree, shardings):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+    trainable, frozen = split_params(training_param_shapes(cfg, layout.options), train.trainable_patterns)
+    opt_state = jax.eval_shape(layout.optimizer.init, trainable)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.state_sh.step)
+    return (TrainState(step, place(trainable, layout.train_sh), place(opt_state, layout.opt_sh)),
+            place(frozen, layout.frozen_sh))
+
+
 def build_trainer(cfg: ModelConfig, params: dict, train: TrainConfig, total_steps: int, mesh,
                   rules=None, options: ModelOptions | None = None) -> Trainer:
     """The compiled step and the sharded state for training `params` (the full pure-dict tree,
     host or device arrays in any dtype) as `train` says: the parameters its patterns select
     train, the rest is frozen. `options` overrides `train.model_options()` (e.g. Pallas
     interpret mode in tests)."""
-    options = options or train.model_options()
-    if options.lora != train.lora:
-        raise ValueError("the model options' LoRA differs from the training config's")
+    layout = step_layout(cfg, train, total_steps, mesh, rules, options)
+    options = layout.options
     if options.lora is not None and LORA not in params:  # a fresh LoRA run: adapters from the seed
         params = merge(params, init_lora(cfg, options, train.seed))
-    shardings = param_shardings(cfg, mesh, rules, options)
     # A private copy: the step donates its state, which must never free the caller's arrays
     # (device_put alone may reuse a buffer already on the right device).
     private = jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
                            cast_params(params, cfg, options))
-    params = jax.device_put(private, shardings)
+    params = jax.device_put(private, layout.shardings)
     train_params, frozen = split_params(params, train.trainable_patterns)
-    if options.lora is not None and LORA not in train_params:
-        raise ValueError(f"`trainable` {list(train.trainable_patterns)} selects none of the LoRA "
-                         f"adapters, which would stay at zero: add `{LORA}` (or leave `trainable` "
-                         "unset: stage 1 trains the adapters and the value head)")
-    train_sh, frozen_sh = split_params(shardings, train.trainable_patterns)
-    optimizer, schedule = make_optimizer(train.optim, total_steps, train_params)
     replicated = NamedSharding(mesh, P())
-    _, opt_sh = optimizer_state_shardings(optimizer, train_params, train_sh, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(train_params)
+    opt_state = jax.jit(layout.optimizer.init, out_shardings=layout.opt_sh)(train_params)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), train_params, opt_state)
-    state_sh = TrainState(replicated, train_sh, opt_sh)
-    step_sharding = batch_sharding(mesh, rules, accum_axis=True)
-    step = make_train_step(cfg, train, options, optimizer, schedule)
-    compiled = jit_train_step(step, mesh, rules, state_sh, frozen_sh, step_sharding)
     evaluate = make_eval_step(cfg, train, options)
 
     def eval_in_mesh(trainable, frozen_params, batch):
@@ -267,7 +342,7 @@ def build_trainer(cfg: ModelConfig, params: dict, train: TrainConfig, total_step
             return evaluate(trainable, frozen_params, batch)
 
     eval_sharding = batch_sharding(mesh, rules)
-    compiled_eval = jax.jit(eval_in_mesh, in_shardings=(train_sh, frozen_sh, eval_sharding),
+    compiled_eval = jax.jit(eval_in_mesh, in_shardings=(layout.train_sh, layout.frozen_sh, eval_sharding),
                             out_shardings=replicated)
-    return Trainer(compiled, state, frozen, step_sharding, schedule, state_sh, compiled_eval,
-                   eval_sharding)
+    return Trainer(layout.step_fn, state, frozen, layout.batch_sh, layout.schedule, layout.state_sh,
+                   compiled_eval, eval_sharding)
