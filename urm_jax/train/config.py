@@ -33,6 +33,10 @@ class TrainConfigError(ValueError):
 STAGE_TRAINABLE = {1: ("backbone", "value_head"), 2: ("gate",)}
 
 
+# Seeds seed numpy's generator (non-negative only) and jax.random.key (32-bit without x64):
+# one range for both, so no two seeds silently alias.
+MAX_SEED = 2**32 - 1
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -71,6 +75,7 @@ class DataConfig:
 
     def __post_init__(self):
         _at_least(self, "data.", seq_len=8, max_segments=1)
+        _in_range(self, "data.", shuffle_seed=(0, MAX_SEED))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +166,7 @@ class TrainConfig:
         if (self.stage == 2) != (self.loss.kind == "bt"):
             raise TrainConfigError(f"stage {self.stage} needs loss.kind in {want}, got {self.loss.kind!r}")
         _at_least(self, "", global_batch_size=1, grad_accum=1, epochs=1, log_every=1)
+        _in_range(self, "", seed=(0, MAX_SEED))
         if self.max_steps is not None:
             _at_least(self, "", max_steps=1)
         if self.eval_every is not None:
