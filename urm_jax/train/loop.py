@@ -509,14 +509,25 @@ def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, 
         refusal = agree(refusal)
         if refusal is not None:
             raise RunDirectoryError(refusal)
-        with _quiet(logging.getLogger("absl"), _DropOrbaxErrors()):
+        with _orbax_failures_reported_once():
             return TrainingRun(cfg, run, setup, progress=progress).run()
 
 
 @contextlib.contextmanager
-def _quiet(logger: logging.Logger, drop: logging.Filter):
+def _orbax_failures_reported_once():
+    """While training: a failed save reaches the trainer as one CheckpointWriteError, so drop
+    the echoes of it: Orbax's logged tracebacks (`_DropOrbaxErrors`), and the 'Event loop is
+    closed' that TensorStore reports (sys.unraisablehook) for each write still in flight when
+    Orbax closed the event loop of the failed save."""
+    logger, drop, hook = logging.getLogger("absl"), _DropOrbaxErrors(), sys.unraisablehook
+
+    def unraisablehook(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+
     logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+    sys.unraisablehook = unraisablehook
+    yield
+    # Only after a clean finish: after a failure, writes still in flight may echo it later.
+    logger.removeFilter(drop)
+    sys.unraisablehook = hook
