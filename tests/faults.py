@@ -41,13 +41,15 @@ def cli_env(devices: int = 1, **extra: str) -> dict:
                 PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra)
 
 
-def wait_for(condition, what: str, proc: subprocess.Popen | None = None, ceiling_s: float = CEILING_S) -> None:
-    """Poll `condition` until true; fail naming `what` after the ceiling, or at once if `proc`
-    (the process that should make it true) has ended."""
+def wait_for(condition, what: str, procs=(), ceiling_s: float = CEILING_S) -> None:
+    """Poll `condition` until true; fail naming `what` after the ceiling, or at once if one of
+    `procs` (a Popen or several: the processes that should make it true) has ended."""
+    procs = [procs] if isinstance(procs, subprocess.Popen) else list(procs)
     deadline = time.monotonic() + ceiling_s
     while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"awaited {what}, but the process ended first (exit {proc.returncode})")
+        ended = [p for p in procs if p.poll() is not None]
+        if ended:
+            raise AssertionError(f"awaited {what}, but a process ended first (exit {ended[0].returncode})")
         if time.monotonic() > deadline:
             raise AssertionError(f"awaited {what} for {ceiling_s:g} s")
         time.sleep(0.05)

@@ -129,8 +129,9 @@ def supervise(argv: list[str], *, process_id: int | None, num_processes: int | N
     log = _save_log(text, output_dir, process_id)
     lost = lost_process(text)
     if lost is not None or _PEER_SIGNS.search(text):
-        who = f"process {lost}" + (f" of {num_processes}" if num_processes else "") if lost else "a peer process"
-        message = (f"{who} of the job was lost (it died, was preempted or stopped answering); {me} "
+        who = f"process {lost}" if lost else "a process"
+        job = f"the {num_processes} processes of this job" if num_processes else "this job's processes"
+        message = (f"{who} of {job} was lost (it died, was preempted or stopped answering); {me} "
                    f"stopped too. Newest checkpoint: {newest_checkpoint(output_dir)}; restart every "
                    "process with the same command to resume from it")
         code = PEER_LOST_EXIT_CODE
