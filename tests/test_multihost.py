@@ -23,7 +23,7 @@ import pytest
 
 from faults import CEILING_S, wait_for, write_tiny_base
 from urm_jax.checkpoint import load_params
-from urm_jax.train.supervisor import PEER_LOST_EXIT_CODE
+from urm_jax.train.supervisor import PEER_LOST_EXIT_CODE, lost_process
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE1 = str(ROOT / "configs/train/tiny_stage1.yaml")
@@ -141,6 +141,19 @@ def test_a_lost_process_ends_the_survivor_in_one_error_line(base_model, tmp_path
     resumed = run_one_process(base_model, out, f"max_steps={kept[-1] + 1}", "--allow-config-change", "max_steps",
                               "--allow-config-change", "epochs")
     assert f"resumed from step {kept[-1]}" in resumed.stderr
+
+
+@pytest.mark.parametrize("text, lost", [
+    ("UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n1\nThe tasks have crashed.", "1"),
+    ("INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 3 heartbeat timeout.", "3"),
+    ("absl::Status: UNAVAILABLE: Failed to send RPC to coordination service. Either the leader task was "
+     "preempted/died/restarted unexpectedly or this task is experiencing network issues.", "0"),
+    ("jax.errors.JaxRuntimeError: UNKNOWN: Gloo all-reduce failed: Connection reset by peer", None),
+])
+def test_the_lost_process_from_the_coordination_services_words(text, lost):
+    """The survivor names the lost process from what jaxlib's coordination service says (the
+    texts above are what jaxlib 0.10 prints); a bare collective error names none."""
+    assert lost_process(text) == lost
 
 
 def test_a_refused_run_directory_stops_every_process(base_model, tmp_path):

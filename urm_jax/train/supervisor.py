@@ -122,12 +122,13 @@ def supervise(argv: list[str], *, process_id: int | None, num_processes: int | N
             child.kill()
             child.wait()
     text = b"".join(held).decode("utf-8", "replace")
-    if not (status < 0 or (status not in (0, 2, 143) and _PEER_SIGNS.search(text))):
+    lost = lost_process(text)
+    # Died of a signal (the coordination service aborts survivors), or failed naming a lost peer.
+    if not (status < 0 or (status not in (0, 2, 143) and lost is not None)):
         _write(text.encode())
         return status
     me = f"process {process_id}" if process_id is not None else "this process"
     log = _save_log(text, output_dir, process_id)
-    lost = lost_process(text)
     if lost is not None or _PEER_SIGNS.search(text):
         who = f"process {lost}" if lost else "a process"
         job = f"the {num_processes} processes of this job" if num_processes else "this job's processes"
