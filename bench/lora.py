@@ -78,7 +78,7 @@ def real_8b(rank: int) -> None:
     cfg = ModelConfig.from_hf_dict(read_json_file(ROOT / "configs/model/urm-llama-3.1-8b.json"))
     recipe = ROOT / "configs/train/stage1_helpsteer2.yaml"
     lora = [f"lora.r={rank}", f"lora.alpha={2 * rank}", f"lora.targets={PROJECTIONS}"]
-    print(f"\nURM-LLaMa-3.1-8B stage 1 (memory estimate; fp32 master weights and moments):")
+    print("\nURM-LLaMa-3.1-8B stage 1 (memory estimate; fp32 master weights and moments):")
     print(f"  {'':<30}{'trainable':>15}{'optimizer GB':>14}{'params+grads+opt GB':>21}"
           f"{'v5p-8 per chip GB':>19}")
     for name, overrides in ((f"LoRA r{rank} q,k,v,o,gate,up,down", lora), ("full fine-tune", [])):

@@ -547,7 +547,7 @@ def test_console_script_end_to_end(hf_dir, id_input, scored_hf, tmp_path):
     out = tmp_path / "out.jsonl"
     proc = subprocess.run([*cmd, "score", "--model", str(hf_dir), "--input", str(id_input),
                            "--output", str(out), "--batch-size", "8"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert f"scored {len(LENGTHS)} examples" in proc.stdout
     assert read_jsonl(out) == scored_hf

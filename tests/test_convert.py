@@ -311,7 +311,7 @@ def test_v4_config_round_trip_via_subprocess(tmp_path):
     assert "rope_parameters" not in src_cfg and src_cfg["rope_scaling"]["rope_type"] == "llama3"
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "convert", "from_hf", str(src), str(ckpt)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {ckpt}" in proc.stdout
     run_ok("to_hf", str(ckpt), str(out))
@@ -324,7 +324,7 @@ def test_v4_config_round_trip_via_subprocess(tmp_path):
 
     # errors through the real entry point: exit 2, one line, no traceback
     proc = subprocess.run([sys.executable, "-m", "convert", "to_hf", str(src), str(tmp_path / "x")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()

@@ -337,7 +337,7 @@ KILL_AFTER = textwrap.dedent("""
 
 def run_killed(after: int, *argv) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", KILL_AFTER, str(after), *map(str, argv)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
 def test_sigkill_mid_from_hf_leaves_nothing_that_looks_complete(src, tmp_path):
@@ -371,7 +371,7 @@ def test_sigkill_mid_to_hf_leaves_nothing_that_looks_complete(ckpt, src, tmp_pat
 def test_live_runs_temporary_is_not_swept(src, tmp_path):
     """Only temporaries of dead processes on this host are removed."""
     out = tmp_path / "ckpt"
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(100000)"])  # killed below
     try:
         import socket
 
@@ -422,7 +422,7 @@ def test_os_level_write_failure(src, ckpt, tmp_path, direction):
     out = tmp_path / "out"
     argv = ["from_hf", src, out] if direction == "from_hf" else ["to_hf", ckpt, out]
     proc = subprocess.run([sys.executable, "-c", LIMITED, "40000", *map(str, argv)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and "File too large" in lines[-1], lines[-1]
@@ -441,7 +441,7 @@ def test_real_enospc_on_a_tiny_tmpfs(src, tmp_path):
               f"{sys.executable} -m convert from_hf {src} {mnt}/ckpt; echo rc=$?; "
               f"ls -A {mnt}; echo end")
     proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     if proc.returncode == 77 or "rc=" not in proc.stdout:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[-200:]}")
     assert "rc=2" in proc.stdout, proc.stdout + proc.stderr
@@ -486,7 +486,7 @@ BIG = dict(vocab_size=2048, hidden_size=512, intermediate_size=2048, num_layers=
 def peak_rss(*argv) -> int:
     env = dict(os.environ, URM_CONVERT_THREADS="2")  # units in flight: same on any machine
     proc = subprocess.run([sys.executable, "-c", MEMORY_DRIVER, *map(str, argv)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=900, env=env)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rc"] == 0, proc.stderr
     return result["peak"]

@@ -1,18 +1,19 @@
 """`urm-jax train` end to end on the bundled samples: both stages, the hand-off between them,
-export, kill-and-resume bit-identity, and config errors before any compilation."""
+export, kill-and-resume bit-identity, and config errors before any compilation. Runs that are
+interrupted are first held at a known step (tests/faults.py), so no test races the run."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from faults import Gate
 from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
 from urm_jax.checkpoint import load_params
 from urm_jax.train.config import TrainConfigError, load_train_config
@@ -184,21 +185,18 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(base_mod
     overrides = ["max_steps=30", "epochs=20", "checkpoint.every_steps=1000", "checkpoint.async_save=false"]
     reference = Path(run_train(STAGE1, f"model={base_model}", f"output_dir={tmp_path / 'ref'}", *overrides))
     out = tmp_path / "preempted"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    args = train_cmd(STAGE1, f"model={base_model}", f"output_dir={out}", *overrides)
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    metrics, deadline = out / "metrics.jsonl", time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be stopped"
-        time.sleep(0.01)
+    gate = Gate(tmp_path / "gate", "step:4")  # held before step 4: the signal arrives mid-run
+    proc = gate.start(["train", STAGE1, f"model={base_model}", f"output_dir={out}", *overrides],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    gate.wait(proc)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
+    gate.open()
+    _, stderr = proc.communicate()
     assert proc.returncode == 143, stderr[-2000:]
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     kept = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
-    assert kept == [steps[-1]] and steps[-1] < 30, (kept, steps)
-    assert f"stopped after step {steps[-1]} of 30" in stderr and "Traceback" not in stderr
+    assert kept == [4] and steps == [1, 2, 3, 4], (kept, steps)  # step 4 finished, then saved
+    assert "stopped after step 4 of 30" in stderr and "Traceback" not in stderr
     assert not (out / "final").exists()
     resumed = Path(run_train(STAGE1, f"model={base_model}", f"output_dir={out}", *overrides))
     for (path, a), (_, b) in zip(leaves(load_params(resumed)), leaves(load_params(reference))):
@@ -208,17 +206,14 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(base_mod
 def test_kill_and_resume_is_bit_identical(base_model, tmp_path, stage1):
     _, uninterrupted = stage1
     out = tmp_path / "killed"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    args = train_cmd(STAGE1, f"model={base_model}", f"output_dir={out}", "checkpoint.async_save=false")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "2").is_dir():  # the first committed checkpoint
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.01)
+    gate = Gate(tmp_path / "gate", "step:4")  # checkpoint 2 is committed (synchronous saves)
+    proc = gate.start(["train", STAGE1, f"model={base_model}", f"output_dir={out}", "checkpoint.async_save=false"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gate.wait(proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / "final").exists(), "the run finished before the kill: the test proves nothing"
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     resumed = Path(run_train(STAGE1, f"model={base_model}", f"output_dir={out}", "checkpoint.async_save=false"))
     records = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records == sorted(set(records)), "the resumed log must not repeat steps"

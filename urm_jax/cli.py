@@ -10,8 +10,10 @@
     demo     the embedded end-to-end demo
     serve    HTTP reward server (native JSON API, OpenRLHF's /get_reward), dynamic batching
 
-Bad input ends in one `error:` line and exit 2 (`urm_jax.errors.USER_ERRORS`); a parity or
-verification failure exits 1; a preempted training run exits 143.
+Bad input ends in one `error:` line and exit 2 (`urm_jax.errors.USER_ERRORS`), and so does
+running out of memory (XLA's RESOURCE_EXHAUSTED: the line says what to change); a parity or
+verification failure exits 1; a preempted training run exits 143; a multi-process training run
+that lost one of its processes exits 75 (`urm_jax.train.supervisor`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import signal
 import sys
 from pathlib import Path
 
+import jax
 
 from urm_jax import compile_cache
 from urm_jax.demo import run_demo as demo
-from urm_jax.distributed import maybe_initialize
+from urm_jax.distributed import maybe_initialize, settings as distributed_settings
 from urm_jax.errors import USER_ERRORS
 from urm_jax.eval import format_summary, run_eval as evaluate
 from urm_jax.io_utils import atomic_file, check_outputs
@@ -42,12 +45,22 @@ from urm_jax.scoring import Ensemble, score_jsonl
 from urm_jax.serve.app import Limits, create_app
 from urm_jax.serve.batcher import Batcher
 from urm_jax.serve.server import bind_socket, is_loopback, socket_url, uvicorn_server
-from urm_jax.train.config import TOPOLOGY_CHIPS, load_train_config
+from urm_jax.train import supervisor
+from urm_jax.train.config import TOPOLOGY_CHIPS, TrainConfigError, load_train_config
 from urm_jax.train.loop import export_step, train
 from urm_jax.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 
 
 API_KEY_ENV = "URM_JAX_API_KEY"
+# What to change when XLA runs out of (device) memory, by command.
+OUT_OF_MEMORY_ADVICE = {
+    "train": "lower global_batch_size (or raise grad_accum) or data.seq_len, set remat=full, or "
+             "spread the model over more devices (mesh fsdp); `urm-jax memory CONFIG` estimates the need",
+    "score": "lower --batch-size, --batch-tokens or --max-length, or run on more devices",
+    "parity": "lower --batch-size or --long-length",
+    "export": "run on more devices (--mesh 1,-1,1 spreads the model over all of them)",
+}
+OUT_OF_MEMORY_ADVICE["eval"] = OUT_OF_MEMORY_ADVICE["serve"] = OUT_OF_MEMORY_ADVICE["score"]
 SERVE_MAX_LENGTH = 4096
 
 
@@ -386,6 +399,16 @@ def run_export(args) -> int:
 
 
 def run_train(args) -> int:
+    requested, _, num_processes, process_id = distributed_settings(
+        args.coordinator, args.num_processes, args.process_id)
+    if requested and not supervisor.is_supervised():  # a lost peer must end in one error line
+        try:
+            output_dir = Path(load_train_config(args.config, args.overrides).output_dir).absolute()
+        except (TrainConfigError, OSError):  # the child reports it
+            output_dir = None
+        return supervisor.supervise(args.argv, process_id=process_id, num_processes=num_processes,
+                                    output_dir=output_dir)
+    supervisor.adopt()
     # Before anything touches a JAX backend (imports do not): jax.distributed must come first.
     maybe_initialize(args.coordinator, args.num_processes, args.process_id)
     cfg = load_train_config(args.config, args.overrides)
@@ -531,7 +554,9 @@ def run_serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # `urm-jax train` re-runs itself under a supervisor (multi-process)
     handlers = {"score": run_score, "eval": run_eval, "parity": run_parity, "export": run_export,
                 "train": run_train, "demo": run_demo, "serve": run_serve,
                 "memory": lambda a: run_memory(a, parser), "plan": run_plan}
@@ -541,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        first = str(err).strip().splitlines()[0]
+        advice = OUT_OF_MEMORY_ADVICE.get(args.command, "use smaller batches or more devices")
+        print(f"error: out of memory ({first}); {advice}", file=sys.stderr)
         return 2
 
 

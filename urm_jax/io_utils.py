@@ -86,6 +86,17 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
             raise OutputExistsError(f"{label} {path} already exists (pass --overwrite to replace it)")
 
 
+# Errors only a write can raise: Python's file objects report them without a file name.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _name_output(err: OSError, path: Path, tmp: Path) -> OSError:
+    """`err` naming the output `path` (not its temporary sibling) when a write failed."""
+    if err.errno in _WRITE_ERRNOS and err.filename in (None, str(tmp)):
+        return OSError(err.errno, err.strerror or str(err), str(path))
+    return err
+
+
 def _temp_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
 
@@ -163,6 +174,12 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         else:
             tmp.rename(path)
         fsync_path(path.parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        named = _name_output(err, path, tmp)
+        if named is err:
+            raise
+        raise named from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -181,6 +198,12 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_path(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        named = _name_output(err, path, tmp)
+        if named is err:
+            raise
+        raise named from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

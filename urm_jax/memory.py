@@ -232,13 +232,10 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
         "layer_grads": sum(c_["per_device"] for c_ in trained if c_["layer"]) * c,
     }
 
-    # Rows per device per micro-batch: unpacked stage-2 rows are the chosen and rejected side of
-    # each pair; packed stage-2 rows hold whole pairs in 2 x seq_len tokens.
-    packed_pairs = train.stage == 2 and train.data.pack
-    micro = train.micro_batch_size * (2 if train.stage == 2 and not packed_pairs else 1)
-    rows = math.ceil(micro / (data * fsdp))
+    # Rows per device per micro-batch (TrainConfig.micro_batch_rows / row_length).
+    rows = math.ceil(train.micro_batch_rows / (data * fsdp))
     d, hd = cfg.hidden_size, cfg.head_dim
-    length = train.data.seq_len * (2 if packed_pairs else 1)
+    length = train.row_length
     split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731  (as AxisRules.spec)
     hq, hkv, f = split(cfg.num_heads), split(cfg.num_kv_heads), split(cfg.intermediate_size)
     tokens = rows * length

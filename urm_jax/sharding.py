@@ -143,6 +143,13 @@ def batch_sharding(mesh: Mesh, rules: AxisRules | None = None, accum_axis: bool 
     return NamedSharding(mesh, P(None, *spec) if accum_axis else P(*spec))
 
 
+def batch_shards(mesh: Mesh, rules: AxisRules | None = None) -> int:
+    """How many ways `batch_sharding` splits the batch axis: a batch's rows must divide by it."""
+    axes = (rules or AxisRules()).spec(("batch",), mesh)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def active_mesh() -> tuple[Mesh, AxisRules] | None:
     """The (mesh, rules) set by `use_mesh`, or None."""
     return getattr(_state, "active", None)

@@ -37,6 +37,10 @@ STAGE_TRAINABLE = {1: ("backbone", "value_head"), 2: ("gate",)}
 LORA_TRAINABLE = {1: (LORA, "value_head"), 2: (LORA,)}
 
 
+# Seeds seed numpy's generator (non-negative only) and jax.random.key (32-bit without x64):
+# one range for both, so no two seeds silently alias.
+MAX_SEED = 2**32 - 1
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -75,6 +79,7 @@ class DataConfig:
 
     def __post_init__(self):
         _at_least(self, "data.", seq_len=8, max_segments=1)
+        _in_range(self, "data.", shuffle_seed=(0, MAX_SEED))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +212,7 @@ class TrainConfig:
         if (self.stage == 2) != (self.loss.kind == "bt"):
             raise TrainConfigError(f"stage {self.stage} needs loss.kind in {want}, got {self.loss.kind!r}")
         _at_least(self, "", global_batch_size=1, grad_accum=1, epochs=1, log_every=1)
+        _in_range(self, "", seed=(0, MAX_SEED))
         if self.max_steps is not None:
             _at_least(self, "", max_steps=1)
         if self.eval_every is not None:
@@ -261,6 +267,22 @@ class TrainConfig:
     def micro_batch_size(self) -> int:
         """Examples (stage 1) or pairs (stage 2) per micro-batch."""
         return self.global_batch_size // self.grad_accum
+
+    @property
+    def packed_pairs(self) -> bool:
+        """Stage 2 token rows hold whole pairs in 2 x seq_len tokens (`data.pack`)."""
+        return self.stage == 2 and self.data.pack
+
+    @property
+    def micro_batch_rows(self) -> int:
+        """Token rows per micro-batch: unpacked stage-2 rows are the chosen and the rejected
+        side of each pair; packed rows (stage 1, packed pairs) are one row per example slot."""
+        return self.micro_batch_size * (2 if self.stage == 2 and not self.packed_pairs else 1)
+
+    @property
+    def row_length(self) -> int:
+        """Tokens per row: seq_len, or 2 x seq_len for packed pairs."""
+        return self.data.seq_len * (2 if self.packed_pairs else 1)
 
     @property
     def trainable_patterns(self) -> tuple[str, ...]:

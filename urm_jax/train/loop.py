@@ -15,9 +15,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,7 +29,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from urm_jax.checkpoint import check_orbax_step, checkpoint_writer, chunk_rows, stacked_paths
+from urm_jax.checkpoint import (check_orbax_step, checkpoint_writer, chunk_rows, is_jax_checkpoint,
+                               stacked_paths)
 from urm_jax.compile_cache import CompileMeter
 from urm_jax.config import ModelConfig, np_dtype
 from urm_jax.data.batching import BatchIterator
@@ -37,13 +42,13 @@ from urm_jax.loading import load_config_any, load_params_any, load_tokenizer
 from urm_jax.model.lora import LORA_A, LORA_B, merge_kernel
 from urm_jax.model.paths import LORA, is_gate, leaf_paths
 from urm_jax.model.urm import ModelBinder, param_shardings
-from urm_jax.sharding import batch_sharding, fit_mesh, make_mesh, use_mesh
-from urm_jax.train.config import TrainConfig, load_train_config
+from urm_jax.sharding import batch_shards, batch_sharding, fit_mesh, make_mesh, use_mesh
+from urm_jax.train.config import TrainConfig, TrainConfigError, load_train_config
 from urm_jax.train.features import (FeatureIterator, cache_key, compute_features, load_or_compute,
                                     pooled_forward)
 from urm_jax.train.metrics import METRICS_FILE, MetricsWriter, Throughput, plot_metrics
 from urm_jax.train.preemption import PreemptionWatch, TrainingPreempted
-from urm_jax.train.run_dir import RunDirectory
+from urm_jax.train.run_dir import RunDirectory, RunDirectoryError, agree
 from urm_jax.train.step import Trainer, build_trainer, merge_params
 
 
@@ -107,12 +112,86 @@ def check_finite(metrics: dict, step: int, manager: ocp.CheckpointManager) -> No
             + "; lower optim.learning_rate or check the data")
 
 
-def checkpoint_manager(run: RunDirectory, cfg: TrainConfig) -> ocp.CheckpointManager:
-    """Orbax's manager of the run's step checkpoints (keep N, async as configured)."""
+def checkpoint_manager(run: RunDirectory, cfg: TrainConfig, *, writer: bool = True) -> ocp.CheckpointManager:
+    """Orbax's manager of the run's step checkpoints (keep N, async as configured). The writer
+    (the training run, which holds the directory) first removes partial steps a killed run left
+    behind; a reader (`urm-jax export`, possibly while the run goes on) changes nothing."""
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
                                            enable_async_checkpointing=cfg.checkpoint.async_save,
-                                           create=True)
+                                           create=writer, read_only=not writer,
+                                           cleanup_tmp_directories=writer)
     return ocp.CheckpointManager(run.checkpoints, options=options)
+
+
+class CheckpointWriteError(OSError):
+    """A step checkpoint or `final/` could not be written (disk full, quota, I/O error). The
+    partial output is removed; the kept steps are intact and the same command resumes."""
+
+
+# Orbax writes a step under `<step>.orbax-checkpoint-tmp` and renames it when complete.
+PARTIAL_STEP_GLOB = "*.orbax-checkpoint-tmp*"
+
+
+def os_reason(err: BaseException) -> str:
+    """The operating system's reason inside an error, e.g. 'No space left on device (errno 28)':
+    TensorStore (under Orbax) reports write errors as ValueError text ending in
+    `<strerror> [os_error_code='28']`; plain OSErrors carry it as strerror."""
+    text = str(err)
+    found = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='?(\d+)'?\]", text)
+    if found:
+        return f"{found.group(1)} (errno {found.group(2)})"
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror} (errno {err.errno})" if err.errno else err.strerror
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first if len(first) <= 300 else first[:300] + "..."
+
+
+def kept_steps(run: RunDirectory) -> list[int]:
+    """The run's complete step checkpoints, oldest first."""
+    if not run.checkpoints.is_dir():
+        return []
+    return sorted(int(p.name) for p in run.checkpoints.iterdir() if p.name.isdigit())
+
+
+def remove_partial_steps(run: RunDirectory) -> list[str]:
+    """Delete step directories Orbax did not finish (process 0 only: the directory is shared)."""
+    if jax.process_index() != 0 or not run.checkpoints.is_dir():
+        return []
+    partial = sorted(run.checkpoints.glob(PARTIAL_STEP_GLOB))
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in partial]
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Orbax logs every failed background save with a traceback from each thread involved
+    (four for one full disk); the same error reaches the trainer, which reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+@contextlib.contextmanager
+def checkpoint_writes(run: RunDirectory, manager: ocp.CheckpointManager):
+    """Turn a failed step save into one CheckpointWriteError. Orbax raises it from `save`,
+    `wait_until_finished` or `close` (an asynchronous save's error arrives at the next of
+    these, possibly steps later): the manager is closed, partial steps are removed and the
+    message names the failed step, the reason and the kept steps to resume from."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - every failure of a save call is a failed write
+        with contextlib.suppress(Exception):  # the same error again, from the closing wait
+            manager.close()
+        removed = remove_partial_steps(run)
+        failed = sorted({name.split(".")[0] for name in removed})
+        kept = kept_steps(run)
+        resume = (f"the kept steps {kept} are intact: free space (or lower checkpoint.keep) and run the "
+                  f"same command to resume from step {kept[-1]}" if kept else
+                  "no step was kept yet: free space and run the same command to start again")
+        raise CheckpointWriteError(
+            f"{run.checkpoints}: writing the checkpoint of step {', '.join(failed) or '?'} failed: "
+            f"{os_reason(err)}; " + ("its partial directory was removed; " if removed else "")
+            + resume) from None
 
 
 def restore_step(manager: ocp.CheckpointManager, trainer: Trainer, step: int, data: bool = False):
@@ -210,7 +289,7 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     cfg = load_train_config(run.config)
     check_outputs([("RUN_DIR", run_dir), ("the run's model", cfg.model)], [("OUT_DIR", out_dir)],
                   overwrite=overwrite)
-    manager = checkpoint_manager(run, cfg)
+    manager = checkpoint_manager(run, cfg, writer=False)
     steps = sorted(manager.all_steps())
     if not steps:
         raise ValueError(f"{run.checkpoints}: no checkpoints")
@@ -259,21 +338,62 @@ def load_eval_batches(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, pad_i
                          host_batch) for host_batch in iterator]
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What `preflight` checked and built: the device mesh, the model's config, its tokenizer."""
+
+    mesh: Any
+    model_cfg: ModelConfig
+    tokenizer: Any
+
+
+def preflight(cfg: TrainConfig) -> Setup:
+    """Check what the configuration cannot check alone, before the run directory is touched and
+    before anything compiles: the mesh against the devices present, the batch against the mesh
+    and the processes, `model` (a model, not a run directory; config and tokenizer load) and
+    `data.seq_len` against the model's context. TrainConfigError names the key."""
+    try:
+        mesh = make_mesh(cfg.mesh)
+    except ValueError as err:
+        raise TrainConfigError(f"`mesh`: {err}") from None
+    if cfg.global_batch_size % jax.process_count():
+        raise TrainConfigError(f"`global_batch_size`: {cfg.global_batch_size} is not divisible by "
+                               f"the {jax.process_count()} processes")
+    rows = cfg.micro_batch_rows
+    shards = batch_shards(mesh)
+    if rows % shards:
+        per_micro = (f"{cfg.micro_batch_size} pairs ({rows} rows)" if rows != cfg.micro_batch_size
+                     else f"{rows} rows")
+        raise TrainConfigError(
+            f"`global_batch_size`: {cfg.global_batch_size} / grad_accum {cfg.grad_accum} = "
+            f"{per_micro} per micro-batch cannot be split over the "
+            f"{shards} data-parallel devices of mesh {list(mesh.shape.values())} (data x fsdp): "
+            f"make the rows per micro-batch a multiple of {shards}")
+    model = Path(cfg.model)
+    if (model / "config.yaml").is_file() and not is_jax_checkpoint(model):
+        raise TrainConfigError(f"`model`: {model} is a training run directory; start from its "
+                               f"final/ ({model / 'final'}) or a step exported with `urm-jax export`")
+    model_cfg = load_config_any(cfg.model)
+    if cfg.data.seq_len > model_cfg.max_position_embeddings:
+        raise TrainConfigError(f"`data.seq_len`: {cfg.data.seq_len} is longer than the model's context "
+                               f"(max_position_embeddings {model_cfg.max_position_embeddings} in {model})")
+    tokenizer = load_tokenizer(cfg.model)
+    if tokenizer is None:
+        raise ValueError(f"{cfg.model}: no tokenizer files; training renders chats with the "
+                         "checkpoint's tokenizer")
+    return Setup(mesh, model_cfg, tokenizer)
+
+
 class TrainingRun:
     """One stage, set up: data, trainer (resumed if the run has checkpoints), metrics. `run()`
     trains to the end and writes `final/`."""
 
-    def __init__(self, cfg: TrainConfig, run: RunDirectory, *, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, run: RunDirectory, setup: Setup, *, progress: bool = True):
         self.cfg, self.dir, self.progress = cfg, run, progress
         self.is_main = jax.process_index() == 0
-        self.mesh = make_mesh(cfg.mesh)
+        self.mesh, self.model_cfg, tokenizer = setup.mesh, setup.model_cfg, setup.tokenizer
         log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, "
             f"{jax.process_count()} process(es)")
-        self.model_cfg = load_config_any(cfg.model)
-        tokenizer = load_tokenizer(cfg.model)
-        if tokenizer is None:
-            raise ValueError(f"{cfg.model}: no tokenizer files; training renders chats with the "
-                             "checkpoint's tokenizer")
         pad_id = self.model_cfg.pad_token_id if self.model_cfg.pad_token_id is not None else 0
         examples, report = load_examples(cfg, self.model_cfg, tokenizer, cfg.data.train, cfg.data.split)
         log(report.format())
@@ -289,6 +409,9 @@ class TrainingRun:
         self.total_steps = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        if self.total_steps < 1:  # never write the untrained model as final/
+            raise ValueError(f"{cfg.data.train}: {len(examples)} examples make no full batch of "
+                             f"global_batch_size {cfg.global_batch_size}")
         log(f"stage {cfg.stage}: {len(examples)} examples, {steps_per_epoch} steps/epoch, "
             f"{self.total_steps} steps"
             + ("" if cfg.use_features else f"; {self.iterator.epoch_stats(0)['padding_efficiency']:.1%} "
@@ -328,18 +451,28 @@ class TrainingRun:
                 self._train_step(step + 1, watch)
                 if step == self.start:
                     log(f"step {step + 1}: {self.compile.totals.describe()}")
-        except (NonFiniteTrainingError, TrainingPreempted):  # the bad step's metrics are written
-            self.bar.close()
-            self.writer.close()
-            self.manager.close()
+        except BaseException as stop:
+            self.bar.close()  # before the error line, so it starts a line of its own
+            self.writer.close()  # the last step's metrics are written
+            if isinstance(stop, (NonFiniteTrainingError, TrainingPreempted)):
+                with checkpoint_writes(self.dir, self.manager):
+                    self.manager.close()
             raise
         finally:
             watch.close()
             self.compile.stop()
         self.bar.close()
-        self.manager.wait_until_finished()
-        self.manager.close()
-        final = save_model(self.dir.final, cfg, self.model_cfg, self.trainer, cfg.model)
+        with checkpoint_writes(self.dir, self.manager):
+            self.manager.wait_until_finished()
+            self.manager.close()
+        try:
+            final = save_model(self.dir.final, cfg, self.model_cfg, self.trainer, cfg.model)
+        except OSError as err:  # the writer removed its temporary: nothing half-written is left
+            raise CheckpointWriteError(
+                f"{self.dir.final}: writing the final model failed: {os_reason(err)}"
+                f"{f' ({err.filename})' if err.filename else ''}; nothing of it was left behind and "
+                f"the kept steps {kept_steps(self.dir)} are intact: free space and run the same "
+                "command to write it") from None
         self.writer.close()
         if self.is_main and cfg.plot:
             plot_metrics(self.dir.root / "metrics.jsonl", self.dir.root / "loss.png")
@@ -375,11 +508,13 @@ class TrainingRun:
         if record or saving:  # never checkpoint (or go on from) weights that are not finite
             check_finite(jax.device_get(metrics), done, self.manager)
         if saving:
-            self.manager.save(done, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(self.trainer.state),
-                data=ocp.args.JsonSave(self.iterator.state())), force=preempted)
+            with checkpoint_writes(self.dir, self.manager):
+                self.manager.save(done, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(self.trainer.state),
+                    data=ocp.args.JsonSave(self.iterator.state())), force=preempted)
         if preempted:
-            self.manager.wait_until_finished()
+            with checkpoint_writes(self.dir, self.manager):
+                self.manager.wait_until_finished()
             raise TrainingPreempted(f"SIGTERM: stopped after step {done} of {self.total_steps}, "
                                     f"checkpoint {done} saved in {self.dir.checkpoints}; run the "
                                     "same command to resume from it")
@@ -413,14 +548,46 @@ def check_run_outputs(cfg: TrainConfig, run: RunDirectory) -> None:
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, ...] = ()) -> Path:
-    """Run (or resume) one training stage; returns the final checkpoint directory. The run
-    directory is claimed first (one `urm-jax train` per directory), a resume is checked against
-    the recorded configuration (`allow_changes`: keys allowed to differ, or 'all'), and only then
-    is config.yaml written."""
+    """Run (or resume) one training stage; returns the final checkpoint directory. Nothing
+    touches the run directory before `preflight` has passed; then process 0 claims it (one
+    `urm-jax train` per directory), checks a resume against the recorded configuration
+    (`allow_changes`: keys allowed to differ, or 'all') and only then writes config.yaml. Every
+    process follows process 0's verdict, so a refused multi-host run stops on every host."""
+    setup = preflight(cfg)
     run = RunDirectory(cfg.output_dir)
     check_run_outputs(cfg, run)
-    with run.claim(owner=jax.process_index() == 0):
-        run.check_resume(cfg, allow_changes)
-        if jax.process_index() == 0:
-            run.write_config(cfg)
-        return TrainingRun(cfg, run, progress=progress).run()
+    is_main = jax.process_index() == 0
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if is_main:
+            try:
+                held.enter_context(run.claim())
+                run.check_resume(cfg, allow_changes)
+                run.write_config(cfg)
+            except RunDirectoryError as err:
+                refusal = str(err)
+        refusal = agree(refusal)
+        if refusal is not None:
+            raise RunDirectoryError(refusal)
+        with _orbax_failures_reported_once():
+            return TrainingRun(cfg, run, setup, progress=progress).run()
+
+
+@contextlib.contextmanager
+def _orbax_failures_reported_once():
+    """While training: a failed save reaches the trainer as one CheckpointWriteError, so drop
+    the echoes of it: Orbax's logged tracebacks (`_DropOrbaxErrors`), and the 'Event loop is
+    closed' that TensorStore reports (sys.unraisablehook) for each write still in flight when
+    Orbax closed the event loop of the failed save."""
+    logger, drop, hook = logging.getLogger("absl"), _DropOrbaxErrors(), sys.unraisablehook
+
+    def unraisablehook(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+
+    logger.addFilter(drop)
+    sys.unraisablehook = unraisablehook
+    yield
+    # Only after a clean finish: after a failure, writes still in flight may echo it later.
+    logger.removeFilter(drop)
+    sys.unraisablehook = hook

@@ -125,9 +125,12 @@ class MetricsWriter:
             return {}
         values = flatten_metrics(metrics, self.attributes)
         record = {"step": int(step), "time": time.time(), **values}
-        f = self._open()
-        f.write(dumps(record) + "\n")
-        f.flush()  # one line per step reaches the OS now: a crash loses at most the current step
+        try:
+            f = self._open()
+            f.write(dumps(record) + "\n")
+            f.flush()  # one line per step reaches the OS now: a crash loses at most the current step
+        except OSError as err:  # a full disk: name the file (Python's write error does not)
+            raise OSError(err.errno, err.strerror or str(err), str(self.path)) from None
         if self.tensorboard:
             tb = self._tb_writer()
             for name, value in values.items():

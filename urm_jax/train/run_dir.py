@@ -9,7 +9,18 @@
 Ownership: `claim` takes an exclusive `flock` on `.lock`. The kernel drops it when its process
 dies, however it dies, so a lock left by a killed run is never in the way (a stale lock cannot
 exist), while a live run in the same directory is refused with its host and pid. On a multi-host
-job only process 0 claims the directory (the others share it).
+job only process 0 claims the directory and checks the resume; `agree` hands its verdict to every
+process, so a refused job stops on every host instead of leaving the others waiting in a
+collective.
+
+Where the lock holds: flock is enforced by the kernel of the machine that takes it. On a local
+disk it excludes every other process on that machine. On NFS Linux turns flock into an NFS
+byte-range lock that other clients see; a holder whose host died keeps it until the server lets
+it go (NFSv4: when the host's lease lapses, ~90 s; NFSv3: when the host reboots), and until then
+a new run is refused with the dead holder's host and pid. On mounts that do not forward locks
+(NFS with `nolock`, gcsfuse and most FUSE object-store mounts) the kernel locks locally: two runs
+on one machine still exclude each other, but two jobs on different machines writing one bucket
+path are NOT excluded; give each job its own output_dir there.
 
 One configuration: resuming compares the new configuration with the recorded `config.yaml` and
 refuses any change that alters the training trajectory (`TRAJECTORY_NEUTRAL` lists the keys
@@ -28,7 +39,10 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+import jax
+import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 
 from urm_jax.io_utils import atomic_file
 from urm_jax.train.config import TrainConfig, TrainConfigError, config_from_dict, to_dict
@@ -117,14 +131,10 @@ class RunDirectory:
             out.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     @contextlib.contextmanager
-    def claim(self, owner: bool = True) -> Iterator["RunDirectory"]:
+    def claim(self) -> Iterator["RunDirectory"]:
         """Hold the directory for this process (an exclusive flock on `.lock`) for the block;
-        RunDirectoryError names the live holder if another process has it. `owner=False`
-        (processes > 0 of a multi-host job) only makes sure the directory exists."""
+        RunDirectoryError names the live holder if another process has it."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if not owner:
-            yield self
-            return
         fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -141,3 +151,19 @@ class RunDirectory:
             yield self
         finally:
             os.close(fd)  # releases the flock
+
+
+_VERDICT_BYTES = 4096
+
+
+def agree(message: str | None) -> str | None:
+    """Process 0's `message` (None: go on) on every process of a multi-host job; unchanged in a
+    single process. Every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return message
+    data = np.zeros(_VERDICT_BYTES, np.uint8)
+    if jax.process_index() == 0 and message is not None:
+        raw = message.encode()[:_VERDICT_BYTES - 1]
+        data[0], data[1:len(raw) + 1] = 1, np.frombuffer(raw, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(data[1:]).rstrip(b"\0").decode("utf-8", "replace") if data[0] else None

@@ -1,0 +1,167 @@
+"""`urm-jax train` refuses a configuration it cannot run as written before anything compiles and
+before the output directory is touched: one `error:` line naming the key (or the file), exit 2.
+
+Most cases call the command's handler in this process (8 simulated CPU devices, see conftest),
+with the trainer replaced by a tripwire, so a case that slipped through would fail loudly instead
+of training; two cases run the real command in a subprocess."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from faults import ROOT, cli_env, write_tiny_base
+from urm_jax import cli
+from urm_jax.train import loop
+
+STAGE1 = str(ROOT / "configs/train/tiny_stage1.yaml")
+STAGE2 = str(ROOT / "configs/train/tiny_stage2.yaml")
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    return write_tiny_base(tmp_path_factory.mktemp("cfg") / "hf")  # Llama-3.1's context, 131072
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the run got past its checks: training started")
+
+    monkeypatch.setattr(loop, "TrainingRun", tripwire)
+    monkeypatch.setattr(loop, "build_trainer", tripwire)
+
+
+def refused(capsys, tmp_path, config, *args, model="m"):
+    """Run `urm-jax train` in-process; return its single error line (asserting exit 2, one
+    `error:` line, no traceback, and nothing created at output_dir)."""
+    out = tmp_path / "run"
+    code = cli.main(["train", str(config), f"model={model}", f"output_dir={out}", *map(str, args)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err
+    assert "Traceback" not in err, err
+    assert not out.exists(), f"{out} was created by a refused run"
+    return lines[0]
+
+
+# The issue's examples and the other bounds of the same kind: (override, words of the error).
+OUT_OF_RANGE = [
+    ("checkpoint.every_steps=0", "`checkpoint.every_steps`: must be >= 1, got 0"),
+    ("checkpoint.keep=0", "`checkpoint.keep`: must be >= 1, got 0"),
+    ("max_steps=-3", "`max_steps`: must be >= 1, got -3"),
+    ("max_steps=0", "`max_steps`: must be >= 1, got 0"),
+    ("optim.learning_rate=-1e-5", "`optim.learning_rate`: must be >= 0"),
+    ("optim.learning_rate=.nan", "`optim.learning_rate`: must be a finite number"),
+    ("optim.b1=1.5", "`optim.b1`: must be in [0, 1), got 1.5"),
+    ("optim.b2=1", "`optim.b2`: must be in [0, 1), got 1"),
+    ("optim.warmup_ratio=1.5", "`optim.warmup_ratio`: must be in [0, 1], got 1.5"),
+    ("optim.min_lr_ratio=-0.5", "`optim.min_lr_ratio`: must be in [0, 1]"),
+    ("optim.clip_norm=-1", "`optim.clip_norm`: must be > 0 (or null for no clipping)"),
+    ("optim.weight_decay=-0.1", "`optim.weight_decay`: must be >= 0"),
+    ("optim.eps=0", "`optim.eps`: must be > 0"),
+    ("optim.eps=.inf", "`optim.eps`: must be a finite number"),
+    ("loss.label_scale=0", "`loss.label_scale`: must not be 0"),
+    ("loss.label_shift=.inf", "`loss.label_shift`: must be a finite number"),
+    ("data.seq_len=4", "`data.seq_len`: must be >= 8"),
+    ("data.max_segments=0", "`data.max_segments`: must be >= 1"),
+    ("data.shuffle_seed=-1", "`data.shuffle_seed`: must be in [0, 4294967295], got -1"),
+    ("seed=-5", "`seed`: must be in [0, 4294967295], got -5"),
+    ("seed=4294967296", "`seed`: must be in [0, 4294967295]"),
+    ("global_batch_size=0", "`global_batch_size`: must be >= 1"),
+    ("grad_accum=0", "`grad_accum`: must be >= 1"),
+    ("epochs=0", "`epochs`: must be >= 1"),
+    ("log_every=0", "`log_every`: must be >= 1"),
+    ("eval_every=0", "`eval_every`: must be >= 1"),
+    ("mesh=[0,1,1]", "`mesh`: [0, 1, 1] needs 3 positive sizes"),
+    ("mesh=[-1,-1,1]", "`mesh`: [-1, -1, 1] needs 3 positive sizes"),
+]
+
+
+@pytest.mark.parametrize("override, message", OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_out_of_range_values_are_refused(override, message, capsys, tmp_path, no_training):
+    assert message in refused(capsys, tmp_path, STAGE1, override)
+
+
+# Checks that need the devices and the model: refused after reading config.json and the
+# tokenizer, still before the output directory exists and before anything compiles.
+AGAINST_DEVICES_AND_MODEL = [
+    (["mesh=[1,3,1]"], "`mesh`: mesh (1, 3, 1) needs 3 devices, 8 available"),
+    (["mesh=[-1,3,1]"], "`mesh`: mesh (-1, 3, 1) does not divide 8 devices"),
+    (["global_batch_size=4"], "`global_batch_size`: 4 / grad_accum 1 = 4 rows per micro-batch cannot be "
+                              "split over the 8 data-parallel devices of mesh [8, 1, 1]"),
+    (["global_batch_size=16", "grad_accum=4"], "make the rows per micro-batch a multiple of 8"),
+    (["global_batch_size=8", "mesh=[2,2,2]"], None),  # 8 rows over data x fsdp = 4: accepted
+    (["data.seq_len=131073", "global_batch_size=8"], "`data.seq_len`: 131073 is longer than the model's "
+                                                    "context (max_position_embeddings 131072"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", AGAINST_DEVICES_AND_MODEL,
+                         ids=[" ".join(o) for o, _ in AGAINST_DEVICES_AND_MODEL])
+def test_checks_against_devices_and_model(overrides, message, base_model, capsys, tmp_path, no_training):
+    if message is None:  # the control: these pass every check and reach the (tripwired) trainer
+        with pytest.raises(AssertionError, match="training started"):
+            cli.main(["train", STAGE1, f"model={base_model}", f"output_dir={tmp_path / 'run'}", *overrides])
+        return
+    assert message in refused(capsys, tmp_path, STAGE1, *overrides, model=base_model)
+
+
+def test_stage2_pairs_count_two_rows(base_model, capsys, tmp_path, no_training):
+    """Stage 2 batches are pairs, two rows each: 4 pairs fill 8 devices; 3 do not."""
+    line = refused(capsys, tmp_path, STAGE2, "global_batch_size=3", model=base_model)
+    assert "3 pairs (6 rows) per micro-batch" in line
+    with pytest.raises(AssertionError, match="training started"):
+        cli.main(["train", STAGE2, f"model={base_model}", f"output_dir={tmp_path / 'ok'}", "global_batch_size=4"])
+
+
+def test_model_that_is_a_run_directory_or_missing(base_model, capsys, tmp_path, no_training):
+    run = tmp_path / "stage1_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("stage: 1\n")
+    line = refused(capsys, tmp_path, STAGE1, "global_batch_size=8", model=run)
+    assert f"`model`: {run} is a training run directory; start from its final/" in line
+    missing = tmp_path / "nowhere"
+    assert str(missing) in refused(capsys, tmp_path, STAGE1, "global_batch_size=8", model=missing)
+
+
+def test_yaml_files(capsys, tmp_path, no_training):
+    """`base:` pointing at itself or round a cycle, non-UTF-8 text, a missing base, invalid YAML,
+    a list at the top: each names the file."""
+    (tmp_path / "self.yaml").write_text("base: self.yaml\nseed: 1\n")
+    line = refused(capsys, tmp_path, tmp_path / "self.yaml")
+    assert "self.yaml: `base` chain comes back to a file already in it" in line
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    line = refused(capsys, tmp_path, tmp_path / "a.yaml")
+    assert f"{tmp_path / 'a.yaml'} -> {tmp_path / 'b.yaml'} -> {tmp_path / 'a.yaml'}" in line
+
+    (tmp_path / "latin1.yaml").write_bytes("seed: 1  # café\n".encode("latin-1"))
+    line = refused(capsys, tmp_path, tmp_path / "latin1.yaml")
+    assert f"{tmp_path / 'latin1.yaml'}: not UTF-8 text" in line and "at byte 14" in line
+
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    assert f"{tmp_path / 'missing.yaml'}: not found" in refused(capsys, tmp_path, tmp_path / "orphan.yaml")
+
+    (tmp_path / "broken.yaml").write_text("optim: {learning_rate: 1e-5\n")
+    assert f"{tmp_path / 'broken.yaml'}: invalid YAML" in refused(capsys, tmp_path, tmp_path / "broken.yaml")
+
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert "list.yaml: the top level must be a mapping" in refused(capsys, tmp_path, tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["checkpoint.every_steps=0"], "error: `checkpoint.every_steps`: must be >= 1, got 0"),
+    (["mesh=[1,2,1]"], "error: `mesh`: mesh (1, 2, 1) needs 2 devices, 1 available"),
+])
+def test_the_real_command(overrides, message, base_model, tmp_path):
+    """The installed command end to end: exit 2, stderr is the one error line, nothing written."""
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "urm_jax.cli", "train", STAGE1, f"model={base_model}",
+                           f"output_dir={out}", *overrides], cwd=ROOT, env=cli_env(1),
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [message], done.stderr[-2000:]
+    assert not Path(out).exists()
