@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],
                    help="backbone + value head dtype (default: each tensor keeps its own)")
     p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="gate dtype (default: keep the checkpoint's, float16 in the real model)")
+                   help="gate dtype, stored and computed (default: tensors keep their dtype and the "
+                        "gate computes in config.json's gate_dtype, else float16 as the released "
+                        "class; recorded in the output)")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors holding NaN/Inf")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
@@ -34,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"])
-    p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="gate dtype, stored and computed (default: tensors keep their dtype, the "
+                        "checkpoint's gate_dtype is recorded)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 

@@ -22,6 +22,12 @@ AUTO_MAP = {"AutoModelForSequenceClassification": f"modeling_custom.{ARCHITECTUR
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# The gate's compute dtype when config.json names none: the released class builds its gate
+# Linears in float16 whatever dtype the stored tensors have (from_pretrained casts them into it).
+# THE rule, everywhere (HF-directory loader, from_hf, to_hf, the exported PyTorch class):
+# the gate runs in config.json's `gate_dtype`, else in DEFAULT_GATE_DTYPE; never in the tensors'.
+# Conversions write the field explicitly, so a converted checkpoint scores like its source.
+DEFAULT_GATE_DTYPE = "float16"
 
 
 class ConfigError(ValueError):
@@ -106,7 +112,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     attributes: tuple[str, ...] = HELPSTEER2  # value head: 2 outputs each; gate: 1 each
     torch_dtype: str = "float32"  # the checkpoint's backbone dtype, as config.json declares it
-    gate_dtype: str = "float16"  # dtype the HF reference builds and runs the gate in
+    gate_dtype: str = DEFAULT_GATE_DTYPE  # the gate's compute dtype (see DEFAULT_GATE_DTYPE)
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -171,7 +177,8 @@ class ModelConfig:
             attributes=attributes,
             torch_dtype=canonical_dtype(hf.get("dtype") or hf.get("torch_dtype") or "float32",
                                         what=f"{source}: dtype"),
-            gate_dtype=canonical_dtype(hf.get("gate_dtype", "float16"), what=f"{source}: gate_dtype"),
+            gate_dtype=canonical_dtype(hf.get("gate_dtype") or DEFAULT_GATE_DTYPE,
+                                       what=f"{source}: gate_dtype"),
             hf_config=dict(hf),
         )
 

@@ -67,7 +67,7 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
             for done in ordered_map(pooled(BufferPool(), export), work):
                 bar.update(*done)
         writer.finish()
-        hf = cfg.to_hf_dict(**output_dtypes(plans))
+        hf = cfg.to_hf_dict(**output_dtypes(plans, cfg, gate_dtype))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
         shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
         copy_tokenizer_files(ckpt_dir, tmp)

@@ -178,7 +178,7 @@ def write_checkpoint(weights, cfg: ModelConfig, out_dir, *, dtype="keep", gate_d
     """Stream `weights` (an HFWeights, or anything answering the same questions) into a urm-jax
     checkpoint: plan and check from the headers, then convert unit by unit (`_stream_from_hf`)."""
     plans = plan_from_hf(weights, cfg, dtype, gate_dtype)
-    hf_config = {**cfg.to_hf_dict(**output_dtypes(plans)), **(extra_config or {})}
+    hf_config = {**cfg.to_hf_dict(**output_dtypes(plans, cfg, gate_dtype)), **(extra_config or {})}
     with checkpoint_writer(out_dir, hf_config, tokenizer_dir=tokenizer_dir,
                            overwrite=overwrite) as writer:
         for plan in plans:

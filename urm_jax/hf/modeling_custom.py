@@ -35,7 +35,9 @@ _GATE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 
 def gate_dtype_from_config(config) -> torch.dtype:
-    """The gate's dtype: float16 as in the released code unless the config names another."""
+    """The gate's dtype: the config's `gate_dtype`, else float16 as in the released code, whatever
+    dtype the stored tensors have (from_pretrained casts them into the gate). urm-jax applies the
+    same rule in every loader and writes the field explicitly on every conversion."""
     name = getattr(config, "gate_dtype", None) or "float16"
     if isinstance(name, torch.dtype):
         return name

@@ -77,14 +77,15 @@ def stored_bytes(plans: list[Plan]) -> int:
     return sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
 
 
-def output_dtypes(plans: list[Plan]) -> dict:
-    """{'torch_dtype', 'gate_dtype'} an output config.json records: what is actually stored."""
-    def pick(gate: bool) -> str:
-        names = {p.out for p in plans if is_gate(p.entry) == gate}
-        return "float32" if "float32" in names else sorted(names)[0]
-
-    return {"torch_dtype": pick(False), "gate_dtype": pick(True)}
-
+def output_dtypes(plans: list[Plan], cfg: ModelConfig, gate_dtype: str | None = None) -> dict:
+    """{'torch_dtype', 'gate_dtype'} an output config.json records. torch_dtype: what the
+    backbone is actually stored in. gate_dtype: the gate's compute dtype, by the one rule of
+    `urm_jax.config.DEFAULT_GATE_DTYPE` (the `gate_dtype` asked for, else the source's), never the
+    stored tensors' dtype, so the output scores exactly like its source."""
+    names = {p.out for p in plans if not is_gate(p.entry)}
+    backbone = "float32" if "float32" in names else sorted(names)[0]
+    return {"torch_dtype": backbone,
+            "gate_dtype": canonical_dtype(gate_dtype) if gate_dtype else cfg.gate_dtype}
 
 
 def check_keys(weights: HFWeights, num_layers: int) -> None:
