@@ -1,5 +1,5 @@
 """python -m convert from_hf HF_DIR OUT_DIR | to_hf CKPT_DIR OUT_DIR | verify HF_DIR CKPT_DIR
-                 | init BASE_HF_DIR OUT_DIR
+                 | init BASE_HF_DIR OUT_DIR [--attributes NAME|a,b,c] [--label-range LOW,HIGH]
 
 A thin command line over the library's HF bridge (`urm_jax.hf`): argument parsing, one `error:`
 line and exit 2 for bad input, exit 1 when `verify` finds a difference."""
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
+from urm_jax.attributes import DEFAULT_PRESET, PRESETS, parse_attributes, parse_label_range
 from urm_jax.errors import USER_ERRORS
 from urm_jax.hf.base import init_from_base
 from urm_jax.hf.export import to_hf
@@ -54,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone + value head dtype (default: the base's)")
     p.add_argument("--gate-dtype", default="float16", choices=["float32", "bfloat16", "float16"],
                    help="gate dtype (default float16, as the HF reference builds it)")
+    p.add_argument("--attributes", default=DEFAULT_PRESET, metavar="NAME|a,b,c",
+                   help=f"the attribute set: a preset ({', '.join(PRESETS)}; default "
+                        f"{DEFAULT_PRESET}) or comma-separated label column names; value head "
+                        "2 x K outputs, gate K")
+    p.add_argument("--label-range", default=None, metavar="LOW,HIGH",
+                   help="range of the training labels, recorded for stage 1 (default: the "
+                        "preset's: helpsteer2 0,4; ultrafeedback 1,5; none for other names)")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors holding NaN/Inf")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
@@ -64,8 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (e.g. pad id == eos id) as one `warning:` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "verify":
             lines, same = format_verify(verify(args.hf_dir, args.ckpt_dir), args.all)
@@ -75,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             out = init_from_base(args.base_dir, args.out_dir, seed=args.seed,
                                  init_std=args.init_std, dtype=args.dtype,
                                  gate_dtype=args.gate_dtype, overwrite=args.overwrite,
-                                 allow_nonfinite=args.allow_nonfinite)
+                                 allow_nonfinite=args.allow_nonfinite,
+                                 attributes=parse_attributes(args.attributes),
+                                 label_range=(parse_label_range(args.label_range)
+                                              if args.label_range else None))
         elif args.command == "from_hf":
             out = from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, gate_dtype=args.gate_dtype,
                           overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)

@@ -142,9 +142,15 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} unsupported (Llama uses 'silu')")
-        for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        # tie_word_embeddings is not refused: a URM has no lm_head to tie (written false).
+        for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag, False):
                 raise ConfigError(f"{source}: `{flag}: true` is not part of the URM architecture")
+        rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+        partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            raise ConfigError(f"{source}: partial_rotary_factor {partial!r} unsupported (Llama "
+                              "rotates the whole head)")
         hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
         kv_heads = int(hf.get("num_key_value_heads") or heads)
         head_dim = int(hf.get("head_dim") or hidden // heads)
@@ -215,6 +221,7 @@ class ModelConfig:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim,
+            tie_word_embeddings=False,  # no lm_head: nothing is tied
             dtype=torch_dtype or self.torch_dtype,
             gate_dtype=gate_dtype or self.gate_dtype,
         )

@@ -14,7 +14,8 @@ import numpy as np
 from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
 from urm_jax.config import np_dtype
 from urm_jax.hf.mapping import Alloc
-from urm_jax.hf.plan import ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units, unit_progress
+from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units,
+                             unit_progress, warn_if_pad_is_eos)
 from urm_jax.hf.safetensors_io import SafetensorsWriter, parse_size
 from urm_jax.hf.streams import BufferPool, Progress, ordered_map, pooled, readahead
 from urm_jax.io_utils import atomic_dir
@@ -38,6 +39,7 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     cfg = load_config(ckpt_dir)
     reader = ParamsReader(ckpt_dir)
     plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
+    warn_if_pad_is_eos(cfg, str(ckpt_dir))
     limit = parse_size(max_shard_size)
     specs = [spec for plan in plans for spec in plan.hf_specs()]
 

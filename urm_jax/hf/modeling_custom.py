@@ -16,10 +16,12 @@ Two deliberate differences from the released remote code (outputs on unpadded in
   row's positions by its padding. RoPE is relative, so that shift changes scores only through
   rounding (~1e-6 in fp32, more in bf16 where cos/sin are rounded at different angles), but it
   makes left-padded scores depend on the batch.
-* Pooling: the rightmost token whose id != pad_token_id (transformers 5 rule, left or right
-  padding). transformers 4.4x used "first pad - 1" (wrapping to the last position when a row has
-  no pad), which agrees for left- and right-padded rows as long as the pad id never occurs in the
-  text, and breaks when it does, e.g. pad == eos with an eos-terminated row.
+* Pooling: with an `attention_mask`, the last position where the mask is 1 (urm-jax's rule,
+  the same for left and right padding, whatever the token there). Without a mask, the rightmost
+  token whose id != pad_token_id (transformers 5 rule). The released class used "first pad - 1"
+  (transformers 4.4x). The id rules break when pad_token_id is also an end-of-turn token (SmolLM2,
+  many small bases: `<|im_end|>` is both): they skip the final `<|im_end|>`, the token the reward
+  is read at. Pass the attention mask (tokenizers return it); without one the class warns once.
 """
 
 from dataclasses import dataclass
@@ -27,7 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
+
+logger = logging.get_logger(__name__)
 
 NUM_ATTRIBUTES_PER_LABEL = 2  # score outputs are (mean, log_std) pairs
 
@@ -81,19 +85,26 @@ class Weights(nn.Module):
 
 
 def pooling_index(input_ids, attention_mask, pad_token_id, seq_len, batch_size, device):
-    """Index of the last real token per row.
+    """Index [B] (long) of the token each row is pooled at: the last real token.
 
-    With ids: the rightmost token whose id != pad_token_id (transformers 5 rule). With
-    inputs_embeds (or no pad id): the rightmost position where attention_mask == 1, else the last.
+    With an attention_mask: the rightmost position where the mask is 1 (urm-jax's rule; padding
+    is whatever the mask says, so a pad id that is also the final end-of-turn token is pooled).
+    Without a mask: the rightmost token whose id != pad_token_id (transformers 5 rule); without
+    ids or a pad id: the last position.
     """
     positions = torch.arange(seq_len, device=device)
-    if input_ids is not None and pad_token_id is not None:
-        real = (input_ids != pad_token_id).to(device, torch.long)
-    elif attention_mask is not None:
+    if attention_mask is not None:
         real = (attention_mask != 0).to(device, torch.long)
+    elif input_ids is not None and pad_token_id is not None:
+        real = (input_ids != pad_token_id).to(device, torch.long)
     else:
         return torch.full((batch_size,), seq_len - 1, device=device, dtype=torch.long)
     return (positions * real).argmax(-1)
+
+
+def _eos_ids(config) -> set:
+    eos = getattr(config, "eos_token_id", None)
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
 class LlamaForSequenceClassificationWithNormal_Weights(LlamaPreTrainedModel):
@@ -141,6 +152,12 @@ class LlamaForSequenceClassificationWithNormal_Weights(LlamaPreTrainedModel):
         hidden = outputs.last_hidden_state  # [B, L, H], after the final RMSNorm
         batch_size, seq_len = hidden.shape[:2]
 
+        if attention_mask is None and self.config.pad_token_id in _eos_ids(self.config):
+            logger.warning_once(
+                "pad_token_id %s is also an eos token id and no attention_mask was given: rows are "
+                "pooled at the rightmost token that is not the pad id, which skips a final eos. "
+                "Pass attention_mask (the tokenizer returns it) to pool at the last real token.",
+                self.config.pad_token_id)
         idx = pooling_index(
             input_ids, attention_mask, self.config.pad_token_id, seq_len, batch_size, hidden.device
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -24,6 +25,23 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 class ConversionError(ValueError):
     pass
+
+
+class PoolingWarning(UserWarning):
+    """A checkpoint whose pad token is also an end-of-sequence token (see `warn_if_pad_is_eos`)."""
+
+
+def warn_if_pad_is_eos(cfg: ModelConfig, where: str) -> None:
+    """Warn when pad_token_id is one of the eos ids (SmolLM2: `<|im_end|>` is both). urm-jax and
+    the exported class pool at the last token of the attention mask, so scores are right, but any
+    reader that finds the last real token by the pad id (transformers' stock classifiers, code
+    calling the model without an attention_mask) skips the final eos and scores another token."""
+    if cfg.pad_token_id is not None and cfg.pad_token_id in cfg.eos_token_ids:
+        warnings.warn(PoolingWarning(
+            f"{where}: pad_token_id {cfg.pad_token_id} is also an eos_token_id; urm-jax and the "
+            "exported class pool the last real token by the attention mask, but anything that "
+            "pools by the pad id (or calls the model without an attention_mask) skips a final "
+            "eos and reads the reward elsewhere: always pass the attention mask"), stacklevel=3)
 
 
 def jax_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from urm_jax.attributes import check_label_range
 from urm_jax.config import DTypePolicy
 from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from urm_jax.model.paths import check_patterns
@@ -68,9 +69,17 @@ class DataConfig:
     pack: bool = True  # stage 1 only; stage 2 rows are pairs
     max_segments: int = 8
     shuffle_seed: int = 0
+    # Stage 1: [low, high] every label must lie in (rows outside are dropped and counted).
+    # null: what `convert init` recorded for the model (`urm_label_range`), else its preset's.
+    label_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         _at_least(self, "data.", seq_len=8, max_segments=1)
+        if self.label_range is not None:
+            try:
+                check_label_range(self.label_range, where="`data.label_range`")
+            except ValueError as err:
+                raise TrainConfigError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from urm_jax.attributes import label_range_for
 from urm_jax.checkpoint import checkpoint_writer, chunk_rows, stacked_paths
 from urm_jax.config import ModelConfig, np_dtype
 from urm_jax.data.batching import BatchIterator
@@ -51,8 +52,11 @@ def load_examples(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, source: s
     """(examples, DatasetReport) of a stage's data source, rendered with the model's tokenizer;
     stage 1 maps the model's attribute columns by name."""
     if cfg.stage == 1:
+        label_range = label_range_for(model_cfg.attributes, model_cfg.hf_config,
+                                      cfg.data.label_range, source=f"{cfg.model}/config.json")
         return load_helpsteer2(source, tokenizer, split=split, max_length=cfg.data.seq_len,
-                               progress=jax.process_index() == 0, attributes=model_cfg.attributes)
+                               progress=jax.process_index() == 0, attributes=model_cfg.attributes,
+                               label_range=label_range)
     return load_preference_pairs(source, tokenizer, split=split, max_length=cfg.data.seq_len,
                                  progress=jax.process_index() == 0)
 
