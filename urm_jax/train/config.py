@@ -92,10 +92,15 @@ class OptimConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
     clip_norm: float | None = 1.0
+    # The heads' (value head, gate) learning rate as a multiple of learning_rate: fresh heads on a
+    # pretrained backbone learn at a larger step than the backbone tolerates (small-base recipe).
+    head_lr_scale: float = 1.0
 
     def __post_init__(self):
         _finite(self, "optim.", "learning_rate", "weight_decay", "b1", "b2", "eps", "warmup_ratio",
-                "min_lr_ratio", "clip_norm")
+                "min_lr_ratio", "clip_norm", "head_lr_scale")
+        if self.head_lr_scale <= 0:
+            raise TrainConfigError(f"`optim.head_lr_scale`: must be > 0, got {self.head_lr_scale}")
         _in_range(self, "optim.", learning_rate=(0, None), weight_decay=(0, None), eps=(0, None),
                   warmup_ratio=(0, 1), min_lr_ratio=(0, 1))
         for name in ("b1", "b2"):
