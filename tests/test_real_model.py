@@ -168,7 +168,8 @@ def test_batch_composition_and_padding_on_real_weights(init32, conversations):
 
     model = load_reference(export, dtype=torch.float32)
     ids = alone["ids"]
-    single = [reference_outputs(model, torch.tensor([row])) for row in ids]
+    # with the mask: pad == eos here, and the no-mask rule would skip each row's final <|im_end|>
+    single = [reference_outputs(model, torch.tensor([row]), torch.ones(1, len(row))) for row in ids]
     want = {k: np.concatenate([s[k] for s in single]) for k in names}
     for side in ("right", "left"):
         batch_ids, mask = pad_batch(ids, pad_id=model.config.pad_token_id, side=side)
