@@ -216,3 +216,18 @@ def test_init_stage1_stage2_to_hf_equals_transformers(init32, conversations, tmp
     short.write_text("".join(json.dumps(e) + "\n" for e in conversations[1][:2]))
     report = parity(tmp_path / "hf", stage2, short, "float32", tmp_path / "trained.json")
     assert max(report["max_rel"].values()) <= TOLERANCES[("float32", "float32")]
+
+    # The model card says how it was trained, and its snippet (ChatML: read at <|im_end|>, with
+    # the attention mask: pad == eos) scores like `urm-jax score`.
+    from test_model_card import card_parts, run_snippet
+    from urm_jax.hf.card import EXAMPLE_MESSAGES
+
+    meta, body, code = card_parts(tmp_path / "hf")
+    assert meta["pipeline_tag"] == "text-classification" and "- Stage 2: `urm-jax train`" in body
+    example = tmp_path / "example.jsonl"
+    example.write_text(json.dumps({"messages": EXAMPLE_MESSAGES}) + "\n")
+    urm_jax("score", "--model", str(stage2), "--input", str(example), "--output",
+            str(tmp_path / "example_scores.jsonl"), "--no-progress")
+    want = json.loads((tmp_path / "example_scores.jsonl").read_text())["reward"]
+    got = run_snippet(code, tmp_path / "hf", tmp_path)
+    assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)
