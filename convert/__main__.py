@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 from urm_jax.attributes import DEFAULT_PRESET, PRESETS, parse_attributes, parse_label_range
-from urm_jax.errors import USER_ERRORS
+from urm_jax.errors import USER_ERRORS, warning_lines
 from urm_jax.hf.base import init_from_base
 from urm_jax.hf.export import to_hf
 from urm_jax.hf.load import from_hf
@@ -81,15 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Library warnings (e.g. pad id == eos id) as one `warning:` line on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = show_warning
+    with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
         return run(args)
 
 

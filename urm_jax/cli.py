@@ -27,7 +27,7 @@ import jax
 
 from urm_jax.demo import run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize
-from urm_jax.errors import USER_ERRORS
+from urm_jax.errors import USER_ERRORS, warning_lines
 from urm_jax.eval import check_output_dir, format_summary, run_eval as evaluate
 from urm_jax.io_utils import atomic_file
 from urm_jax.jsonl import dumps
@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                 "train": run_train, "demo": run_demo, "serve": run_serve,
                 "memory": lambda a: run_memory(a, parser)}
     try:
-        return handlers[args.command](args)
+        with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
+            return handlers[args.command](args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

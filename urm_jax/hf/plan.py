@@ -15,6 +15,7 @@ from flax import nnx
 
 from urm_jax.checkpoint import ParamsReader, chunk_rows
 from urm_jax.config import ModelConfig, canonical_dtype, np_dtype
+from urm_jax.errors import NoticeWarning
 from urm_jax.hf.mapping import IGNORED_HF_KEYS, LAYER_KEY, TABLE, Entry, get_path, is_gate
 from urm_jax.hf.safetensors_io import HFWeights
 from urm_jax.hf.streams import Progress
@@ -27,7 +28,7 @@ class ConversionError(ValueError):
     pass
 
 
-class PoolingWarning(UserWarning):
+class PoolingWarning(NoticeWarning):
     """A checkpoint whose pad token is also an end-of-sequence token (see `warn_if_pad_is_eos`)."""
 
 
