@@ -30,8 +30,9 @@ class Preset:
 
 
 # Named sets a user can pick by name (`convert init --attributes NAME`). HelpSteer3 has no
-# preset: its public data has no per-attribute scores (a -3..3 preference between two responses,
-# and 1-5 helpfulness in free-text feedback), so no attribute set can be read from it.
+# preset: its public subsets (preference, feedback, edit, edit_quality) judge overall
+# helpfulness only (a -3..3 preference between two responses, annotators' written feedback), with
+# no per-attribute score columns, so no attribute set can be read from it.
 PRESETS: dict[str, Preset] = {
     "helpsteer2": Preset(HELPSTEER2, (0.0, 4.0),
                          "nvidia/HelpSteer2: one column per attribute, Likert 0-4"),
