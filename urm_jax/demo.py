@@ -228,7 +228,7 @@ def run_real_demo(work: Path, *, epochs: int = 3) -> bool:
     print(f"{init}: untied {record['untied_embeddings']}, dropped {record['base_heads_dropped']}, "
           f"chat format {record['chat_format']} (reward read at <|im_end|>)")
 
-    clock.step("3. urm-jax score: the bundled samples and real conversations of 50-2000 tokens")
+    clock.step("3. urm-jax score: real conversations of 100-2000 tokens (bundled HelpSteer2 sample turns)")
     scorer = Scorer(init, batch_size=1)
     rows = [json.loads(line) for line in (SAMPLES / "helpsteer2_sample.jsonl").read_text().splitlines()]
     conversations = chained_conversations(rows, scorer.tokenizer, (100, 300, 900, 2000))
