@@ -6,7 +6,8 @@ self-contained: it imports only torch and transformers.
 
 Parameter names match the released checkpoint exactly:
     model.*                       stock LlamaModel backbone (no lm_head)
-    score.weight                  [num_labels=10, hidden] value head, interleaved (mean_k, log_std_k)
+    score.weight                  [num_labels = 2K, hidden] value head, interleaved (mean_k, log_std_k);
+                                  K attributes (5 in the released model), named by id2label
     weights.fc.{0,2,4}.{weight,bias}  gating MLP (indices 1 and 3 are parameter-free SELUs)
 
 Two deliberate differences from the released remote code (outputs on unpadded input are identical):
@@ -57,10 +58,10 @@ class URMOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None  # reward sum_k means_k * gate_k, [B, 1]
-    value_logits: torch.FloatTensor | None = None  # raw score head z, [B, 10]
-    means: torch.FloatTensor | None = None  # z.view(B, 5, 2)[..., 0], [B, 5]
-    log_stds: torch.FloatTensor | None = None  # z.view(B, 5, 2)[..., 1], [B, 5]
-    gate_weights: torch.FloatTensor | None = None  # gate MLP output w, [B, 5]
+    value_logits: torch.FloatTensor | None = None  # raw score head z, [B, 2K]
+    means: torch.FloatTensor | None = None  # z.view(B, K, 2)[..., 0], [B, K]
+    log_stds: torch.FloatTensor | None = None  # z.view(B, K, 2)[..., 1], [B, K]
+    gate_weights: torch.FloatTensor | None = None  # gate MLP output w, [B, K]
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -163,8 +164,8 @@ class LlamaForSequenceClassificationWithNormal_Weights(LlamaPreTrainedModel):
         )
         # Pool first: score and gate act per position, so pooling before them gives the same numbers.
         pooled = hidden[torch.arange(batch_size, device=hidden.device), idx]  # [B, H]
-        z = self.score(pooled)  # [B, 10]
-        w = self.weights(pooled)  # [B, 5], gate dtype
+        z = self.score(pooled)  # [B, 2K]
+        w = self.weights(pooled)  # [B, K], gate dtype
         pairs = z.view(batch_size, -1, NUM_ATTRIBUTES_PER_LABEL)
         means, log_stds = pairs[..., 0], pairs[..., 1]
         # Plain type promotion, as in the released code: bf16 * fp16 -> fp32, fp32 * fp16 -> fp32.
