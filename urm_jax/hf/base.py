@@ -159,7 +159,8 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
     `label_range` ([low, high] of the training labels; default: the preset's for a preset's
     attributes) is recorded as `urm_label_range`, where stage 1 reads it. config.json records
     the base (and its Hub id and license when given, for model cards), seed, std, the base
-    tensors dropped and whether embeddings were untied under `urm_jax_init`; the base's tokenizer files (and chat template) are copied as they are."""
+    tensors dropped and whether embeddings were untied under `urm_jax_init`; the base's
+    tokenizer files (and chat template) are copied as they are."""
     base_dir = Path(base_dir)
     base_config = read_hf_config(base_dir)
     cfg = urm_config_from_base(base_config, source=str(base_dir / "config.json"),
