@@ -136,8 +136,8 @@ def test_keep_dtype_parity_with_the_fp16_gate(smollm2, conversations, tmp_path):
 
 
 def test_batch_composition_and_padding_on_real_weights(init32, conversations):
-    """urm-jax: each conversation alone == in a batch with the others (fp32 bound). The exported
-    class: left- and right-padded batches == each row alone (fp32 bound)."""
+    """urm-jax: each conversation alone == in a batch with the others, right- or left-padded (fp32
+    bound). The exported class: left- and right-padded batches == each row alone (fp32 bound)."""
     from urm_jax.parity import differences
     from hf_fixtures import load_reference, reference_outputs
     from urm_jax.data.tokenization import pad_batch
@@ -155,16 +155,24 @@ def test_batch_composition_and_padding_on_real_weights(init32, conversations):
         "    r = s.score_ids(ids)\n"
         "    out[rows] = {'ids': ids, 'reward': r.reward.tolist(), 'means': r.means.tolist(),\n"
         "                 'log_stds': r.log_stds.tolist(), 'gate': r.gate.tolist()}\n"
+        "from urm_jax.data.tokenization import pad_batch\n"
+        "from urm_jax.scoring.engine import forward_batch\n"
+        "left_ids, left_mask = pad_batch(ids, pad_id=s.pad_id, side='left')\n"
+        "o = forward_batch(s._graphdef, s._state, left_ids, left_mask)\n"
+        "out['left'] = {'reward': o.reward.tolist(), 'means': o.means.tolist(),\n"
+        "               'log_stds': o.log_stds.tolist(), 'gate': o.gate.tolist()}\n"
         "print(json.dumps(out))\n")
     done = subprocess.run([sys.executable, "-c", script, str(init)], input="".join(
         json.dumps(e) + "\n" for e in examples), cwd=ROOT, env=ONE_DEVICE, capture_output=True,
         text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     scored = json.loads(done.stdout.strip().splitlines()[-1])
-    alone, batched = scored["1"], scored["4"]
+    alone = scored["1"]
     names = ("reward", "means", "log_stds", "gate")
-    _, rel = differences({k: np.asarray(batched[k]) for k in names}, {k: np.asarray(alone[k]) for k in names})
-    assert max(rel.values()) <= TOLERANCES[("float32", "float32")], rel
+    for other in ("4", "left"):  # a batch of all three (right-padded), and left-padded
+        _, rel = differences({k: np.asarray(scored[other][k]) for k in names},
+                             {k: np.asarray(alone[k]) for k in names})
+        assert max(rel.values()) <= TOLERANCES[("float32", "float32")], (other, rel)
 
     model = load_reference(export, dtype=torch.float32)
     ids = alone["ids"]
