@@ -41,8 +41,10 @@ ONE_DEVICE = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_p
 
 
 @pytest.fixture(scope="module")
-def smollm2(request):
-    root = os.environ.get("URM_JAX_CACHE") or request.config.cache.mkdir("urm_jax")
+def smollm2(request, tmp_path_factory):
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    root = (os.environ.get("URM_JAX_CACHE") or (cache.mkdir("urm_jax") if cache is not None
+                                                else tmp_path_factory.mktemp("urm_jax_cache")))
     try:
         return cached_smollm2_dir(root, log=None)
     except BaseUnavailable as err:
