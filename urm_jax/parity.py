@@ -54,10 +54,11 @@ class ParityReport:
     tolerance: float
     golden: list = dataclasses.field(default_factory=list)
     attention: str = "reference"  # the implementation the JAX side ran (after resolving auto)
+    pooling: str | None = None  # why the two sides pool different tokens, when they do
 
     @property
     def ok(self) -> bool:
-        return all(v <= self.tolerance for v in self.max_rel.values()) and all(
+        return self.pooling is None and all(v <= self.tolerance for v in self.max_rel.values()) and all(
             g["ok"] for g in self.golden)
 
     def format(self) -> str:
@@ -74,6 +75,8 @@ class ParityReport:
             lines.append(f"golden {g['id']}: expected {g['expected']:.6f}, jax {g['jax']:.6f}, "
                          f"|diff| {abs(g['jax'] - g['expected']):.2e} {'ok' if g['ok'] else 'NO'} "
                          f"(compute {g['compute_dtype']}, gate {g['gate_dtype']})")
+        if self.pooling:
+            lines.append(f"pooling differs: {self.pooling}")
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -188,7 +191,8 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
     tol = tolerance if tolerance is not None else TOLERANCES.get((compute_dtype, gate_dtype), 1e-1)
     report = ParityReport(len(sequences), (min(map(len, sequences)), max(map(len, sequences))),
                           compute_dtype, gate_dtype, source, max_abs, max_rel, tol,
-                          attention=", ".join(scorer.attention_used()) or resolve_attention(attention))
+                          attention=", ".join(scorer.attention_used()) or resolve_attention(attention),
+                          pooling=pooling_difference(scorer, sequences, jx, hf, tol))
     if golden_path:
         def load(compute: str, gate: str) -> Scorer:
             return Scorer(model_path, compute_dtype=compute, param_dtype=compute, gate_dtype=gate,
@@ -196,6 +200,41 @@ def run_parity(hf_dir, model_path, *, input_path=None, dtype: str = "keep", batc
 
         report.golden = check_goldens(scorer, golden_path, golden_tolerance, load=load)
     return report
+
+
+def pooling_difference(scorer: Scorer, sequences: list[list[int]], jx: dict, hf: dict,
+                       tolerance: float) -> str | None:
+    """Why the reference and urm-jax read the reward at different tokens, or None.
+
+    urm-jax pools each row's last real token (by the attention mask). A reference that pools by
+    the pad id (the rightmost token that is not pad_token_id: transformers' stock rule, older
+    exports of this class) picks another token exactly on the rows whose last token is the pad
+    id (pad == eos, e.g. SmolLM2's `<|im_end|>`). Those rows are scored again on the JAX side
+    cut after their rightmost non-pad token (causal attention: that is the pad-id rule's pooled
+    token); when the reference matches the cut rows and not the whole ones, pooling differs."""
+    pad = scorer.pad_id
+    rows = [i for i, s in enumerate(sequences) if s[-1] == pad and any(t != pad for t in s)]
+    if not rows:
+        return None
+    cut = [sequences[i][:max(j for j, t in enumerate(sequences[i]) if t != pad) + 1] for i in rows]
+    scores = scorer.score_ids(cut)
+    by_id = {"means": scores.means, "log_stds": scores.log_stds}
+
+    def rel(a: dict) -> float:
+        return max(float(np.max(np.abs(a[k] - hf[k][rows]))) / max(float(np.max(np.abs(hf[k][rows]))), 1e-30)
+                   for k in by_id)
+
+    by_mask = rel({k: jx[k][rows] for k in by_id})
+    by_pad_id = rel(by_id)
+    if by_pad_id <= tolerance < by_mask:
+        return (f"the reference pools the rightmost token that is not pad_token_id {pad}; urm-jax "
+                f"pools the last real token by the attention mask. {len(rows)} row(s) end with the "
+                f"pad id (rows {rows[:5]}{', ...' if len(rows) > 5 else ''}), e.g. a final eos "
+                f"when pad == eos: the reference matches them cut at their last non-pad token "
+                f"(max rel {by_pad_id:.1e}), not whole ({by_mask:.1e}). Use urm-jax's reference "
+                "class (drop --trust-remote-code) or re-export the model with `convert to_hf`, "
+                "whose class pools by the attention mask")
+    return None
 
 
 def check_goldens(scorer: Scorer, path, tolerance: float, load=None) -> list[dict]:

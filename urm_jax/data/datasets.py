@@ -15,16 +15,15 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from urm_jax.attributes import HELPSTEER2
-from urm_jax.data.tokenization import helpsteer_prompt_to_messages, render_ids
+from urm_jax.attributes import DEFAULT_PRESET, HELPSTEER2, PRESETS
+from urm_jax.data.tokenization import chat_format, helpsteer_prompt_to_messages, render_ids
 from urm_jax.jsonl import iter_jsonl
 
 TEXT_COLUMNS = ("prompt", "response")
 PAIR_COLUMNS = ("chosen", "rejected")
-LABEL_RANGE = (0, 4)  # HelpSteer2's Likert scale
+MISSING_LABELS = ("", "n/a", "na", "none", "null")  # a string label meaning "not rated" (UltraFeedback: "N/A")
 
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-_START_HEADER = "<|start_header_id|>"
 
 
 class DatasetSchemaError(ValueError):
@@ -33,7 +32,7 @@ class DatasetSchemaError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RegressionExample:
-    """One HelpSteer2-schema row: rendered ids (ending in the final ``<|eot_id|>``) and one label
+    """One HelpSteer2-schema row: rendered ids (ending in the final end-of-turn token) and one label
     per attribute of the model."""
 
     input_ids: np.ndarray  # int32 [n]
@@ -141,10 +140,13 @@ def _require_columns(rows: Any, required: Iterable[str], source: str, what: str)
 def helpsteer2_examples(
     rows: Any, tokenizer: Any, *, max_length: int, source: str = "<rows>", progress: bool = False,
     attributes: tuple[str, ...] = HELPSTEER2,
+    label_range: tuple[float, float] | None = PRESETS[DEFAULT_PRESET].label_range,
 ) -> tuple[list[RegressionExample], DatasetReport]:
     """Render HelpSteer2-schema rows (a ``Dataset`` or list of dicts: ``prompt``, ``response``
     and one score column per attribute, mapped by name) into examples plus a report.
-    DatasetSchemaError names the missing columns."""
+    Labels are numbers (or numeric strings, as UltraFeedback's ratings; "N/A" is a missing
+    label) within `label_range` [low, high] (None: any finite number); rows outside it are
+    dropped as ``label_out_of_range``. DatasetSchemaError names the missing columns."""
     _require_columns(rows, (*TEXT_COLUMNS, *attributes), source, "attribute regression")
     report = DatasetReport(source)
     examples: list[RegressionExample] = []
@@ -157,7 +159,7 @@ def helpsteer2_examples(
         if not response.strip():
             report.drop("empty_response", i)
             continue
-        labels, reason = _labels(row, attributes)
+        labels, reason = _labels(row, attributes, label_range)
         if reason:
             report.drop(reason, i)
             continue
@@ -176,16 +178,26 @@ def helpsteer2_examples(
     return examples, report
 
 
-def _labels(row: dict, attributes: tuple[str, ...]) -> tuple[np.ndarray | None, str | None]:
+def _labels(row: dict, attributes: tuple[str, ...],
+            label_range: tuple[float, float] | None) -> tuple[np.ndarray | None, str | None]:
     out = np.zeros(len(attributes), np.float32)
     for k, name in enumerate(attributes):
         v = row.get(name)
+        if isinstance(v, str):
+            if v.strip().lower() in MISSING_LABELS:
+                return None, "missing_label"
+            try:
+                v = float(v)
+            except ValueError:
+                return None, "bad_label"
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return None, "missing_label"
         # bool is an int subclass; true/false in a score column is a data bug.
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
             return None, "bad_label"
-        if not LABEL_RANGE[0] <= v <= LABEL_RANGE[1]:
+        if not math.isfinite(v):
+            return None, "bad_label"
+        if label_range is not None and not label_range[0] <= v <= label_range[1]:
             return None, "label_out_of_range"
         out[k] = v
     return out, None
@@ -200,13 +212,14 @@ def load_helpsteer2(
     cache_dir: str | None = None,
     progress: bool = False,
     attributes: tuple[str, ...] = HELPSTEER2,
+    label_range: tuple[float, float] | None = PRESETS[DEFAULT_PRESET].label_range,
 ) -> tuple[list[RegressionExample], DatasetReport]:
     """Load and render HelpSteer2 (``nvidia/HelpSteer2`` or a local file with its columns), the
-    label columns named by `attributes`."""
+    label columns named by `attributes`, labels within `label_range`."""
     rows = load_rows(source, split, cache_dir=cache_dir)
     return _nonempty(*helpsteer2_examples(rows, tokenizer, max_length=max_length,
                                           source=f"{source}[{split}]", progress=progress,
-                                          attributes=attributes))
+                                          attributes=attributes, label_range=label_range))
 
 
 # --- preference pairs (stage 2) -------------------------------------------------------------
@@ -293,7 +306,8 @@ def _render(tokenizer: Any, messages: list, max_length: int) -> tuple[_Rendered 
         return None, "bad_messages"
     if len(full) <= max_length:
         return _Rendered(np.asarray(full, np.int32), False), None
-    header = tokenizer.convert_tokens_to_ids(_START_HEADER)
+    fmt = chat_format(tokenizer)  # the final turn starts at its template's last turn marker
+    header = None if fmt is None else tokenizer.convert_tokens_to_ids(fmt.turn_start)
     last_header = max((k for k, t in enumerate(full) if t == header), default=None)
     keep = max_length - 1 if full[0] == tokenizer.bos_token_id else max_length  # the BOS stays
     if last_header is None or len(full) - last_header > keep:

@@ -23,3 +23,31 @@ def model_card_goldens() -> list[dict]:
 
 def data_path(name: str):
     return resources.files("urm_jax.data").joinpath(name)
+
+
+def chained_conversations(rows: list[dict], tokenizer, lengths=(50, 150, 400, 900, 2000)) -> list[dict]:
+    """Multi-turn conversations of about `lengths` tokens (each at most its length, and more than
+    half of it), built from real HelpSteer2-schema rows (`prompt`, `response`) taken in turn as
+    (user, assistant) turns, each conversation starting at another row. Token counts are those of
+    the tokenisation policy (`render_ids`) with `tokenizer`. Returns `{"messages": [...]}`
+    examples; ValueError when the rows cannot reach a length."""
+    from urm_jax.data.tokenization import render_ids  # data -> tokenization, one way
+
+    out, start = [], 0
+    for target in lengths:
+        messages: list[dict] = []
+        for k in range(len(rows)):
+            row = rows[(start + k) % len(rows)]
+            turn = [{"role": "user", "content": row["prompt"]},
+                    {"role": "assistant", "content": row["response"]}]
+            if len(render_ids(tokenizer, {"messages": messages + turn}, max_length=None)) > target:
+                if not messages:
+                    continue  # this row alone is longer than the target: try the next
+                break
+            messages += turn
+        length = len(render_ids(tokenizer, {"messages": messages}, max_length=None)) if messages else 0
+        if length <= target // 2:
+            raise ValueError(f"could not build a conversation of about {target} tokens")
+        out.append({"messages": messages})
+        start += len(messages) // 2 + 1
+    return out

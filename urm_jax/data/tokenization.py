@@ -1,14 +1,29 @@
 """The one tokenisation policy shared by scoring, training and evaluation.
 
-URM pools the hidden state of the last real token, which must be the final assistant
-``<|eot_id|>``; scoring and training must therefore render conversations identically.
-Everything that turns an example into token ids goes through :func:`render_ids`.
+URM pools the hidden state of the last real token, which must be the token that closes the final
+assistant turn; scoring and training must therefore render conversations identically.
+Everything that turns an example into token ids goes through :func:`render_ids` (chats through
+:func:`text_ids`).
+
+**Where the reward is read, per chat template** (:data:`CHAT_FORMATS`, detected from the
+tokenizer's template by :func:`chat_format`):
+
+* Llama-3 (URM-LLaMa-3.1-8B, Skywork-Reward): ``<|eot_id|>``, the template's last token.
+* ChatML (SmolLM2, Qwen, many small bases): ``<|im_end|>``. The template writes a newline after
+  every ``<|im_end|>``; the newline after the *final* one is dropped, so the pooled token is
+  ``<|im_end|>`` itself. Why: a policy's generation stops at ``<|im_end|>`` (it is the eos), so
+  texts from an RLHF loop (OpenRLHF's ``query``) end there, and a rendered chat must score exactly
+  like them; and the token closing the turn, not template formatting, is what Llama-3 pools too.
+  SmolLM2's pad token is also ``<|im_end|>``: urm-jax and the exported class pool by the
+  attention mask, never by the pad id, so the final ``<|im_end|>`` is pooled, not skipped.
+* Any other template: the rendered text as is (its last token).
 
 Errors are ``ValueError`` with a message about the example only; callers add file and line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -17,10 +32,44 @@ import numpy as np
 TRUNCATION_MODES = ("error", "left")
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """Special tokens of a chat template family: the one that opens a turn (training's left
+    truncation keeps the final turn whole from it) and the one that closes it (the pooled token)."""
+
+    name: str
+    turn_start: str
+    end_of_turn: str
+
+
+CHAT_FORMATS = (ChatFormat("llama3", "<|start_header_id|>", "<|eot_id|>"),
+                ChatFormat("chatml", "<|im_start|>", "<|im_end|>"))
+
+
+def chat_format(tokenizer: Any) -> ChatFormat | None:
+    """The family of the tokenizer's chat template (both markers written by the template and
+    single tokens of the vocabulary), or None for another template or no tokenizer."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    for fmt in CHAT_FORMATS:
+        if all(t in template and _is_token(tokenizer, t) for t in (fmt.turn_start, fmt.end_of_turn)):
+            return fmt
+    return None
+
+
+def _is_token(tokenizer: Any, token: str) -> bool:
+    """Whether `token` is one token of the vocabulary (unknown tokens map to None or to the unk
+    id, which maps back to another string)."""
+    index = tokenizer.convert_tokens_to_ids(token)
+    return isinstance(index, int) and tokenizer.convert_ids_to_tokens(index) == token
+
+
 def policy_description() -> str:
     """One line describing the policy, for logs and checkpoint metadata."""
     return (
-        "chat: apply_chat_template(messages, tokenize=False) then tokenizer(text, add_special_tokens=True), "
+        "chat: apply_chat_template(messages, tokenize=False), whitespace after the final "
+        "end-of-turn token (<|eot_id|>, <|im_end|>) dropped, then tokenizer(text, add_special_tokens=True), "
         "exactly one BOS kept; last message must be the assistant's; input_ids used as given; "
         "over max_length: 'error' raises, 'left' drops tokens after the BOS and keeps the tail"
     )
@@ -49,7 +98,7 @@ def render_ids(
 
     Longer than ``max_length``: ``truncation="error"`` raises; ``truncation="left"`` drops tokens
     from the start of the conversation, keeping the BOS (when the sequence starts with one) as
-    the first token and always keeping the end, so the final ``<|eot_id|>`` stays the pooled
+    the first token and always keeping the end, so the final end-of-turn token stays the pooled
     token.  The cut is token-level: if even the final assistant turn does not fit, the result is
     BOS + the tail of that turn (its header and the start of the response are lost).
     """
@@ -86,17 +135,23 @@ def text_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a chat text already rendered by a chat template (what `render_ids` makes of
     ``apply_chat_template(messages, tokenize=False)``; what OpenRLHF sends as ``query``).
 
-    ``tokenizer(text, add_special_tokens=True)``, then, when the text itself began with the BOS
-    (a template that writes it, like stock Llama-3's) and the tokenizer added another, one of the
-    two is dropped: the result starts with exactly one BOS whether or not the text had one
-    (none for a tokenizer without a BOS). Special tokens written in the text (``<|eot_id|>``)
-    become their ids; nothing is stripped or appended, so the reward is read at the text's last
-    token, which should be the final ``<|eot_id|>``. ValueError for a non-string or empty text.
+    When the text ends with its template's end-of-turn token followed by whitespace (ChatML's
+    ``<|im_end|>\\n``), the whitespace is dropped, so the reward is read at the end-of-turn token
+    (module docstring). Then ``tokenizer(text, add_special_tokens=True)``, and when the text itself
+    began with the BOS (a template that writes it, like stock Llama-3's) and the tokenizer added
+    another, one of the two is dropped: the result starts with exactly one BOS whether or not the
+    text had one (none for a tokenizer without a BOS). Special tokens written in the text
+    (``<|eot_id|>``) become their ids; nothing else is stripped or appended, so the reward is read
+    at the text's last token, which should close the final assistant turn. ValueError for a
+    non-string or empty text.
     """
     if not isinstance(text, str):
         raise ValueError(f"a rendered text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise ValueError("the rendered text is empty")
+    fmt = chat_format(tokenizer)
+    if fmt is not None and text.rstrip().endswith(fmt.end_of_turn):
+        text = text.rstrip()
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     bos = tokenizer.bos_token_id
     if bos is not None and ids[:2] == [bos, bos]:
@@ -133,7 +188,7 @@ def _messages(example: dict) -> list[dict]:
         if out[-1]["role"] != "assistant":
             raise ValueError(
                 f"last message has role {out[-1]['role']!r}; it must be 'assistant' "
-                "(the reward is read at the final assistant <|eot_id|>)"
+                "(the reward is read at the end of the final assistant turn)"
             )
         if not out[-1]["content"].strip():
             raise ValueError("the final assistant message is empty")

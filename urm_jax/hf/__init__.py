@@ -10,6 +10,8 @@
     base            a stage-1 start: a base Llama checkpoint with fresh URM heads (`init`)
     synthetic       random checkpoints in the real HF format, any size (demo, tests, benchmarks)
     modeling_custom the PyTorch reference class that exports ship for `trust_remote_code`
+    card            the model card (README.md) `to_hf` writes
+    smollm2         a real trained base offline: SmolLM2-135M from a pinned PyPI wheel (tests, demo)
 
 The `python -m convert` tool is a thin command line over these modules.
 """

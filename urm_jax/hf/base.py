@@ -8,8 +8,14 @@ transformers does when the URM class is loaded from such a base
 N(0, initializer_range) from the base's config (0.02 when absent), biases zero, the gate built in
 float16 like the reference [I: the paper does not say how the heads were initialised].
 
-Accepted bases: a sequence-classification model (`score.weight` of any width, replaced), a
-causal LM (`lm_head.weight`, dropped) or a bare `LlamaModel` (keys without the `model.` prefix).
+Accepted bases: any Llama-architecture checkpoint the URM backbone can represent exactly: a
+sequence-classification model (`score.weight` of any width, replaced), a causal LM
+(`lm_head.weight`, dropped) or a bare `LlamaModel` (keys without the `model.` prefix), with tied
+embeddings or not (Llama-3.2-1B/3B, SmolLM2: `tie_word_embeddings: true` ties the input
+embedding to an lm_head the URM does not have, so it means nothing here: the embedding is kept,
+the flag is written false and recorded as untied). A config field the model cannot honour
+(attention or MLP biases, another activation, another RoPE type, partial rotary embeddings,
+another model type) is refused naming the field, before anything is written.
 The base streams through the same converter as `from_hf` (bounded memory at 8B); the heads, 34M
 parameters at 8B, are drawn in memory.
 """
@@ -28,10 +34,12 @@ from urm_jax.hf.load import write_checkpoint
 from urm_jax.hf.mapping import TABLE, is_gate, is_head
 from urm_jax.hf.plan import ConversionError, jax_shapes
 from urm_jax.hf.safetensors_io import HFWeights
-from urm_jax.attributes import HELPSTEER2
+from urm_jax.attributes import HELPSTEER2, check_label_range, preset_label_range
 from urm_jax.finite import checked_astype
 from urm_jax.io_utils import check_outputs
 from urm_jax.config import ConfigError, ModelConfig, canonical_dtype, np_dtype, read_hf_config
+from urm_jax.data.tokenization import chat_format
+from urm_jax.loading import load_tokenizer
 from urm_jax.validate import Fields
 
 # Base tensors that are not part of the URM backbone and are replaced by fresh heads (or, for a
@@ -44,13 +52,16 @@ DEFAULT_INIT_STD = 0.02  # transformers' default initializer_range
 def urm_config_from_base(base: dict, *, source: str,
                          attributes: tuple[str, ...] = HELPSTEER2) -> ModelConfig:
     """The URM config for a base Llama config: same backbone, a value head and gate for
-    `attributes` (2 x K and K outputs), the reference's gate.
-    Classification fields of the base (one label, its names, problem type) do not carry over."""
+    `attributes` (2 x K and K outputs), the reference's gate, untied embeddings.
+    Classification fields of the base (one label, its names, problem type) do not carry over;
+    fields the backbone cannot represent are refused by `ModelConfig.from_hf_dict`."""
     hf = {k: v for k, v in base.items()
           if k not in ("num_labels", "id2label", "label2id", "problem_type", "architectures",
-                       "auto_map", "gate_dtype")}
+                       "auto_map", "gate_dtype", "quantization_config", "_name_or_path",
+                       "urm_label_range", "urm_jax_init")}
     hf["num_labels"] = 2 * len(attributes)
     hf["urm_attributes"] = list(attributes)
+    hf["tie_word_embeddings"] = False  # no lm_head in a URM: nothing to tie the embedding to
     if hf.get("pad_token_id") is None:
         raise ConversionError(
             f"{source}: no pad_token_id. URM batches are padded with the tokenizer's [PAD] "
@@ -142,11 +153,17 @@ class BaseWithFreshHeads:
 def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None = None,
                    dtype: str = "keep", gate_dtype: str = "float16", overwrite: bool = False,
                    allow_nonfinite: bool = False, progress: bool = True,
-                   attributes: tuple[str, ...] = HELPSTEER2) -> Path:
+                   attributes: tuple[str, ...] = HELPSTEER2,
+                   label_range: tuple[float, float] | None = None,
+                   base_model: str | None = None, license: str | None = None) -> Path:
     """Base Llama HF dir -> urm-jax checkpoint with the base's backbone and fresh URM heads
     for `attributes` (HelpSteer2's five by default).
     The value head is stored in the backbone's dtype (or `dtype`), the gate in `gate_dtype`.
-    config.json records the base, seed and std under `urm_jax_init`."""
+    `label_range` ([low, high] of the training labels; default: the preset's for a preset's
+    attributes) is recorded as `urm_label_range`, where stage 1 reads it. config.json records
+    the base (and its Hub id and license when given, for model cards), seed, std, the base
+    tensors dropped and whether embeddings were untied under `urm_jax_init`; the base's
+    tokenizer files (and chat template) are copied as they are."""
     base_dir = Path(base_dir)
     check_outputs([("BASE_DIR", base_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
     base_config = read_hf_config(base_dir)
@@ -158,6 +175,8 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
     std = float(init_std)
     if not (math.isfinite(std) and std > 0):
         raise ConversionError(f"init std must be a positive number, got {std}")
+    label_range = (check_label_range(label_range) if label_range is not None
+                   else preset_label_range(attributes))
     gate_dtype = canonical_dtype(gate_dtype)
     with HFWeights(base_dir) as base:
         weights = BaseWithFreshHeads(base, seed)
@@ -165,9 +184,28 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
                        else canonical_dtype(dtype))
         weights.heads = fresh_heads(cfg, seed=seed, std=std, score_dtype=score_dtype,
                                     gate_dtype=gate_dtype)
-        provenance = {"urm_jax_init": {"base": str(base_dir.absolute()), "seed": seed,
-                                       "init_std": std, "base_heads_dropped": weights.dropped}}
+        tied = bool(base_config.get("tie_word_embeddings", False))
+        provenance = {
+            "urm_label_range": None if label_range is None else list(label_range),
+            "urm_jax_init": {
+                "base": str(base_dir.absolute()),
+                "base_model": base_model, "license": license,
+                "base_architectures": base_config.get("architectures"),
+                "seed": seed, "init_std": std, "base_heads_dropped": weights.dropped,
+                "untied_embeddings": tied,  # base had tie_word_embeddings: true; written false
+                "chat_format": _base_chat_format(base_dir),
+            }}
         return write_checkpoint(weights, cfg, out_dir, dtype=dtype, gate_dtype=gate_dtype,
                                 tokenizer_dir=base_dir, overwrite=overwrite,
                                 allow_nonfinite=allow_nonfinite, progress=progress,
                                 extra_config=provenance, desc="init")
+
+
+def _base_chat_format(base_dir: Path) -> str | None:
+    """The chat template family of the base's tokenizer (llama3, chatml), 'other', or None
+    without tokenizer files: where the reward will be read (urm_jax.data.tokenization)."""
+    tokenizer = load_tokenizer(base_dir)
+    if tokenizer is None:
+        return None
+    fmt = chat_format(tokenizer)
+    return fmt.name if fmt else "other"

@@ -12,10 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
-from urm_jax.config import np_dtype
+from urm_jax.config import np_dtype, read_json_file
+from urm_jax.data.tokenization import chat_format
 from urm_jax.finite import check_cast
+from urm_jax.hf.card import model_card
+from urm_jax.loading import load_tokenizer
 from urm_jax.hf.mapping import Alloc
-from urm_jax.hf.plan import ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units, unit_progress
+from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units,
+                             unit_progress, warn_if_pad_is_eos)
 from urm_jax.hf.safetensors_io import SafetensorsWriter, parse_size
 from urm_jax.hf.streams import BufferPool, Progress, ordered_map, pooled, readahead
 from urm_jax.io_utils import atomic_dir, check_outputs
@@ -31,17 +35,24 @@ def _into_shaped(out: np.ndarray) -> Alloc:
 
 
 def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5GB",
-          overwrite=False, allow_nonfinite=False, progress=True) -> Path:
+          overwrite=False, allow_nonfinite=False, progress=True, base_model: str | None = None,
+          license: str | None = None, eval_metrics: str | Path | None = None) -> Path:
     """urm-jax checkpoint -> HF dir. Shard files are laid out and reserved first; then each
     stored chunk is read (one per thread at a time) and written, transposed, into its tensors'
     mapped regions of the shards, in any order. A chunk holding NaN/Inf is refused (unless
     `allow_nonfinite`), and so is a down-cast (`dtype`, `gate_dtype`) that would turn a finite
-    value into Inf; either names the tensor, and no OUT_DIR is left."""
+    value into Inf; either names the tensor, and no OUT_DIR is left. A model card (README.md,
+    `urm_jax.hf.card`) goes beside the weights: `base_model`/`license` override what `convert
+    init` recorded; `eval_metrics` is an `urm-jax eval` metrics.json whose numbers the card
+    reports."""
     ckpt_dir = Path(ckpt_dir)
     check_outputs([("CKPT_DIR", ckpt_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
     cfg = load_config(ckpt_dir)
+    evaluated = read_json_file(eval_metrics) if eval_metrics is not None else None
+    tokenizer = load_tokenizer(ckpt_dir)
     reader = ParamsReader(ckpt_dir, allow_nonfinite=allow_nonfinite)
     plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
+    warn_if_pad_is_eos(cfg, str(ckpt_dir))
     limit = parse_size(max_shard_size)
     specs = [spec for plan in plans for spec in plan.hf_specs()]
 
@@ -76,9 +87,12 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
             for done in ordered_map(pooled(BufferPool(), export), work):
                 bar.update(*done)
         writer.finish()
-        hf = cfg.to_hf_dict(**output_dtypes(plans))
+        hf = cfg.to_hf_dict(**output_dtypes(plans, cfg, gate_dtype))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
         shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
         copy_tokenizer_files(ckpt_dir, tmp)
+        (tmp / "README.md").write_text(model_card(
+            cfg, hf, chat_format(tokenizer), base_model=base_model, license=license,
+            eval_metrics=evaluated))
     return Path(out_dir)
 

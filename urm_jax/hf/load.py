@@ -17,7 +17,7 @@ from urm_jax.config import ModelConfig, np_dtype
 from urm_jax.finite import check_cast, check_finite, checked_astype
 from urm_jax.hf.mapping import Alloc, Box, get_path, normalize_box, set_path
 from urm_jax.hf.plan import (Plan, hf_chunk_rows, output_dtypes, plan_from_hf,
-                             plan_progress, row_units, unit_progress)
+                             plan_progress, row_units, unit_progress, warn_if_pad_is_eos)
 from urm_jax.hf.safetensors_io import HFWeights
 from urm_jax.hf.streams import BufferPool, Progress, ordered_map, pooled, readahead
 from urm_jax.io_utils import check_outputs
@@ -166,7 +166,8 @@ def write_checkpoint(weights, cfg: ModelConfig, out_dir, *, dtype="keep", gate_d
     """Stream `weights` (an HFWeights, or anything answering the same questions) into a urm-jax
     checkpoint: plan and check from the headers, then convert unit by unit (`_stream_from_hf`)."""
     plans = plan_from_hf(weights, cfg, dtype, gate_dtype)
-    hf_config = {**cfg.to_hf_dict(**output_dtypes(plans)), **(extra_config or {})}
+    warn_if_pad_is_eos(cfg, str(weights.dir))
+    hf_config = {**cfg.to_hf_dict(**output_dtypes(plans, cfg, gate_dtype)), **(extra_config or {})}
     with checkpoint_writer(out_dir, hf_config, tokenizer_dir=tokenizer_dir,
                            overwrite=overwrite) as writer:
         for plan in plans:

@@ -6,7 +6,8 @@ self-contained: it imports only torch and transformers.
 
 Parameter names match the released checkpoint exactly:
     model.*                       stock LlamaModel backbone (no lm_head)
-    score.weight                  [num_labels=10, hidden] value head, interleaved (mean_k, log_std_k)
+    score.weight                  [num_labels = 2K, hidden] value head, interleaved (mean_k, log_std_k);
+                                  K attributes (5 in the released model), named by id2label
     weights.fc.{0,2,4}.{weight,bias}  gating MLP (indices 1 and 3 are parameter-free SELUs)
 
 Two deliberate differences from the released remote code (outputs on unpadded input are identical):
@@ -16,10 +17,12 @@ Two deliberate differences from the released remote code (outputs on unpadded in
   row's positions by its padding. RoPE is relative, so that shift changes scores only through
   rounding (~1e-6 in fp32, more in bf16 where cos/sin are rounded at different angles), but it
   makes left-padded scores depend on the batch.
-* Pooling: the rightmost token whose id != pad_token_id (transformers 5 rule, left or right
-  padding). transformers 4.4x used "first pad - 1" (wrapping to the last position when a row has
-  no pad), which agrees for left- and right-padded rows as long as the pad id never occurs in the
-  text, and breaks when it does, e.g. pad == eos with an eos-terminated row.
+* Pooling: with an `attention_mask`, the last position where the mask is 1 (urm-jax's rule,
+  the same for left and right padding, whatever the token there). Without a mask, the rightmost
+  token whose id != pad_token_id (transformers 5 rule). The released class used "first pad - 1"
+  (transformers 4.4x). The id rules break when pad_token_id is also an end-of-turn token (SmolLM2,
+  many small bases: `<|im_end|>` is both): they skip the final `<|im_end|>`, the token the reward
+  is read at. Pass the attention mask (tokenizers return it); without one the class warns once.
 """
 
 from dataclasses import dataclass
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
+
+logger = logging.get_logger(__name__)
 
 NUM_ATTRIBUTES_PER_LABEL = 2  # score outputs are (mean, log_std) pairs
 
@@ -35,7 +40,9 @@ _GATE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 
 def gate_dtype_from_config(config) -> torch.dtype:
-    """The gate's dtype: float16 as in the released code unless the config names another."""
+    """The gate's dtype: the config's `gate_dtype`, else float16 as in the released code, whatever
+    dtype the stored tensors have (from_pretrained casts them into the gate). urm-jax applies the
+    same rule in every loader and writes the field explicitly on every conversion."""
     name = getattr(config, "gate_dtype", None) or "float16"
     if isinstance(name, torch.dtype):
         return name
@@ -51,10 +58,10 @@ class URMOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None  # reward sum_k means_k * gate_k, [B, 1]
-    value_logits: torch.FloatTensor | None = None  # raw score head z, [B, 10]
-    means: torch.FloatTensor | None = None  # z.view(B, 5, 2)[..., 0], [B, 5]
-    log_stds: torch.FloatTensor | None = None  # z.view(B, 5, 2)[..., 1], [B, 5]
-    gate_weights: torch.FloatTensor | None = None  # gate MLP output w, [B, 5]
+    value_logits: torch.FloatTensor | None = None  # raw score head z, [B, 2K]
+    means: torch.FloatTensor | None = None  # z.view(B, K, 2)[..., 0], [B, K]
+    log_stds: torch.FloatTensor | None = None  # z.view(B, K, 2)[..., 1], [B, K]
+    gate_weights: torch.FloatTensor | None = None  # gate MLP output w, [B, K]
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -79,19 +86,26 @@ class Weights(nn.Module):
 
 
 def pooling_index(input_ids, attention_mask, pad_token_id, seq_len, batch_size, device):
-    """Index of the last real token per row.
+    """Index [B] (long) of the token each row is pooled at: the last real token.
 
-    With ids: the rightmost token whose id != pad_token_id (transformers 5 rule). With
-    inputs_embeds (or no pad id): the rightmost position where attention_mask == 1, else the last.
+    With an attention_mask: the rightmost position where the mask is 1 (urm-jax's rule; padding
+    is whatever the mask says, so a pad id that is also the final end-of-turn token is pooled).
+    Without a mask: the rightmost token whose id != pad_token_id (transformers 5 rule); without
+    ids or a pad id: the last position.
     """
     positions = torch.arange(seq_len, device=device)
-    if input_ids is not None and pad_token_id is not None:
-        real = (input_ids != pad_token_id).to(device, torch.long)
-    elif attention_mask is not None:
+    if attention_mask is not None:
         real = (attention_mask != 0).to(device, torch.long)
+    elif input_ids is not None and pad_token_id is not None:
+        real = (input_ids != pad_token_id).to(device, torch.long)
     else:
         return torch.full((batch_size,), seq_len - 1, device=device, dtype=torch.long)
     return (positions * real).argmax(-1)
+
+
+def _eos_ids(config) -> set:
+    eos = getattr(config, "eos_token_id", None)
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
 class LlamaForSequenceClassificationWithNormal_Weights(LlamaPreTrainedModel):
@@ -139,13 +153,19 @@ class LlamaForSequenceClassificationWithNormal_Weights(LlamaPreTrainedModel):
         hidden = outputs.last_hidden_state  # [B, L, H], after the final RMSNorm
         batch_size, seq_len = hidden.shape[:2]
 
+        if attention_mask is None and self.config.pad_token_id in _eos_ids(self.config):
+            logger.warning_once(
+                "pad_token_id %s is also an eos token id and no attention_mask was given: rows are "
+                "pooled at the rightmost token that is not the pad id, which skips a final eos. "
+                "Pass attention_mask (the tokenizer returns it) to pool at the last real token.",
+                self.config.pad_token_id)
         idx = pooling_index(
             input_ids, attention_mask, self.config.pad_token_id, seq_len, batch_size, hidden.device
         )
         # Pool first: score and gate act per position, so pooling before them gives the same numbers.
         pooled = hidden[torch.arange(batch_size, device=hidden.device), idx]  # [B, H]
-        z = self.score(pooled)  # [B, 10]
-        w = self.weights(pooled)  # [B, 5], gate dtype
+        z = self.score(pooled)  # [B, 2K]
+        w = self.weights(pooled)  # [B, K], gate dtype
         pairs = z.view(batch_size, -1, NUM_ATTRIBUTES_PER_LABEL)
         means, log_stds = pairs[..., 0], pairs[..., 1]
         # Plain type promotion, as in the released code: bf16 * fp16 -> fp32, fp32 * fp16 -> fp32.

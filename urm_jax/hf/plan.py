@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -14,6 +15,7 @@ from flax import nnx
 
 from urm_jax.checkpoint import ParamsReader, chunk_rows
 from urm_jax.config import ModelConfig, canonical_dtype, np_dtype
+from urm_jax.errors import NoticeWarning
 from urm_jax.hf.mapping import IGNORED_HF_KEYS, LAYER_KEY, TABLE, Entry, get_path, is_gate
 from urm_jax.hf.safetensors_io import HFWeights
 from urm_jax.hf.streams import Progress
@@ -24,6 +26,23 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 class ConversionError(ValueError):
     pass
+
+
+class PoolingWarning(NoticeWarning):
+    """A checkpoint whose pad token is also an end-of-sequence token (see `warn_if_pad_is_eos`)."""
+
+
+def warn_if_pad_is_eos(cfg: ModelConfig, where: str) -> None:
+    """Warn when pad_token_id is one of the eos ids (SmolLM2: `<|im_end|>` is both). urm-jax and
+    the exported class pool at the last token of the attention mask, so scores are right, but any
+    reader that finds the last real token by the pad id (transformers' stock classifiers, code
+    calling the model without an attention_mask) skips the final eos and scores another token."""
+    if cfg.pad_token_id is not None and cfg.pad_token_id in cfg.eos_token_ids:
+        warnings.warn(PoolingWarning(
+            f"{where}: pad_token_id {cfg.pad_token_id} is also an eos_token_id; urm-jax and the "
+            "exported class pool the last real token by the attention mask, but anything that "
+            "pools by the pad id (or calls the model without an attention_mask) skips a final "
+            "eos and reads the reward elsewhere: always pass the attention mask"), stacklevel=3)
 
 
 def jax_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -77,14 +96,15 @@ def stored_bytes(plans: list[Plan]) -> int:
     return sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
 
 
-def output_dtypes(plans: list[Plan]) -> dict:
-    """{'torch_dtype', 'gate_dtype'} an output config.json records: what is actually stored."""
-    def pick(gate: bool) -> str:
-        names = {p.out for p in plans if is_gate(p.entry) == gate}
-        return "float32" if "float32" in names else sorted(names)[0]
-
-    return {"torch_dtype": pick(False), "gate_dtype": pick(True)}
-
+def output_dtypes(plans: list[Plan], cfg: ModelConfig, gate_dtype: str | None = None) -> dict:
+    """{'torch_dtype', 'gate_dtype'} an output config.json records. torch_dtype: what the
+    backbone is actually stored in. gate_dtype: the gate's compute dtype, by the one rule of
+    `urm_jax.config.DEFAULT_GATE_DTYPE` (the `gate_dtype` asked for, else the source's), never the
+    stored tensors' dtype, so the output scores exactly like its source."""
+    names = {p.out for p in plans if not is_gate(p.entry)}
+    backbone = "float32" if "float32" in names else sorted(names)[0]
+    return {"torch_dtype": backbone,
+            "gate_dtype": canonical_dtype(gate_dtype) if gate_dtype else cfg.gate_dtype}
 
 
 def check_keys(weights: HFWeights, num_layers: int) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from urm_jax.attributes import check_label_range
 from urm_jax.config import DTypePolicy
 from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from urm_jax.model.lora import LoraConfig
@@ -76,10 +77,18 @@ class DataConfig:
     pack: bool = True  # stage 1: conversations per row; stage 2 (uncached): whole pairs per 2*seq_len row
     max_segments: int = 8
     shuffle_seed: int = 0
+    # Stage 1: [low, high] every label must lie in (rows outside are dropped and counted).
+    # null: what `convert init` recorded for the model (`urm_label_range`), else its preset's.
+    label_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         _at_least(self, "data.", seq_len=8, max_segments=1)
         _in_range(self, "data.", shuffle_seed=(0, MAX_SEED))
+        if self.label_range is not None:
+            try:
+                check_label_range(self.label_range, where="`data.label_range`")
+            except ValueError as err:
+                raise TrainConfigError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +101,15 @@ class OptimConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
     clip_norm: float | None = 1.0
+    # The heads' (value head, gate) learning rate as a multiple of learning_rate: fresh heads on a
+    # pretrained backbone learn at a larger step than the backbone tolerates (small-base recipe).
+    head_lr_scale: float = 1.0
 
     def __post_init__(self):
         _finite(self, "optim.", "learning_rate", "weight_decay", "b1", "b2", "eps", "warmup_ratio",
-                "min_lr_ratio", "clip_norm")
+                "min_lr_ratio", "clip_norm", "head_lr_scale")
+        if self.head_lr_scale <= 0:
+            raise TrainConfigError(f"`optim.head_lr_scale`: must be > 0, got {self.head_lr_scale}")
         _in_range(self, "optim.", learning_rate=(0, None), weight_decay=(0, None), eps=(0, None),
                   warmup_ratio=(0, 1), min_lr_ratio=(0, 1))
         for name in ("b1", "b2"):

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from urm_jax.attributes import label_range_for
 from urm_jax.checkpoint import (check_orbax_step, checkpoint_writer, chunk_rows, is_jax_checkpoint,
                                stacked_paths)
 from urm_jax.compile_cache import CompileMeter
@@ -46,7 +47,7 @@ from urm_jax.sharding import batch_shards, batch_sharding, fit_mesh, make_mesh, 
 from urm_jax.train.config import TrainConfig, TrainConfigError, load_train_config
 from urm_jax.train.features import (FeatureIterator, cache_key, compute_features, load_or_compute,
                                     pooled_forward)
-from urm_jax.train.metrics import METRICS_FILE, MetricsWriter, Throughput, plot_metrics
+from urm_jax.train.metrics import METRICS_FILE, MetricsWriter, Throughput, plot_metrics, read_metrics
 from urm_jax.train.preemption import PreemptionWatch, TrainingPreempted
 from urm_jax.train.run_dir import RunDirectory, RunDirectoryError, agree
 from urm_jax.train.step import Trainer, build_trainer, merge_params
@@ -62,8 +63,11 @@ def load_examples(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, source: s
     """(examples, DatasetReport) of a stage's data source, rendered with the model's tokenizer;
     stage 1 maps the model's attribute columns by name."""
     if cfg.stage == 1:
+        label_range = label_range_for(model_cfg.attributes, model_cfg.hf_config,
+                                      cfg.data.label_range, source=f"{cfg.model}/config.json")
         return load_helpsteer2(source, tokenizer, split=split, max_length=cfg.data.seq_len,
-                               progress=jax.process_index() == 0, attributes=model_cfg.attributes)
+                               progress=jax.process_index() == 0, attributes=model_cfg.attributes,
+                               label_range=label_range)
     return load_preference_pairs(source, tokenizer, split=split, max_length=cfg.data.seq_len,
                                  progress=jax.process_index() == 0)
 
@@ -208,13 +212,37 @@ def restore_step(manager: ocp.CheckpointManager, trainer: Trainer, step: int, da
     return restored["data"] if data else None
 
 
+TRAINING_KEY = "urm_jax_training"  # config.json: how the model was trained, one record per stage
+_RECORDED_METRICS = ("loss", "accuracy", "margin", "sigma_mean", "mse_per_attribute/")
+
+
+def training_record(cfg: TrainConfig, run_root: Path, step: int) -> dict:
+    """What a model card says about one training stage: the recipe's settings that shape the
+    model, the steps run, and the last logged training metrics and evaluation (from the run's
+    metrics.jsonl, up to `step`). Standard JSON values only."""
+    records = [r for r in read_metrics(run_root / "metrics.jsonl") if r.get("step", 0) <= step]
+    last = next((r for r in reversed(records) if "loss" in r), {})
+    last_eval = next((r for r in reversed(records) if any(k.startswith("eval/") for k in r)), {})
+    return {
+        "stage": cfg.stage, "run_dir": str(run_root), "data": cfg.data.train, "split": cfg.data.split,
+        "steps": step, "epochs": cfg.epochs, "global_batch_size": cfg.global_batch_size,
+        "seq_len": cfg.data.seq_len, "learning_rate": cfg.optim.learning_rate,
+        "head_lr_scale": cfg.optim.head_lr_scale, "loss": cfg.loss.kind,
+        "trainable": list(cfg.trainable_patterns), "compute_dtype": cfg.precision.compute,
+        "final_metrics": {k: v for k, v in last.items() if k.startswith(_RECORDED_METRICS)},
+        "eval": {k[len("eval/"):]: v for k, v in last_eval.items() if k.startswith("eval/")},
+        "eval_step": last_eval.get("step"),
+    }
+
+
 def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer: Trainer,
-               tokenizer_dir: str, overwrite: bool = True) -> Path:
+               tokenizer_dir: str, overwrite: bool = True, record: dict | None = None) -> Path:
     """Write the trained model as a full urm-jax checkpoint, chunk by chunk: every process takes
     part in gathering each chunk of the (possibly multi-host) arrays, process 0 writes it. Memory
     stays at one chunk per host whatever the model size or the number of hosts. Dtypes: the
     backbone and value head in `precision.save` (keep: as trained), the gate in
-    `precision.gate_save` (source: the checkpoint's gate dtype).
+    `precision.gate_save` (source: the checkpoint's gate dtype). `record` (`training_record`) is
+    appended to the config's `urm_jax_training` list, after the earlier stages' records.
 
     LoRA: each adapted kernel is saved merged, W + s * A B computed in float32 block by block
     (`urm_jax.model.lora.merge_kernel`) and rounded once, to the kernel's save dtype; the
@@ -233,7 +261,10 @@ def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer:
     embed = params["backbone"]["embed_tokens"]
     dtypes = {"torch_dtype": out_dtype(("backbone",), embed).name, "gate_dtype": gate.name}
     is_main = jax.process_index() == 0
-    writer_ctx = (checkpoint_writer(out_dir, model_cfg.to_hf_dict(**dtypes), tokenizer_dir=tokenizer_dir,
+    hf_config = model_cfg.to_hf_dict(**dtypes)
+    if record is not None:
+        hf_config[TRAINING_KEY] = [*model_cfg.hf_config.get(TRAINING_KEY, []), record]
+    writer_ctx = (checkpoint_writer(out_dir, hf_config, tokenizer_dir=tokenizer_dir,
                                     overwrite=overwrite) if is_main else contextlib.nullcontext(None))
     stacked = stacked_paths(model_cfg)
     with writer_ctx as writer:
@@ -303,7 +334,8 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     del params
     restore_step(manager, trainer, step)
     manager.close()
-    return save_model(out_dir, cfg, model_cfg, trainer, cfg.model, overwrite=overwrite)
+    return save_model(out_dir, cfg, model_cfg, trainer, cfg.model, overwrite=overwrite,
+                      record=training_record(cfg, run.root, step))
 
 
 def feature_iterator(cfg: TrainConfig, run: RunDirectory, model_cfg: ModelConfig, params, examples,
@@ -465,15 +497,16 @@ class TrainingRun:
         with checkpoint_writes(self.dir, self.manager):
             self.manager.wait_until_finished()
             self.manager.close()
+        self.writer.close()  # metrics.jsonl complete: the training record reads it
         try:
-            final = save_model(self.dir.final, cfg, self.model_cfg, self.trainer, cfg.model)
+            final = save_model(self.dir.final, cfg, self.model_cfg, self.trainer, cfg.model,
+                               record=training_record(cfg, self.dir.root, self.total_steps))
         except OSError as err:  # the writer removed its temporary: nothing half-written is left
             raise CheckpointWriteError(
                 f"{self.dir.final}: writing the final model failed: {os_reason(err)}"
                 f"{f' ({err.filename})' if err.filename else ''}; nothing of it was left behind and "
                 f"the kept steps {kept_steps(self.dir)} are intact: free space and run the same "
                 "command to write it") from None
-        self.writer.close()
         if self.is_main and cfg.plot:
             plot_metrics(self.dir.root / "metrics.jsonl", self.dir.root / "loss.png")
         log(f"final checkpoint: {final}")

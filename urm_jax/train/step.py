@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from urm_jax.config import ModelConfig
 from urm_jax.model import lora as lora_lib
-from urm_jax.model.paths import LORA, is_gate, merge, select
+from urm_jax.model.paths import HEAD_GROUPS, LORA, is_gate, merge, select
 from urm_jax.model.urm import ModelBinder, ModelOptions, abstract_model, init_lora, param_shardings
 from urm_jax.sharding import batch_sharding, use_mesh
 from urm_jax.train.config import OptimConfig, TrainConfig
@@ -80,6 +80,10 @@ def make_optimizer(settings: OptimConfig, total_steps: int, trainable_params: di
     adamw = optax.adamw(schedule, b1=settings.b1, b2=settings.b2, eps=settings.eps,
                         weight_decay=settings.weight_decay, mask=weight_decay_mask(trainable_params))
     chain = [adamw] if not settings.clip_norm else [optax.clip_by_global_norm(settings.clip_norm), adamw]
+    if settings.head_lr_scale != 1.0:  # the fresh heads' step, head_lr_scale x the backbone's
+        heads = jax.tree_util.tree_map_with_path(lambda path, _: str(path[0].key) in HEAD_GROUPS,
+                                                 trainable_params)
+        chain.append(optax.masked(optax.scale(settings.head_lr_scale), heads))
     return optax.chain(*chain), schedule
 
 

@@ -1,0 +1,88 @@
+"""`convert to_hf` writes a model card: the Hub's metadata block, the attribute set, how the model
+was trained (init and training records carried in config.json), evaluation numbers, and a usage
+snippet that runs as written from the exported directory and scores like urm-jax."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from hf_fixtures import make_tiny_chat_urm, make_tiny_urm
+from test_convert import run_ok
+from test_pooling import CHATML_TEMPLATE
+from urm_jax.hf.card import EXAMPLE_MESSAGES
+from urm_jax.scoring import Scorer
+
+
+def card_parts(export: Path) -> tuple[dict, str, str]:
+    """(YAML metadata, body, the python snippet) of an export's README.md."""
+    text = (export / "README.md").read_text()
+    match = re.match(r"---\n(.*?)\n---\n(.*)", text, re.S)
+    assert match, text[:200]
+    snippets = re.findall(r"```python\n(.*?)```", match.group(2), re.S)
+    assert len(snippets) == 1
+    return yaml.safe_load(match.group(1)), match.group(2), snippets[0]
+
+
+def run_snippet(code: str, export: Path, tmp_path: Path) -> float:
+    """Run the snippet as written, from inside the export; its printed reward."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=export, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return float(re.search(r"^reward (\S+)$", done.stdout, re.M).group(1))
+
+
+def test_card_metadata_attributes_eval_and_snippet(tmp_path):
+    src = make_tiny_chat_urm(tmp_path / "src", tmp_path / "cache")
+    ckpt, export = tmp_path / "ckpt", tmp_path / "hf"
+    run_ok("from_hf", str(src), str(ckpt))
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"pairs_file": "pairs.jsonl", "pairs": 24, "accuracy": 0.75,
+                                   "rewardbench": {"score": 0.7, "complete": True}}))
+    run_ok("to_hf", str(ckpt), str(export), "--base-model", "org/base-model", "--license",
+           "apache-2.0", "--eval", str(metrics))
+    meta, body, code = card_parts(export)
+    assert meta == {"library_name": "transformers", "pipeline_tag": "text-classification",
+                    "tags": ["reward-model", "urm", "uncertainty", "urm-jax"],
+                    "base_model": "org/base-model", "license": "apache-2.0"}
+    for name in ("helpfulness", "correctness", "coherence", "complexity", "verbosity"):
+        assert f"- `{name}`" in body
+    assert "24 pairs, accuracy 0.7500, RewardBench score 0.7000" in body
+    assert "no training record" in body
+    reward = run_snippet(code, export, tmp_path)
+    want = float(Scorer(ckpt).score([{"messages": EXAMPLE_MESSAGES}]).reward[0])
+    assert abs(reward - want) <= 1e-5 * max(1.0, abs(want)), (reward, want)
+
+
+def test_chatml_card_reads_the_reward_at_im_end(tmp_path):
+    """A ChatML model's snippet cuts the template's trailing newline, as urm-jax's policy does."""
+    with pytest.MonkeyPatch.context() as mp:
+        from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+
+        mp.setenv("URM_JAX_CACHE", str(tmp_path / "cache"))
+        tok = AutoTokenizer.from_pretrained(cached_llama3_tokenizer_dir())
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML_TEMPLATE
+    src = make_tiny_urm(tmp_path / "src", vocab=len(tok), pad_token_id=128256, hidden=32,
+                        intermediate=64, gate_dtype="float32")
+    tok.save_pretrained(tmp_path / "tok")
+    for f in (tmp_path / "tok").iterdir():
+        shutil.copy2(f, src / f.name)
+    run_ok("from_hf", str(src), str(tmp_path / "ckpt"))
+    run_ok("to_hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    meta, _, code = card_parts(tmp_path / "hf")
+    assert "base_model" not in meta and "license" not in meta  # unknown: left out
+    assert 'text.rindex(\'<|im_end|>\')' in code
+    reward = run_snippet(code, tmp_path / "hf", tmp_path)
+    want = float(Scorer(tmp_path / "ckpt").score([{"messages": EXAMPLE_MESSAGES}]).reward[0])
+    assert abs(reward - want) <= 1e-5 * max(1.0, abs(want)), (reward, want)
