@@ -224,6 +224,26 @@ def compare_bt(args, shape: dict, work: Path) -> None:
         t = pt.call("trl_init", shape=SHAPE | shape, pairs=pairs, batch_pairs=args.trl_batch)
         rows.append(interleave_training(args, jx, pt, "BT, every parameter (equal work)", args.jax_steps,
                                         args.trl_steps))
+        # As users run them: urm-jax's default stage 2 (feature pass + gate on cached features)
+        # for one epoch, twice (the second with its programs compiled), vs TRL's epoch at the
+        # per-step cost just measured (its steps are all alike: batches of the same pairs).
+        runs = [jx.call("bt_default_epoch", model=str(ckpt), pairs=pairs, seq_len=longest,
+                        batch_pairs=args.trl_batch) for _ in range(2)]
+        trl = RESULTS["train"]["BT, every parameter (equal work)"]["trl"]
+        trl_steps = args.rounds * args.trl_steps
+        trl_epoch_wall = t["steps_per_epoch"] * trl["wall"] / trl_steps
+        trl_epoch_cpu = t["steps_per_epoch"] * trl["cpu"] / trl_steps
+        warm = runs[-1]
+        # Compile seconds (tracing + XLA, one thread) are reported apart and taken out of both.
+        wall, cpu = warm["wall_s"] - warm["compile_s"], warm["cpu_s"] - warm["compile_s"]
+        rows.append(["BT, urm-jax default (cached features, gate only) vs TRL default, one epoch",
+                     f"{len(pairs)} pairs", "-", f"epoch CPU s {cpu:.1f} / {trl_epoch_cpu:.1f}",
+                     ratio(trl_epoch_cpu, cpu),
+                     f"epoch wall s {wall:.1f} (feature pass {warm['features_s']:.1f} incl. compile; compile "
+                     f"{warm['compile_s']:.1f} apart) / {trl_epoch_wall:.1f}",
+                     ratio(trl_epoch_wall, wall), f"{warm['peak_rss_mb']:.0f} / {trl['rss']:.0f}"])
+        RESULTS["train"]["BT default epoch"] = {"urm-jax": runs, "trl_epoch_wall": trl_epoch_wall,
+                                               "trl_epoch_cpu": trl_epoch_cpu}
     table(f"Bradley-Terry on the bundled pairs' lengths ({len(pairs)} pairs, median side "
           f"{int(np.median(pairs))}, longest {longest}) vs TRL {t['trl']} RewardTrainer (whole model), "
           f"{param_text(shape)}, float32; urm-jax stage 2 uncached, {args.bt_rows} packed rows of "

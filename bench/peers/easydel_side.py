@@ -36,7 +36,13 @@ def forward_init(shape: dict, rows: int, length: int, attn_dtype: str = "bfloat1
 
     ids = jnp.asarray(np.random.default_rng(0).integers(4, 1000, (rows, length)).astype(np.int32))
     mask = jnp.ones((rows, length), bool)
-    STATE["forward"] = lambda: jax.block_until_ready(run(state, ids, mask))
+    mesh = model.mesh  # EasyDeL shards by logical axes inside its mesh (one CPU device here)
+
+    def forward_once():
+        with mesh:
+            return jax.block_until_ready(run(state, ids, mask))
+
+    STATE["forward"] = forward_once
     start = time.perf_counter()
     STATE["forward"]()
     return {"compile_s": time.perf_counter() - start, "easydel": ed.__version__, "jax": jax.__version__,

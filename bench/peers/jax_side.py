@@ -16,7 +16,7 @@ from urm_jax.data.datasets import PairExample, RegressionExample
 from urm_jax.loading import load_params_any
 from urm_jax.sharding import make_mesh
 from urm_jax.train.config import DataConfig, LossConfig, OptimConfig, PrecisionConfig, TrainConfig
-from urm_jax.train.loop import make_iterator, segment_lengths, with_accum_axis
+from urm_jax.train.loop import feature_iterator, make_iterator, segment_lengths, with_accum_axis
 from urm_jax.train.step import build_trainer
 
 STATE: dict = {}
@@ -111,6 +111,38 @@ def train_steps(steps: int) -> dict:
         metrics = trainer.run(jax.device_put(with_accum_axis(batch, cfg.grad_accum), trainer.batch_sharding))
     loss = float(metrics["loss"])  # waits for the last step
     return {"tokens": tokens, "slots": slots, "loss": loss, "seconds": time.perf_counter() - start}
+
+
+def bt_default_epoch(model: str, pairs: list[list[int]], seq_len: int, batch_pairs: int, seed: int = 0) -> dict:
+    """Stage 2 as `urm-jax train` runs it by default, one epoch: every pair pooled once by the
+    frozen backbone (the packed feature pass, `urm_jax.train.loop.feature_iterator`), then the
+    gate trained on the cached features. Fresh feature cache each call; compile apart."""
+    import tempfile
+    import time
+    import types
+    from pathlib import Path
+
+    vocab = ModelConfig.from_hf_dir(model).vocab_size
+    rng = np.random.default_rng(seed)
+    examples = [PairExample(_ids(rng, a, vocab), _ids(rng, b, vocab)) for a, b in pairs]
+    cfg = TrainConfig(stage=2, model=model, loss=LossConfig(kind="bt"), data=DataConfig(seq_len=seq_len),
+                      global_batch_size=batch_pairs, optim=OptimConfig(warmup_ratio=0.0), precision=FP32,
+                      attention="auto")
+    model_cfg = ModelConfig.from_hf_dir(model)
+    params = load_params_any(model, model_cfg)
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    with CompileMeter() as meter, tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        iterator = feature_iterator(cfg, types.SimpleNamespace(root=Path(tmp)), model_cfg, params, examples,
+                                    mesh, progress=False)
+        features_s = time.perf_counter() - start
+        trainer = build_trainer(model_cfg, params, cfg, total_steps=10_000, mesh=mesh)
+        steps = iterator.steps_in_epoch(0)
+        for _ in range(steps):
+            metrics = trainer.run(jax.device_put(with_accum_axis(next(iterator), 1), trainer.batch_sharding))
+        float(metrics["loss"])
+        total_s = time.perf_counter() - start
+    return {"features_s": features_s, "epoch_s": total_s, "compile_s": meter.totals.seconds, "steps": steps}
 
 
 # --- forward ---------------------------------------------------------------------------------

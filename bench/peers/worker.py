@@ -16,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -113,17 +114,35 @@ class Worker:
 
 def run_process(cmd: list[str], env: dict | None = None, cwd: Path = REPO, log: Path | None = None) -> dict:
     """Run a whole command; its wall seconds, user + system CPU seconds, peak RSS (MB) and exit
-    code, from the kernel's accounting of the finished child (wait4)."""
+    code, from the kernel's accounting of the finished child (wait4). A small helper process
+    starts it (`measure` below): a child started straight from this large process would inherit
+    this process's memory high-water mark through exec."""
     environ = dict(os.environ, **(env or {}))
     sink = open(log, "a") if log else subprocess.DEVNULL
-    try:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=sink, stderr=sink)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        if log:
-            sink.close()
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "returncode": proc.returncode}
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        try:
+            subprocess.run([sys.executable, "-m", "bench.peers.worker", "measure", result.name, "--", *cmd],
+                           cwd=cwd, env=dict(environ, PYTHONPATH=str(REPO)) if "PYTHONPATH" not in environ
+                           else environ, stdout=sink, stderr=sink, check=True)
+        finally:
+            if log:
+                sink.close()
+        return json.loads(Path(result.name).read_text())
+
+
+def _measure(result_path: str, cmd: list[str]) -> None:
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the child: this small process's image, replaced by the command
+        try:
+            os.execvp(cmd[0], cmd)
+        finally:
+            os._exit(127)
+    _, status, usage = os.wait4(pid, 0)
+    Path(result_path).write_text(json.dumps({
+        "wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024, "returncode": os.waitstatus_to_exitcode(status)}))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["measure"]:
+    _measure(sys.argv[2], sys.argv[4:])
