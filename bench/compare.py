@@ -106,7 +106,7 @@ def compare_score(args, shape: dict, work: Path) -> None:
                  f"(c) rows of {args.long} tokens": [[args.long] * args.long_rows]}
     with jax_worker(work) as jx, torch_worker(work) as pt:
         jx.call("score_init", model=str(ckpt), batch_size=args.batch, max_length=max(args.mix_max, args.long),
-                attention=args.attention)
+                attention=args.attention, batch_tokens=args.batch_tokens)
         info = pt.call("hf_score_init", model=str(ckpt))
         rows = []
         for name, (lengths,) in ((k, v) for k, v in workloads.items()):
@@ -133,10 +133,11 @@ def compare_score(args, shape: dict, work: Path) -> None:
                 tot["tokens"] += got["jax"]["tokens"]
                 per_round.append(got["hf"]["seconds"] / got["jax"]["seconds"])
                 say(f"[score] {name} round {r + 1}/{len(rounds)}: ratio {per_round[-1]:.2f}")
-            rows.append([name, tot["tokens"], f"{tot['tokens'] / tot['jax_s']:.0f}", f"{tot['tokens'] / tot['hf_s']:.0f}",
-                         ratio(tot["hf_s"], tot["jax_s"]), ratio(tot["hf_cpu"], tot["jax_cpu"]),
-                         ", ".join(f"{x:.2f}" for x in per_round),
-                         f"{tot['jax_rss']:.0f} / {tot['hf_rss']:.0f}", f"{warm['compile_s']:.1f} ({warm['shapes']} shapes)"])
+            rows.append([name, tot["tokens"], f"{tot['tokens'] / tot['jax_s']:.0f}",
+                         f"{tot['tokens'] / tot['hf_s']:.0f}", ratio(tot["hf_s"], tot["jax_s"]),
+                         ratio(tot["hf_cpu"], tot["jax_cpu"]), ", ".join(f"{x:.2f}" for x in per_round),
+                         f"{tot['jax_rss']:.0f} / {tot['hf_rss']:.0f}",
+                         f"{warm['compile_s']:.1f} ({warm['shapes']} shapes)"])
             RESULTS.setdefault("score", {})[name] = tot | {"round_ratios": per_round, "compile_s": warm["compile_s"]}
     table(f"Scoring: urm-jax score vs HF transformers {info['transformers']} ({info['attention']}), "
           f"{param_text(shape)}, batch {args.batch}, urm-jax attention {args.attention}",
@@ -405,6 +406,9 @@ def main() -> None:
     parser.add_argument("--mix-max", type=int, default=8192)
     parser.add_argument("--long", type=int, default=8192)
     parser.add_argument("--long-rows", type=int, default=4)
+    parser.add_argument("--batch-tokens", type=int, default=8192,
+                        help="urm-jax token budget per batch (long buckets get fewer rows; with the "
+                             "L x L reference attention an 8k row alone holds ~3 GB of scores per layer)")
     # training
     parser.add_argument("--examples", type=int, default=256, help="stage-1 conversations")
     parser.add_argument("--seq-len", type=int, default=1024, help="stage-1 packed row length")

@@ -214,7 +214,8 @@ def main() -> None:
     for op, seconds in per_step.items():
         info = hlo.get(op, dict(opcode="?", op_name="", kind="", calls=""))
         phase = phase_of(info["op_name"])
-        groups[f"{phase[:3]} {scope_of(info['op_name'], phase)}"].append((seconds, op, kind_of(info), info.get("shape", "")))
+        group = f"{phase[:3]} {scope_of(info['op_name'], phase)}"
+        groups[group].append((seconds, op, kind_of(info), info.get("shape", "")))
     print("\nlargest ops of the largest phase x scope groups")
     for group, _ in sorted(by_phase_scope.items(), key=lambda kv: -kv[1])[:6]:
         print(f"  {group}: " + "; ".join(f"{op} {kind} {shape[:28]} {s:.3f}"

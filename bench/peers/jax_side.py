@@ -29,10 +29,12 @@ def _ids(rng, n: int, vocab: int) -> np.ndarray:
 
 # --- scoring ---------------------------------------------------------------------------------
 
-def score_init(model: str, batch_size: int, max_length: int, attention: str = "auto") -> dict:
+def score_init(model: str, batch_size: int, max_length: int, attention: str = "auto",
+               batch_tokens: int | None = None) -> dict:
     from urm_jax.scoring import Scorer
 
-    STATE["scorer"] = Scorer(model, batch_size=batch_size, max_length=max_length, attention=attention)
+    STATE["scorer"] = Scorer(model, batch_size=batch_size, max_length=max_length, attention=attention,
+                             batch_tokens=batch_tokens)
     return {"jax": jax.__version__, "attention": attention}
 
 
