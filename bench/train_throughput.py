@@ -44,12 +44,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import make_stage1_batch as make_batch, random_checkpoint  # noqa: E402
 from urm_jax.hf.modeling_custom import LlamaForSequenceClassificationWithNormal_Weights  # noqa: E402
-from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf  # noqa: E402
 from urm_jax.config import DTypePolicy, ModelConfig  # noqa: E402
 from urm_jax.flops import train_flops  # noqa: E402
 from urm_jax.loading import load_params_any  # noqa: E402
@@ -59,20 +58,7 @@ from urm_jax.train.loop import with_accum_axis  # noqa: E402
 from urm_jax.train.config import OptimConfig, TrainConfig  # noqa: E402
 from urm_jax.train.step import build_trainer  # noqa: E402
 
-# ~100M parameters, Llama-3 style GQA (3 query heads per KV head), Llama-3.1 RoPE scaling.
-SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
-             num_kv_heads=4, original_max_position_embeddings=8192, max_position_embeddings=131072)
 OPTIM = OptimConfig(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, clip_norm=1.0)
-
-
-def make_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
-    """Full rows (no padding): ids avoid the pad id (vocab - 1), so HF pools the last token too."""
-    rng = np.random.default_rng(seed)
-    return {"input_ids": rng.integers(4, vocab - 2, (rows, seq_len)).astype(np.int32),
-            "segment_ids": np.ones((rows, seq_len), np.int32),
-            "pool_index": np.full((rows, 1), seq_len - 1, np.int32),
-            "pool_mask": np.ones((rows, 1), np.float32),
-            "labels": rng.integers(0, 5, (rows, 1, 5)).astype(np.float32)}
 
 
 class JaxRunner:
@@ -139,8 +125,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
-        hf = tiny_hf_config(**SHAPE)
-        path = write_random_hf(Path(tmp) / "ckpt", hf, dtype="float32", gate_dtype="float32", progress=False)
+        path = random_checkpoint(Path(tmp) / "ckpt")
         cfg = ModelConfig.from_hf_dir(path)
         counts = cfg.param_count()
         params = load_params_any(path, cfg)

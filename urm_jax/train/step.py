@@ -141,9 +141,15 @@ def make_train_step(cfg: ModelConfig, train: TrainConfig, options: ModelOptions,
             grads, sums = micro_grads(state.params, frozen, micro, jax.random.fold_in(step_key, index))
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: micro_grads(state.params, frozen, jax.tree.map(lambda x: x[0], batch), step_key)))
-        (grad_sums, metric_sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), batch))
+        # The first micro-batch starts the sums (no zero-filled carry: at accum 1, the usual case,
+        # XLA would otherwise write and re-read a zero gradient for every parameter, ~6% of a
+        # CPU step); the rest are added in order, so the sums are the same numbers.
+        first = micro_grads(state.params, frozen, jax.tree.map(lambda x: x[0], batch),
+                            jax.random.fold_in(step_key, 0))
+        grad_sums, metric_sums = first
+        if accum > 1:
+            rest = jax.tree.map(lambda x: x[1:], batch)
+            (grad_sums, metric_sums), _ = jax.lax.scan(body, first, (jnp.arange(1, accum), rest))
         count = jnp.maximum(metric_sums["count"], 1.0)
         grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grad_sums)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
