@@ -108,6 +108,7 @@ class BaseWithFreshHeads:
                 self.names[f"model.{key}" if bare and BARE_BACKBONE_KEY.fullmatch(key) else key] = key
 
     def keys(self) -> list[str]:
+        """URM-named keys: the base's kept tensors, then the fresh heads once drawn."""
         return [*self.names, *self.heads]
 
     def __contains__(self, key: str) -> bool:
@@ -117,16 +118,21 @@ class BaseWithFreshHeads:
         return self.names.get(key, key)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor `key` (URM name): the fresh head's, else from the base's header."""
         return tuple(self.heads[key].shape) if key in self.heads else self.base.shape(self._base_key(key))
 
     def dtype(self, key: str) -> str:
+        """numpy-style dtype name of tensor `key` (URM name), e.g. 'bfloat16'."""
         return self.heads[key].dtype.name if key in self.heads else self.base.dtype(self._base_key(key))
 
     def where(self, key: str) -> str:
+        """Where `key` comes from, for error messages: 'fresh head (seed N)', or the base's shard name."""
         return f"fresh head (seed {self.seed})" if key in self.heads else self.base.where(
             self._base_key(key))
 
     def read(self, key: str, rows: tuple[int, int] | None = None, alloc=np.empty) -> np.ndarray:
+        """Tensor `key` (URM name), or rows [start, stop) of its first dim, copied into
+        `alloc(shape, dtype)`; base tensors are read from the base's files (WeightsError if truncated)."""
         if key not in self.heads:
             return self.base.read(self._base_key(key), rows, alloc)
         value = self.heads[key] if rows is None else self.heads[key][rows[0]:rows[1]]
@@ -136,6 +142,8 @@ class BaseWithFreshHeads:
 
     @contextlib.contextmanager
     def view(self, key: str, rows: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+        """A read-only array of tensor `key` (or rows of it), valid inside the block: mapped from the base's
+        file, or a view of the in-memory head."""
         if key not in self.heads:
             with self.base.view(self._base_key(key), rows) as value:
                 yield value
@@ -146,6 +154,7 @@ class BaseWithFreshHeads:
         yield view
 
     def prefetch(self, key: str, rows: tuple[int, int] | None = None) -> None:
+        """Ask the kernel to read a base tensor (or rows) into the page cache (a fresh head: nothing)."""
         if key not in self.heads:
             self.base.prefetch(self._base_key(key), rows)
 

@@ -49,21 +49,28 @@ def transpose2d(a: np.ndarray, alloc: Alloc = np.empty) -> np.ndarray:
 
 
 def normalize_box(box, shape: tuple[int, ...]) -> Box:
+    """A sharding index box (slices possibly open, `slice(None)`) as explicit [start, stop) slices for
+    `shape`, e.g. (slice(None), slice(0, 64)) on (128, 256) -> (slice(0, 128), slice(0, 64))."""
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, shape))
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+    """One parameter of the table: JAX `path` (stacked layout, kernels [in..., out...]), `hf_key`
+    (`{i}` marks a per-layer key), and `n_in`, the number of leading JAX dims that are the Linear's
+    inputs (None: copied as is, no transpose)."""
     path: tuple[str, ...]
     hf_key: str
     n_in: int | None = None
 
     @property
     def stacked(self) -> bool:
+        """Whether the entry is per layer (its HF key has `{i}`; the JAX array has a leading layers axis)."""
         return "{i}" in self.hf_key
 
     @property
     def jax_name(self) -> str:
+        """The JAX path joined with '/', e.g. 'backbone/layers/q_proj', for messages."""
         return "/".join(self.path)
 
     def hf_keys(self, layers: int | range) -> list[str]:
@@ -175,12 +182,14 @@ def is_head(entry: Entry) -> bool:
 
 
 def get_path(tree: dict, path: tuple[str, ...]):
+    """The value at `path` in a nested dict (KeyError if a name is missing)."""
     for name in path:
         tree = tree[name]
     return tree
 
 
 def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    """Set the value at `path` in a nested dict, creating the intermediate dicts."""
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
     tree[path[-1]] = value

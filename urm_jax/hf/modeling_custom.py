@@ -82,6 +82,8 @@ class Weights(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The released code casts the (bf16/fp32) hidden state to the gate dtype and runs in it.
+        """Gate weights [..., K] in the gate's dtype from hidden states [..., hidden] (cast to the gate
+        dtype first, as the released code does); K = num_labels // 2."""
         return self.fc(x.to(self.fc[0].weight.dtype))
 
 
@@ -109,6 +111,10 @@ def _eos_ids(config) -> set:
 
 
 class LlamaForSequenceClassificationWithNormal_Weights(LlamaPreTrainedModel):
+    """URM-LLaMa-3.1-8B: a stock `LlamaModel` backbone, a bias-free value head `score` giving
+    [B, 2K] interleaved (mean_k, log_std_k), and the gating MLP `weights` giving [B, K]; the reward is
+    sum_k mean_k * gate_k at the last real token. Load with `from_pretrained(dir,
+    trust_remote_code=True)`; `config.gate_dtype` (default float16) sets the gate's dtype."""
     config_class = LlamaConfig
     config: LlamaConfig
 
@@ -121,9 +127,11 @@ class LlamaForSequenceClassificationWithNormal_Weights(LlamaPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self):
+        """The backbone's token embedding (`model.embed_tokens`, [vocab, hidden])."""
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value):
+        """Replace the backbone's token embedding (transformers' `resize_token_embeddings` calls it)."""
         self.model.embed_tokens = value
 
     def forward(
@@ -137,6 +145,14 @@ class LlamaForSequenceClassificationWithNormal_Weights(LlamaPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ):
+        """Score a batch: `input_ids` [B, L] long (or `inputs_embeds` [B, L, hidden]), `attention_mask`
+        [B, L] (1 = real token; left or right padding). Without `position_ids` and with a mask, positions
+        are cumsum(mask) - 1, so padding does not change a row's score.
+
+        Returns a `URMOutput` (`logits` [B, 1] reward, `value_logits` [B, 2K], `means` and `log_stds`
+        [B, K], `gate_weights` [B, K] in the gate dtype; float32 where bf16/fp16 meet), or, with
+        `return_dict=False`, the released class's tuple (value_logits, gate_weights). `labels` is
+        accepted and ignored (loss is None)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if position_ids is None and attention_mask is not None:
             # Padding-invariant positions (the released code used arange; see module docstring).

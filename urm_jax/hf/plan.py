@@ -25,7 +25,8 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConversionError(ValueError):
-    pass
+    """A source whose tensors disagree with its config.json (missing, unexpected or extra-layer keys, a
+    shape or dtype the model does not take); a ValueError, so commands report it as one `error:` line."""
 
 
 class PoolingWarning(NoticeWarning):
@@ -69,9 +70,11 @@ class Plan:
 
     @property
     def path(self) -> tuple[str, ...]:
+        """JAX parameter path of the entry, e.g. ('backbone', 'layers', 'q_proj')."""
         return self.entry.path
 
     def hf_keys(self) -> list[str]:
+        """HF keys of this parameter: one per layer (`shape[0]` of them) when stacked, else one."""
         return self.entry.hf_keys(self.shape[0])
 
     @property
@@ -88,11 +91,14 @@ class Plan:
         return list(zip(self.entry.hf_keys(range(start, stop)), block))
 
     def hf_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(HF key, written dtype name, HF shape) of every HF tensor of this parameter, in key order: the
+        `specs` a `SafetensorsWriter` takes (HF shape: Linear kernels [out, in], one layer's when stacked)."""
         shape = self.entry.hf_shape(self.shape)
         return [(key, self.out, shape) for key in self.hf_keys()]
 
 
 def stored_bytes(plans: list[Plan]) -> int:
+    """Bytes the planned parameters occupy in their source dtype (the progress bar's total)."""
     return sum(math.prod(p.shape) * np_dtype(p.stored).itemsize for p in plans)
 
 
@@ -108,6 +114,11 @@ def output_dtypes(plans: list[Plan], cfg: ModelConfig, gate_dtype: str | None = 
 
 
 def check_keys(weights: HFWeights, num_layers: int) -> None:
+    """Check the HF key set against the table for `num_layers` layers, from the headers alone.
+
+    Raises ConversionError when the file's layer indices are not exactly 0..num_layers-1, when a
+    table key is missing, or when a tensor outside the URM architecture is present (ignoring
+    `IGNORED_HF_KEYS`, e.g. old `rotary_emb.inv_freq` buffers)."""
     layers_in_file = sorted({int(m.group(1)) for k in weights.keys() if (m := LAYER_KEY.match(k))})
     if layers_in_file and layers_in_file != list(range(num_layers)):
         raise ConversionError(
@@ -152,6 +163,8 @@ def plan_from_hf(weights: HFWeights, cfg: ModelConfig, dtype: str = "keep",
 
 
 def row_units(plans: list[Plan], rows_of: Callable[[Plan], int]) -> list[tuple[Plan, int, int]]:
+    """Units of work: (plan, start, stop) for every block of `rows_of(plan)` rows of each parameter's
+    first (stacked layers or embedding rows) dimension, the last block shorter, in table order."""
     return [(p, start, min(start + rows_of(p), p.shape[0]))
             for p in plans for start in range(0, p.shape[0], rows_of(p))]
 
@@ -167,18 +180,28 @@ def unit_progress(plan: Plan, start: int, stop: int,
 
 
 def hf_chunk_rows(plan: Plan) -> int:
+    """Rows per unit when reading an HF source: a whole non-stacked kernel at once (its HF rows are the
+    JAX columns), else `checkpoint.chunk_rows` (one layer when stacked, else up to CHUNK_BYTES = 64 MiB
+    of rows at the written dtype)."""
     if plan.whole:
         return plan.shape[0]
     return chunk_rows(plan.shape, np_dtype(plan.out), plan.entry.stacked)
 
 
 def plan_progress(desc: str, plans: list[Plan], enabled: bool) -> Progress:
+    """A `Progress` bar over the plans' stored bytes and HF tensor count (disabled when not `enabled`)."""
     return Progress(desc, stored_bytes(plans), sum(len(p.hf_keys()) for p in plans), enabled)
 
 
 
 def plan_from_ckpt(reader: ParamsReader, cfg: ModelConfig, dtype: str = "keep",
                    gate_dtype: str | None = None) -> list[Plan]:
+    """Plan a urm-jax checkpoint -> HF conversion from the Orbax metadata alone (nothing read).
+
+    `dtype` ('keep' or a float name) is the written dtype of backbone and value head; the gate keeps its
+    stored dtype unless `gate_dtype` is given (see `target_dtype`). Raises ConversionError when a
+    parameter's shape differs from the one config.json implies, CheckpointError when one cannot be
+    opened."""
     plans = []
     for entry, shape in zip(TABLE, jax_shapes(cfg).values()):
         got = reader.shape(entry.path)
@@ -191,6 +214,8 @@ def plan_from_ckpt(reader: ParamsReader, cfg: ModelConfig, dtype: str = "keep",
 
 
 def ckpt_chunk_rows(reader: ParamsReader) -> Callable[[Plan], int]:
+    """`rows_of` for `row_units` over a checkpoint: whole non-stacked kernels, else the checkpoint's own
+    chunk rows (units aligned with storage, so each chunk is read once)."""
     def rows(plan: Plan) -> int:
         if plan.whole:
             return plan.shape[0]

@@ -46,11 +46,15 @@ class WeightsError(MetadataError):
 
 
 def np_dtype_of(name: str) -> np.dtype:
+    """numpy dtype of a numpy-style name, taking bfloat16 and the float8 types from ml_dtypes
+    ('bfloat16' -> ml_dtypes.bfloat16, 'float32' -> float32). TypeError for an unknown name."""
     return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a safetensors header: the shard `file`, numpy-style `dtype` name, `shape`, and the
+    absolute byte `offset` of its data in the file."""
     file: Path
     dtype: str  # numpy-style name: 'bfloat16', 'float16', ...
     shape: tuple[int, ...]
@@ -58,6 +62,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Size of the tensor's data in bytes (elements x itemsize)."""
         return math.prod(self.shape) * np_dtype_of(self.dtype).itemsize
 
     def span(self, rows: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
@@ -193,6 +198,7 @@ class HFWeights:
         self.info = seen
 
     def close(self) -> None:
+        """Close the shard file descriptors (idempotent; reads after it fail)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
@@ -204,6 +210,7 @@ class HFWeights:
         self.close()
 
     def keys(self) -> list[str]:
+        """Tensor names of every shard, in header order (shards sorted by name)."""
         return list(self.info)
 
     def __contains__(self, key: str) -> bool:
@@ -215,6 +222,7 @@ class HFWeights:
         return self.info[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor `key` from the header (no data read); WeightsError if it is absent."""
         return self._info(key).shape
 
     def dtype(self, key: str) -> str:
@@ -249,9 +257,11 @@ class HFWeights:
             os.posix_fadvise(self._fds[info.file], start, length, os.POSIX_FADV_WILLNEED)
 
     def get(self, key: str) -> np.ndarray:
+        """Tensor `key` whole, as a new numpy array in its stored dtype (see `read`)."""
         return self.read(key)
 
     def where(self, key: str) -> str:
+        """Name of the shard file holding `key`, for error messages (the directory when the key is absent)."""
         return self.info[key].file.name if key in self.info else str(self.dir)
 
 
@@ -327,6 +337,8 @@ class SafetensorsWriter:
         self._lock = threading.Lock()
 
     def create(self) -> None:
+        """Create every shard with its header and its data space reserved (fallocate): a full disk fails here
+        with OSError naming the file, before any tensor is written. Files must not exist yet."""
         for file, (header, nbytes) in self.headers.items():
             io_utils.create_output(file, nbytes, header)
 
@@ -356,6 +368,8 @@ class SafetensorsWriter:
             self.todo[key] -= piece.nbytes
 
     def finish(self) -> None:
+        """Check every byte of every tensor was written (AssertionError naming the first five that were not),
+        then write `model.safetensors.index.json` (with `metadata.total_size` in bytes) when sharded."""
         unwritten = [key for key, left in self.todo.items() if left]
         if unwritten:
             raise AssertionError(f"tensors not (fully) written: {unwritten[:5]}")

@@ -66,6 +66,8 @@ class BufferPool:
         self._lock = threading.Lock()
 
     def take(self, shape, dtype) -> np.ndarray:
+        """An uninitialised array of `shape` and `dtype`: a view of the smallest free pooled block of at
+        least its byte size, else of a fresh uint8 block. Hand it back with `give`."""
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         with self._lock:  # the smallest free block that fits (by identity: no array ==)
             fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
@@ -94,6 +96,7 @@ class Progress:
         self.tensors, self.total = 0.0, total_tensors
 
     def update(self, nbytes: int, tensors: float) -> None:
+        """Advance by `nbytes` bytes and `tensors` HF tensors (a fraction for part of an unstacked one)."""
         self.tensors += tensors
         self.bar.set_postfix_str(f"{round(self.tensors)}/{self.total} tensors", refresh=False)
         self.bar.update(nbytes)
