@@ -127,6 +127,11 @@ def allowed_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def reference_attention(q, k, v, allowed, precision):
+    """Plain-XLA grouped-query attention, softmax in float32 (HF's eager attention).
+
+    q [B, L, Hq, hd], k and v [B, L, Hkv, hd] (Hq a multiple of Hkv), `allowed` [B, L, L] bool (see
+    `allowed_mask`) -> [B, L, Hq, hd] in q's dtype; scores scaled by hd ** -0.5. Fully masked rows
+    (padding queries) give finite values, not NaN."""
     batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim)

@@ -92,6 +92,7 @@ class Kernel:
 
     @property
     def stacked(self) -> bool:
+        """Whether the kernel has a leading `layers` axis (a decoder-layer projection)."""
         return self.axes[:1] == ("layers",)
 
     def adapter_shapes(self, r: int) -> tuple[tuple, tuple, tuple, tuple]:
@@ -103,6 +104,7 @@ class Kernel:
 
     @property
     def fan_in(self) -> int:
+        """Input features of one (layer's) kernel: the product of its input axes (e.g. D for q_proj)."""
         lead = 1 if self.stacked else 0
         return math.prod(self.shape[lead:lead + self.in_axes])
 

@@ -49,6 +49,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 
 class URMOutputs(NamedTuple):
+    """What a URM returns per row: `reward` [B] (sum_k means_k * gate_k, in the promoted dtype of the
+    two), `means`, `log_stds` and `gate` [B, K] (K attributes; value head in the compute dtype, gate in
+    the gate compute dtype), `uncertainty` [B] float32 (sum_k exp(2 log_std_k), the total variance).
+    Leading dims follow the pooled input ([B, S] for packed rows)."""
     reward: jax.Array  # [B]
     means: jax.Array  # [B, 5]
     log_stds: jax.Array  # [B, 5]
@@ -58,6 +62,10 @@ class URMOutputs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
+    """How a URM is built and run, apart from its shape (`ModelConfig`): the dtype policy, the remat
+    policy (`none` | `full` | `dots`, per decoder layer), the attention implementation (see
+    `urm_jax.model.attention`), Pallas interpret mode (CPU tests), and LoRA adapters (training).
+    ValueError for an unknown remat or attention name."""
     dtypes: DTypePolicy = DTypePolicy()
     remat: str = "none"
     attention: str = "reference"  # see urm_jax.model.attention: auto | reference | xla | cudnn | splash | blockwise
@@ -206,6 +214,8 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class Backbone(nnx.Module):
+    """Llama backbone weights: `embed_tokens` [vocab, D], the stacked `layers`, `final_norm` [D] (no
+    lm_head)."""
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, "normal")
         self.layers = DecoderLayers(cfg, dtype, rngs)
@@ -213,6 +223,8 @@ class Backbone(nnx.Module):
 
 
 class Dense(nnx.Module):
+    """A Linear layer with a [d_in, d_out] kernel (JAX layout: HF's weight transposed) and an optional
+    [d_out] bias, both in `dtype`; normal init scaled by 1/sqrt(d_in), zero bias."""
     def __init__(self, d_in: int, d_out: int, axes, dtype, rngs: nnx.Rngs | None, bias: bool = True):
         self.kernel = _param(rngs, (d_in, d_out), axes, dtype, "normal", d_in, 1)
         self.bias = _param(rngs, (d_out,), axes[1:], dtype, "zeros") if bias else None
@@ -253,10 +265,18 @@ class Gate(nnx.Module):
 
 
 def selu(x):
+    """SELU in x's dtype: scale * (x if x > 0 else alpha * (exp(x) - 1)), torch.nn.SELU's constants
+    (Klambauer et al. 2017, "Self-Normalizing Neural Networks")."""
     return (SELU_SCALE * jnp.where(x > 0, x, SELU_ALPHA * jnp.expm1(x))).astype(x.dtype)
 
 
 class URM(nnx.Module):
+    """URM-LLaMa-3.1-8B in Flax NNX: Llama backbone, value head `value_head` ([D, 2K], no bias,
+    interleaved (mean_k, log_std_k)), and gating MLP `gate` (D -> D -> D -> K, SELUs between), K =
+    `cfg.num_attributes`. Backbone and value head are stored in `options.dtypes.param` (else
+    `cfg.torch_dtype`), the gate in the policy's gate dtype (float16 by default, as the released
+    model). `rngs=None` builds zero/one-filled parameters (for `abstract_model` and loading).
+    ValueError when the attention implementation cannot run on this backend."""
     def __init__(self, cfg: ModelConfig, options: ModelOptions = ModelOptions(), *,
                  rngs: nnx.Rngs | None = None):
         # Here, not in ModelOptions: asking the backend at import time would start it before
@@ -352,6 +372,8 @@ class URM(nnx.Module):
         return URMOutputs(reward, means, log_stds, gate, uncertainty)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> URMOutputs:
+        """Score a batch: `input_ids` [B, L] int token ids, `attention_mask` [B, L] (1 = real token, left or
+        right padding) -> `URMOutputs` pooled at each row's last real token (see `heads` for dtypes)."""
         return self.heads(self.pooled(input_ids, attention_mask))
 
 
@@ -415,6 +437,8 @@ def init_lora(cfg: ModelConfig, options: ModelOptions, seed: int) -> dict:
 
 
 def init_random(cfg: ModelConfig, options: ModelOptions = ModelOptions(), seed: int = 0) -> URM:
+    """A URM with random parameters from `seed` (normal / sqrt(fan_in) kernels, unit norms, zero biases):
+    tests and demos."""
     return URM(cfg, options, rngs=nnx.Rngs(seed))
 
 
@@ -483,6 +507,8 @@ class ModelBinder:
         self.graphdef, self._abstract = nnx.split(abstract_model(cfg, options))
 
     def __call__(self, params: dict) -> URM:
+        """A URM whose parameters are the leaves of `params` (pure-dict tree, same structure as the abstract
+        model; arrays or tracers, not cast or checked)."""
         state = jax.tree.map(lambda x: x, self._abstract)
         state.replace_by_pure_dict(params)
         return nnx.merge(self.graphdef, state)
