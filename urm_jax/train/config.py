@@ -69,6 +69,12 @@ def _in_range(cfg, prefix: str, **ranges) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The `data:` section: `train` (and optional `eval`) sources, a JSONL/parquet path or a hub dataset
+    name with their splits; `seq_len` in tokens per conversation (>= 8; longer ones are left-truncated);
+    `pack` (several conversations per row in stage 1, whole pairs in 2 x seq_len rows in stage 2) with
+    at most `max_segments` per row; `shuffle_seed` in [0, 2**32 - 1]; stage 1's `label_range`
+    [low, high] (None: the model's recorded range, else its preset's). TrainConfigError names the key
+    of a value out of range."""
     train: str = ""  # jsonl/parquet path or hub dataset name
     split: str = "train"
     eval: str | None = None  # optional held-out source (same schema)
@@ -93,6 +99,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """The `optim:` section: AdamW (`learning_rate`, `weight_decay` on matrices only, `b1`, `b2` in
+    [0, 1), `eps` > 0), linear warmup over `warmup_ratio` of the steps then cosine to
+    `min_lr_ratio` x lr, global-norm clipping at `clip_norm` (None: none), and `head_lr_scale`, the
+    heads' learning rate as a multiple of the backbone's. TrainConfigError for a non-finite or
+    out-of-range value."""
     learning_rate: float = 2e-6
     weight_decay: float = 1e-3
     b1: float = 0.9
@@ -124,6 +135,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
+    """The `loss:` section: `kind` (`reparam` or `nll` in stage 1, `bt` (Bradley-Terry) in stage 2; see
+    `urm_jax.train.losses` for the formulas) and the affine label transform y = label_scale * label +
+    label_shift (scale != 0) applied before the stage-1 loss."""
     kind: Literal["reparam", "nll", "bt"] = "reparam"
     label_scale: float = 1.0
     label_shift: float = 0.0
@@ -136,6 +150,10 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PrecisionConfig:
+    """The `precision:` section, dtype names: `param` (master weights of backbone and value head),
+    `compute` (their activations), `gate_param` and `gate_compute` (None: the checkpoint's
+    `gate_dtype`), and the saved dtypes `save` (`keep`: the param dtype) and `gate_save` (`source`: the
+    dtype the gate was loaded in)."""
     param: Literal["float32", "bfloat16"] = "float32"  # master weights of backbone + value head
     compute: Literal["float32", "bfloat16"] = "bfloat16"
     gate_param: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -146,6 +164,8 @@ class PrecisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
+    """The `checkpoint:` section: save every `every_steps` optimiser steps (>= 1), keep the newest
+    `keep` (>= 1), and write asynchronously (`async_save`) while training continues."""
     every_steps: int = 500
     keep: int = 3
     async_save: bool = True
@@ -196,6 +216,17 @@ class PlanConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """THE training configuration (a YAML file plus `key=value` overrides, see `load_train_config`): which
+    stage (1: attribute regression of backbone + value head; 2: Bradley-Terry on the gate), model and
+    output paths, the sections above, `mesh` (data, fsdp, tensor; one -1 takes the remaining
+    devices), `global_batch_size` (stage 1 examples, stage 2 pairs, per optimiser step) split into
+    `grad_accum` micro-batches, `epochs` / `max_steps`, remat and attention, `seed` in
+    [0, 2**32 - 1], logging and eval intervals in steps, what trains (`trainable` path patterns,
+    `lora`), and the `plan.topology` it is laid out for.
+
+    Every value is checked on construction: TrainConfigError (a ValueError) names the key, e.g. a
+    stage/loss mismatch, a batch not divisible by grad_accum, a mesh that does not fit the topology,
+    a pattern that selects nothing."""
     stage: Literal[1, 2] = 1
     model: str = ""  # HF dir, urm-jax checkpoint, or a stage-1 training output dir
     output_dir: str = ""

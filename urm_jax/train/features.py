@@ -31,6 +31,9 @@ MIN_SIDE_TOKENS = 8  # a row of length n holds at most n // 8 sides (and MAX_FEA
 
 
 def cache_key(model_path: str, examples: Sequence[PairExample], seq_len: int, compute_dtype: str) -> str:
+    """JSON identity of a stage-2 feature cache: the resolved model path, `seq_len` (tokens), compute
+    dtype name, example count and a sha256 over every pair's chosen and rejected int32 token ids; a
+    cache is reused only when its recorded key is equal."""
     digest = hashlib.sha256()
     for example in examples:
         digest.update(np.asarray(example.chosen_ids, np.int32).tobytes())
@@ -243,6 +246,7 @@ class FeatureIterator:
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, shuffled indices)
 
     def steps_in_epoch(self, epoch: int = 0) -> int:
+        """Batches per epoch: ceil(pairs / batch_size) (the last one padded with masked pairs)."""
         return -(-len(self.features) // self.batch_size)
 
     def __iter__(self):
@@ -268,10 +272,14 @@ class FeatureIterator:
         return {"features": feats.reshape(2 * per_host, dim), "pair_mask": mask}
 
     def state(self) -> dict:
+        """Resumable position as a JSON-able dict: version, epoch, step within it, seed, pair count, batch
+        size (saved with checkpoints)."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "step": self.step, "seed": self.seed,
                 "num_examples": len(self.features), "batch_size": self.batch_size, "features": True}
 
     def restore(self, state: dict) -> None:
+        """Continue from a `state()` dict. ValueError when its version, seed, pair count or batch size
+        differ from this iterator's (resuming would replay other batches)."""
         want = {"version": STATE_VERSION, "seed": self.seed, "num_examples": len(self.features),
                 "batch_size": self.batch_size, "features": True}
         got = {k: state.get(k) for k in want}

@@ -154,6 +154,7 @@ class MetricsWriter:
         self._purge_step = int(step) + 1
 
     def close(self) -> None:
+        """Close `metrics.jsonl` and the TensorBoard writer (idempotent)."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -222,6 +223,8 @@ class Throughput:
         self._to_skip = skip_first
 
     def record(self, seconds: float, tokens: int, flops: float = 0.0) -> None:
+        """Add one step: wall time `seconds`, real `tokens` processed and model `flops` (the first
+        `skip_first` steps, compilation included, are not counted)."""
         if self._to_skip > 0:
             self._to_skip -= 1
             return
@@ -229,6 +232,7 @@ class Throughput:
 
     @property
     def seconds(self) -> float:
+        """Wall seconds of the recorded steps in the window (0.0 before any)."""
         return sum(s for s, _, _ in self._steps)
 
     def tokens_per_second(self) -> float | None:
@@ -237,10 +241,13 @@ class Throughput:
         return sum(t for _, t, _ in self._steps) / secs if secs > 0 else None
 
     def flops_per_second(self) -> float | None:
+        """Model FLOP/s over the window; None until a post-compile step is recorded."""
         secs = self.seconds
         return sum(f for _, _, f in self._steps) / secs if secs > 0 else None
 
     def mfu(self, num_devices: int, peak_per_device: float | None) -> float | None:
+        """Model FLOPs utilisation over the window: achieved FLOP/s / (num_devices x peak_per_device FLOP/s),
+        a fraction; None without a known peak or before FLOPs were recorded (see `urm_jax.flops.mfu`)."""
 
         flops = sum(f for _, _, f in self._steps)
         return mfu(flops, self.seconds, num_devices, peak_per_device) if flops else None

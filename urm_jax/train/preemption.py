@@ -28,6 +28,9 @@ class TrainingPreempted(Exception):
 
 
 class PreemptionWatch:
+    """When a preempted run should checkpoint and stop. Single-process: a SIGTERM handler (installed from
+    the main thread only, restored by `close`) sets a flag read at the next step boundary.
+    Multi-process: JAX's preemption sync point, so every process stops at the same step."""
     def __init__(self):
         self.requested = False
         self.distributed = jax.distributed.is_initialized()
@@ -48,6 +51,7 @@ class PreemptionWatch:
         return self.requested
 
     def close(self) -> None:
+        """Restore the SIGTERM handler that was in place before (idempotent)."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None

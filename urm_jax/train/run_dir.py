@@ -106,6 +106,7 @@ class RunDirectory:
             raise RunDirectoryError(f"{self.config}: {err}") from None
 
     def has_checkpoints(self) -> bool:
+        """Whether `checkpoints/` holds at least one step directory (a name of digits)."""
         return self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
 
     def check_resume(self, cfg: TrainConfig, allow_changes: tuple[str, ...] = ()) -> None:
@@ -127,6 +128,7 @@ class RunDirectory:
                 "continue anyway")
 
     def write_config(self, cfg: TrainConfig) -> None:
+        """Record `cfg` as the run's `config.yaml`, atomically (temporary sibling, then rename)."""
         with atomic_file(self.config) as out:
             out.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

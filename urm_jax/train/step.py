@@ -40,6 +40,8 @@ from urm_jax.train.losses import bradley_terry_loss, finalize_metrics, regressio
 
 
 class TrainState(NamedTuple):
+    """What a train step carries: `step` (int32 scalar, optimiser updates done), `params` (the trainable
+    leaves only, pure-dict tree, sharded) and the optax `opt_state` (moments sharded like params)."""
     step: jax.Array  # int32 scalar: optimiser updates done
     params: dict  # trainable params only
     opt_state: Any
@@ -207,6 +209,9 @@ class Trainer:
     eval_sharding: Any = None  # held-out batches: the batch sharding without the accumulation axis
 
     def run(self, batch: dict) -> dict:
+        """One optimiser step on `batch` (arrays placed with `batch_sharding`; the state is donated and
+        replaced). Returns the step's metrics as replicated scalars: the loss's metric means,
+        `grad_norm`, `learning_rate`."""
         self.state, metrics = self.step_fn(self.state, self.frozen, batch)
         return metrics
 

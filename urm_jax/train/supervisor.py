@@ -64,6 +64,7 @@ def adopt() -> None:
 
 
 def is_supervised() -> bool:
+    """Whether this process was started by the multi-process supervisor (URM_JAX_SUPERVISOR_PID is set)."""
     return bool(os.environ.get(SUPERVISED_ENV))
 
 
