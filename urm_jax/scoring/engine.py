@@ -167,6 +167,7 @@ class Scorer:
 
     @property
     def pad_id(self) -> int:
+        """Token id written into padding positions: config.json's pad_token_id, else 0 (masked out anyway)."""
         return self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
 
     def _round_rows(self, rows: int) -> int:
@@ -255,6 +256,8 @@ class Scorer:
         return ids, truncated
 
     def encode(self, example: dict) -> list[int]:
+        """Token ids of one example (any score input schema, see `render_ids`); ValueError on a bad
+        example, SequenceTooLong when its bucket cannot fit in memory (see `encode_with_info`)."""
         return self.encode_with_info(example)[0]
 
     # -- batching and dispatch --
@@ -343,6 +346,8 @@ class Scorer:
                       attributes=self.cfg.attributes)
 
     def score_arrays(self, sequences: Sequence[Sequence[int]], truncated=None) -> Scores:
+        """`Scores` for token id lists (each 1..max_length tokens), in the given order: dispatch every batch,
+        then wait and gather. `truncated` [N] bool is carried into the result (default all False)."""
         return self.collect(self.submit(sequences, truncated))
 
     def score_ids(self, sequences: Sequence[Sequence[int]], progress: bool = False) -> Scores:
@@ -386,6 +391,8 @@ class Ensemble:
 
     @classmethod
     def load(cls, paths: Sequence[str | Path], **scorer_kwargs) -> "Ensemble":
+        """An ensemble of `Scorer(path, **scorer_kwargs)` for each path (each loaded once); ValueError for
+        no paths or members with different vocabulary sizes."""
         return cls([Scorer(p, **scorer_kwargs) for p in paths])
 
     def __len__(self) -> int:
@@ -393,6 +400,7 @@ class Ensemble:
 
     @property
     def max_length(self) -> int:
+        """Longest sequence (tokens) every member accepts: the smallest member max_length."""
         return min(s.max_length for s in self.scorers)
 
     @property
@@ -411,13 +419,16 @@ class Ensemble:
         return ids, truncated
 
     def submit(self, sequences, truncated=None) -> list[Pending]:
+        """Dispatch `sequences` (token id lists) to every member without waiting; one `Pending` per member."""
         return [s.submit(sequences, truncated) for s in self.scorers]
 
     def collect(self, pending: list[Pending]) -> Scores | EnsembleScores:
+        """Gather `submit`'s pending batches: one member's `Scores`, or `EnsembleScores` for two or more."""
         members = tuple(s.collect(p) for s, p in zip(self.scorers, pending))
         return members[0] if len(members) == 1 else EnsembleScores(members)
 
     def score_arrays(self, sequences, truncated=None) -> Scores | EnsembleScores:
+        """`Scores` (one member) or `EnsembleScores` for token id lists, in order (submit, then collect)."""
         return self.collect(self.submit(sequences, truncated))
 
     def score_chunks(self, chunks: Iterable, rows: Callable) -> Iterator[tuple[Any, Scores | EnsembleScores]]:

@@ -122,6 +122,7 @@ class BucketPlan:
 
     @property
     def fits(self) -> bool:
+        """Whether at least one row per device fits in the budget (rows > 0)."""
         return self.rows > 0
 
 

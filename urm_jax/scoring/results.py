@@ -155,10 +155,12 @@ class EnsembleScores:
 
     @property
     def num_tokens(self) -> np.ndarray:
+        """[N] int tokens per sequence (the same for every member)."""
         return self.members[0].num_tokens
 
     @property
     def truncated(self) -> np.ndarray:
+        """[N] bool, whether each sequence was left-truncated (the same for every member)."""
         return self.members[0].truncated
 
     def measure(self, name: str) -> np.ndarray:
@@ -183,9 +185,12 @@ class EnsembleScores:
                 "members": members}
 
     def take(self, index) -> "EnsembleScores":
+        """The sequences at `index` (an int array, slice or bool mask over N) of every member."""
         return EnsembleScores(tuple(m.take(index) for m in self.members))
 
     @staticmethod
     def concat(parts: Sequence["EnsembleScores"]) -> "EnsembleScores":
+        """The parts' sequences one after another, member by member (parts must have the same members;
+        IndexError for no parts)."""
         return EnsembleScores(tuple(Scores.concat([p.members[m] for p in parts])
                                     for m in range(len(parts[0].members))))
