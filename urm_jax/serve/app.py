@@ -75,6 +75,7 @@ class RequestError(Exception):
         self.status, self.message, self.item, self.headers = status, message, item, headers or {}
 
     def body(self) -> dict:
+        """The JSON error body: {"error": message}, plus "item" (the index of the item) when one is named."""
         return {"error": self.message} if self.item is None else {"error": self.message, "item": self.item}
 
 
@@ -234,6 +235,8 @@ class BearerAuth:
         self._on_reject = on_reject
 
     async def __call__(self, scope, receive, send):
+        """ASGI entry: an HTTP request outside `OPEN_PATHS` without the exact bearer token (compared in
+        constant time) gets 401 with `WWW-Authenticate: Bearer`; everything else passes to the app."""
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self._expected):

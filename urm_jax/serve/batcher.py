@@ -142,6 +142,8 @@ class Batcher:
 
     @property
     def ready(self) -> bool:
+        """Whether the model is loaded and warmed up (state 'ready'; before: 'loading', 'compiling';
+        after: 'stopped' or 'failed')."""
         return self.state == "ready"
 
     @property
@@ -150,6 +152,8 @@ class Batcher:
         return min(self._max_length or self.ensemble.max_length, self.ensemble.max_length)
 
     def start(self) -> None:
+        """Start the device worker thread: it loads the model, compiles every bucket shape (with warm-up),
+        then serves the queue. Returns at once; watch `state` or `ready`."""
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:

@@ -75,6 +75,8 @@ class ServerThread:
             self.error = err
 
     def start(self, timeout: float = 120.0) -> "ServerThread":
+        """Start uvicorn on its thread and wait until it accepts connections (polling every 10 ms, at most
+        `timeout` seconds); RuntimeError, with the server's error if any, when it dies or times out."""
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -85,6 +87,8 @@ class ServerThread:
         return self
 
     def stop(self, timeout: float = 120.0) -> None:
+        """Ask uvicorn to exit (in-flight requests finish), join its thread for up to `timeout` seconds and
+        close the socket; RuntimeError when the thread is still alive after that."""
         self.server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()
