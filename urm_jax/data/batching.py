@@ -86,6 +86,7 @@ class EpochPlan:
 
     @property
     def num_batches(self) -> int:
+        """Global batches in the epoch: ceil(rows / batch_size), a final partial batch included."""
         return math.ceil(len(self.rows) / self.batch_size)
 
     @property

@@ -60,6 +60,7 @@ class DatasetReport:
     dropped_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def drop(self, reason: str, row: int) -> None:
+        """Count row `row` as dropped for `reason` (the first three row numbers per reason are kept)."""
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         rows = self.dropped_rows.setdefault(reason, [])
         if len(rows) < 3:
@@ -67,6 +68,7 @@ class DatasetReport:
 
     @property
     def num_dropped(self) -> int:
+        """Rows dropped, over every reason."""
         return sum(self.dropped.values())
 
     def format(self) -> str:

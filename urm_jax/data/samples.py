@@ -22,6 +22,7 @@ def model_card_goldens() -> list[dict]:
 
 
 def data_path(name: str):
+    """The packaged data file `name` (under `urm_jax/data/`) as an importlib.resources Traversable."""
     return resources.files("urm_jax.data").joinpath(name)
 
 
