@@ -102,17 +102,22 @@ class RewardModel:
 
     @property
     def members(self):
+        """The loaded `Scorer`s, one per model path (one unless an ensemble)."""
         return self.ensemble.scorers
 
     @property
     def is_ensemble(self) -> bool:
+        """Whether two or more models were given (scores come back as `EnsembleScores`)."""
         return len(self.ensemble) > 1
 
     @property
     def tokenizer(self):
+        """The first member's tokenizer (members share a vocabulary), None when none has one."""
         return self.ensemble.tokenizer
 
     def encode(self, conversation: Conversation) -> list[int]:
+        """Token ids (int list) of one conversation, as `score` would feed them (see `encode_item`);
+        ValueError for a bad conversation or one longer than max_length under truncation='error'."""
         return encode_item(self.ensemble, as_example(conversation))[0]
 
     def score(self, conversations: Sequence[Conversation], *, chunk_size: int = 1024) -> Scores | EnsembleScores:

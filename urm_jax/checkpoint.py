@@ -70,10 +70,13 @@ class CheckpointError(MetadataError):
 
 
 def is_jax_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a urm-jax checkpoint directory (it holds `urm_jax.json`)."""
     return (Path(path) / MARKER).is_file()
 
 
 def copy_tokenizer_files(src: str | Path | None, dst: Path) -> list[str]:
+    """Copy the tokenizer and generation files (`TOKENIZER_FILES`) that exist in `src` into `dst`;
+    returns the names copied (none when `src` is None). OSError if a copy fails."""
     copied = []
     if src is None:
         return copied
@@ -284,6 +287,8 @@ def read_orbax_metadata(params_dir: Path) -> dict:
 
 
 def load_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a urm-jax checkpoint: CheckpointError when `urm_jax.json` is missing or of
+    another format/layout version, ConfigError naming the field of a bad config.json."""
     read_marker(path)
     return ModelConfig.from_hf_dir(path)
 
@@ -441,9 +446,11 @@ class ParamsReader:
                 "rows": int(store.chunk_layout.read_chunk.shape[0]), "store": store, "name": name}
 
     def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+        """Shape of the parameter at `path` from its metadata (no data read)."""
         return self.array(path)["shape"]
 
     def dtype(self, path: tuple[str, ...]) -> np.dtype:
+        """numpy dtype of the parameter at `path` as stored (bfloat16 from ml_dtypes)."""
         return self.array(path)["dtype"]
 
     def chunk_rows(self, path: tuple[str, ...]) -> int:

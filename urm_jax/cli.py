@@ -65,6 +65,8 @@ SERVE_MAX_LENGTH = 4096
 
 
 def at_least(minimum: float, kind=int):
+    """argparse type: a `kind` (int or float) >= `minimum`; ArgumentTypeError (a usage error, exit 2)
+    for text that is not one or is smaller."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -110,6 +112,7 @@ def mesh_spec(text: str) -> tuple[int, int, int]:
 
 
 def add_attention_option(p: argparse.ArgumentParser) -> None:
+    """Add `--attention` (an implementation of `urm_jax.model.attention`, default reference)."""
     p.add_argument("--attention", choices=IMPLEMENTATIONS, default="reference",
                    help="reference: HF's eager attention op by op (default, the parity path); "
                    "blockwise: flash-style in plain JAX, memory linear in the length (any backend); "
@@ -123,6 +126,7 @@ def memory_budget(text: str) -> int:
 
 
 def add_memory_option(p) -> None:
+    """Add `--memory-budget GB` (decimal gigabytes per device one batch may use; default: measured)."""
     p.add_argument("--memory-budget", type=memory_budget, default=None, metavar="GB",
                    help="device memory one batch may use, per device (default: what the device reports "
                    "free, minus a margin; on CPU the host's available RAM). Long length buckets get "
@@ -156,6 +160,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `urm-jax` argument parser: one subcommand each for score, eval, parity, export, train,
+    memory, plan, demo and serve."""
     parser = argparse.ArgumentParser(prog="urm-jax", description="URM reward model in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -337,10 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_inputs(models: list[str]) -> list[tuple[str, str]]:
+    """('--model', path) pairs for `check_outputs`: every model path is an input."""
     return [("--model", path) for path in models]
 
 
 def load_ensemble(args):
+    """Load `--model` (once or several times: an ensemble) with score/eval's batching, tokenisation,
+    dtype, attention and memory options."""
     return Ensemble.load(args.model, compute_dtype=args.compute_dtype, gate_dtype=args.gate_dtype,
                          batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                          max_length=args.max_length, truncation=args.truncation,
@@ -348,6 +357,10 @@ def load_ensemble(args):
 
 
 def run_score(args) -> int:
+    """Handle `urm-jax score`: stream --input JSONL through the model(s) into --output JSONL in input
+    order and print a summary line (examples, tokens, tokens/s, batch shapes, compiles). Returns 0;
+    bad input (a bad line with --on-bad-line error, an output that exists or is an input) raises a
+    USER_ERRORS exception."""
     if args.bad_lines and args.on_bad_line != "skip":
         raise ValueError("--bad-lines needs --on-bad-line skip")
     check_outputs([*model_inputs(args.model), ("--input", args.input)],  # before the model load
@@ -366,6 +379,9 @@ def run_score(args) -> int:
 
 
 def run_eval(args) -> int:
+    """Handle `urm-jax eval`: score a pairs file (chosen/rejected, RewardBench format) and write
+    metrics.json, pairs.jsonl and two PNGs under --output-dir (default `eval-<pairs stem>`); prints
+    the summary, returns 0. FileNotFoundError when --pairs is missing."""
     out_dir = args.output_dir or f"eval-{Path(args.pairs).stem}"
     check_outputs([*model_inputs(args.model), ("--pairs", args.pairs)],  # before the model load
                   [("--output-dir", out_dir)], overwrite=args.overwrite)
@@ -382,6 +398,8 @@ def run_eval(args) -> int:
 
 
 def run_parity(args) -> int:
+    """Handle `urm-jax parity`: compare --model (JAX) with --hf (PyTorch reference) on --input and print
+    the report (and write it to --json). Returns 0 when within tolerance, 1 otherwise."""
     check_outputs([("--hf", args.hf), ("--model", args.model), ("--input", args.input),
                    ("--golden", args.golden)], [("--json", args.json)], overwrite=args.overwrite)
     report = compare(args.hf, args.model, input_path=args.input, dtype=args.dtype,
@@ -397,6 +415,8 @@ def run_parity(args) -> int:
 
 
 def run_export(args) -> int:
+    """Handle `urm-jax export`: a training run's checkpoint (--step, default the last) -> a urm-jax
+    checkpoint in --out-dir; prints {"checkpoint": path} as JSON, returns 0."""
     out = export_step(args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite,
                       mesh_shape=args.mesh)
     print(json.dumps({"checkpoint": str(out)}))
@@ -404,6 +424,9 @@ def run_export(args) -> int:
 
 
 def run_train(args) -> int:
+    """Handle `urm-jax train`: train by the config (+ overrides); prints {"final_checkpoint": path} and
+    returns 0, or PREEMPTED_EXIT_CODE (143) after checkpointing on SIGTERM. Multi-process
+    (--coordinator, ...) runs itself under the supervisor first (exit 75 when a peer is lost)."""
     requested, _, num_processes, process_id = distributed_settings(
         args.coordinator, args.num_processes, args.process_id)
     if requested and not supervisor.is_supervised():  # a lost peer must end in one error line
@@ -427,6 +450,9 @@ def run_train(args) -> int:
 
 
 def run_memory(args, parser: argparse.ArgumentParser) -> int:
+    """Handle `urm-jax memory`: print the per-device memory estimate of a training config (GB = 1e9
+    bytes), with --xla also XLA's peak for the step compiled for CPU devices. Returns 1 when the
+    estimate exceeds --chip's HBM, else 0; ValueError for an unknown chip."""
     if args.xla:
         if args.devices is None:
             parser.error("--xla needs --devices")
@@ -502,6 +528,8 @@ def run_plan(args) -> int:
 
 
 def run_demo(args) -> int:
+    """Handle `urm-jax demo`: the embedded end-to-end demo (with --real: on the real SmolLM2 base) in
+    --workdir; returns 0 when every check passed, else 1."""
     if args.real:
         return 0 if run_real_demo(Path(args.workdir or "build/demo-real"), epochs=args.epochs,
                                   overwrite=args.overwrite) else 1
@@ -561,6 +589,8 @@ def run_serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `urm-jax` entry point: parse `argv` (default sys.argv[1:]) and run the command. Returns its
+    exit code; bad input (USER_ERRORS) and device out-of-memory print one `error:` line and return 2."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

@@ -78,6 +78,7 @@ class CompileTotals:
     cache_hits: int = 0
 
     def describe(self) -> str:
+        """One phrase for logs: 'compile 12.3 s (4 programs, 2 from the cache)'."""
         hits = f", {self.cache_hits} from the cache" if self.cache_hits else ""
         return f"compile {self.seconds:.1f} s ({self.compiles} programs{hits})"
 
@@ -116,12 +117,14 @@ class CompileMeter:
                 meter.totals.cache_hits += 1
 
     def start(self) -> "CompileMeter":
+        """Count compile events from now on (JAX monitoring listeners, installed once); returns self."""
         self._install()
         with self._lock:
             self._active.append(self)
         return self
 
     def stop(self) -> CompileTotals:
+        """Stop counting (idempotent); returns the totals so far."""
         with self._lock:
             if self in self._active:
                 self._active.remove(self)

@@ -48,6 +48,10 @@ def canonical_dtype(name: Any, *, what: str = "dtype") -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
+    """Rotary position embedding settings, as HF's `rope_parameters`: base `theta`, `rope_type`
+    (default | linear | llama3), and the scaling `factor`, `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings` that linear (factor only) and llama3 scaling use
+    (Llama 3.1's frequency-dependent scaling; transformers' `_compute_llama3_parameters`)."""
     theta: float
     rope_type: str = "default"
     factor: float = 1.0
@@ -94,6 +98,8 @@ class RopeConfig:
         return cls(**kwargs)
 
     def hf_parameters(self) -> dict:
+        """The transformers-5 `rope_parameters` dict: rope_type and rope_theta, plus the scaling fields the
+        type uses."""
         out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
         if self.rope_type in ("linear", "llama3"):
             out["factor"] = self.factor
@@ -105,6 +111,12 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The shape of a URM, read from an HF config.json (`from_hf_dict`, `from_hf_dir`): Llama sizes
+    (vocab, hidden, MLP intermediate, layers, query and key/value heads, head_dim), RMSNorm eps, the
+    context length and RoPE, special token ids, the attribute set (`attributes`, K names; value head
+    2K outputs, gate K), and the dtype names of the stored backbone (`torch_dtype`) and of the gate's
+    compute (`gate_dtype`, float16 unless config.json says otherwise). `hf_config` keeps the source
+    dict so exports carry its other fields."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -135,6 +147,7 @@ class ModelConfig:
 
     @property
     def gate_hidden_size(self) -> int:
+        """Width of the gate MLP's hidden layers: the backbone's hidden size, D."""
         return self.hidden_size
 
     @classmethod
@@ -201,6 +214,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
+        """The config of an HF (or urm-jax) directory's config.json; ConfigError names the file and the field
+        (missing file, not JSON, a wrong type or range, an unsupported architecture feature)."""
         return cls.from_hf_dict(read_hf_config(path), source=str(Path(path) / "config.json"))
 
     def to_hf_dict(self, *, torch_dtype: str | None = None, gate_dtype: str | None = None) -> dict:
@@ -239,6 +254,9 @@ class ModelConfig:
         return hf
 
     def param_count(self) -> dict[str, int]:
+        """Parameter counts {'backbone', 'score', 'gate', 'total'}: backbone = embedding V*D + per layer
+        (q, o: 2*D*Hq*hd; k, v: 2*D*Hkv*hd; MLP 3*D*F; two norms 2*D) + final norm D; score D*2K;
+        gate 2*(D*D + D) + D*K + K."""
         d, f, v, layers = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
@@ -317,13 +335,17 @@ class DTypePolicy:
         return cls(param=None, compute=compute or cfg.torch_dtype, gate=cfg.gate_dtype)
 
     def gate_dtype(self, cfg: ModelConfig) -> str:
+        """The gate's compute dtype name: `gate`, else the checkpoint's `cfg.gate_dtype`."""
         return self.gate or cfg.gate_dtype
 
     def gate_param_dtype(self, cfg: ModelConfig) -> str:
+        """The gate's storage dtype name: `gate_param`, else its compute dtype."""
         return self.gate_param or self.gate_dtype(cfg)
 
 
 def np_dtype(name: str) -> np.dtype:
+    """numpy dtype of a dtype name or alias ('bf16' -> ml_dtypes.bfloat16, 'fp32' -> float32);
+    ConfigError for a name outside float32/bfloat16/float16."""
     import ml_dtypes
 
     return np.dtype(ml_dtypes.bfloat16) if canonical_dtype(name) == "bfloat16" else np.dtype(name)

@@ -45,10 +45,13 @@ DEMO_MARK = ".urm-jax-demo"  # in a workdir the demo made: a rerun may empty it
 
 
 def step(title: str) -> None:
+    """Print a demo step's title as a `== title` header (flushed)."""
     print(f"\n== {title}", flush=True)
 
 
 def print_verify(rows: list[dict]) -> bool:
+    """Print `verify`'s report for `rows` (one per HF tensor: differing ones, then the identical count);
+    True when every tensor is identical."""
     lines, same = format_verify(rows)
     print("\n".join(lines))
     return same
@@ -205,10 +208,12 @@ class Timings:
         self.started = time.perf_counter()
 
     def step(self, title: str):
+        """Start timing step `title` (ending the previous one) and print its header."""
         self.rows.append((title, time.perf_counter()))
         step(title)
 
     def table(self) -> str:
+        """Seconds per step and the total, one line each ('   12.3 s  title')."""
         ends = [t for _, t in self.rows[1:]] + [time.perf_counter()]
         lines = [f"{end - start:8.1f} s  {title}" for (title, start), end in zip(self.rows, ends)]
         return "\n".join(lines + [f"{time.perf_counter() - self.started:8.1f} s  total"])

@@ -123,6 +123,8 @@ def parse_pair(obj: Any) -> tuple[Any, str, dict, dict]:
 
 
 def subset_accuracies(subsets: list[str], correct: np.ndarray) -> dict[str, dict]:
+    """Per subset name: {'section' (RewardBench section, or 'Other'), 'pairs', 'correct', 'accuracy',
+    'weight' (RewardBench's example count, None outside it)}; `correct` [N] bool per pair."""
     out: dict[str, dict] = {}
     for name in sorted(set(subsets)):
         mask = np.array([s == name for s in subsets])
@@ -183,6 +185,11 @@ def reliability(margin: np.ndarray, bins: int = 10) -> dict:
 
 def compute_metrics(subsets: list[str], reward_chosen, reward_rejected, uncertainty,
                     *, bins: int = 10) -> dict:
+    """Every eval metric from per-pair rewards [N] (chosen, rejected) and uncertainty [N]: accuracy
+    (a pair is right when chosen > rejected; ties count as wrong, as RewardBench), tie count,
+    RewardBench section scores (Lambert et al. 2024, EXAMPLE_COUNTS-weighted), per-subset accuracies,
+    accuracy of the least-uncertain x% (`uncertainty_filter`) and margin reliability in `bins`
+    equal-count bins with its ECE. Computed in float64."""
     rc, rr = np.asarray(reward_chosen, np.float64), np.asarray(reward_rejected, np.float64)
     margin = rc - rr
     correct = margin > 0  # strict, as RewardBench: a tie is not a win
@@ -200,6 +207,8 @@ def compute_metrics(subsets: list[str], reward_chosen, reward_rejected, uncertai
 
 @dataclasses.dataclass
 class EvalRun:
+    """The result of `run_eval`: the `metrics` dict (as written to metrics.json), the skipped bad
+    lines, the output directory, wall `seconds` and the compile totals within them."""
     metrics: dict
     skipped: BadLines
     out_dir: Path
@@ -300,6 +309,7 @@ def _figure():
 
 
 def plot_uncertainty_filter(metrics: dict, path: Path) -> None:
+    """Write the accuracy vs least-uncertain-x% plot of `metrics` as a PNG at `path`."""
     fig, ax = _figure()
     pts = metrics["uncertainty_filter"]
     ax.plot([p["keep_percent"] for p in pts], [100 * p["accuracy"] for p in pts], "o-", color="C0")
@@ -315,6 +325,8 @@ def plot_uncertainty_filter(metrics: dict, path: Path) -> None:
 
 
 def plot_reliability(metrics: dict, path: Path) -> None:
+    """Write the reliability plot of `metrics` (bin accuracy vs sigmoid(|margin|), with the ECE) as a
+    PNG at `path`."""
     fig, ax = _figure()
     rows = metrics["reliability"]["bins"]
     x = [r["abs_margin_mean"] for r in rows]
@@ -335,6 +347,8 @@ def plot_reliability(metrics: dict, path: Path) -> None:
 
 
 def format_summary(run: EvalRun) -> str:
+    """The lines `urm-jax eval` prints: pairs and accuracy, RewardBench sections and score, Other
+    subsets, accuracy of the least uncertain x%, ECE, and where the outputs went."""
     m = run.metrics
     rb = m["rewardbench"]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731

@@ -32,6 +32,7 @@ class BadLines:
     entries: list[dict] = dataclasses.field(default_factory=list)
 
     def add(self, line: int, error: str, example_id: Any = None) -> None:
+        """Record bad line `line` (1-based) with its error message (and the example's id, if any)."""
         entry = {"line": line, "error": error}
         if example_id is not None:
             entry["id"] = example_id
@@ -41,11 +42,13 @@ class BadLines:
         return len(self.entries)
 
     def summary(self, show: int = 5) -> str:
+        """One line: '<path>: skipped N bad line(s) (line 3: ...; ...)', the first `show` listed."""
         head = "; ".join(f"line {e['line']}: {e['error']}" for e in self.entries[:show])
         more = f"; ... {len(self) - show} more" if len(self) > show else ""
         return f"{self.path}: skipped {len(self)} bad line(s) ({head}{more})"
 
     def write(self, path: str | Path) -> None:
+        """Write every entry as a JSONL line {"line", "error"[, "id"]} to `path`, atomically."""
         with atomic_file(path) as out:
             for entry in self.entries:
                 out.write(dumps(entry) + "\n")

@@ -324,6 +324,8 @@ def xla_bytes(cfg: ModelConfig, train: TrainConfig, mesh_shape: tuple[int, int, 
 
 
 def format_table(est: dict, hbm: float | None = None, chip: str | None = None) -> list[str]:
+    """The lines `urm-jax memory` prints for an `estimate` dict: the setup, each component in decimal GB
+    per device, and the total (with the share of `hbm` bytes left free when given)."""
     data, fsdp, tensor = est["mesh"]
     lines = [f"stage {est['stage']}, {est['num_devices']} devices, mesh data={data} fsdp={fsdp} "
              f"tensor={tensor}, remat {est['remat']}, {est['attention']} attention,",

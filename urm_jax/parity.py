@@ -44,6 +44,10 @@ TOLERANCES = {
 
 @dataclasses.dataclass
 class ParityReport:
+    """What `urm-jax parity` found: `rows` sequences of `lengths` (min, max) tokens, the compute and gate
+    dtypes, the reference used, `max_abs` and `max_rel` per output (reward, means, log_stds, gate;
+    relative = max |jax - hf| / max |hf|), the `tolerance` on max_rel, golden checks, the attention
+    run, and `pooling` (why the two sides pooled different tokens, if they did)."""
     rows: int
     lengths: tuple[int, int]
     compute_dtype: str
@@ -58,10 +62,13 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
+        """Whether both sides pooled the same tokens, every output's max_rel is within tolerance, and every
+        golden reward matched."""
         return self.pooling is None and all(v <= self.tolerance for v in self.max_rel.values()) and all(
             g["ok"] for g in self.golden)
 
     def format(self) -> str:
+        """The report as the text `urm-jax parity` prints, one output per line."""
         lines = [f"reference: {self.reference}",
                  f"{self.rows} sequences, {self.lengths[0]}..{self.lengths[1]} tokens; "
                  f"compute {self.compute_dtype}, gate {self.gate_dtype}, attention "
@@ -146,6 +153,8 @@ def synthetic_sequences(cfg: ModelConfig, long_length: int, seed: int = 0) -> li
 
 
 def default_long_length(cfg: ModelConfig, cap: int = 1024) -> int:
+    """Tokens of parity's long synthetic row: 4 x the RoPE original context (64 when unset) + 37, capped
+    at `cap` and at max_position_embeddings (past the original context, where RoPE scaling acts)."""
     orig = cfg.rope.original_max_position_embeddings or 64
     return int(min(4 * orig + 37, cap, cfg.max_position_embeddings))
 

@@ -88,6 +88,7 @@ class CompiledMemory:
 
     @classmethod
     def of(cls, compiled) -> "CompiledMemory":
+        """Read a compiled program's memory analysis (bytes per chip)."""
         m = compiled.memory_analysis()
         return cls(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
                    int(m.temp_size_in_bytes), int(m.generated_code_size_in_bytes))
@@ -95,6 +96,8 @@ class CompiledMemory:
 
 @dataclasses.dataclass(frozen=True)
 class ProgramPlan:
+    """One compiled program of a plan ('train step' or 'feature pass'): its memory per chip (None when
+    the compiler refused it, with its words in `refused`) and the compile time in seconds."""
     name: str  # "train step" | "feature pass"
     memory: CompiledMemory | None  # None: the compiler refused the program (`refused`)
     compile_seconds: float
@@ -114,6 +117,7 @@ class Plan:
 
     @property
     def hbm(self) -> float:
+        """HBM bytes of one chip of the topology (decimal, as `urm_jax.memory.CHIPS` lists)."""
         return CHIPS[self.chip]
 
     @property
@@ -131,10 +135,12 @@ class Plan:
 
     @property
     def refused(self) -> list[ProgramPlan]:
+        """The programs the compiler refused for the chip (empty when all compiled)."""
         return [p for p in self.programs if p.refused]
 
     @property
     def fits(self) -> bool:
+        """Whether every program compiled and the peak program's memory fits one chip's HBM."""
         return not self.refused and self.peak.memory.total <= self.hbm
 
     def to_dict(self) -> dict:

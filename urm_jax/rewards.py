@@ -78,6 +78,7 @@ class RewardClient:
         return {**self.__dict__, "_client": None}
 
     def close(self) -> None:
+        """Close the HTTP connection pool (idempotent; the next call opens a new one)."""
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -185,6 +186,11 @@ class RewardFunction:
         return {"text": text}
 
     def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
+        """Rewards for TRL-style reward-function calls: `prompts` and `completions` (strings or message
+        lists; `prompt_column` picks the prompts from the trainer's columns) -> list of float
+        reward - std_penalty * sqrt(uncertainty), one per completion. ValueError naming the completion
+        for a bad pair or a non-finite reward; logs urm/reward and urm/uncertainty means when the trainer
+        passes `log_metric`."""
         if self.prompt_column is not None:
             if self.prompt_column not in kwargs:
                 raise ValueError(f"prompt_column {self.prompt_column!r} is not among the trainer's "

@@ -47,6 +47,8 @@ class AxisRules:
             raise ValueError(f"logical axes with two rules: {sorted(dup)}")
 
     def mesh_axes(self, logical: str | None):
+        """The mesh axis (a name, a tuple of names, or None: replicated) a logical axis maps to; None for
+        None. KeyError for a logical axis without a rule."""
         if logical is None:
             return None
         for name, target in self.rules:
@@ -167,4 +169,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int],
                    rules: AxisRules | None = None) -> NamedSharding:
+    """NamedSharding on `mesh` for an array of `shape` with these logical axes, by `rules` (default
+    `AxisRules()`; mesh axes that do not divide a dim are dropped, see `AxisRules.spec`)."""
     return NamedSharding(mesh, (rules or AxisRules()).spec(logical_axes, mesh, shape))

@@ -113,6 +113,7 @@ class Fields:
                           f"got {shown(value)}")
 
     def has(self, key: str) -> bool:
+        """Whether the object has the field `key` (null counts as present)."""
         return key in self.data
 
     def _get(self, key: str, default: Any, null_ok: bool, expected: str) -> tuple[bool, Any]:
