@@ -18,6 +18,7 @@ from urm_jax.hf.verify import format_verify, verify
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `python -m convert` parser: subcommands from_hf, to_hf, verify and init with their options."""
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -84,12 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse `argv` (default sys.argv[1:]) and `run` it, library notices shown as one
+    `warning:` line each. Returns the exit code (0 ok, 1 verify found a difference, 2 bad input)."""
     args = build_parser().parse_args(argv)
     with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
         return run(args)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run one parsed command. Prints `wrote OUT_DIR` (from_hf, to_hf, init) or verify's report, and
+    returns 0, or 1 when verify finds a tensor that differs; bad input (USER_ERRORS: a missing or
+    corrupt checkpoint, a config field out of range, an existing output without --overwrite, a full
+    disk) prints one `error:` line and returns 2."""
     try:
         if args.command == "verify":
             lines, same = format_verify(verify(args.hf_dir, args.ckpt_dir,

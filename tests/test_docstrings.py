@@ -76,7 +76,7 @@ def test_checker_finds_a_missing_docstring():
         "    def __init__(self):\n        pass\n"
     )
     found = list(_missing_in(ast.parse(source).body, "", "x.py"))
-    assert found == ["x.py:1 f", "x.py:7 C.p", "x.py:10 C.__call__"]
+    assert found == ["x.py:1 f", "x.py:8 C.p", "x.py:10 C.__call__"]
 
 
 if __name__ == "__main__":  # count per package: python tests/test_docstrings.py
