@@ -184,7 +184,8 @@ class CompileMeter:
     def start(self) -> "CompileMeter":
         self._install()
         with self._lock:
-            self._active.append(self)
+            if self not in self._active:  # starting an active meter again counts nothing twice
+                self._active.append(self)
         return self
 
     def stop(self) -> CompileTotals:
