@@ -102,9 +102,17 @@ def test_an_unreadable_stored_program_is_compiled_again(model, tmp_path):
     programs[1].write_bytes(b"something else")
     again = probe(SCORE, model, cache=cache)
     assert "unreadable stored program" in again["stderr"]
-    assert count(again, "load_duration") == 1 and count(again, "save_duration") == 2
+    assert count(again, "load_duration") == 1 and count(again, "jaxpr_trace_duration:forward_batch") == 2
     assert again["result"]["reward"] == cold["result"]["reward"]
-    assert count(probe(SCORE, model, cache=cache), "load_duration") == 3  # rewritten whole
+    # JAX's cache served the two again; an executable it deserialised is not stored (XLA:CPU
+    # cannot serialise it whole), so the next run finds them there again, and scores the same.
+    assert count(again, "save_duration") == 0
+    third = probe(SCORE, model, cache=cache)
+    assert count(third, "load_duration") == 1 and third["result"]["reward"] == cold["result"]["reward"]
+    for entry in cache.glob("jit_forward_batch-*"):  # once JAX's entries are gone, XLA compiles
+        entry.unlink()                               # them and they are stored whole again
+    probe(SCORE, model, cache=cache)
+    assert count(probe(SCORE, model, cache=cache), "load_duration") == 3
 
 
 def test_another_architecture_or_mesh_never_loads_a_stored_program(model, tmp_path):

@@ -209,6 +209,23 @@ _memo_lock = threading.Lock()
 _environment: str | None = None
 
 
+_jax_cache_served = threading.local()  # programs JAX's cache served in this thread
+_hit_counter_installed = False
+
+
+def _count_jax_cache_hit(name: str, **_) -> None:
+    if name == _JAX_CACHE_HIT:
+        _jax_cache_served.count = getattr(_jax_cache_served, "count", 0) + 1
+
+
+def _install_hit_counter() -> None:
+    global _hit_counter_installed
+    with CompileMeter._lock:
+        if not _hit_counter_installed:
+            jax.monitoring.register_event_listener(_count_jax_cache_hit)
+            _hit_counter_installed = True
+
+
 def program_dir() -> Path | None:
     """Where `stored_jit` keeps programs: `programs/` of the enabled cache directory; None when
     the cache is off or the job has several processes (then JAX's cache alone serves)."""
@@ -291,6 +308,7 @@ class StoredJit:
         self.jitted, self.name, self.static_argnums = jitted, name, tuple(static_argnums)
         self.key = stable_repr(key)
         self.__wrapped__ = jitted
+        _install_hit_counter()
 
     def __call__(self, *args):
         static = tuple(args[i] for i in self.static_argnums)
@@ -337,8 +355,11 @@ class StoredJit:
                 os.utime(path)  # recently used: evicted last
                 jax.monitoring.record_event_duration_secs(STORE_LOAD, time.perf_counter() - started)
                 return compiled
+        served_before = getattr(_jax_cache_served, "count", 0)
         compiled = self.jitted.lower(*args).compile()
-        if path is not None:
+        # An XLA:CPU executable that JAX's cache deserialised does not serialise again whole (the
+        # copy fails at run time: "Function ... not found"): store only what XLA compiled here.
+        if path is not None and getattr(_jax_cache_served, "count", 0) == served_before:
             self._save(compiled, path)
         return compiled
 
