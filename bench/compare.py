@@ -25,7 +25,8 @@ Comparisons (sizes: the full run; --quick shrinks everything to a smoke test):
   easydel  the forward pass vs EasyDeL 0.3.0 (same Llama shape; EasyDeL's default bf16
            attention and its float32 attention).
   compile  `urm-jax score` and a resumed `urm-jax train`, each run twice in fresh processes
-           on one new compilation cache: compile seconds cold / warm, whole-process wall.
+           on one new compilation cache: compile seconds cold / warm per phase (trace, lower,
+           XLA, cache load, save), whole-process wall.
   convert  `convert from_hf` and `to_hf` vs `cp -r` of the same bytes and vs transformers
            load + save_pretrained, warm and cold page cache, peak RSS.
 
@@ -296,35 +297,105 @@ def compile_seconds(log: Path) -> float:
     return float(found[-1]) if found else float("nan")
 
 
+PHASES = ("trace", "lower", "xla", "load", "save")
+
+
+def compile_phases(log: Path) -> dict:
+    """The last `CompileTotals.describe()` line of a log: total seconds, programs, cache hits and
+    seconds per phase (trace / lower / xla / load / save; a phase under 0.05 s reads 0)."""
+    import re
+
+    text = log.read_text() if log.exists() else ""
+    found = re.findall(r"compile ([0-9.]+) s \((\d+) programs(?:, (\d+) from the cache)?(?:; ([^)]*))?\)", text)
+    if not found:
+        return {"seconds": float("nan"), "programs": 0, "hits": 0} | {k: float("nan") for k in PHASES}
+    total, programs, hits, parts = found[-1]
+    phases = {k: 0.0 for k in PHASES} | {k: float(v) for k, v in (p.split() for p in parts.split(", ") if p)}
+    return {"seconds": float(total), "programs": int(programs), "hits": int(hits or 0)} | phases
+
+
+def resume_source(shape: dict, work: Path) -> tuple[Path, list[str]]:
+    """A stage-1 run stopped at step 2 (checkpoint 2), trained with no compilation cache, and the
+    `urm-jax train` arguments that resume it to step 4 (the run directory is copied first)."""
+    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+    from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
+
+    model_shape = {k: v for k, v in (SHAPE | shape).items() if k not in ("vocab_size", "pad_token_id")}
+    base = write_random_hf(work / "resume-hf", llama3_hf_config(**model_shape), dtype="float32",
+                           gate_dtype="float16", tokenizer_dir=cached_llama3_tokenizer_dir(), overwrite=True,
+                           progress=False)
+    source = work / "resume-source"
+    shutil.rmtree(source, ignore_errors=True)
+    common = [str(REPO / "configs/train/tiny_stage1.yaml"), f"model={base}", "checkpoint.every_steps=2",
+              "checkpoint.async_save=false", "plot=false", "tensorboard=false"]
+    cli = [sys.executable, "-m", "urm_jax.cli", "train"]
+    got = run_process(cli + common + [f"output_dir={source}", "max_steps=2"],
+                      env={"URM_JAX_COMPILATION_CACHE": "off", "PYTHONPATH": str(REPO)},
+                      log=work / "compile-resume-source.log")
+    if got["returncode"]:
+        raise RuntimeError(f"the run to resume failed; see {work / 'compile-resume-source.log'}")
+    return source, cli[:-1] + ["train", "--allow-config-change", "max_steps"] + common + ["max_steps=4"]
+
+
 def compare_compile(args, shape: dict, work: Path) -> None:
+    """`urm-jax score` and a resumed `urm-jax train` (2 steps on from checkpoint 2), each run cold
+    (a new cache) then warm (the same cache) in fresh processes, the commands interleaved; compile
+    seconds per phase as each command's CompileMeter line reports them."""
     from urm_jax.data.datasets import synthetic_helpsteer_lengths
 
-    ckpt = random_checkpoint(work / "compile-hf", gate_dtype="float16", pad_token_id=shape["vocab_size"] - 1,
-                             **shape)
+    ckpt = random_checkpoint(work / "compile-hf", gate_dtype="float16", pad_token_id=shape.get(
+        "vocab_size", SHAPE["vocab_size"]) - 1, **shape)
     rng = np.random.default_rng(0)
     lengths = synthetic_helpsteer_lengths(args.mix_rows, seed=0, max_length=args.mix_max)
-    ids = write_ids(work / "compile-ids.jsonl", [rng.integers(4, shape["vocab_size"] - 2, int(n)).tolist()
-                                                for n in lengths])
-    cli = [sys.executable, "-m", "urm_jax.cli"]
-    rows = []
+    ids = write_ids(work / "compile-ids.jsonl", [rng.integers(4, shape.get("vocab_size", SHAPE["vocab_size"]) - 2,
+                                                              int(n)).tolist() for n in lengths])
+    source, resume = resume_source(shape, work)
+    run_dir = work / "compile-resume-run"
+
+    def resume_command() -> list[str]:  # a fresh copy of the stopped run, at one path (cold and warm alike)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(source, run_dir)
+        return resume + [f"output_dir={run_dir}"]
+
+    commands = {
+        "urm-jax score": lambda: [sys.executable, "-m", "urm_jax.cli", "score", "--model", str(ckpt), "--input",
+                                  str(ids), "--output", str(work / "compile-out.jsonl"), "--no-progress",
+                                  "--overwrite", "--max-length", str(args.mix_max)],
+        "urm-jax train (resume)": resume_command,
+    }
+    rows, summary = [], {}
     for attempt in range(args.compile_reps):
-        cache = work / f"jax-cache-{attempt}"
-        shutil.rmtree(cache, ignore_errors=True)
-        env = {"URM_JAX_COMPILATION_CACHE": str(cache), "PYTHONPATH": str(REPO)}
-        for phase in ("cold", "warm"):
-            log = work / f"compile-score-{attempt}-{phase}.log"
-            log.unlink(missing_ok=True)
-            got = run_process(cli + ["score", "--model", str(ckpt), "--input", str(ids), "--output",
-                                     str(work / "compile-out.jsonl"), "--no-progress",
-                                     "--max-length", str(args.mix_max)], env=env, log=log)
-            rows.append(["urm-jax score", attempt + 1, phase, f"{compile_seconds(log):.1f}",
-                         f"{got['wall_s']:.1f}", f"{got['cpu_s']:.1f}", f"{got['peak_rss_mb']:.0f}",
-                         got["returncode"]])
-            say(f"[compile] score {phase}: {rows[-1]}")
-    table(f"Compile time, `urm-jax score` of {args.mix_rows} HelpSteer2-like rows (max {args.mix_max}) in fresh "
-          f"processes on one new cache dir each attempt, {param_text(shape)}",
-          ["command", "attempt", "cache", "compile s", "process wall s", "process CPU s", "peak RSS MB", "exit"],
-          rows)
+        names = list(commands) if attempt % 2 == 0 else list(commands)[::-1]
+        for name in names:
+            cache = work / f"jax-cache-{attempt}-{name.split()[1]}"
+            shutil.rmtree(cache, ignore_errors=True)
+            env = {"URM_JAX_COMPILATION_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+            for phase in ("cold", "warm"):
+                log = work / f"compile-{name.split()[1]}-{attempt}-{phase}.log"
+                log.unlink(missing_ok=True)
+                got = run_process(commands[name](), env=env, log=log)
+                ph = compile_phases(log)
+                summary.setdefault((name, phase), []).append(ph["seconds"])
+                rows.append([name, attempt + 1, phase, f"{ph['seconds']:.2f}",
+                             *(f"{ph[k]:.2f}" for k in PHASES), f"{ph['programs']} / {ph['hits']}",
+                             f"{got['wall_s']:.1f}", f"{got['cpu_s']:.1f}", f"{os.getloadavg()[0]:.1f}",
+                             got["returncode"]])
+                RESULTS.setdefault("compile", []).append({"command": name, "attempt": attempt + 1, "cache": phase,
+                                                          **ph, **got, "load1": os.getloadavg()[0]})
+                say(f"[compile] {name} {phase}: {rows[-1]}")
+    table(f"Compile time, `urm-jax score` of {args.mix_rows} HelpSteer2-like rows (max {args.mix_max}) and a "
+          f"stage-1 `urm-jax train` resumed from step 2 to 4, fresh processes, a new cache dir per command and "
+          f"attempt (cold, then warm), {param_text(shape)}; phases as CompileMeter reports them (trace: Python "
+          f"to jaxpr; lower: to StableHLO; xla: XLA compile; load: programs read from the caches; save: programs "
+          f"stored)",
+          ["command", "attempt", "cache", "compile s", *(f"{k} s" for k in PHASES), "programs / from cache",
+           "process wall s", "process CPU s", "load 1 min", "exit"], rows)
+    ratios = [[name, f"{statistics.median(summary[(name, 'warm')]):.2f} / "
+               f"{statistics.median(summary[(name, 'cold')]):.2f}",
+               f"**{statistics.median(summary[(name, 'warm')]) / statistics.median(summary[(name, 'cold')]):.1%}**"]
+              for name in commands]
+    table("Warm start: compile seconds warm / cold (medians over attempts; target < 10%)",
+          ["command", "warm / cold s", "warm as % of cold"], ratios)
 
 
 # --- (f) conversion ------------------------------------------------------------------------------

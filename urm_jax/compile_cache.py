@@ -10,19 +10,39 @@ default 8) with least-recently-used eviction, which also makes JAX take a file l
 read and write: several processes (hosts of a job sharing a directory, parallel scoring jobs)
 can use one cache safely. A cache entry that cannot be read only costs a recompile (JAX warns).
 
-`CompileMeter` adds up the time JAX spends tracing, lowering and compiling (and counts programs
-served from the cache) while it is active, so logs and benchmarks report compile time apart from
-run time.
+JAX's cache still traces and lowers every program before it can look it up (its key is a hash of
+the lowered module): for a training step or a scoring forward that is most of a warm start.
+`stored_jit` skips both: it saves each compiled program whole (`jax.experimental.
+serialize_executable`) under a key computed without tracing (the caller's description of the
+function, the argument shapes/dtypes/shardings, the urm-jax sources, library versions, devices,
+XLA flags and JAX's tracing configuration), in `programs/` of the cache directory, and a warm
+start loads it directly. Single-process runs only (a multi-host job uses JAX's cache alone).
+Loading a program runs native code from the cache directory, as JAX's own cache does: the cache
+belongs to the user, and `URM_JAX_COMPILATION_CACHE=off` turns both off.
+
+`CompileMeter` adds up the time JAX spends tracing, lowering and compiling, and loading or saving
+programs from either cache, per phase (and counts programs served from the caches) while it is
+active, so logs and benchmarks report compile time apart from run time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
+import logging
 import os
+import pickle
+import re
 import threading
+import time
+import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
+from jax._src import config as jax_config  # trace_context: the config values tracing reads
+from jax.experimental import serialize_executable
 
 ENV_DIR = "URM_JAX_COMPILATION_CACHE"
 ENV_SIZE_GB = "URM_JAX_COMPILATION_CACHE_GB"
@@ -31,11 +51,19 @@ DEFAULT_SIZE_GB = 8.0
 # Programs that compile faster than this are not worth a disk round trip (JAX's default is 1 s;
 # the small scoring shapes of a tiny model compile in ~0.1-0.5 s and are still worth keeping).
 MIN_COMPILE_SECONDS = 0.1
+PROGRAMS = "programs"  # stored_jit's subdirectory of the cache directory
+_FORMAT = b"urm-jax program 1\n"
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_TRACE = "/jax/core/compile/jaxpr_trace_duration"
+_LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_BACKEND = "/jax/core/compile/backend_compile_duration"  # XLA compile, or JAX's cache key + read
+_JAX_CACHE_READ = "/jax/compilation_cache/cache_retrieval_time_sec"  # within _BACKEND, on a hit
+_JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_JAX_CACHE_MISS = "/jax/compilation_cache/cache_misses"
+STORE_LOAD = "/urm_jax/program_store/load_duration"  # a program loaded whole by stored_jit
+STORE_SAVE = "/urm_jax/program_store/save_duration"  # a compiled program serialised and written
+logger = logging.getLogger("urm_jax.compile_cache")
+_max_bytes = int(DEFAULT_SIZE_GB * 1e9)
 
 
 def default_dir() -> Path:
@@ -65,27 +93,50 @@ def enable(path: str | Path | None = None) -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", int(size_gb * 1e9))
+    global _max_bytes
+    _max_bytes = int(size_gb * 1e9)
     return directory
 
 
 @dataclasses.dataclass
 class CompileTotals:
-    """Seconds spent tracing + lowering + compiling, programs compiled, programs loaded from
-    the persistent cache."""
+    """Where compile time went, in seconds: tracing Python to a jaxpr, lowering it to StableHLO,
+    XLA compiling (programs no cache had), loading programs from a cache (JAX's: key + read +
+    deserialise; `stored_jit`'s: read + deserialise, with no trace or lowering before it) and
+    saving programs to `stored_jit`'s store. `compiles`: programs XLA compiled; `cache_hits`:
+    programs loaded from either cache; `cache_misses`: lookups in JAX's cache that found nothing."""
 
-    seconds: float = 0.0
+    trace: float = 0.0
+    lower: float = 0.0
+    xla: float = 0.0
+    load: float = 0.0
+    save: float = 0.0
     compiles: int = 0
     cache_hits: int = 0
+    cache_misses: int = 0
+
+    @property
+    def seconds(self) -> float:
+        """Everything above: the time a run spent before its programs could run."""
+        return self.trace + self.lower + self.xla + self.load + self.save
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase (JSON-ready)."""
+        return {"trace": self.trace, "lower": self.lower, "xla": self.xla, "load": self.load,
+                "save": self.save}
 
     def describe(self) -> str:
         """One phrase for logs: 'compile 12.3 s (4 programs, 2 from the cache)'."""
         hits = f", {self.cache_hits} from the cache" if self.cache_hits else ""
-        return f"compile {self.seconds:.1f} s ({self.compiles} programs{hits})"
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in self.phases().items() if v >= 0.05)
+        return (f"compile {self.seconds:.1f} s ({self.compiles + self.cache_hits} programs{hits}"
+                f"{f'; {parts}' if parts else ''})")
 
 
 class CompileMeter:
-    """Adds up JAX's compile-time events (all threads) while active; use as a context manager
-    or call `start`/`stop`. `totals` is readable at any time."""
+    """Adds up JAX's compile-time events and `stored_jit`'s loads and saves (all threads) per
+    phase while active; use as a context manager or call `start`/`stop`. `totals` is readable
+    at any time."""
 
     _lock = threading.Lock()
     _active: list["CompileMeter"] = []
@@ -105,22 +156,38 @@ class CompileMeter:
 
     @classmethod
     def _on_duration(cls, name: str, seconds: float, **_) -> None:
-        if name in _COMPILE_EVENTS:
-            for meter in list(cls._active):
-                meter.totals.seconds += seconds
-                meter.totals.compiles += name == _COMPILE_EVENTS[-1]
+        for meter in list(cls._active):
+            t = meter.totals
+            if name == _TRACE:
+                t.trace += seconds
+            elif name == _LOWER:
+                t.lower += seconds
+            elif name == _BACKEND:  # a JAX cache hit's read was reported (as load) before
+                t.xla += seconds
+                t.compiles += 1
+            elif name == _JAX_CACHE_READ:
+                t.load += seconds
+                t.xla -= seconds
+            elif name == STORE_LOAD:
+                t.load += seconds
+                t.cache_hits += 1
+            elif name == STORE_SAVE:
+                t.save += seconds
 
     @classmethod
     def _on_event(cls, name: str, **_) -> None:
-        if name == _CACHE_HIT_EVENT:
-            for meter in list(cls._active):
+        for meter in list(cls._active):
+            if name == _JAX_CACHE_HIT:
                 meter.totals.cache_hits += 1
-
+                meter.totals.compiles -= 1  # the backend event that follows counts it back
+            elif name == _JAX_CACHE_MISS:
+                meter.totals.cache_misses += 1
     def start(self) -> "CompileMeter":
         """Count compile events from now on (JAX monitoring listeners, installed once); returns self."""
         self._install()
         with self._lock:
-            self._active.append(self)
+            if self not in self._active:  # starting an active meter again counts nothing twice
+                self._active.append(self)
         return self
 
     def stop(self) -> CompileTotals:
@@ -135,3 +202,205 @@ class CompileMeter:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# --- whole programs, loaded without tracing ----------------------------------------------------
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_memo: dict[tuple, Any] = {}  # (key, static args, argument signature) -> Compiled, this process
+_memo_lock = threading.Lock()
+_environment: str | None = None
+
+
+_jax_cache_served = threading.local()  # programs JAX's cache served in this thread
+_hit_counter_installed = False
+
+
+def _count_jax_cache_hit(name: str, **_) -> None:
+    if name == _JAX_CACHE_HIT:
+        _jax_cache_served.count = getattr(_jax_cache_served, "count", 0) + 1
+
+
+def _install_hit_counter() -> None:
+    global _hit_counter_installed
+    with CompileMeter._lock:
+        if not _hit_counter_installed:
+            jax.monitoring.register_event_listener(_count_jax_cache_hit)
+            _hit_counter_installed = True
+
+
+def program_dir() -> Path | None:
+    """Where `stored_jit` keeps programs: `programs/` of the enabled cache directory; None when
+    the cache is off or the job has several processes (then JAX's cache alone serves)."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory or jax.process_count() > 1:
+        return None
+    return Path(directory) / PROGRAMS
+
+
+def _sources_digest() -> str:
+    """sha256 of every urm-jax source file: any change to the code that is traced makes every
+    stored program stale."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _environment_key() -> str:
+    """What every program depends on besides its own description, once per process: library
+    versions, the urm-jax sources, the backend and its devices, XLA flags."""
+    global _environment
+    if _environment is None:
+        versions = []
+        for package in ("jax", "jaxlib", "flax", "optax", "numpy", "ml_dtypes"):
+            try:
+                versions.append((package, importlib.metadata.version(package)))
+            except importlib.metadata.PackageNotFoundError:
+                versions.append((package, None))
+        backend = jax.devices()[0].client
+        devices = [(d.id, d.device_kind, d.process_index) for d in jax.devices()]
+        flags = [(k, os.environ.get(k)) for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")]
+        _environment = repr((_FORMAT, versions, _sources_digest(), backend.platform,
+                             backend.platform_version, devices, flags))
+    return _environment
+
+
+def stable_repr(value) -> str:
+    """repr(value) for a cache key; ValueError when it holds an object address (a repr that
+    differs run to run would never hit, and would not say what the object is)."""
+    text = repr(value)
+    if _ADDRESS.search(text):
+        raise ValueError(f"not a stable key (an object address in its repr): {text[:200]}")
+    return text
+
+
+def _sharding_key(sharding) -> tuple:
+    assignment = getattr(sharding, "_device_assignment", ())
+    return repr(sharding), tuple(d.id for d in assignment)
+
+
+def _leaf_signature(x) -> tuple:
+    sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+    return (tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)),
+            bool(getattr(x, "weak_type", False)), sharding)
+
+
+def _evict(directory: Path, limit: int) -> None:
+    """Remove the least recently used programs until the store holds at most `limit` bytes."""
+    entries = []
+    for path in directory.glob("*.program"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed by another process
+            continue
+        entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+
+
+class StoredJit:
+    """A jitted function whose compiled programs are stored whole (see `stored_jit`)."""
+
+    def __init__(self, jitted, name: str, key, static_argnums: tuple[int, ...]):
+        self.jitted, self.name, self.static_argnums = jitted, name, tuple(static_argnums)
+        self.key = stable_repr(key)
+        self.__wrapped__ = jitted
+        _install_hit_counter()
+
+    def __call__(self, *args):
+        static = tuple(args[i] for i in self.static_argnums)
+        dynamic = tuple(a for i, a in enumerate(args) if i not in self.static_argnums)
+        leaves, treedef = jax.tree.flatten(dynamic)
+        context = _ADDRESS.sub("", repr(jax_config.trace_context()))
+        memo_key = (self.key, static, treedef, tuple(_leaf_signature(x) for x in leaves), context)
+        compiled = _memo.get(memo_key)
+        if compiled is None:
+            with _memo_lock:
+                compiled = _memo.get(memo_key)
+                if compiled is None:
+                    compiled = _memo[memo_key] = self._load_or_compile(args, static, treedef, leaves,
+                                                                       context)
+        return compiled(*dynamic)
+
+    def _path(self, directory: Path, static, treedef, leaves, context) -> Path:
+        signature = [(s, d, w, _sharding_key(sh) if sh is not None else None) for s, d, w, sh in
+                     (_leaf_signature(x) for x in leaves)]
+        text = "\0".join([_environment_key(), self.name, self.key, stable_repr(static),
+                          str(treedef), repr(signature), context])
+        return directory / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()}.program"
+
+    def _load_or_compile(self, args, static, treedef, leaves, context):
+        directory = program_dir()
+        try:
+            path = None if directory is None else self._path(directory, static, treedef, leaves, context)
+        except ValueError as err:  # an unstable static argument: JAX's cache still serves
+            logger.debug("%s: not stored: %s", self.name, err)
+            path = None
+        if path is not None and path.exists():
+            started = time.perf_counter()
+            try:
+                data = path.read_bytes()
+                if not data.startswith(_FORMAT):
+                    raise ValueError("not a urm-jax program file")
+                payload, in_tree, out_tree = pickle.loads(data[len(_FORMAT):])
+                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            except Exception as err:  # noqa: BLE001 - any unreadable entry only costs a compile
+                warnings.warn(f"{path}: unreadable stored program ({type(err).__name__}: {err}); "
+                              "compiling it again")
+                path.unlink(missing_ok=True)
+            else:
+                os.utime(path)  # recently used: evicted last
+                jax.monitoring.record_event_duration_secs(STORE_LOAD, time.perf_counter() - started)
+                return compiled
+        served_before = getattr(_jax_cache_served, "count", 0)
+        compiled = self.jitted.lower(*args).compile()
+        # An XLA:CPU executable that JAX's cache deserialised does not serialise again whole (the
+        # copy fails at run time: "Function ... not found"): store only what XLA compiled here.
+        if path is not None and getattr(_jax_cache_served, "count", 0) == served_before:
+            self._save(compiled, path)
+        return compiled
+
+    def _save(self, compiled, path: Path) -> None:
+        started = time.perf_counter()
+        try:
+            payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+            data = _FORMAT + pickle.dumps((payload, in_tree, out_tree), protocol=pickle.HIGHEST_PROTOCOL)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)  # readers see a whole file or none
+            finally:
+                tmp.unlink(missing_ok=True)
+            _evict(path.parent, _max_bytes)
+        except Exception as err:  # noqa: BLE001 - a program that cannot be stored still runs
+            logger.warning("%s: could not store the compiled program in %s (%s: %s)", self.name,
+                           path.parent, type(err).__name__, err)
+        jax.monitoring.record_event_duration_secs(STORE_SAVE, time.perf_counter() - started)
+
+
+def stored_jit(jitted, *, name: str, key, static_argnums: tuple[int, ...] = ()) -> Callable:
+    """`jitted` (a `jax.jit` function), with each compiled program also stored whole in the
+    cache directory, so a later process with the same key loads it without tracing or lowering.
+
+    ``key``: a value whose repr (free of object addresses, else ValueError) describes everything
+    the traced function reads besides its arguments: its configuration, closed-over settings,
+    the mesh and sharding rules active while it traces. The stored program is found by that,
+    ``name``, the static arguments' reprs, every dynamic argument's shape, dtype, weak type and
+    sharding (with device ids), JAX's tracing configuration, the urm-jax sources and the versions
+    of jax, jaxlib, flax, optax, numpy, the backend, devices and XLA flags. ``static_argnums``
+    must match `jitted`'s. Calls take the same arguments as `jitted`; keyword arguments are not
+    supported. Without an enabled cache, or with several processes, this is `jitted` itself."""
+    if program_dir() is None:
+        return jitted
+    try:
+        return StoredJit(jitted, name, key, static_argnums)
+    except ValueError as err:  # an unstable key would never hit: JAX's cache alone serves
+        logger.warning("%s: compiled programs not stored: %s", name, err)
+        return jitted

@@ -114,6 +114,13 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
         return Mesh(grid, MESH_AXES, axis_types=types)
 
 
+def mesh_key(mesh: Mesh) -> tuple:
+    """What identifies a mesh in a compiled-program key: axis names and sizes, axis types and
+    the device ids in mesh order (a Mesh's repr leaves the devices out)."""
+    return (tuple(mesh.shape.items()), tuple(str(t) for t in mesh.axis_types),
+            tuple(int(d.id) for d in mesh.devices.flat))
+
+
 def fit_mesh(shape: Sequence[int], devices=None) -> Mesh:
     """`shape` if it fits the devices present, else FSDP over all of them: restoring a
     checkpoint (export, a stage-2 start) must not need the mesh that trained it."""

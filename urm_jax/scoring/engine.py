@@ -45,6 +45,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from urm_jax.compile_cache import stored_jit
 from urm_jax.data.tokenization import pad_batch, render_ids
 from urm_jax.errors import DeviceMemoryError
 from urm_jax.loading import load_model, load_tokenizer
@@ -52,7 +53,7 @@ from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.scoring.fit import (BucketPlan, SequenceTooLong, available_bytes, format_bytes,
                                  longest_fitting, plan_bucket, too_long_message)
 from urm_jax.scoring.results import EnsembleScores, Scores
-from urm_jax.sharding import make_mesh, use_mesh
+from urm_jax.sharding import AxisRules, make_mesh, mesh_key, use_mesh
 
 MIN_BUCKET = 16
 logger = logging.getLogger("urm_jax.scoring")
@@ -163,6 +164,11 @@ class Scorer:
         self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
         nnx.update(self.model, self._state)
         self._graphdefs = {}  # attention implementation -> graph definition, for switched buckets
+        # Stored whole in the compilation cache: a warm start loads each shape's program without
+        # tracing or lowering the model (the graph definition, a static argument, is in the key).
+        self._forward = stored_jit(forward_batch, name="forward_batch", static_argnums=(0,),
+                                   key=("urm_jax.scoring.engine.forward_batch", mesh_key(self.mesh),
+                                        AxisRules()))
         self.compiled_shapes: set[tuple[int, int]] = set()
 
     @property
@@ -301,7 +307,7 @@ class Scorer:
             attention = self.bucket_plan(length).attention
             with use_mesh(self.mesh), self._memory_errors(ids.shape, attention):
                 # activation constraints (batch -> data) at trace time
-                out = forward_batch(self._graphdef_for(attention, length), self._state,
+                out = self._forward(self._graphdef_for(attention, length), self._state,
                                     jax.device_put(ids, self._rows), jax.device_put(mask, self._rows))
             pending.batches.append((np.asarray(idx), out))
             pending.shapes.append((*ids.shape, attention))

@@ -420,8 +420,10 @@ class TrainingRun:
     """One stage, set up: data, trainer (resumed if the run has checkpoints), metrics. `run()`
     trains to the end and writes `final/`."""
 
-    def __init__(self, cfg: TrainConfig, run: RunDirectory, setup: Setup, *, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, run: RunDirectory, setup: Setup, *, progress: bool = True,
+                 compile_meter: CompileMeter | None = None):
         self.cfg, self.dir, self.progress = cfg, run, progress
+        self.compile = compile_meter if compile_meter is not None else CompileMeter()
         self.is_main = jax.process_index() == 0
         self.mesh, self.model_cfg, tokenizer = setup.mesh, setup.model_cfg, setup.tokenizer
         log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, "
@@ -476,7 +478,7 @@ class TrainingRun:
         self.peak = peak_flops_per_device(jax.devices()[0])
         self.throughput = Throughput()
         self.window = [time.perf_counter(), 0, 0.0]  # start, tokens, flops since the last log
-        self.compile = CompileMeter().start()  # the first step's compile, reported apart
+        self.compile.start()  # compile time (up to and with the first step) is reported apart
         watch = PreemptionWatch()
         try:
             for step in range(self.start, self.total_steps):
@@ -602,8 +604,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, 
         refusal = agree(refusal)
         if refusal is not None:
             raise RunDirectoryError(refusal)
-        with _orbax_failures_reported_once():
-            return TrainingRun(cfg, run, setup, progress=progress).run()
+        # Compile time from here on: the start-up's (optimiser init, a restore, the feature
+        # pass) and the first step's, reported together once the first step is done.
+        with _orbax_failures_reported_once(), CompileMeter() as meter:
+            return TrainingRun(cfg, run, setup, progress=progress, compile_meter=meter).run()
 
 
 @contextlib.contextmanager

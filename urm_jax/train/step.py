@@ -30,12 +30,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from urm_jax.compile_cache import stored_jit
 from urm_jax.config import ModelConfig
 from urm_jax.model import lora as lora_lib
 from urm_jax.model.paths import HEAD_GROUPS, LORA, is_gate, merge, select
 from urm_jax.model.urm import ModelBinder, ModelOptions, abstract_model, init_lora, param_shardings
-from urm_jax.sharding import batch_sharding, use_mesh
-from urm_jax.train.config import OptimConfig, TrainConfig
+from urm_jax.sharding import AxisRules, batch_sharding, mesh_key, use_mesh
+from urm_jax.train.config import CheckpointConfig, OptimConfig, PlanConfig, TrainConfig
 from urm_jax.train.losses import bradley_terry_loss, finalize_metrics, regression_loss
 
 
@@ -331,6 +332,17 @@ def abstract_step_args(cfg: ModelConfig, train: TrainConfig, layout: StepLayout)
             place(frozen, layout.frozen_sh))
 
 
+def program_settings(train: TrainConfig) -> TrainConfig:
+    """`train` without the settings no compiled program reads (where the model and data come
+    from, where the run writes, logging, checkpointing, the TPU plan): the part of a training
+    configuration that keys its stored programs, so a run in another directory, or reading
+    another copy of the data, reuses them. The step's schedule reads total_steps, keyed apart."""
+    data = dataclasses.replace(train.data, train="", split="", eval=None, eval_split="", shuffle_seed=0)
+    return dataclasses.replace(train, model="", output_dir="", data=data, checkpoint=CheckpointConfig(),
+                               log_every=1, eval_every=None, tensorboard=False, plot=False,
+                               plan=PlanConfig(), epochs=1, max_steps=None)
+
+
 def build_trainer(cfg: ModelConfig, params: dict, train: TrainConfig, total_steps: int, mesh,
                   rules=None, options: ModelOptions | None = None) -> Trainer:
     """The compiled step and the sharded state for training `params` (the full pure-dict tree,
@@ -359,5 +371,9 @@ def build_trainer(cfg: ModelConfig, params: dict, train: TrainConfig, total_step
     eval_sharding = batch_sharding(mesh, rules)
     compiled_eval = jax.jit(eval_in_mesh, in_shardings=(layout.train_sh, layout.frozen_sh, eval_sharding),
                             out_shardings=replicated)
-    return Trainer(layout.step_fn, state, frozen, layout.batch_sh, layout.schedule, layout.state_sh,
-                   compiled_eval, eval_sharding)
+    # Stored whole in the compilation cache: a resumed (or repeated) run loads the step and the
+    # eval programs without tracing or lowering them. The key is everything they close over.
+    key = (cfg, program_settings(train), options, total_steps, mesh_key(mesh), rules or AxisRules())
+    return Trainer(stored_jit(layout.step_fn, name="train_step", key=("train_step", *key)), state, frozen,
+                   layout.batch_sh, layout.schedule, layout.state_sh,
+                   stored_jit(compiled_eval, name="eval_step", key=("eval_step", *key)), eval_sharding)
