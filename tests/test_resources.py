@@ -180,10 +180,13 @@ def test_out_of_memory_in_training_is_one_line_saying_what_to_change(base_model,
 
 
 def test_out_of_memory_in_scoring_is_one_line(tiny, tmp_path):
-    """512 rows of 4000 tokens in one batch: ~140 GB of attention scores."""
+    """512 rows of 4000 tokens in one batch: ~140 GB of attention scores. `--memory-budget 1000`
+    tells the batch fitting (which would otherwise shrink the batch to fit) that 1000 GB are
+    there, so the allocation reaches XLA and fails under the address-space limit."""
     source = write_jsonl(tmp_path / "long.jsonl", [{"input_ids": [5] * 4000}] * 512)
     done = urm_jax("score", "--model", tiny, "--input", source, "--output", tmp_path / "out.jsonl",
-                   "--batch-size", 512, "--no-progress", env=cli_env(1), address_space=ADDRESS_SPACE)
+                   "--batch-size", 512, "--memory-budget", 1000, "--no-progress", env=cli_env(1),
+                   address_space=ADDRESS_SPACE)
     line = one_error(done.returncode, done.stderr)
     assert "memory" in line and "--batch-size" in line, line
     assert not (tmp_path / "out.jsonl").exists()
