@@ -637,7 +637,8 @@ def test_training_on_a_malformed_file_is_one_error_line(capsys, tok_dir, tmp_pat
     data = write_jsonl(tmp_path / "train.jsonl", [hs_row(), hs_row(), '{"prompt": "x", '])
     run = tmp_path / "run"
     refused(capsys, cli_main, ["train", STAGE1, f"model={model}",
-                               f"output_dir={run}", f"data.train={data}"], f"{data}:3:", "invalid JSON",
+                               f"output_dir={run}", f"data.train={data}", "global_batch_size=8"],
+            f"{data}:3:", "invalid JSON",
             absent=[run / "final", run / "checkpoints"])
 
 

@@ -161,7 +161,9 @@ class ModelConfig:
         act = fields.str("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} unsupported (Llama uses 'silu')")
-        # tie_word_embeddings is not refused: a URM has no lm_head to tie (written false).
+        # tie_word_embeddings is not refused: a URM has no lm_head to tie (written false); it is
+        # still read as a typed field, like every other.
+        fields.bool("tie_word_embeddings", False, null_ok=True)
         for flag in ("attention_bias", "mlp_bias"):
             if fields.bool(flag, False, null_ok=True):
                 raise ConfigError(f"{source}: `{flag}: true` is not part of the URM architecture")

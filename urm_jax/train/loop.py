@@ -588,9 +588,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, 
     `urm-jax train` per directory), checks a resume against the recorded configuration
     (`allow_changes`: keys allowed to differ, or 'all') and only then writes config.yaml. Every
     process follows process 0's verdict, so a refused multi-host run stops on every host."""
-    setup = preflight(cfg)
     run = RunDirectory(cfg.output_dir)
-    check_run_outputs(cfg, run)
+    check_run_outputs(cfg, run)  # first: a run that would replace its inputs is refused as such
+    setup = preflight(cfg)
     is_main = jax.process_index() == 0
     with contextlib.ExitStack() as held:
         refusal = None
