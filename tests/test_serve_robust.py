@@ -92,8 +92,15 @@ def draining_server(ensemble, drain_timeout_s: float):
             server.stop()
 
 
-def _queued(batcher) -> int:
-    return batcher.metrics.snapshot()["gauges"]["queued_items"]
+def _hold_one_queue_two_and_stop(workers, client, server, batcher, held, pool):
+    """Request pool[:3] (held on the devices), then pool[3:7] and pool[7:11] (queued behind it),
+    then stop the server: (first, [queued...], stopping) futures."""
+    first = workers.submit(post, client, server.url, "/score", {"items": pool[:3]})
+    assert held.entered.wait(WAIT_S), "awaited the first batch on the devices"
+    queued = [workers.submit(post, client, server.url, "/score", {"items": pool[i:i + 4]}) for i in (3, 7)]
+    wait_for(lambda: batcher.metrics.snapshot()["gauges"]["queued_items"] == 8,
+             "8 sequences queued behind the held batch")
+    return first, queued, workers.submit(server.stop)
 
 
 # --- 1. shutdown with requests in flight -----------------------------------------------------------
@@ -105,11 +112,7 @@ def test_shutdown_drains_queued_and_in_flight_requests(ensemble, pool, reference
     held = HeldCollect(ensemble, monkeypatch)
     with draining_server(ensemble, drain_timeout_s=WAIT_S) as (server, batcher), \
             concurrent.futures.ThreadPoolExecutor(4) as workers:
-        first = workers.submit(post, client, server.url, "/score", {"items": pool[:3]})
-        assert held.entered.wait(WAIT_S), "awaited the first batch on the devices"
-        queued = [workers.submit(post, client, server.url, "/score", {"items": pool[i:i + 4]}) for i in (3, 7)]
-        wait_for(lambda: _queued(batcher) == 8, "8 sequences queued behind the held batch")
-        stopping = workers.submit(server.stop)
+        first, queued, stopping = _hold_one_queue_two_and_stop(workers, client, server, batcher, held, pool)
         wait_for(lambda: batcher.draining, "the server to start draining")
         with pytest.raises(httpx.ConnectError):  # no longer accepting
             httpx.post(f"{server.url}/score", json={"items": pool[:1]}, timeout=WAIT_S)
@@ -129,11 +132,7 @@ def test_shutdown_past_the_drain_time_answers_queued_requests_503_unscored(ensem
     held = HeldCollect(ensemble, monkeypatch)
     with draining_server(ensemble, drain_timeout_s=0) as (server, batcher), \
             concurrent.futures.ThreadPoolExecutor(4) as workers:
-        first = workers.submit(post, client, server.url, "/score", {"items": pool[:3]})
-        assert held.entered.wait(WAIT_S), "awaited the first batch on the devices"
-        queued = [workers.submit(post, client, server.url, "/score", {"items": pool[i:i + 4]}) for i in (3, 7)]
-        wait_for(lambda: _queued(batcher) == 8, "8 sequences queued behind the held batch")
-        stopping = workers.submit(server.stop)
+        first, queued, stopping = _hold_one_queue_two_and_stop(workers, client, server, batcher, held, pool)
         for answer in queued:  # answered while the first batch is still held
             response = answer.result(WAIT_S)
             assert_error(response, 503, "shutting down", "drain time")
@@ -293,7 +292,7 @@ def test_a_huge_text_neither_stalls_other_requests_nor_waits_for_the_tokenizer(e
     """(a) Over the bound: 422 naming the item and the server flag, without tokenising. (b) A
     request whose tokenisation is held (a big text being tokenised) does not hold up the next."""
     with serving(ensemble) as (server, _):
-        huge = {"items": [pool[0], {"text": "word " * 400_000}]}
+        huge = {"items": [pool[0], {"text": "word " * 12_000}]}  # under --max-body-bytes, over 128 x 64 bytes
         assert_error(post(client, server.url, "/score", huge), 422, "item 1:", "at least",
                      f"max_length={MAX_LENGTH}", "--truncation left", item=1)
         long_ids = {"items": [{"input_ids": [5] * (MAX_LENGTH + 1)}]}
