@@ -24,6 +24,7 @@ Errors are ``ValueError`` with a message about the example only; callers add fil
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -197,13 +198,27 @@ def text_ids(tokenizer: Any, text: str, *, max_tokens: int | None = None, field:
         bound = min_tokens(tokenizer, text)
         if bound > max_tokens:
             raise TooManyTokens(field, bound, max_tokens, at_least=True)
-    ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=True, **_quiet(tokenizer))["input_ids"])
     bos = tokenizer.bos_token_id
     if bos is not None and ids[:2] == [bos, bos]:
         ids = ids[1:]
     return ids
 
 
+def _quiet(tokenizer: Any) -> dict:
+    """``verbose=False`` for tokenizers that take it (transformers'), so a text longer than the
+    tokenizer's model_max_length does not log "Token indices sequence length is longer ...": the
+    caller cuts or refuses it by its own max_length."""
+    kind = type(tokenizer)
+    if kind not in _TAKES_VERBOSE:
+        try:
+            _TAKES_VERBOSE[kind] = "verbose" in inspect.signature(kind.__call__).parameters
+        except (TypeError, ValueError):
+            _TAKES_VERBOSE[kind] = False
+    return {"verbose": False} if _TAKES_VERBOSE[kind] else {}
+
+
+_TAKES_VERBOSE: dict[type, bool] = {}
 _TOKEN_BYTES: "weakref.WeakKeyDictionary[Any, int | None]" = weakref.WeakKeyDictionary()
 _LOSSLESS_PRE_TOKENIZERS = ("ByteLevel", "Split", "Digits", "Punctuation")
 
