@@ -297,6 +297,9 @@ def test_a_huge_text_neither_stalls_other_requests_nor_waits_for_the_tokenizer(e
                      f"max_length={MAX_LENGTH}", "--truncation left", item=1)
         long_ids = {"items": [{"input_ids": [5] * (MAX_LENGTH + 1)}]}
         assert_error(post(client, server.url, "/score", long_ids), 422, "--truncation left", item=0)
+        # a long id list is refused by its length before each id is checked
+        assert_error(post(client, server.url, "/score", {"items": [{"input_ids": ["x"] * 2000}]}), 422,
+                     "example has 2000 tokens, more than max_length", item=0)
 
         tok = ensemble.tokenizer
         entered, release = threading.Event(), threading.Event()
@@ -389,6 +392,10 @@ def test_startup_errors_name_what_failed(chat_model, tmp_path, capsys):
     code, out, err = _serve_error(capsys, "--model", str(tmp_path / "empty"), "--port", "0")
     assert code == 2 and out == "" and err.count("error:") == 1 and err.count("\n") == 1 \
         and "config.json" in err, (out, err)
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_bytes((chat_model / "config.json").read_bytes())
+    code, out, err = _serve_error(capsys, "--model", str(tmp_path / "no_weights"), "--port", "0")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "no_weights: no model.safetensors" in err, (out, err)
     some_file = tmp_path / "scores.jsonl"
     some_file.write_text("{}\n")
     code, out, err = _serve_error(capsys, "--model", str(some_file), "--port", "0")

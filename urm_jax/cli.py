@@ -42,6 +42,8 @@ from urm_jax.parity import run_parity as compare
 from urm_jax.plan import (PlanUnavailable, compiler_versions, format_header, format_plan, plan,
                           use_cpu_host)
 from urm_jax.scoring import Ensemble, score_jsonl
+from urm_jax.checkpoint import is_jax_checkpoint
+from urm_jax.hf.safetensors_io import HFWeights
 from urm_jax.loading import load_config_any
 from urm_jax.serve.app import DRAIN_TIMEOUT_S, Limits, create_app
 from urm_jax.serve.batcher import Batcher, NotReady
@@ -541,7 +543,12 @@ def run_serve(args) -> int:
                                      "that holds config.json, or a urm-jax checkpoint directory)")
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{path}: no such model directory")
-        load_config_any(path)  # an empty or invalid directory fails here, before listening
+        # An empty or invalid directory fails here, before "listening on": its config, and for
+        # an HF directory the safetensors headers (read, not the tensors).
+        load_config_any(path)
+        if not is_jax_checkpoint(path):
+            with HFWeights(path):
+                pass
     if args.compilation_cache:
         compile_cache.enable(args.compilation_cache)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

@@ -151,7 +151,11 @@ def render_ids(
     bos = tokenizer.bos_token_id if tokenizer is not None else None
     if "input_ids" in example:
         _only_schema(example, "input_ids")
-        ids = _validate_ids(example["input_ids"], vocab_size or len(tokenizer))
+        given = example["input_ids"]
+        if (truncation == "error" and max_length is not None and isinstance(given, (list, tuple, np.ndarray))
+                and len(given) > max_length):  # refused before validating every id of a huge list
+            raise TooManyTokens("example", len(given), max_length)
+        ids = _validate_ids(given, vocab_size or len(tokenizer))
     else:
         messages = _messages(example)  # schema errors first: they say what is wrong with the line
         if tokenizer is None:
