@@ -75,7 +75,10 @@ def encode_item(ensemble: Ensemble, item: dict) -> tuple[list[int], bool]:
             raise ValueError(f"example mixes schemas: has 'text' and also {mixed}; give only one")
         if ensemble.tokenizer is None:
             raise ValueError("this model has no tokenizer files, so it cannot score 'text'; give 'input_ids'")
-        return ensemble.encode_with_info({"input_ids": text_ids(ensemble.tokenizer, item["text"])})
+        first = ensemble.scorers[0]
+        limit = ensemble.max_length if first.truncation == "error" else None
+        return ensemble.encode_with_info({"input_ids": text_ids(ensemble.tokenizer, item["text"],
+                                                                max_tokens=limit, field="'text'")})
     return ensemble.encode_with_info(item)
 
 

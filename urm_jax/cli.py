@@ -42,8 +42,11 @@ from urm_jax.parity import run_parity as compare
 from urm_jax.plan import (PlanUnavailable, compiler_versions, format_header, format_plan, plan,
                           use_cpu_host)
 from urm_jax.scoring import Ensemble, score_jsonl
-from urm_jax.serve.app import Limits, create_app
-from urm_jax.serve.batcher import Batcher
+from urm_jax.checkpoint import is_jax_checkpoint
+from urm_jax.hf.safetensors_io import HFWeights
+from urm_jax.loading import load_config_any
+from urm_jax.serve.app import DRAIN_TIMEOUT_S, Limits, create_app
+from urm_jax.serve.batcher import Batcher, NotReady
 from urm_jax.serve.server import bind_socket, is_loopback, socket_url, uvicorn_server
 from urm_jax.train import supervisor
 from urm_jax.train.config import TOPOLOGY_CHIPS, TrainConfigError, load_train_config
@@ -62,6 +65,10 @@ OUT_OF_MEMORY_ADVICE = {
 }
 OUT_OF_MEMORY_ADVICE["eval"] = OUT_OF_MEMORY_ADVICE["serve"] = OUT_OF_MEMORY_ADVICE["score"]
 SERVE_MAX_LENGTH = 4096
+# On CPU each compiled shape costs seconds (the demo model: 68 shapes up to 4096 tokens took 15
+# minutes), so by default the server compiles up to this length before turning ready and longer
+# buckets on first use; on GPU/TPU it compiles everything up to --max-length.
+SERVE_CPU_WARMUP_LENGTH = 512
 
 
 def at_least(minimum: float, kind=int):
@@ -309,9 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_option(model)
     model.add_argument("--no-warmup", action="store_true",
                        help="turn ready right after loading; each batch shape then compiles on first use")
+    model.add_argument("--warmup-length", type=at_least(1), default=None,
+                       help="compile every batch shape up to this many tokens before turning ready; "
+                       "longer buckets compile on first use, holding up the requests behind them "
+                       f"(default: --max-length on GPU/TPU, {SERVE_CPU_WARMUP_LENGTH} on CPU)")
     model.add_argument("--compilation-cache", default=None, metavar="DIR|off",
-                       help="JAX's persistent compilation cache (default: on, in URM_JAX_COMPILATION_CACHE "
-                       "or ~/.cache/urm-jax; 'off' turns it off): a restart reuses the compiled shapes")
+                       help="JAX's persistent compilation cache (default: on, in $URM_JAX_COMPILATION_CACHE, "
+                       "else $XDG_CACHE_HOME/urm-jax/jax-compilation-cache, else "
+                       "~/.cache/urm-jax/jax-compilation-cache; 'off' turns it off): a restart reuses "
+                       "the compiled shapes")
 
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -332,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seconds for a request body to arrive (408 beyond)")
     batching.add_argument("--max-queued-items", type=at_least(1), default=16384,
                           help="queued sequences beyond which requests get 503 + Retry-After")
+    batching.add_argument("--drain-timeout", type=at_least(0, float), default=DRAIN_TIMEOUT_S,
+                          help="on SIGINT/SIGTERM, seconds queued requests may still wait to be scored "
+                          "(then they get 503 + Retry-After); the batch on the devices always completes")
     batching.add_argument("--std-penalty", type=at_least(0, float), default=0.0,
                           help="/get_reward's default penalty: reward - S * sqrt(uncertainty)")
 
@@ -536,20 +552,34 @@ def run_demo(args) -> int:
     return 0 if demo(Path(args.workdir or "build/demo"), overwrite=args.overwrite) else 1
 
 
+def serve_warmup_length(args, backend: str) -> int:
+    """The longest sequence whose shapes `urm-jax serve` compiles before turning ready:
+    --warmup-length, else --max-length (capped at SERVE_CPU_WARMUP_LENGTH on the CPU backend)."""
+    if args.warmup_length:
+        return min(args.warmup_length, args.max_length)
+    return min(args.max_length, SERVE_CPU_WARMUP_LENGTH) if backend == "cpu" else args.max_length
+
+
 def run_serve(args) -> int:
     """Handle `urm-jax serve`: bind, print the URL, load and compile on the device worker while
     /health answers 503, serve until SIGINT/SIGTERM (graceful: in-flight requests finish).
     Returns 0 (also after SIGINT/SIGTERM); a model that fails to load stops the server and its
     error is raised (the CLI prints it as one `error:` line, exit 2, for bad input)."""
     for path in args.model:
+        if Path(path).is_file():
+            raise NotADirectoryError(f"{path}: is a file, not a model directory (give the directory "
+                                     "that holds config.json, or a urm-jax checkpoint directory)")
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{path}: no such model directory")
+        # An empty or invalid directory fails here, before "listening on": its config, and for
+        # an HF directory the safetensors headers (read, not the tensors).
+        load_config_any(path)
+        if not is_jax_checkpoint(path):
+            with HFWeights(path):
+                pass
     if args.compilation_cache:
         compile_cache.enable(args.compilation_cache)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if not is_loopback(args.host) and not api_key:
-        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
-              f"(--api-key or ${API_KEY_ENV})", file=sys.stderr)
 
     def log(message: str) -> None:
         print(f"urm-jax serve: {message}", file=sys.stderr, flush=True)
@@ -562,11 +592,16 @@ def run_serve(args) -> int:
 
     batcher = Batcher(load, max_batch_items=args.max_batch_items, max_wait_s=args.max_wait_ms / 1000,
                       max_queued_items=args.max_queued_items, warmup=not args.no_warmup,
-                      log=log, progress=not args.no_progress)
+                      warmup_length=serve_warmup_length(args, jax.default_backend()), log=log,
+                      progress=not args.no_progress)
     limits = Limits(max_items=args.max_items, max_body_bytes=args.max_body_bytes,
                     body_timeout_s=args.body_timeout, default_std_penalty=args.std_penalty)
     sock = bind_socket(args.host, args.port)
-    server = uvicorn_server(create_app(batcher, limits=limits, api_key=api_key),
+    if not is_loopback(args.host) and not api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
+              f"(--api-key or ${API_KEY_ENV})", file=sys.stderr)
+    server = uvicorn_server(create_app(batcher, limits=limits, api_key=api_key,
+                                       drain_timeout_s=args.drain_timeout),
                             log_level=args.log_level, access_log=args.access_log)
     batcher.on_failure = lambda err: setattr(server, "should_exit", True)
     print(f"listening on {socket_url(sock)}", flush=True)
@@ -582,6 +617,11 @@ def run_serve(args) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # Normally done by the app's shutdown already; after a forced exit (a second signal)
+        # drop what is queued and join the worker anyway: exiting while it is inside an XLA
+        # computation aborts the process ("terminate called after throwing ...").
+        batcher.fail_queued(NotReady("the server stopped"))
+        batcher.stop()
     if batcher.error is not None:
         raise batcher.error
     log("stopped" + (f" ({signal.Signals(received[0]).name})" if received else ""))

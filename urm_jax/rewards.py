@@ -43,7 +43,10 @@ def penalized_reward(reward, uncertainty, std_penalty: float) -> np.ndarray:
     reward = np.asarray(reward, np.float64)
     if std_penalty == 0:
         return reward.copy()
-    return reward - std_penalty * np.sqrt(np.asarray(uncertainty, np.float64))
+    # A huge (finite) penalty overflows to -inf: the caller writes it as null and counts it, so
+    # numpy's overflow warning would only be noise on the server's stderr.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return reward - std_penalty * np.sqrt(np.asarray(uncertainty, np.float64))
 
 
 class RewardServerError(RuntimeError):

@@ -24,12 +24,44 @@ Errors are ``ValueError`` with a message about the example only; callers add fil
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import math
 import re
+import weakref
 from typing import Any
 
 import numpy as np
 
 TRUNCATION_MODES = ("error", "left")
+TRUNCATION_ADVICE = "use truncation='left' to drop tokens from the start"
+
+
+class TooManyTokens(ValueError):
+    """An example longer than max_length under truncation 'error'. ``num_tokens`` is its length,
+    or (``at_least``) a proven lower bound when the text was refused without tokenising it in
+    full (`min_tokens`). ``with_advice`` rewords the remedy for a caller's own flag name."""
+
+    def __init__(self, subject: str, num_tokens: int, max_length: int, *, at_least: bool = False,
+                 advice: str = TRUNCATION_ADVICE):
+        self.subject, self.num_tokens, self.max_length, self.at_least = subject, num_tokens, max_length, at_least
+        count = f"at least {num_tokens} tokens (refused before tokenising it)" if at_least else f"{num_tokens} tokens"
+        super().__init__(f"{subject} has {count}, more than max_length={max_length} ({advice})")
+
+    def with_advice(self, advice: str) -> "TooManyTokens":
+        return TooManyTokens(self.subject, self.num_tokens, self.max_length, at_least=self.at_least, advice=advice)
+
+
+def check_text(value: str, field: str) -> str:
+    """`value` unchanged when it can be encoded as UTF-8 (what every tokenizer needs); else a
+    ValueError naming `field` and the first bad character (a lone UTF-16 surrogate such as
+    ``\\ud800``, which JSON escapes and Python strings can hold)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{field} is not valid Unicode text: a lone surrogate U+{ord(value[err.start]):04X} "
+                         f"at character {err.start} cannot be encoded as UTF-8") from None
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +88,13 @@ def chat_format(tokenizer: Any) -> ChatFormat | None:
         if all(t in template and _is_token(tokenizer, t) for t in (fmt.turn_start, fmt.end_of_turn)):
             return fmt
     return None
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The id of the token that closes a turn in the tokenizer's chat template (where the reward
+    is read), or None when the template is not a known family (`chat_format`)."""
+    fmt = chat_format(tokenizer)
+    return None if fmt is None else tokenizer.convert_tokens_to_ids(fmt.end_of_turn)
 
 
 def _is_token(tokenizer: Any, token: str) -> bool:
@@ -112,26 +151,29 @@ def render_ids(
     bos = tokenizer.bos_token_id if tokenizer is not None else None
     if "input_ids" in example:
         _only_schema(example, "input_ids")
-        ids = _validate_ids(example["input_ids"], vocab_size or len(tokenizer))
+        given = example["input_ids"]
+        if (truncation == "error" and max_length is not None and isinstance(given, (list, tuple, np.ndarray))
+                and len(given) > max_length):  # refused before validating every id of a huge list
+            raise TooManyTokens("example", len(given), max_length)
+        ids = _validate_ids(given, vocab_size or len(tokenizer))
     else:
         messages = _messages(example)  # schema errors first: they say what is wrong with the line
         if tokenizer is None:
             raise ValueError("this model has no tokenizer files, so examples must give 'input_ids'")
-        ids = text_ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+        limit = max_length if truncation == "error" else None  # 'left' keeps the tail: tokenise all
+        ids = text_ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False),
+                       max_tokens=limit, field="the rendered chat")
 
     if max_length is None or len(ids) <= max_length:
         return ids
     if truncation == "error":
-        raise ValueError(
-            f"example has {len(ids)} tokens, more than max_length={max_length} "
-            "(use truncation='left' to drop tokens from the start)"
-        )
+        raise TooManyTokens("example", len(ids), max_length)
     if bos is not None and ids[0] == bos and max_length >= 2:
         return [bos] + ids[len(ids) - (max_length - 1) :]
     return ids[len(ids) - max_length :]  # max_length 1: the end token beats the BOS
 
 
-def text_ids(tokenizer: Any, text: str) -> list[int]:
+def text_ids(tokenizer: Any, text: str, *, max_tokens: int | None = None, field: str = "the text") -> list[int]:
     """Token ids of a chat text already rendered by a chat template (what `render_ids` makes of
     ``apply_chat_template(messages, tokenize=False)``; what OpenRLHF sends as ``query``).
 
@@ -142,21 +184,100 @@ def text_ids(tokenizer: Any, text: str) -> list[int]:
     another, one of the two is dropped: the result starts with exactly one BOS whether or not the
     text had one (none for a tokenizer without a BOS). Special tokens written in the text
     (``<|eot_id|>``) become their ids; nothing else is stripped or appended, so the reward is read
-    at the text's last token, which should close the final assistant turn. ValueError for a
-    non-string or empty text.
+    at the text's last token, which should close the final assistant turn. ValueError (naming
+    ``field``) for a non-string, empty or non-UTF-8 text; with ``max_tokens``, `TooManyTokens`
+    for a text `min_tokens` proves longer, before tokenising it (a huge text costs no tokenizer
+    time). Longer texts are expected here (the caller cuts or refuses them), so the tokenizer's
+    "sequence length is longer than the specified maximum" warning is off.
     """
     if not isinstance(text, str):
         raise ValueError(f"a rendered text must be a string, got {type(text).__name__}")
+    check_text(text, field)
     if not text.strip():
         raise ValueError("the rendered text is empty")
     fmt = chat_format(tokenizer)
     if fmt is not None and text.rstrip().endswith(fmt.end_of_turn):
         text = text.rstrip()
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if max_tokens is not None:
+        bound = min_tokens(tokenizer, text)
+        if bound > max_tokens:
+            raise TooManyTokens(field, bound, max_tokens, at_least=True)
+    ids = list(tokenizer(text, add_special_tokens=True, **_quiet(tokenizer))["input_ids"])
     bos = tokenizer.bos_token_id
     if bos is not None and ids[:2] == [bos, bos]:
         ids = ids[1:]
     return ids
+
+
+def _quiet(tokenizer: Any) -> dict:
+    """``verbose=False`` for tokenizers that take it (transformers'), so a text longer than the
+    tokenizer's model_max_length does not log "Token indices sequence length is longer ...": the
+    caller cuts or refuses it by its own max_length."""
+    kind = type(tokenizer)
+    if kind not in _TAKES_VERBOSE:
+        try:
+            _TAKES_VERBOSE[kind] = "verbose" in inspect.signature(kind.__call__).parameters
+        except (TypeError, ValueError):
+            _TAKES_VERBOSE[kind] = False
+    return {"verbose": False} if _TAKES_VERBOSE[kind] else {}
+
+
+_TAKES_VERBOSE: dict[type, bool] = {}
+_TOKEN_BYTES: "weakref.WeakKeyDictionary[Any, int | None]" = weakref.WeakKeyDictionary()
+_LOSSLESS_PRE_TOKENIZERS = ("ByteLevel", "Split", "Digits", "Punctuation")
+
+
+def max_token_bytes(tokenizer: Any) -> int | None:
+    """The most UTF-8 bytes of text one token can stand for, when that is bounded, else None.
+
+    Why this is sound only for some tokenizers: ``tokens >= bytes / max_token_bytes`` needs every
+    byte of the text to end up inside some token, each covering a bounded number of bytes. A
+    byte-level BPE (Llama-3, GPT-2, Qwen, SmolLM2) with no normalizer does that: the pre-tokenizer
+    maps each byte to one symbol (nothing is dropped, and there is no unknown token that could
+    swallow a run of characters), so a vocabulary entry of n symbols covers exactly n bytes, and an
+    added token (``<|eot_id|>``) matched in the text covers its own UTF-8 bytes. It fails for
+    others: a normalizer can shrink text (NFKC, stripping), WordPiece and whitespace
+    pre-tokenizers drop whitespace entirely, a Split with behaviour "removed" drops its matches,
+    an unknown token (``fuse_unk``, WordPiece's over-long words) covers any number of characters,
+    and an added token with lstrip/rstrip absorbs the whitespace around it. For those this
+    returns None (no bound: such texts are tokenised in full). Read once per tokenizer from its
+    serialized pipeline (``backend_tokenizer.to_str()``)."""
+    try:
+        return _TOKEN_BYTES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    longest = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        model = spec.get("model") or {}
+        added = spec.get("added_tokens") or []
+        lossless = (spec.get("normalizer") is None and model.get("type") == "BPE"
+                    and any(p.get("type") == "ByteLevel" for p in parts)
+                    and all(p.get("type") in _LOSSLESS_PRE_TOKENIZERS
+                            and str(p.get("behavior", "")).lower() != "removed" for p in parts)
+                    and not any(a.get("lstrip") or a.get("rstrip") for a in added))
+        if lossless and model.get("vocab"):
+            longest = max([len(token) for token in model["vocab"]]
+                          + [len(a["content"].encode("utf-8")) for a in added])
+    try:
+        _TOKEN_BYTES[tokenizer] = longest
+    except TypeError:
+        pass  # not weak-referenceable: computed again next time
+    return longest
+
+
+def min_tokens(tokenizer: Any, text: str) -> int:
+    """A lower bound on the number of tokens `text_ids` makes of `text`, computed without
+    tokenising: ceil(UTF-8 bytes / `max_token_bytes`) where the tokenizer bounds it (a BOS added
+    on top only raises the count, and `text_ids` drops a second BOS only when the text's own
+    covers its bytes), else 0 (no bound)."""
+    per_token = max_token_bytes(tokenizer)
+    if not per_token:
+        return 0
+    return math.ceil(len(text.encode("utf-8")) / per_token)
 
 
 _SCHEMAS = ("messages", "prompt", "input_ids")
@@ -184,6 +305,8 @@ def _messages(example: dict) -> list[dict]:
                 raise ValueError(f"messages[{i}].role must be a non-empty string, got {m['role']!r}")
             if not isinstance(m["content"], str):
                 raise ValueError(f"messages[{i}].content must be a string, got {type(m['content']).__name__}")
+            check_text(m["role"], f"messages[{i}].role")
+            check_text(m["content"], f"messages[{i}].content")
             out.append({"role": m["role"], "content": m["content"]})
         if out[-1]["role"] != "assistant":
             raise ValueError(
@@ -200,6 +323,8 @@ def _messages(example: dict) -> list[dict]:
             raise ValueError(
                 f"'prompt' and 'response' must be strings, got {type(prompt).__name__} and {type(response).__name__}"
             )
+        check_text(prompt, "'prompt'")
+        check_text(response, "'response'")
         if not response.strip():
             raise ValueError("'response' is empty")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]

@@ -78,6 +78,9 @@ def encode_example(tokenizer, example: dict, *, max_length: int, truncation: str
                    vocab_size: int) -> tuple[list[int], bool]:
     """(token ids, whether they were left-truncated) by the tokenisation policy training uses;
     ValueError (about the example only) when it is unusable or too long under 'error'."""
+    if truncation == "error":  # refused texts are refused before they are tokenised in full
+        return render_ids(tokenizer, example, max_length=max_length, truncation="error",
+                          vocab_size=vocab_size), False
     full = render_ids(tokenizer, example, max_length=None, vocab_size=vocab_size)
     if len(full) <= max_length:
         return full, False
@@ -371,8 +374,15 @@ class Scorer:
         return Scores.concat(parts)
 
     def score(self, examples: Iterable[dict], progress: bool = False) -> Scores:
-        """`Scores` for examples in any score input schema (see `render_ids`)."""
-        return self.score_ids([self.encode(e) for e in examples], progress=progress)
+        """`Scores` for examples in any score input schema (see `render_ids`); a bad example
+        raises ValueError naming its index."""
+        sequences = []
+        for i, example in enumerate(examples):
+            try:
+                sequences.append(self.encode(example))
+            except ValueError as err:
+                raise ValueError(f"example {i}: {err}") from None
+        return self.score_ids(sequences, progress=progress)
 
 
 # --- several models (URME) --------------------------------------------------------------------

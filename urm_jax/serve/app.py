@@ -2,7 +2,7 @@
 
 Endpoints
 * ``POST /score`` (native): ``{"items": [item, ...], "std_penalty": s}`` (``std_penalty``
-  optional). An item is a `urm-jax score` input line (``{"messages": [...]}``,
+  optional; or ``?std_penalty=s`` in the URL, not both: 422). An item is a `urm-jax score` input line (``{"messages": [...]}``,
   ``{"prompt", "response"}``, ``{"input_ids": [...]}``) or ``{"text": rendered_chat}``, with an
   optional ``"id"`` passed through. Answer: ``{"results": [...]}``, one record per item in order,
   exactly `urm-jax score`'s output line (``reward``; ``mean``, ``log_std``, ``variance``,
@@ -14,17 +14,24 @@ Endpoints
   template (see `urm_jax.data.tokenization.text_ids` for the BOS rule). Answer: ``{"rewards":
   [...], "scores": [...], "extra_logs": {"urm_reward": [...], "urm_uncertainty": [...]}}``;
   rewards (= scores) are penalised when ``std_penalty`` is given in the body or as a URL query
-  parameter (``--remote_rm_url http://host:port/get_reward?std_penalty=0.5``), else by the
-  server's default; ``urm_reward`` is always the raw reward.
+  parameter (``--remote_rm_url http://host:port/get_reward?std_penalty=0.5``; both at once:
+  422), else by the server's default; ``urm_reward`` is always the raw reward.
 * ``GET /health``: 503 while loading or compiling (body: state and progress), 200 when ready.
 * ``GET /metrics``: JSON counters, batch fill, queue/latency/device-time quantiles.
 
 Errors are ``{"error": message, "item": index}`` (``item`` when one item is at fault): 400 bad
 JSON or a body the client did not finish sending, 401 missing/wrong bearer token, 408 body too
 slow, 413 body or item count over the limit, 422 a well-formed request with a bad item or field,
-503 not ready / busy (with Retry-After). Responses are standard JSON: a non-finite model output
+503 not ready / busy / shutting down (with Retry-After). Responses are standard JSON: a non-finite model output
 (NaN, +-inf: broken weights, an fp16 overflow) is written as ``null`` and counted in
-``/metrics`` (``non_finite_values``), never as NaN/Infinity.
+``/metrics`` (``non_finite_values``), never as NaN/Infinity. An item whose tokens do not end with
+the template's end-of-turn token (an RLHF sample cut at the generation limit) is scored at its
+last token, as `urm-jax score` does, and counted (``items_without_end_of_turn``).
+
+Shutdown (`drain`, run by `urm_jax.serve.server` before uvicorn's own): stop accepting, refuse
+new requests on open connections (503), let queued and in-flight requests finish for up to
+``drain_timeout_s``, then answer what is still queued with 503 + Retry-After (never computed);
+the dispatch already on the devices completes and is answered.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
 import math
 import time
 from typing import Any, Callable
@@ -45,13 +53,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from urm_jax.api import encode_item
+from urm_jax.data.tokenization import TooManyTokens, end_of_turn_id
 from urm_jax.rewards import penalized_reward
 from urm_jax.jsonl import json_safe
 from urm_jax.serve.batcher import Batcher, NotReady, ServerBusy
+from urm_jax.serve.metrics import CLIENT_GONE
 
 OPEN_PATHS = ("/health",)  # answered without the bearer token (load balancers, probes)
 INLINE_FORMAT_ITEMS = 64  # answers of up to this many items are built on the event loop
-STOP_TIMEOUT_S = 60.0  # at shutdown, how long to wait for the device worker to finish
+# Requests parsed and tokenised at once (HF fast tokenizers release the GIL while encoding): a
+# request with a huge text holds up one of these threads, never the requests behind it.
+TOKENIZE_THREADS = 4
+DRAIN_TIMEOUT_S = 30.0  # at shutdown, how long queued requests may still wait to be scored
+TRUNCATION_ADVICE = "the server drops tokens from the start instead when started with --truncation left"
+ENDPOINTS = {"/score": "score", "/get_reward": "get_reward", "/health": "health", "/metrics": "metrics"}
+logger = logging.getLogger("urm_jax.serve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +105,7 @@ class _Parsed:
     truncated: list[bool]
     ids: list  # per item: its "id", or _NO_ID
     std_penalty: float | None
+    without_end_of_turn: int = 0  # items whose last token is not the template's end-of-turn
 
 
 _NO_ID = object()
@@ -118,15 +135,30 @@ def _load_json(body: bytes) -> Any:
         raise RequestError(400, f"request body is not standard JSON: {err}") from None
 
 
-def _std_penalty(value: Any, where: str) -> float:
-    if isinstance(value, str):
+def _std_penalty(value: Any, where: str, *, from_url: bool = False) -> float:
+    """A penalty: a JSON number in the body (a string there is a client bug: 422), text in the URL."""
+    if from_url:
         try:
             value = float(value)
         except ValueError:
             raise RequestError(422, f"{where} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise RequestError(422, f"{where} must be a finite number >= 0, got {value!r}")
+        kind = "" if from_url else f" (a JSON number; got a JSON {type(value).__name__})"
+        raise RequestError(422, f"{where} must be a finite number >= 0{kind}, got {value!r}")
     return float(value)
+
+
+def _penalty(obj: dict, query: dict, default: float | None) -> float | None:
+    """The request's std_penalty: from the body or the URL query (both: 422, rather than a silent
+    precedence rule), else `default`."""
+    body, url = obj.get("std_penalty"), query.get("std_penalty")
+    if body is not None and url is not None:
+        raise RequestError(422, "std_penalty is given both in the URL and in the body; give it once")
+    if body is not None:
+        return _std_penalty(body, "'std_penalty'")
+    if url is not None:
+        return _std_penalty(url, "the URL parameter std_penalty", from_url=True)
+    return default
 
 
 def _list_field(obj: Any, key: str, limits: Limits, *, example: str) -> list:
@@ -143,16 +175,21 @@ def _list_field(obj: Any, key: str, limits: Limits, *, example: str) -> list:
     return items
 
 
-def _encode_all(batcher: Batcher, items: list, to_example: Callable[[int, Any], dict]) -> tuple[list, list]:
+def _encode_all(batcher: Batcher, items: list, to_example: Callable[[int, Any], dict]) -> tuple[list, list, int]:
+    """(token ids, left-truncated flags, items not ending with the end-of-turn token)."""
     sequences, truncated = [], []
     for i, item in enumerate(items):
         try:
             ids, cut = encode_item(batcher.ensemble, to_example(i, item))
+        except TooManyTokens as err:  # name the server's flag, not the Python argument
+            raise RequestError(422, f"item {i}: {err.with_advice(TRUNCATION_ADVICE)}", item=i) from None
         except ValueError as err:
             raise RequestError(422, f"item {i}: {err}", item=i) from None
         sequences.append(ids)
         truncated.append(cut)
-    return sequences, truncated
+    eot = end_of_turn_id(batcher.ensemble.tokenizer)
+    without = 0 if eot is None else sum(1 for ids in sequences if ids[-1] != eot)
+    return sequences, truncated, without
 
 
 def parse_score(batcher: Batcher, limits: Limits, body: bytes, query: dict) -> _Parsed:
@@ -162,35 +199,30 @@ def parse_score(batcher: Batcher, limits: Limits, body: bytes, query: dict) -> _
     unknown = sorted(set(obj) - {"items", "std_penalty"})
     if unknown:
         raise RequestError(422, f"unknown request field(s) {unknown}; expected 'items' and optional 'std_penalty'")
-    penalty = None if obj.get("std_penalty") is None else _std_penalty(obj["std_penalty"], "'std_penalty'")
+    penalty = _penalty(obj, query, None)
 
     def example(i, item):
         if not isinstance(item, dict):
             raise ValueError(f"must be a JSON object, got a JSON {type(item).__name__}")
         return item
 
-    sequences, truncated = _encode_all(batcher, items, example)
-    return _Parsed(sequences, truncated, [item.get("id", _NO_ID) for item in items], penalty)
+    sequences, truncated, without = _encode_all(batcher, items, example)
+    return _Parsed(sequences, truncated, [item.get("id", _NO_ID) for item in items], penalty, without)
 
 
 def parse_get_reward(batcher: Batcher, limits: Limits, body: bytes, query: dict) -> _Parsed:
     """An OpenRLHF ``POST /get_reward`` body -> token ids per query text."""
     obj = _load_json(body)
     queries = _list_field(obj, "query", limits, example='{"query": ["<rendered chat>", ...]}')
-    if obj.get("std_penalty") is not None:
-        penalty = _std_penalty(obj["std_penalty"], "'std_penalty'")
-    elif query.get("std_penalty") is not None:
-        penalty = _std_penalty(query["std_penalty"], "the URL parameter std_penalty")
-    else:
-        penalty = limits.default_std_penalty
+    penalty = _penalty(obj, query, limits.default_std_penalty)
 
     def example(i, text):
         if not isinstance(text, str):
             raise ValueError(f"query[{i}] must be a string (a rendered chat), got a JSON {type(text).__name__}")
         return {"text": text}
 
-    sequences, truncated = _encode_all(batcher, queries, example)
-    return _Parsed(sequences, truncated, [_NO_ID] * len(queries), penalty)
+    sequences, truncated, without = _encode_all(batcher, queries, example)
+    return _Parsed(sequences, truncated, [_NO_ID] * len(queries), penalty, without)
 
 
 # --- responses ----------------------------------------------------------------------------------
@@ -227,25 +259,52 @@ def format_get_reward(parsed: _Parsed, scores) -> tuple[dict, int]:
 
 
 class BearerAuth:
-    """ASGI middleware: every path but `OPEN_PATHS` needs ``Authorization: Bearer <api_key>``."""
+    """ASGI middleware: every path but `OPEN_PATHS` needs ``Authorization: Bearer <api_key>``
+    (the scheme name in any case, as RFC 7235 says; the token compared in constant time)."""
 
-    def __init__(self, app, api_key: str, on_reject: Callable[[], None] = lambda: None):
+    def __init__(self, app, api_key: str):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
-        self._on_reject = on_reject
+        self._expected = api_key.encode()
 
     async def __call__(self, scope, receive, send):
         """ASGI entry: an HTTP request outside `OPEN_PATHS` without the exact bearer token (compared in
         constant time) gets 401 with `WWW-Authenticate: Bearer`; everything else passes to the app."""
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
-                self._on_reject()
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._expected)):
                 response = json_response({"error": "missing or wrong bearer token (Authorization: Bearer <api key>)"},
                                          401, {"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class RecordResponses:
+    """ASGI middleware, outermost: records every answered request once in `Metrics` (endpoint,
+    status, and for the scoring endpoints the latency), whatever answered it (a handler, the
+    bearer check, a 404, an unexpected exception: 500). The one source of the outcome counters."""
+
+    def __init__(self, app, metrics):
+        self.app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.monotonic(), None
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            endpoint = ENDPOINTS.get(scope["path"], "other")
+            latency = time.monotonic() - started if endpoint in ("score", "get_reward") else None
+            self._metrics.response(endpoint, status or 500, latency)
 
 
 async def _read_body(request: Request, limits: Limits) -> bytes:
@@ -296,13 +355,16 @@ async def _result_or_disconnect(request: Request, future: concurrent.futures.Fut
     raise _ClientGone()
 
 
-def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
+def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | None = None,
+               drain_timeout_s: float = DRAIN_TIMEOUT_S) -> FastAPI:
     """The FastAPI app over a (not yet started) `Batcher`: the app's lifespan starts the device
-    worker and, at shutdown, lets it finish what is queued. Tokenisation and JSON parsing run on
-    one helper thread (the tokenizer is never used by two threads at once), and so does building
-    answers of more than `INLINE_FORMAT_ITEMS` items, so the event loop only moves bytes."""
+    worker and, at shutdown, joins it. JSON parsing and tokenisation run on `TOKENIZE_THREADS`
+    helper threads, and so does building answers of more than `INLINE_FORMAT_ITEMS` items, so
+    the event loop only moves bytes. ``app.state.drain`` is the shutdown drain (module
+    docstring), run by `urm_jax.serve.server`'s uvicorn server once it stops accepting."""
     metrics = batcher.metrics
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="urm-tokenize")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=TOKENIZE_THREADS, thread_name_prefix="urm-tokenize")
+    active = [0]  # requests being handled (event loop only)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -310,15 +372,33 @@ def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | No
         try:
             yield
         finally:
-            # A load or compile in progress may take minutes: give up waiting after a while
-            # (the worker is a daemon thread).
-            await asyncio.get_running_loop().run_in_executor(None, batcher.stop, STOP_TIMEOUT_S)
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Join the worker (it finishes its dispatch; the drain failed what was queued): the
+            # process must not exit while it is inside an XLA computation.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, batcher.stop)
+            await loop.run_in_executor(None, pool.shutdown)
+
+    async def drain() -> None:
+        batcher.drain()
+        deadline = time.monotonic() + drain_timeout_s
+        while active[0] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if active[0]:
+            dropped = batcher.fail_queued(NotReady(
+                f"the server is shutting down and its drain time ({drain_timeout_s:g} s) ran out "
+                "before this request was scored"))
+            if dropped:
+                logger.warning(f"shutting down: {dropped} queued sequences answered 503 (drain time "
+                               f"{drain_timeout_s:g} s ran out)")
+        while active[0]:  # the dispatch on the devices, and bodies still arriving (--body-timeout)
+            await asyncio.sleep(0.05)
 
     app = FastAPI(title="urm-jax reward server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.state.drain = drain
     if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key, on_reject=lambda: metrics.count("unauthorized"))
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(RecordResponses, metrics=metrics)  # added last: the outermost
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -326,13 +406,16 @@ def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | No
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception):
+        logger.error(f"internal error on {request.url.path}: {type(err).__name__}: {err}")
         return json_response({"error": f"internal error: {type(err).__name__}: {err}"}, 500)
 
     async def handle(endpoint: str, request: Request, parse, fmt) -> Response:
-        started = time.monotonic()
         loop = asyncio.get_running_loop()
         metrics.add_gauge("in_flight_requests", 1)
+        active[0] += 1
         try:
+            if batcher.draining:
+                raise RequestError(503, "the server is shutting down", headers={"Retry-After": "5"})
             if not batcher.ready:
                 raise RequestError(503, f"the model is not ready ({batcher.state}); see GET /health",
                                    headers={"Retry-After": "5"})
@@ -351,6 +434,7 @@ def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | No
             except (NotReady, ServerBusy) as err:
                 raise RequestError(503, f"not serving: {err}", headers={"Retry-After": "5"}) from None
             except Exception as err:  # the engine failed on this batch
+                logger.error(f"{endpoint}: scoring failed: {type(err).__name__}: {err}")
                 raise RequestError(500, f"scoring failed: {type(err).__name__}: {err}") from None
             if len(parsed.sequences) <= INLINE_FORMAT_ITEMS:  # microseconds: a thread hop costs more
                 payload, non_finite = fmt(parsed, scores)
@@ -358,22 +442,22 @@ def create_app(batcher: Batcher, *, limits: Limits = Limits(), api_key: str | No
                 payload, non_finite = await loop.run_in_executor(pool, fmt, parsed, scores)
             metrics.count("items", len(parsed.sequences))
             metrics.count("tokens", sum(len(s) for s in parsed.sequences))
+            if parsed.without_end_of_turn:
+                metrics.count("items_without_end_of_turn", parsed.without_end_of_turn)
             if non_finite:
                 metrics.count("non_finite_values", non_finite)
-            response = json_response(payload)
+            return json_response(payload)
         except RequestError as err:
-            metrics.count(f"rejected_{err.status}")
-            response = json_response(err.body(), err.status, err.headers)
-        except _ClientGone:
-            metrics.count("client_disconnects")
-            response = json_response({"error": "the client disconnected before the request was answered"}, 400)
+            return json_response(err.body(), err.status, err.headers)
+        except _ClientGone:  # recorded as 499; nothing reaches the client
+            return json_response({"error": "the client disconnected before the request was answered"},
+                                 CLIENT_GONE)
         except Exception as err:  # a bug, not the client's fault: say so, keep serving
-            metrics.count("internal_errors")
-            response = json_response({"error": f"internal error: {type(err).__name__}: {err}"}, 500)
+            logger.error(f"internal error on /{endpoint}: {type(err).__name__}: {err}")
+            return json_response({"error": f"internal error: {type(err).__name__}: {err}"}, 500)
         finally:
+            active[0] -= 1
             metrics.add_gauge("in_flight_requests", -1)
-        metrics.response(endpoint, response.status_code, time.monotonic() - started)
-        return response
 
     @app.post("/score")
     async def score(request: Request):

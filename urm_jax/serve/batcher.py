@@ -13,9 +13,15 @@ asynchronous), then gathers the first with `Ensemble.collect` and completes its 
 request split into several pieces is reassembled in order.
 
 Shapes: the engine pads every batch to one of a fixed set of (rows, bucket length) shapes. The
-worker compiles all of them up to the server's max length before it reports ready (`warmup=True`;
-see `warmup_shapes`), so nothing compiles under load; `Metrics` reports any shape compiled after
-that (``shapes_compiled_after_ready``, 0 unless warm-up was off).
+worker compiles all of them up to ``warmup_length`` tokens (default: the server's max length)
+before it reports ready (`warmup=True`; see `warmup_shapes`), so nothing of that length compiles
+under load; a longer bucket compiles on first use, and `Metrics` reports every shape compiled
+after ready (``shapes_compiled_after_ready``: 0 when warm-up covered the max length).
+
+Shutdown (`drain`, then `stop`): new requests are refused (`NotReady`), queued and in-flight
+ones finish; a caller whose drain deadline passes fails what is still queued (`fail_queued`),
+so nothing is computed for requests already answered; `stop` ends the worker after its
+current dispatch and joins it (a process must not exit while a thread is inside XLA).
 
 Within one shape a row's outputs do not depend on the other rows or its position (measured in
 tests/test_serve.py); across shapes XLA may round differently (tests/test_scoring_scale.py). So a
@@ -101,12 +107,16 @@ class Batcher:
     dispatch. ``max_queued_items``:
     beyond this many queued sequences `submit` raises `ServerBusy`. ``max_length``: the longest
     sequence (tokens) warm-up prepares for (default, and at most: the ensemble's). ``warmup``: compile every
-    shape before turning ready. ``log``: receives one-line progress messages.
+    shape before turning ready. ``warmup_length``: compile the shapes of sequences up to this
+    many tokens before turning ready (default: ``max_length``; longer ones compile on first use).
+    ``log``: receives one-line progress messages. ``on_failure``: called with the error when
+    loading or warm-up fails (instead of logging it: the caller reports it once).
     """
 
     def __init__(self, load: Callable[[], Ensemble], *, max_batch_items: int = 64,
                  max_wait_s: float = 0.005, max_queued_items: int = 16384, warmup: bool = True,
-                 max_length: int | None = None, metrics: Metrics | None = None,
+                 max_length: int | None = None, warmup_length: int | None = None,
+                 metrics: Metrics | None = None,
                  log: Callable[[str], None] | None = None, progress: bool = True,
                  on_failure: Callable[[BaseException], None] | None = None):
         if max_batch_items < 1:
@@ -121,6 +131,7 @@ class Batcher:
         self.max_queued_items = max_queued_items
         self.warmup = warmup
         self._max_length = max_length
+        self._warmup_length = warmup_length
         self.metrics = metrics or Metrics()
         self._log = log or (lambda message: None)
         self._progress = progress
@@ -134,6 +145,7 @@ class Batcher:
         self._queued_items = 0
         self._arriving = 0  # requests being received or tokenised (will call submit soon)
         self._stopping = False
+        self._draining = False
         self._shapes_at_ready = 0
         self._settled = threading.Event()  # set when loading and compiling are over, either way
         self._thread = threading.Thread(target=self._run, name="urm-device-worker", daemon=True)
@@ -151,14 +163,38 @@ class Batcher:
         """The longest sequence (tokens) warm-up prepares for; only known once loaded."""
         return min(self._max_length or self.ensemble.max_length, self.ensemble.max_length)
 
+    @property
+    def warmup_length(self) -> int:
+        """The longest sequence (tokens) whose shapes warm-up compiles; only known once loaded."""
+        return min(self._warmup_length or self.max_length, self.max_length)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def start(self) -> None:
         """Start the device worker thread: it loads the model, compiles every bucket shape (with warm-up),
         then serves the queue. Returns at once; watch `state` or `ready`."""
         self._thread.start()
 
+    def drain(self) -> None:
+        """Refuse new requests (`submit` raises `NotReady`); queued ones still run."""
+        with self._cond:
+            self._draining = True
+
+    def fail_queued(self, err: BaseException) -> int:
+        """Fail every queued request with `err` (the dispatch on the devices still completes);
+        returns the number of sequences dropped."""
+        with self._cond:
+            dropped = self._queued_items
+        self._fail_queued(err)
+        return dropped
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then end the worker (a load or warm-up in progress stops at
-        the next shape). Requests submitted after this raise `NotReady`."""
+        the next shape) and join it: by default with no time limit, since a process that exits
+        while the worker is inside an XLA computation aborts. Requests submitted after this
+        raise `NotReady`."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -178,6 +214,7 @@ class Batcher:
         return {"models": [s.path for s in self.ensemble.scorers], "ensemble": len(self.ensemble) > 1,
                 "max_length": self.max_length, "devices": first.num_devices,
                 "buckets": sorted({b for _, b in warmup_shapes(first, self.max_length)}),
+                "warmup_length": self.warmup_length if self.warmup else 0,
                 "compiled_shapes": self._shape_count()}
 
     # -- requests (HTTP side) --
@@ -209,8 +246,9 @@ class Batcher:
         pieces = [_Piece(job, k, s, min(s + self.max_batch_items, len(sequences)), now)
                   for k, s in enumerate(starts)]
         with self._cond:
-            if self._stopping or self.state != "ready":
-                raise NotReady("the server is stopping" if self._stopping else f"the model is {self.state}")
+            if self._stopping or self._draining or self.state != "ready":
+                raise NotReady("the server is shutting down" if self._stopping or self._draining
+                               else f"the model is {self.state}")
             if self._queued_items and self._queued_items + len(sequences) > self.max_queued_items:
                 raise ServerBusy(f"{self._queued_items} sequences are queued (limit {self.max_queued_items}); "
                                  "retry later")
@@ -244,9 +282,10 @@ class Batcher:
             self.error = err
             self.state = "failed"
             self._settled.set()
-            self._log(f"failed to start: {type(err).__name__}: {err}")
             if self.on_failure is not None:
                 self.on_failure(err)
+            else:
+                self._log(f"failed to start: {type(err).__name__}: {err}")
             return
         try:
             self._serve()
@@ -258,9 +297,12 @@ class Batcher:
         return len(set().union(*(s.compiled_shapes for s in self.ensemble.scorers)))
 
     def _compile_all(self) -> None:
-        plans = [(s, warmup_shapes(s, self.max_length)) for s in self.ensemble.scorers]
+        plans = [(s, warmup_shapes(s, self.warmup_length)) for s in self.ensemble.scorers]
         total = sum(len(shapes) for _, shapes in plans)
-        self._log(f"compiling {total} batch shapes (rows x length) before turning ready")
+        later = "" if self.warmup_length >= self.max_length else \
+            f"; longer sequences (up to {self.max_length}) compile their shapes on first use"
+        self._log(f"compiling {total} batch shapes (rows x length, up to {self.warmup_length} tokens) "
+                  f"before turning ready{later}")
         done = 0
         with tqdm(total=total, desc="warm-up", unit="shape", file=sys.stderr,
                   disable=not self._progress, dynamic_ncols=True) as bar:

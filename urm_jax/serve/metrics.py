@@ -3,6 +3,12 @@
 Updated from two threads (the HTTP event loop and the device worker), so every update and the
 snapshot take one lock. Quantiles are over a sliding window of the most recent observations
 (`WINDOW`), so they describe current behaviour, not the whole uptime.
+
+One source of truth for outcomes: every answered request is recorded once, by endpoint and
+status (`response`); the outcome counters (``rejected_<status>``, ``internal_errors``,
+``client_disconnects``, ``unauthorized``) are derived from that table when read, so the two
+views always agree. A client that left before its answer is recorded under status 499 (nginx's
+"client closed request"; nothing is sent).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import numpy as np
 
 WINDOW = 4096  # observations kept per latency series
 QUANTILES = (0.5, 0.9, 0.99)
+CLIENT_GONE = 499  # the status a request is recorded under when its client disconnected
 
 
 class Metrics:
@@ -38,7 +45,8 @@ class Metrics:
             self._counts[name] += n
 
     def response(self, endpoint: str, status: int, latency_s: float | None = None) -> None:
-        """One finished request: its status code, and its latency (arrival to response ready)."""
+        """One finished request: its status code (`CLIENT_GONE` when its client left), and its
+        latency (arrival to response ready). Every request is recorded here exactly once."""
         with self._lock:
             self._responses[endpoint][str(status)] += 1
             if latency_s is not None:
@@ -83,6 +91,16 @@ class Metrics:
             responses = {k: dict(v) for k, v in self._responses.items()}
             series = {k: np.asarray(v, np.float64) for k, v in self._series.items()}
             gauges = dict(self._gauges)
+        by_status: collections.Counter = collections.Counter()
+        for statuses in responses.values():
+            by_status.update({int(k): v for k, v in statuses.items()})
+        for status, n in sorted(by_status.items()):
+            if status == CLIENT_GONE:
+                counts["client_disconnects"] = n
+            elif status >= 400:
+                counts[f"rejected_{status}"] = n
+        counts["internal_errors"] = by_status.get(500, 0)
+        counts["unauthorized"] = by_status.get(401, 0)
         rows, tokens = counts.get("rows", 0), counts.get("tokens_scored", 0)
         return {
             "uptime_s": round(time.monotonic() - self._started, 3),

@@ -1,9 +1,23 @@
 """Running the reward server's app with uvicorn: on a socket bound up front (so port 0 works and
 the real port is known), in the foreground (`urm-jax serve`) or on a background thread
-(`ServerThread`: tests, benchmarks, notebooks)."""
+(`ServerThread`: tests, benchmarks, notebooks).
+
+Shutdown (SIGINT/SIGTERM, `ServerThread.stop`): stop accepting, close idle connections, run the
+app's drain (``app.state.drain``: queued requests finish or get 503), then uvicorn's own
+shutdown, with no task cancelled (a cancelled request would get uvicorn's plain-text 500 and log
+a traceback); a second signal forces the exit.
+
+Slow headers: uvicorn has no timeout for a request's headers (only ``timeout_keep_alive`` between
+requests and a 16 KiB cap on incomplete headers, ``h11_max_incomplete_event_size``), so a client
+sending headers a byte at a time holds a connection open; the server binds to loopback by default,
+and one exposed to untrusted clients belongs behind a proxy that has one (nginx
+``client_header_timeout``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
 import socket
 import threading
@@ -12,18 +26,31 @@ import time
 import uvicorn
 
 
+class ListenError(OSError):
+    """The server cannot listen where it was told (message names host and port)."""
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to (host, port); port 0 picks a free one (see `socket_url`).
-    OSError when the address is taken or not local."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
+    ListenError (an OSError) naming host and port when the host does not resolve, the address
+    is taken or is not an address of this machine."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise ListenError(f"cannot listen on {host}:{port}: the host {host!r} does not resolve "
+                          f"({err.strerror})") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
-    except OSError:
+    except OSError as err:
         sock.close()
-        raise
+        reason = {errno.EADDRINUSE: "address already in use",
+                  errno.EADDRNOTAVAIL: f"{host} is not an address of this machine",
+                  errno.EACCES: "permission denied (ports below 1024 need privileges)"}.get(
+                      err.errno, (err.strerror or str(err)).lower())
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}") from None
     return sock
 
 
@@ -43,12 +70,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown drains the app (``app.state.drain``, when it has one)
+    after it stops accepting and before uvicorn waits for the remaining requests."""
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # idle keep-alive connections close; busy ones after their answer
+        state = getattr(self.config.app, "state", None)
+        drain = getattr(state, "drain", None) if state is not None else None
+        if drain is not None:
+            task = asyncio.ensure_future(drain())
+            while not task.done() and not self.force_exit:  # a second signal: stop now
+                await asyncio.wait({task}, timeout=0.1)
+            if not task.done():
+                task.cancel()
+        await super().shutdown(sockets)
+
+
 def uvicorn_server(app, *, log_level: str = "warning", access_log: bool = False,
-                   graceful_timeout_s: float = 30.0) -> uvicorn.Server:
-    """A uvicorn server for `app` (lifespan on: it starts and stops the device worker)."""
+                   graceful_timeout_s: float | None = None) -> uvicorn.Server:
+    """A uvicorn server for `app` (lifespan on: it starts and stops the device worker). By
+    default no request is cancelled at shutdown (``graceful_timeout_s`` None): the app's drain
+    bounds how long they take."""
     config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=graceful_timeout_s)
-    return uvicorn.Server(config)
+    return DrainingServer(config)
 
 
 class ServerThread:
