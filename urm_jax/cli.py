@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 
 from urm_jax import compile_cache
+from urm_jax.arg_types import INT32_MAX, at_least, number, port, positive_int
 from urm_jax.demo import run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
 from urm_jax.errors import USER_ERRORS, warning_lines
@@ -46,7 +47,7 @@ from urm_jax.serve.app import Limits, create_app
 from urm_jax.serve.batcher import Batcher
 from urm_jax.serve.server import bind_socket, is_loopback, socket_url, uvicorn_server
 from urm_jax.train import supervisor
-from urm_jax.train.config import TOPOLOGY_CHIPS, TrainConfigError, load_train_config
+from urm_jax.train.config import TOPOLOGY_CHIPS, TrainConfigError, check_attention_length, load_train_config
 from urm_jax.train.loop import export_step, train
 from urm_jax.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 
@@ -64,37 +65,14 @@ OUT_OF_MEMORY_ADVICE["eval"] = OUT_OF_MEMORY_ADVICE["serve"] = OUT_OF_MEMORY_ADV
 SERVE_MAX_LENGTH = 4096
 
 
-def at_least(minimum: float, kind=int):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not value >= minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
-        return value
-    return parse
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def shard_spec(text: str) -> tuple[int, int]:
     """`K/N`: the K-th (0-based) of N shards."""
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected K/N (e.g. 0/4), got {text!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"{text}: need N >= 1 and 0 <= K < N")
+    if not 1 <= count <= INT32_MAX or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text}: need 1 <= N <= {INT32_MAX} and 0 <= K < N")
     return index, count
 
 
@@ -106,6 +84,8 @@ def mesh_spec(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"expected D,F,T (e.g. 1,-1,1), got {text!r}") from None
     if len(shape) != 3:
         raise argparse.ArgumentTypeError(f"expected 3 sizes (data, fsdp, tensor), got {text!r}")
+    if any(size != -1 and not 1 <= size <= INT32_MAX for size in shape):
+        raise argparse.ArgumentTypeError(f"each size is -1 or 1..{INT32_MAX}, got {text!r}")
     return shape
 
 
@@ -117,9 +97,14 @@ def add_attention_option(p: argparse.ArgumentParser) -> None:
                    f"below {AUTO_BLOCKWISE_LENGTH['cpu']} tokens and blockwise from there")
 
 
+# --memory-budget's range in decimal GB: a byte at least, a petabyte at most (a finite count of
+# bytes; beyond any device).
+MEMORY_BUDGET_GB = (1e-9, 1e6)
+
+
 def memory_budget(text: str) -> int:
     """argparse type: decimal gigabytes (e.g. 2.5) -> bytes."""
-    return int(at_least(1e-9, float)(text) * 1e9)
+    return int(number(float, *MEMORY_BUDGET_GB)(text) * 1e9)
 
 
 def add_memory_option(p) -> None:
@@ -155,9 +140,26 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """A command's parser that takes its positionals anywhere among its options, so `key=value`
+    overrides may follow them (`urm-jax memory CONFIG --chip v5p data.seq_len=8192`), as
+    `config [overrides ...]` in the usage suggests."""
+
+    _plain = False  # inside parse_known_intermixed_args, which calls parse_known_args itself
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._plain:
+            return super().parse_known_args(args, namespace)
+        self._plain = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._plain = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="urm-jax", description="URM reward model in JAX")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
 
     p = sub.add_parser("score", help="score a JSONL file of conversations (streamed, in input order)")
     add_model_options(p)
@@ -184,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", choices=["aleatoric", "reward_gap", "cov_frobenius"],
                    default="aleatoric", help="per-response measure; a pair's is chosen + rejected "
                    "(reward_gap needs several --model)")
-    p.add_argument("--bins", type=positive_int, default=10, help="reliability plot bins")
+    p.add_argument("--bins", type=number(int, 1, 1000), default=10, help="reliability plot bins")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="pairs scored at a time")
 
     p = sub.add_parser("parity", help="compare against the HF PyTorch reference")
@@ -195,11 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["keep", "float32", "bfloat16"], default="keep",
                    help="keep: each side uses the checkpoint's dtypes; else cast backbone (gate keeps its own)")
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--tolerance", type=float, default=None, help="max relative difference "
+    p.add_argument("--tolerance", type=number(float, 0), default=None, help="max relative difference "
                    "(default: the measured bound for the dtypes, see urm_jax/parity.py)")
     p.add_argument("--golden", default=None, help="JSONL examples with expected_reward "
                    "(e.g. urm_jax/data/model_card_goldens.jsonl for the real weights)")
-    p.add_argument("--golden-tolerance", type=float, default=2e-2)
+    p.add_argument("--golden-tolerance", type=number(float, 0), default=2e-2)
     p.add_argument("--long-length", type=positive_int, default=None, help="length of the long synthetic row")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host GPU/CPU; "
                    "TPU pods need none of these flags with URM_JAX_DISTRIBUTED=1)")
     p.add_argument("--num-processes", type=positive_int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--process-id", type=number(int, 0), default=None)
 
     p = sub.add_parser("memory", help="per-device memory estimate of a training recipe")
     p.add_argument("config", help="training YAML, e.g. configs/hardware/v5p-8.yaml")
@@ -264,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory, else the real 8B model's)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the plan as JSON (bytes per chip, compile seconds)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file (never an input)")
     p.add_argument("--header", action="store_true",
                    help="print the compiled figures as a YAML comment block (configs/hardware headers)")
 
@@ -309,24 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    net.add_argument("--port", type=at_least(0), default=8000, help="TCP port (0: any free port)")
+    net.add_argument("--port", type=port, default=8000, help="TCP port (0: any free port)")
     net.add_argument("--api-key", default=None,
                      help=f"require 'Authorization: Bearer KEY' (all but /health); default: ${API_KEY_ENV}")
 
     batching = p.add_argument_group("batching and limits")
     batching.add_argument("--max-batch-items", type=at_least(1), default=64,
                           help="sequences per device dispatch; a larger request is split and reassembled")
-    batching.add_argument("--max-wait-ms", type=at_least(0, float), default=5.0,
+    batching.add_argument("--max-wait-ms", type=number(float, 0, 60_000), default=5.0,
                           help="how long a queued request may wait for requests still arriving to share "
                           "its dispatch (none arriving: no wait)")
     batching.add_argument("--max-items", type=at_least(1), default=1024, help="items per request (413 beyond)")
     batching.add_argument("--max-body-bytes", type=at_least(1), default=64 << 20,
                           help="request body size (413 beyond; checked before reading it)")
-    batching.add_argument("--body-timeout", type=at_least(0.001, float), default=60.0,
+    batching.add_argument("--body-timeout", type=number(float, 0.001, 86_400), default=60.0,
                           help="seconds for a request body to arrive (408 beyond)")
     batching.add_argument("--max-queued-items", type=at_least(1), default=16384,
                           help="queued sequences beyond which requests get 503 + Retry-After")
-    batching.add_argument("--std-penalty", type=at_least(0, float), default=0.0,
+    batching.add_argument("--std-penalty", type=number(float, 0, 1000), default=0.0,
                           help="/get_reward's default penalty: reward - S * sqrt(uncertainty)")
 
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
@@ -442,6 +445,7 @@ def run_memory(args, parser: argparse.ArgumentParser) -> int:
     train = load_train_config(args.config, args.overrides, runnable=False)
     cfg = model_config_for_plan(train, args.model_config)
     platform = args.platform or (PLATFORMS[args.chip] if args.chip else "tpu")
+    check_attention_length(train, platform)  # as `urm-jax plan` and training refuse it
     est = estimate(cfg, train, num_devices=args.devices, platform=platform)
     hbm = CHIPS[args.chip] if args.chip else None
     lines = format_table(est, hbm, args.chip)
@@ -469,6 +473,8 @@ def run_memory(args, parser: argparse.ArgumentParser) -> int:
 def run_plan(args) -> int:
     """Handle `urm-jax plan`: 0 fits, 1 does not fit, 2 bad input, 3 no TPU compiler here."""
     use_cpu_host()  # before anything starts a backend: libtpu would look for an attached TPU
+    check_outputs([("config", args.config), ("--model-config", args.model_config)],  # before compiling
+                  [("--json", args.json)], overwrite=args.overwrite)
     train = load_train_config(args.config, args.overrides, runnable=False)
     topology = args.topology or train.plan.topology
     if topology is None:
@@ -517,7 +523,7 @@ def run_serve(args) -> int:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{path}: no such model directory")
     if args.compilation_cache:
-        compile_cache.enable(args.compilation_cache)
+        compile_cache.enable(args.compilation_cache, source="--compilation-cache")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host) and not api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it "
