@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -197,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["keep", "float32", "bfloat16"], default="keep",
                    help="keep: each side uses the checkpoint's dtypes; else cast backbone (gate keeps its own)")
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--tolerance", type=number(float, 0), default=None, help="max relative difference "
+    p.add_argument("--tolerance", type=number(float, 0, 1), default=None, help="max relative difference "
                    "(default: the measured bound for the dtypes, see urm_jax/parity.py)")
     p.add_argument("--golden", default=None, help="JSONL examples with expected_reward "
                    "(e.g. urm_jax/data/model_card_goldens.jsonl for the real weights)")
-    p.add_argument("--golden-tolerance", type=number(float, 0), default=2e-2)
+    p.add_argument("--golden-tolerance", type=number(float, 0, 1), default=2e-2)
     p.add_argument("--long-length", type=positive_int, default=None, help="length of the long synthetic row")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -350,6 +351,48 @@ def load_ensemble(args):
                          attention=args.attention, memory_budget=args.memory_budget)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread where it was between two Python steps. A BaseException,
+    like KeyboardInterrupt, so no `except Exception` swallows it and every atomic writer
+    (`urm_jax.io_utils`) on the way out removes its temporary."""
+
+
+def written_outputs(args) -> list[str]:
+    """The outputs a command writes atomically (for the line a stopped command prints)."""
+    if args.command == "eval":
+        return [eval_output_dir(args)]
+    names = {"score": ("output", "bad_lines"), "parity": ("json",), "export": ("out_dir",), "plan": ("json",)}
+    return [str(getattr(args, name)) for name in names.get(args.command, ()) if getattr(args, name)]
+
+
+def run_until_sigterm(handler, args) -> int:
+    """`handler(args)` with SIGTERM raising Terminated: the command's temporaries are removed,
+    one `error:` line names what was not written, exit 143 (128 + SIGTERM). A command that
+    handles SIGTERM itself (train's checkpoint, serve's drain) installs its own handler over
+    this one while it runs. Python runs the handler between two of its steps: a SIGTERM that
+    arrives while XLA computes (one batch, one compile) takes effect when that returns."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return handler(args)
+
+    def on_sigterm(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return handler(args)
+    except Terminated:
+        outputs = written_outputs(args)
+        kept = f"; nothing written to {', '.join(outputs)}" if outputs else ""
+        print(f"error: stopped by SIGTERM{kept}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def eval_output_dir(args) -> str:
+    return args.output_dir or f"eval-{Path(args.pairs).stem}"
+
+
 def run_score(args) -> int:
     if args.bad_lines and args.on_bad_line != "skip":
         raise ValueError("--bad-lines needs --on-bad-line skip")
@@ -369,7 +412,7 @@ def run_score(args) -> int:
 
 
 def run_eval(args) -> int:
-    out_dir = args.output_dir or f"eval-{Path(args.pairs).stem}"
+    out_dir = eval_output_dir(args)
     check_outputs([*model_inputs(args.model), ("--pairs", args.pairs)],  # before the model load
                   [("--output-dir", out_dir)], overwrite=args.overwrite)
     if not Path(args.pairs).is_file():
@@ -578,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before the first compile: every command reuses programs compiled by earlier runs.
         compile_cache.enable()
         with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
-            return handlers[args.command](args)
+            return run_until_sigterm(handlers[args.command], args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -210,6 +210,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
     """Open a temporary sibling for writing; rename over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = _temp_sibling(path)
     try:
         with open(tmp, mode) as handle:
