@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from urm_jax.arg_types import number, seed
 from urm_jax.attributes import DEFAULT_PRESET, PRESETS, parse_attributes, parse_label_range
 from urm_jax.errors import USER_ERRORS, warning_lines
 from urm_jax.hf.base import init_from_base
@@ -54,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint with its backbone and fresh URM heads: the stage-1 start")
     p.add_argument("base_dir")
     p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fresh heads")
-    p.add_argument("--init-std", type=float, default=None,
+    p.add_argument("--seed", type=seed, default=0, help="seed of the fresh heads")
+    p.add_argument("--init-std", type=number(float, 0, 10), default=None,
                    help="std of the fresh head weights (default: the base's initializer_range, "
                         "else 0.02; biases start at zero)")
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],

@@ -12,6 +12,7 @@ depends on how fast the machine is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -120,3 +121,20 @@ if __name__ == "__main__":
     from urm_jax.cli import main
 
     sys.exit(main())
+
+
+@contextlib.contextmanager
+def unwritable(directory: Path):
+    """`directory` (existing) made unwritable for this process while inside: mode 0555, and as
+    root (whom modes do not stop) the immutable attribute. Fails if neither works here."""
+    directory = Path(directory)
+    directory.chmod(0o555)
+    immutable = os.access(directory, os.W_OK) and subprocess.run(
+        ["chattr", "+i", str(directory)], capture_output=True).returncode == 0
+    try:
+        assert not os.access(directory, os.W_OK), f"could not make {directory} unwritable (root without chattr?)"
+        yield directory
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        directory.chmod(0o755)

@@ -223,3 +223,19 @@ def test_a_recipe_that_does_not_fit_exits_1(tmp_path, small_model):
     assert "DOES NOT FIT" in done.stdout and "refused by the compiler" in done.stdout
     assert done.stderr.strip().splitlines()[-1].startswith("error: train step does not fit a v5e chip: Ran out of memory")
     assert plan["estimate"]["total"] > 16e9  # the estimate agrees
+
+
+@pytest.mark.tpu
+@needs_libtpu
+def test_plan_json_replaces_an_existing_file_only_with_overwrite(tmp_path, small_model):
+    out = tmp_path / "plan.json"
+    out.write_text("keep me")
+    args = ["plan", "configs/hardware/v5p-8.yaml", "data.seq_len=512", "--model-config", str(small_model),
+            "--json", str(out)]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [LIBTPU, os.environ.get("PYTHONPATH")]))}
+    kept = cli(*args, env_extra=env)
+    assert kept.returncode == 2 and out.read_text() == "keep me"
+    assert "compiling" not in kept.stderr and "pass --overwrite" in kept.stderr
+    replaced = cli(*args, "--overwrite", env_extra=env)
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads(out.read_text())["topology"] == "v5p:2x2x1"

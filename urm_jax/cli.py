@@ -24,11 +24,13 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import jax
 
 from urm_jax import compile_cache
+from urm_jax.arg_types import INT32_MAX, at_least, number, port, positive_int
 from urm_jax.demo import run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
 from urm_jax.errors import USER_ERRORS, warning_lines
@@ -49,7 +51,7 @@ from urm_jax.serve.app import DRAIN_TIMEOUT_S, Limits, create_app
 from urm_jax.serve.batcher import Batcher, NotReady
 from urm_jax.serve.server import bind_socket, is_loopback, socket_url, uvicorn_server
 from urm_jax.train import supervisor
-from urm_jax.train.config import TOPOLOGY_CHIPS, TrainConfigError, load_train_config
+from urm_jax.train.config import TOPOLOGY_CHIPS, TrainConfigError, check_attention_length, load_train_config
 from urm_jax.train.loop import export_step, train
 from urm_jax.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 
@@ -71,39 +73,14 @@ SERVE_MAX_LENGTH = 4096
 SERVE_CPU_WARMUP_LENGTH = 512
 
 
-def at_least(minimum: float, kind=int):
-    """argparse type: a `kind` (int or float) >= `minimum`; ArgumentTypeError (a usage error, exit 2)
-    for text that is not one or is smaller."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not value >= minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
-        return value
-    return parse
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def shard_spec(text: str) -> tuple[int, int]:
     """`K/N`: the K-th (0-based) of N shards."""
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected K/N (e.g. 0/4), got {text!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"{text}: need N >= 1 and 0 <= K < N")
+    if not 1 <= count <= INT32_MAX or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text}: need 1 <= N <= {INT32_MAX} and 0 <= K < N")
     return index, count
 
 
@@ -115,6 +92,8 @@ def mesh_spec(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"expected D,F,T (e.g. 1,-1,1), got {text!r}") from None
     if len(shape) != 3:
         raise argparse.ArgumentTypeError(f"expected 3 sizes (data, fsdp, tensor), got {text!r}")
+    if any(size != -1 and not 1 <= size <= INT32_MAX for size in shape):
+        raise argparse.ArgumentTypeError(f"each size is -1 or 1..{INT32_MAX}, got {text!r}")
     return shape
 
 
@@ -127,9 +106,14 @@ def add_attention_option(p: argparse.ArgumentParser) -> None:
                    f"below {AUTO_BLOCKWISE_LENGTH['cpu']} tokens and blockwise from there")
 
 
+# --memory-budget's range in decimal GB: a byte at least, a petabyte at most (a finite count of
+# bytes; beyond any device).
+MEMORY_BUDGET_GB = (1e-9, 1e6)
+
+
 def memory_budget(text: str) -> int:
     """argparse type: decimal gigabytes (e.g. 2.5) -> bytes."""
-    return int(at_least(1e-9, float)(text) * 1e9)
+    return int(number(float, *MEMORY_BUDGET_GB)(text) * 1e9)
 
 
 def add_memory_option(p) -> None:
@@ -166,11 +150,28 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """A command's parser that takes its positionals anywhere among its options, so `key=value`
+    overrides may follow them (`urm-jax memory CONFIG --chip v5p data.seq_len=8192`), as
+    `config [overrides ...]` in the usage suggests."""
+
+    _plain = False  # inside parse_known_intermixed_args, which calls parse_known_args itself
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._plain:
+            return super().parse_known_args(args, namespace)
+        self._plain = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._plain = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `urm-jax` argument parser: one subcommand each for score, eval, parity, export, train,
     memory, plan, demo and serve."""
     parser = argparse.ArgumentParser(prog="urm-jax", description="URM reward model in JAX")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
 
     p = sub.add_parser("score", help="score a JSONL file of conversations (streamed, in input order)")
     add_model_options(p)
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", choices=["aleatoric", "reward_gap", "cov_frobenius"],
                    default="aleatoric", help="per-response measure; a pair's is chosen + rejected "
                    "(reward_gap needs several --model)")
-    p.add_argument("--bins", type=positive_int, default=10, help="reliability plot bins")
+    p.add_argument("--bins", type=number(int, 1, 1000), default=10, help="reliability plot bins")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="pairs scored at a time")
 
     p = sub.add_parser("parity", help="compare against the HF PyTorch reference")
@@ -208,11 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["keep", "float32", "bfloat16"], default="keep",
                    help="keep: each side uses the checkpoint's dtypes; else cast backbone (gate keeps its own)")
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--tolerance", type=float, default=None, help="max relative difference "
+    p.add_argument("--tolerance", type=number(float, 0, 1), default=None, help="max relative difference "
                    "(default: the measured bound for the dtypes, see urm_jax/parity.py)")
     p.add_argument("--golden", default=None, help="JSONL examples with expected_reward "
                    "(e.g. urm_jax/data/model_card_goldens.jsonl for the real weights)")
-    p.add_argument("--golden-tolerance", type=float, default=2e-2)
+    p.add_argument("--golden-tolerance", type=number(float, 0, 1), default=2e-2)
     p.add_argument("--long-length", type=positive_int, default=None, help="length of the long synthetic row")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host GPU/CPU; "
                    "TPU pods need none of these flags with URM_JAX_DISTRIBUTED=1)")
     p.add_argument("--num-processes", type=positive_int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--process-id", type=number(int, 0), default=None)
 
     p = sub.add_parser("memory", help="per-device memory estimate of a training recipe")
     p.add_argument("config", help="training YAML, e.g. configs/hardware/v5p-8.yaml")
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory, else the real 8B model's)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the plan as JSON (bytes per chip, compile seconds)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file (never an input)")
     p.add_argument("--header", action="store_true",
                    help="print the compiled figures as a YAML comment block (configs/hardware headers)")
 
@@ -328,27 +330,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    net.add_argument("--port", type=at_least(0), default=8000, help="TCP port (0: any free port)")
+    net.add_argument("--port", type=port, default=8000, help="TCP port (0: any free port)")
     net.add_argument("--api-key", default=None,
                      help=f"require 'Authorization: Bearer KEY' (all but /health); default: ${API_KEY_ENV}")
 
     batching = p.add_argument_group("batching and limits")
     batching.add_argument("--max-batch-items", type=at_least(1), default=64,
                           help="sequences per device dispatch; a larger request is split and reassembled")
-    batching.add_argument("--max-wait-ms", type=at_least(0, float), default=5.0,
+    batching.add_argument("--max-wait-ms", type=number(float, 0, 60_000), default=5.0,
                           help="how long a queued request may wait for requests still arriving to share "
                           "its dispatch (none arriving: no wait)")
     batching.add_argument("--max-items", type=at_least(1), default=1024, help="items per request (413 beyond)")
     batching.add_argument("--max-body-bytes", type=at_least(1), default=64 << 20,
                           help="request body size (413 beyond; checked before reading it)")
-    batching.add_argument("--body-timeout", type=at_least(0.001, float), default=60.0,
+    batching.add_argument("--body-timeout", type=number(float, 0.001, 86_400), default=60.0,
                           help="seconds for a request body to arrive (408 beyond)")
     batching.add_argument("--max-queued-items", type=at_least(1), default=16384,
                           help="queued sequences beyond which requests get 503 + Retry-After")
-    batching.add_argument("--drain-timeout", type=at_least(0, float), default=DRAIN_TIMEOUT_S,
+    batching.add_argument("--drain-timeout", type=number(float, 0, 86400), default=DRAIN_TIMEOUT_S,
                           help="on SIGINT/SIGTERM, seconds queued requests may still wait to be scored "
                           "(then they get 503 + Retry-After); the batch on the devices always completes")
-    batching.add_argument("--std-penalty", type=at_least(0, float), default=0.0,
+    batching.add_argument("--std-penalty", type=number(float, 0, 1000), default=0.0,
                           help="/get_reward's default penalty: reward - S * sqrt(uncertainty)")
 
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
@@ -370,6 +372,48 @@ def load_ensemble(args):
                          batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                          max_length=args.max_length, truncation=args.truncation,
                          attention=args.attention, memory_budget=args.memory_budget)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread where it was between two Python steps. A BaseException,
+    like KeyboardInterrupt, so no `except Exception` swallows it and every atomic writer
+    (`urm_jax.io_utils`) on the way out removes its temporary."""
+
+
+def written_outputs(args) -> list[str]:
+    """The outputs a command writes atomically (for the line a stopped command prints)."""
+    if args.command == "eval":
+        return [eval_output_dir(args)]
+    names = {"score": ("output", "bad_lines"), "parity": ("json",), "export": ("out_dir",), "plan": ("json",)}
+    return [str(getattr(args, name)) for name in names.get(args.command, ()) if getattr(args, name)]
+
+
+def run_until_sigterm(handler, args) -> int:
+    """`handler(args)` with SIGTERM raising Terminated: the command's temporaries are removed,
+    one `error:` line names what was not written, exit 143 (128 + SIGTERM). A command that
+    handles SIGTERM itself (train's checkpoint, serve's drain) installs its own handler over
+    this one while it runs. Python runs the handler between two of its steps: a SIGTERM that
+    arrives while XLA computes (one batch, one compile) takes effect when that returns."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return handler(args)
+
+    def on_sigterm(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return handler(args)
+    except Terminated:
+        outputs = written_outputs(args)
+        kept = f"; nothing written to {', '.join(outputs)}" if outputs else ""
+        print(f"error: stopped by SIGTERM{kept}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def eval_output_dir(args) -> str:
+    return args.output_dir or f"eval-{Path(args.pairs).stem}"
 
 
 def run_score(args) -> int:
@@ -398,7 +442,7 @@ def run_eval(args) -> int:
     """Handle `urm-jax eval`: score a pairs file (chosen/rejected, RewardBench format) and write
     metrics.json, pairs.jsonl and two PNGs under --output-dir (default `eval-<pairs stem>`); prints
     the summary, returns 0. FileNotFoundError when --pairs is missing."""
-    out_dir = args.output_dir or f"eval-{Path(args.pairs).stem}"
+    out_dir = eval_output_dir(args)
     check_outputs([*model_inputs(args.model), ("--pairs", args.pairs)],  # before the model load
                   [("--output-dir", out_dir)], overwrite=args.overwrite)
     if not Path(args.pairs).is_file():
@@ -484,6 +528,7 @@ def run_memory(args, parser: argparse.ArgumentParser) -> int:
     train = load_train_config(args.config, args.overrides, runnable=False)
     cfg = model_config_for_plan(train, args.model_config)
     platform = args.platform or (PLATFORMS[args.chip] if args.chip else "tpu")
+    check_attention_length(train, platform)  # as `urm-jax plan` and training refuse it
     est = estimate(cfg, train, num_devices=args.devices, platform=platform)
     hbm = CHIPS[args.chip] if args.chip else None
     lines = format_table(est, hbm, args.chip)
@@ -511,6 +556,8 @@ def run_memory(args, parser: argparse.ArgumentParser) -> int:
 def run_plan(args) -> int:
     """Handle `urm-jax plan`: 0 fits, 1 does not fit, 2 bad input, 3 no TPU compiler here."""
     use_cpu_host()  # before anything starts a backend: libtpu would look for an attached TPU
+    check_outputs([("config", args.config), ("--model-config", args.model_config)],  # before compiling
+                  [("--json", args.json)], overwrite=args.overwrite)
     train = load_train_config(args.config, args.overrides, runnable=False)
     topology = args.topology or train.plan.topology
     if topology is None:
@@ -578,7 +625,7 @@ def run_serve(args) -> int:
             with HFWeights(path):
                 pass
     if args.compilation_cache:
-        compile_cache.enable(args.compilation_cache)
+        compile_cache.enable(args.compilation_cache, source="--compilation-cache")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
 
     def log(message: str) -> None:
@@ -642,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before the first compile: every command reuses programs compiled by earlier runs.
         compile_cache.enable()
         with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
-            return handlers[args.command](args)
+            return run_until_sigterm(handlers[args.command], args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

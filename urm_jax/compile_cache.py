@@ -8,7 +8,10 @@ directory (`$XDG_CACHE_HOME/urm-jax/jax-compilation-cache`, else
 `URM_JAX_COMPILATION_CACHE=off` turns it off. It is bounded (`URM_JAX_COMPILATION_CACHE_GB`,
 default 8) with least-recently-used eviction, which also makes JAX take a file lock around every
 read and write: several processes (hosts of a job sharing a directory, parallel scoring jobs)
-can use one cache safely. A cache entry that cannot be read only costs a recompile (JAX warns).
+can use one cache safely. The cache is optional: a directory that cannot be created, written or
+read is reported in one `warning:` line naming it and `URM_JAX_COMPILATION_CACHE`, and the
+command runs without a cache; an entry that cannot be read or written later only costs a
+recompile (`entry_warning` turns JAX's repeated warnings into that one line).
 
 JAX's cache still traces and lowers every program before it can look it up (its key is a hash of
 the lowered module): for a training step or a scoring forward that is most of a warm start.
@@ -31,9 +34,12 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import logging
+import math
 import os
 import pickle
 import re
+import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -64,6 +70,9 @@ STORE_LOAD = "/urm_jax/program_store/load_duration"  # a program loaded whole by
 STORE_SAVE = "/urm_jax/program_store/save_duration"  # a compiled program serialised and written
 logger = logging.getLogger("urm_jax.compile_cache")
 _max_bytes = int(DEFAULT_SIZE_GB * 1e9)
+# JAX's own words (jax/_src/compiler.py) when one cache entry cannot be read or written: a
+# UserWarning per entry, with JAX's source line; commands show the first as one line.
+ENTRY_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for ")
 
 
 def default_dir() -> Path:
@@ -72,23 +81,34 @@ def default_dir() -> Path:
     return Path(base) / "urm-jax" / "jax-compilation-cache"
 
 
-def enable(path: str | Path | None = None) -> Path | None:
+def enable(path: str | Path | None = None, *, source: str = ENV_DIR) -> Path | None:
     """Turn JAX's persistent compilation cache on at `path` (default: `URM_JAX_COMPILATION_CACHE`,
-    else `default_dir()`); returns the directory, or None when turned off ('off'). Must run before
-    the programs to cache are compiled. ValueError for a size that is not a positive number."""
+    else `default_dir()`); returns the directory, or None when turned off ('off') or when the
+    directory cannot be created, written or read: then one `warning:` line on stderr names it and
+    `source` (the setting that chose it) and nothing is cached. Must run before the programs to
+    cache are compiled. ValueError for a size that is not a positive number."""
     setting = str(path) if path is not None else os.environ.get(ENV_DIR, "")
     if setting.strip().lower() in OFF and setting.strip():
         jax.config.update("jax_compilation_cache_dir", None)
         return None
-    directory = Path(setting) if setting.strip() else default_dir()
     size_text = os.environ.get(ENV_SIZE_GB, str(DEFAULT_SIZE_GB))
     try:
         size_gb = float(size_text)
     except ValueError:
         size_gb = -1.0
-    if not size_gb > 0:
+    if not (size_gb > 0 and math.isfinite(size_gb)):
         raise ValueError(f"{ENV_SIZE_GB}={size_text!r}: expected a positive number of GB")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory = Path(setting) if setting.strip() else default_dir()
+    except RuntimeError as err:  # Path.home(): no HOME and no passwd entry
+        directory, problem = None, str(err)
+    else:
+        problem = unusable(directory)
+    if problem is not None:
+        jax.config.update("jax_compilation_cache_dir", None)
+        print(f"warning: compilation cache off: {problem}; set {source} to a writable directory "
+              "(or off)", file=sys.stderr, flush=True)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -96,6 +116,31 @@ def enable(path: str | Path | None = None) -> Path | None:
     global _max_bytes
     _max_bytes = int(size_gb * 1e9)
     return directory
+
+
+def unusable(directory: Path) -> str | None:
+    """Why the cache cannot live in `directory` (created if missing): it cannot be created, a
+    file cannot be created in it, or it cannot be listed; None when it can. Checked up front so
+    an unusable directory is one line, not a failed command or a warning per program."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+        os.listdir(directory)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        return f"cannot use {directory} ({reason}{f': {err.filename}' if err.filename else ''})"
+    return None
+
+
+def entry_warning(message: str) -> str | None:
+    """The one line to show for JAX's warning `message` about a cache entry it could not read or
+    write (None for any other message): the directory and what to change."""
+    if not ENTRY_ERROR.match(message):
+        return None
+    detail = message.split("': ", 1)[-1].strip().splitlines()[0]
+    return (f"the compilation cache {jax.config.jax_compilation_cache_dir} cannot be used ({detail}); "
+            f"programs compile without it; set {ENV_DIR} to a writable directory (or off)")
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ import sys
 import warnings
 from typing import Iterator
 
+from urm_jax import compile_cache
 from urm_jax.checkpoint import CheckpointError
 from urm_jax.config import ConfigError
 from urm_jax.io_utils import OutputExistsError
@@ -26,14 +27,21 @@ class NoticeWarning(UserWarning):
 
 @contextlib.contextmanager
 def warning_lines() -> Iterator[None]:
-    """Within: each NoticeWarning prints as one `warning: ...` line on stderr; other warnings
-    show as Python shows them."""
+    """Within: each NoticeWarning prints as one `warning: ...` line on stderr, JAX's warnings
+    about compilation-cache entries it could not read or write as one line for the whole run
+    (they repeat per program, with JAX's source lines); other warnings show as Python shows them."""
     with warnings.catch_warnings():
         original = warnings.showwarning
+        cache_reported = []
 
         def show(message, category, filename, lineno, file=None, line=None):
+            cache_line = compile_cache.entry_warning(str(message)) if category is UserWarning else None
             if issubclass(category, NoticeWarning):
                 print(f"warning: {message}", file=sys.stderr)
+            elif cache_line is not None:
+                if not cache_reported:
+                    cache_reported.append(True)
+                    print(f"warning: {cache_line}", file=sys.stderr)
             else:
                 original(message, category, filename, lineno, file, line)
 

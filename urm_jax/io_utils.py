@@ -31,6 +31,10 @@ class OutputConflictError(ValueError):
     """An output that would replace or sit inside an input, or another output of the same run."""
 
 
+class OutputNotWritableError(PermissionError):
+    """An output whose directory cannot be written (read-only, no permission)."""
+
+
 def _resolved(path: str | Path) -> Path:
     """`path` made absolute with every symlink of it (and of its existing parents) resolved,
     so `x`, `./x`, `dir/../x` and a link to x compare equal."""
@@ -62,12 +66,14 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
     """The one rule every command applies to its outputs, before any slow work: an output may
     not be, contain or lie inside an input (a model directory, an input file), nor another
     output of the same run, whatever `overwrite` says (`--overwrite` never destroys an input);
-    and an existing output (a dangling symlink included) is refused unless `overwrite`.
+    and an existing output (a dangling symlink included) is refused unless `overwrite`; and an
+    output must be writable where it goes (its nearest existing parent directory), so a
+    read-only destination fails now, not after the work.
 
     `inputs` and `outputs` are (label, path) pairs, e.g. ("--input", "in.jsonl"); None paths are
     skipped. Paths are compared after resolving symlinks and `.`/`..` (and by inode), so
     `./x`, `x` and a link to x are one path. Raises OutputConflictError or OutputExistsError
-    naming both paths."""
+    naming both paths, OutputNotWritableError naming the directory."""
     ins = [(label, os.fspath(path), _resolved(path)) for label, path in inputs if path is not None]
     outs = [(label, os.fspath(path), _resolved(path)) for label, path in outputs if path is not None]
     for k, (label, path, real) in enumerate(outs):
@@ -84,6 +90,20 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
                                           "outputs of one run need two separate paths")
         if os.path.lexists(path) and not overwrite:
             raise OutputExistsError(f"{label} {path} already exists (pass --overwrite to replace it)")
+        _check_writable(label, path, real)
+
+
+def _check_writable(label: str, path: str, real: Path) -> None:
+    """The nearest existing directory above `real` must let this process create entries (the
+    temporary sibling, and any missing parents) in it."""
+    parent = real.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputNotWritableError(f"{label} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputNotWritableError(f"{label} {path}: cannot write in {parent} (read-only or "
+                                     "no permission); choose another path")
 
 
 # Errors only a write can raise: Python's file objects report them without a file name.
@@ -190,6 +210,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
     """Open a temporary sibling for writing; rename over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = _temp_sibling(path)
     try:
         with open(tmp, mode) as handle:

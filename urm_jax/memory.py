@@ -85,7 +85,7 @@ from urm_jax.model.attention import block_size, resolve as resolve_attention
 from urm_jax.model.paths import is_gate, matches
 from urm_jax.model.urm import ModelOptions, abstract_model, lora_targets, param_logical_axes
 from urm_jax.sharding import MESH_AXES, AxisRules, make_mesh, resolve_mesh_shape
-from urm_jax.train.config import TrainConfig
+from urm_jax.train.config import TrainConfig, check_model_context
 from urm_jax.train.step import abstract_step_args, batch_shapes, step_layout
 
 GB = 1e9
@@ -346,7 +346,8 @@ def format_table(est: dict, hbm: float | None = None, chip: str | None = None) -
 
 def model_config_for_plan(train: TrainConfig, model_config: str | Path | None = None) -> ModelConfig:
     """The model a memory plan is for: `model_config` (an HF config.json), else the config in
-    `train.model` when it is a directory, else the real 8B model's (DEFAULT_MODEL_CONFIG)."""
+    `train.model` when it is a directory, else the real 8B model's (DEFAULT_MODEL_CONFIG).
+    TrainConfigError when `data.seq_len` exceeds its context (as training's preflight)."""
     path = Path(model_config) if model_config is not None else None
     if path is None:
         model_dir = Path(train.model) if train.model else None
@@ -356,7 +357,9 @@ def model_config_for_plan(train: TrainConfig, model_config: str | Path | None = 
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(f"{path}: no such model config")
-    return ModelConfig.from_hf_dict(read_json_file(path), source=str(path))
+    cfg = ModelConfig.from_hf_dict(read_json_file(path), source=str(path))
+    check_model_context(train, cfg, path)
+    return cfg
 
 
 if __name__ == "__main__":  # pragma: no cover

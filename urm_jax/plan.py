@@ -45,7 +45,7 @@ from urm_jax.memory import CHIPS, GB, MARGIN, PLATFORMS, estimate
 from urm_jax.model.attention import compile_target
 from urm_jax.model.urm import ModelBinder, param_shardings
 from urm_jax.sharding import batch_sharding, make_mesh, use_mesh
-from urm_jax.train.config import TrainConfig, parse_topology
+from urm_jax.train.config import TrainConfig, check_attention_length, parse_topology
 from urm_jax.train.features import pooled_forward
 from urm_jax.train.step import abstract_step_args, batch_shapes, step_layout, training_param_shapes
 
@@ -269,9 +269,12 @@ def plan(cfg: ModelConfig, train: TrainConfig, topology: str, *, log: Callable[[
     """Compile `train`'s programs for `cfg` on `topology` (e.g. 'v5p:2x2x1', 'h100:1x8') and return
     their memory per chip next to the estimate. The mesh is the config's, resolved over the
     topology's chips (-1 takes the rest). ValueError for a mesh that does not match the
-    topology or a bad topology name; PlanUnavailable without the target's compiler. `log`
+    topology or a bad topology name, TrainConfigError (a ValueError) for a `data.seq_len` the
+    attention cannot run; PlanUnavailable without the target's compiler. `log`
     receives progress lines (default: stderr)."""
     log = log or (lambda message: None)
+    # One line naming data.seq_len before libtpu loads and anything compiles.
+    check_attention_length(train, PLATFORMS[parse_topology(topology)[0]])
     chip, devices = topology_devices(topology)
     mesh = make_mesh(train.mesh, devices)
     shape = tuple(mesh.shape.values())

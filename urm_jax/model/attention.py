@@ -115,8 +115,23 @@ def check_available(implementation: str, interpret: bool = False) -> str:
     need, backend = PLATFORM.get(impl), target_platform()
     if need and backend != need and not (impl == "splash" and interpret):
         raise ValueError(f"attention {impl!r} needs a {need.upper()}; this run's JAX backend is "
-                         f"{backend!r} (use 'auto', 'xla' or 'reference')")
+                         f"{backend!r}: use blockwise (any backend, memory linear in the length) or "
+                         "auto (--attention, or `attention:` in a recipe)")
     return impl
+
+
+# Splash's block edge (tokens, queries and keys alike): the kernel's default and TPU-friendly.
+SPLASH_BLOCK = 512
+
+
+def splash_length_problem(length: int, block: int = SPLASH_BLOCK) -> str | None:
+    """Why splash attention cannot run rows of `length` tokens (None when it can): the length
+    must be a multiple of 128 (TPU lanes) and of the block edge (min(block, length))."""
+    block = min(block, length)
+    if length % block or block % 128:
+        return (f"splash attention needs the sequence length ({length}) to be a multiple of 128 and "
+                f"of its block size ({block})")
+    return None
 
 
 def allowed_mask(segment_ids: jax.Array) -> jax.Array:
@@ -149,7 +164,7 @@ def fused_attention(q, k, v, allowed, implementation: str):
     return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation=implementation)
 
 
-def splash_attention(q, k, v, segment_ids, *, interpret: bool = False, block: int = 512):
+def splash_attention(q, k, v, segment_ids, *, interpret: bool = False, block: int = SPLASH_BLOCK):
     """Pallas splash attention, one MQA kernel per KV head (vmapped), one call per row (vmapped).
     Under an active mesh the call is wrapped in shard_map (batch over data/fsdp, KV heads over
     tensor), since a Pallas kernel cannot be partitioned by GSPMD."""
@@ -174,10 +189,10 @@ def _splash_local(q, k, v, segment_ids, *, interpret: bool, block: int):
     batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
+    problem = splash_length_problem(length, block)
+    if problem:
+        raise ValueError(f"{problem}; pad sequences accordingly")
     block = min(block, length)
-    if length % block or block % 128:  # TPU lanes: blocks are multiples of 128
-        raise ValueError(f"splash attention needs the sequence length ({length}) to be a multiple "
-                         f"of 128 and of its block size ({block}); pad sequences accordingly")
     sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                                   block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                                   block_q_dq=block, block_kv_dq=block)

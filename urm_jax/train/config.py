@@ -19,8 +19,9 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from urm_jax.attributes import check_label_range
-from urm_jax.config import DTypePolicy
+from urm_jax.config import DTypePolicy, ModelConfig
 from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from urm_jax.model.attention import resolve as resolve_attention, splash_length_problem, target_platform
 from urm_jax.model.lora import LoraConfig
 from urm_jax.model.paths import LORA, check_patterns, is_gate, path_name
 from urm_jax.model.urm import REMAT_POLICIES, ModelOptions, lora_target_paths
@@ -520,3 +521,32 @@ def to_dict(cfg: TrainConfig) -> dict:
             return [plain(v) for v in x]
         return x
     return plain(dataclasses.asdict(cfg))
+
+
+def check_model_context(cfg: TrainConfig, model_cfg: ModelConfig, source: str | Path) -> None:
+    """`data.seq_len` must fit the model's context (max_position_embeddings of `source`, the
+    model or its config.json): the one rule for training's preflight, `urm-jax memory` and
+    `urm-jax plan`. TrainConfigError naming both."""
+    if cfg.data.seq_len > model_cfg.max_position_embeddings:
+        raise TrainConfigError(f"`data.seq_len`: {cfg.data.seq_len} is longer than the model's context "
+                               f"(max_position_embeddings {model_cfg.max_position_embeddings} in {source})")
+
+
+def check_attention_length(cfg: TrainConfig, platform: str | None = None) -> None:
+    """Training rows (`TrainConfig.row_length`) must suit the attention `cfg.attention` resolves
+    to on `platform` (tpu | gpu | cpu; None: the compile target, else this process's backend): splash needs multiples of 128 and of its block. The one
+    rule for training's preflight, `urm-jax memory` and `urm-jax plan`; TrainConfigError naming
+    `data.seq_len`, the attention setting and the nearest lengths that work."""
+    length = cfg.row_length
+    implementation = resolve_attention(cfg.attention, platform, length=length)
+    problem = splash_length_problem(length) if implementation == "splash" else None
+    if problem is None:
+        return
+    per_row = length // cfg.data.seq_len
+    fits = next(n for n in range(cfg.data.seq_len + 1, cfg.data.seq_len + 1024)
+                if splash_length_problem(n * per_row) is None)
+    rows = f" (rows of {length} tokens: 2 x data.seq_len, packed pairs)" if per_row > 1 else ""
+    setting = (f"`attention: {cfg.attention}` ({implementation} on {platform or target_platform()})"
+               if cfg.attention != implementation else f"`attention: {cfg.attention}`")
+    raise TrainConfigError(f"`data.seq_len`: {cfg.data.seq_len}{rows} with {setting}: {problem}; "
+                           f"set data.seq_len={fits} (or another length that works), or attention=blockwise")

@@ -44,7 +44,8 @@ from urm_jax.model.lora import LORA_A, LORA_B, merge_kernel
 from urm_jax.model.paths import LORA, is_gate, leaf_paths
 from urm_jax.model.urm import ModelBinder, param_shardings
 from urm_jax.sharding import batch_shards, batch_sharding, fit_mesh, make_mesh, use_mesh
-from urm_jax.train.config import TrainConfig, TrainConfigError, load_train_config
+from urm_jax.train.config import (TrainConfig, TrainConfigError, check_attention_length, check_model_context,
+                                   load_train_config)
 from urm_jax.train.features import (FeatureIterator, cache_key, compute_features, load_or_compute,
                                     pooled_forward)
 from urm_jax.train.metrics import METRICS_FILE, MetricsWriter, Throughput, plot_metrics, read_metrics
@@ -406,9 +407,8 @@ def preflight(cfg: TrainConfig) -> Setup:
         raise TrainConfigError(f"`model`: {model} is a training run directory; start from its "
                                f"final/ ({model / 'final'}) or a step exported with `urm-jax export`")
     model_cfg = load_config_any(cfg.model)
-    if cfg.data.seq_len > model_cfg.max_position_embeddings:
-        raise TrainConfigError(f"`data.seq_len`: {cfg.data.seq_len} is longer than the model's context "
-                               f"(max_position_embeddings {model_cfg.max_position_embeddings} in {model})")
+    check_model_context(cfg, model_cfg, model)
+    check_attention_length(cfg)
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise ValueError(f"{cfg.model}: no tokenizer files; training renders chats with the "
