@@ -17,10 +17,12 @@ import yaml
 from transformers import AutoTokenizer
 
 from hf_fixtures import make_tiny_chat_urm, make_tiny_urm
-from test_convert import run_ok
+from test_convert import run_err, run_ok
 from test_pooling import CHATML_TEMPLATE
+from urm_jax.checkpoint import weights_fingerprint
+from urm_jax.eval import bundled_pairs_path, run_eval
 from urm_jax.hf.card import EXAMPLE_MESSAGES
-from urm_jax.scoring import Scorer
+from urm_jax.scoring import Ensemble, Scorer
 
 
 def card_parts(export: Path) -> tuple[dict, str, str]:
@@ -42,13 +44,26 @@ def run_snippet(code: str, export: Path, tmp_path: Path) -> float:
     return float(re.search(r"^reward (\S+)$", done.stdout, re.M).group(1))
 
 
-def test_card_metadata_attributes_eval_and_snippet(tmp_path):
-    src = make_tiny_chat_urm(tmp_path / "src", tmp_path / "cache")
-    ckpt, export = tmp_path / "ckpt", tmp_path / "hf"
-    run_ok("from_hf", str(src), str(ckpt))
-    metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"pairs_file": "pairs.jsonl", "pairs": 24, "accuracy": 0.75,
-                                   "rewardbench": {"score": 0.7, "complete": True}}))
+def eval_metrics(ckpt: Path, tmp_path: Path) -> Path:
+    """`urm-jax eval` of `ckpt` on three bundled pairs; its metrics.json."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(bundled_pairs_path().read_text().splitlines(keepends=True)[:3]))
+    run_eval(Ensemble.load([ckpt]), pairs, tmp_path / "eval", progress=False)
+    return tmp_path / "eval" / "metrics.json"
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory):
+    """A tiny URM with the Llama-3 tokenizer, as a urm-jax checkpoint, and its eval metrics."""
+    tmp = tmp_path_factory.mktemp("card")
+    src = make_tiny_chat_urm(tmp / "src", tmp / "cache")
+    run_ok("from_hf", str(src), str(tmp / "ckpt"))
+    return tmp / "ckpt", eval_metrics(tmp / "ckpt", tmp)
+
+
+def test_card_metadata_attributes_eval_and_snippet(chat_ckpt, tmp_path):
+    ckpt, metrics = chat_ckpt
+    export = tmp_path / "hf"
     run_ok("to_hf", str(ckpt), str(export), "--base-model", "org/base-model", "--license",
            "apache-2.0", "--eval", str(metrics))
     meta, body, code = card_parts(export)
@@ -57,11 +72,33 @@ def test_card_metadata_attributes_eval_and_snippet(tmp_path):
                     "base_model": "org/base-model", "license": "apache-2.0"}
     for name in ("helpfulness", "correctness", "coherence", "complexity", "verbosity"):
         assert f"- `{name}`" in body
-    assert "24 pairs, accuracy 0.7500, RewardBench score 0.7000" in body
+    evaluated = json.loads(metrics.read_text())
+    assert evaluated["weights_sha256"] == [weights_fingerprint(ckpt)] and evaluated["models"] == [
+        str(ckpt.absolute())]
+    assert f"`pairs.jsonl`: 3 pairs, accuracy {evaluated['accuracy']:.4f}" in body
     assert "no training record" in body
     reward = run_snippet(code, export, tmp_path)
     want = float(Scorer(ckpt).score([{"messages": EXAMPLE_MESSAGES}]).reward[0])
     assert abs(reward - want) <= 1e-5 * max(1.0, abs(want)), (reward, want)
+
+
+@pytest.mark.parametrize("edit, needles", [
+    ({"weights_sha256": ["0" * 64]}, ["field weights_sha256", "another model's weights"]),
+    ({"weights_sha256": [None], "models": ["/elsewhere/final"]}, ["field models", "/elsewhere/final"]),
+    ({"weights_sha256": None, "models": ["/elsewhere/final"]}, ["field models"]),
+    ({"attributes": [["fluency", "safety"]]}, ["field attributes", "fluency"]),
+    ({"models": ["a", "b"]}, ["field models", "one evaluated model"]),
+    ({"pairs": "24"}, ["field pairs", "integer"]),
+    ({"accuracy": True}, ["field accuracy"]),
+])
+def test_eval_numbers_of_another_model_are_refused(chat_ckpt, tmp_path, capsys, edit, needles):
+    """`to_hf --eval` puts numbers on the card only when metrics.json evaluated this checkpoint
+    (weights fingerprint, else path) with its attribute set; fields are typed."""
+    ckpt, metrics = chat_ckpt
+    other = tmp_path / "metrics.json"
+    other.write_text(json.dumps({**json.loads(metrics.read_text()), **edit}))
+    run_err(capsys, ["to_hf", str(ckpt), str(tmp_path / "hf"), "--eval", str(other)],
+            tmp_path / "hf", str(other), *needles)
 
 
 def test_chatml_card_reads_the_reward_at_im_end(tmp_path):

@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 
 from urm_jax import compile_cache
+from urm_jax.cli_args import join_negative_values
 from urm_jax.demo import run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
 from urm_jax.errors import USER_ERRORS, warning_lines
@@ -563,7 +564,7 @@ def run_serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(parser, argv))  # `--opt -3,3` as a value
     args.argv = argv  # `urm-jax train` re-runs itself under a supervisor (multi-process)
     handlers = {"score": run_score, "eval": run_eval, "parity": run_parity, "export": run_export,
                 "train": run_train, "demo": run_demo, "serve": run_serve,
