@@ -21,7 +21,7 @@ from test_convert import run_err, run_ok
 from test_pooling import CHATML_TEMPLATE
 from urm_jax.checkpoint import weights_fingerprint
 from urm_jax.eval import bundled_pairs_path, run_eval
-from urm_jax.hf.card import EXAMPLE_MESSAGES
+from urm_jax.hf.card import EXAMPLE_MESSAGES, PLAIN_TEXT, example_ids
 from urm_jax.scoring import Ensemble, Scorer
 
 
@@ -122,4 +122,55 @@ def test_chatml_card_reads_the_reward_at_im_end(tmp_path):
     assert 'text.rindex(\'<|im_end|>\')' in code
     reward = run_snippet(code, tmp_path / "hf", tmp_path)
     want = float(Scorer(tmp_path / "ckpt").score([{"messages": EXAMPLE_MESSAGES}]).reward[0])
+    assert abs(reward - want) <= 1e-5 * max(1.0, abs(want)), (reward, want)
+
+
+def tiny_base(out: Path, vocab: int, tokenizer=None) -> Path:
+    """A tiny LlamaForCausalLM base (tied embeddings, as small bases ship), with `tokenizer`'s
+    files when given."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=vocab - 1,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("ships", ["no tokenizer", "no chat template"])
+def test_snippet_runs_without_tokenizer_or_chat_template(tmp_path, capsys, ships):
+    """A base without tokenizer files or without a chat template: `init` warns in one line and
+    the card's snippet scores token ids / a text formed by hand, runs as written and scores like
+    urm-jax on the same ids."""
+    tokenizer = None
+    if ships == "no chat template":
+        with pytest.MonkeyPatch.context() as mp:
+            from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+
+            mp.setenv("URM_JAX_CACHE", str(tmp_path / "cache"))
+            tokenizer = AutoTokenizer.from_pretrained(cached_llama3_tokenizer_dir())
+        tokenizer.chat_template = None
+    base = tiny_base(tmp_path / "base", len(tokenizer) if tokenizer else 64, tokenizer)
+    assert not (base / "chat_template.jinja").exists()
+    capsys.readouterr()
+    run_ok("init", str(base), str(tmp_path / "init"), "--gate-dtype", "float32")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    needle = "no tokenizer files" if tokenizer is None else "has no chat template"
+    assert len(warnings) == 1 and needle in warnings[0], warnings
+    run_ok("to_hf", str(tmp_path / "init"), str(tmp_path / "hf"))
+    _, body, code = card_parts(tmp_path / "hf")
+    assert "apply_chat_template" not in code
+    scorer = Scorer(tmp_path / "init")
+    if tokenizer is None:
+        assert "ships no tokenizer files" in body and "AutoTokenizer" not in code
+        ids = example_ids(scorer.cfg)
+    else:
+        assert "ships no chat template" in body
+        ids = tokenizer(PLAIN_TEXT)["input_ids"]
+    reward = run_snippet(code, tmp_path / "hf", tmp_path)
+    want = float(scorer.score([{"input_ids": ids}]).reward[0])
     assert abs(reward - want) <= 1e-5 * max(1.0, abs(want)), (reward, want)

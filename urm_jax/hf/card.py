@@ -44,7 +44,7 @@ inputs = tokenizer(text, return_tensors="pt")  # pass the attention mask: the re
 '''
 IDS_INPUTS = '''# This model ships no tokenizer files: tokenize with the tokenizer it was trained with. The ids
 # below only show the shape; the reward is read at the last token the attention mask keeps.
-input_ids = torch.tensor([{ids}])
+input_ids = torch.tensor([[{ids}]])  # [batch 1, tokens]
 inputs = {{"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}}
 '''
 
