@@ -40,9 +40,10 @@ from urm_jax.flops import peak_flops_per_device, train_flops
 from urm_jax.finite import checked_astype
 from urm_jax.io_utils import check_outputs
 from urm_jax.loading import load_config_any, load_params_any, load_tokenizer
-from urm_jax.model.lora import LORA_A, LORA_B, merge_kernel
+from urm_jax.memory import check_host_memory
+from urm_jax.model.lora import LORA_A, LORA_B, check_rank, merge_kernel
 from urm_jax.model.paths import LORA, is_gate, leaf_paths
-from urm_jax.model.urm import ModelBinder, param_shardings
+from urm_jax.model.urm import ModelBinder, abstract_model, lora_targets, param_shardings
 from urm_jax.provenance import local_source
 from urm_jax.sharding import batch_shards, batch_sharding, fit_mesh, make_mesh, use_mesh
 from urm_jax.train.config import TrainConfig, TrainConfigError, load_train_config
@@ -425,7 +426,22 @@ def preflight(cfg: TrainConfig) -> Setup:
     if tokenizer is None:
         raise ValueError(f"{cfg.model}: no tokenizer files; training renders chats with the "
                          "checkpoint's tokenizer")
+    check_capacity(cfg, model_cfg, tuple(mesh.shape.values()))
     return Setup(mesh, model_cfg, tokenizer)
+
+
+def check_capacity(cfg: TrainConfig, model_cfg: ModelConfig, mesh_shape: tuple[int, int, int]) -> None:
+    """What the model's sizes decide about the recipe (part of `preflight`): a LoRA rank no
+    larger than min(in, out) of each targeted matrix, and, on the CPU backend, the memory
+    estimate within the host's available memory (an over-large run would be OOM-killed, exit
+    137, with no message). TrainConfigError names the key."""
+    if cfg.lora is not None:
+        try:
+            check_rank(cfg.lora, lora_targets(cfg.lora, abstract_model(model_cfg)))
+        except ValueError as err:
+            raise TrainConfigError(str(err)) from None
+    if jax.default_backend() == "cpu":
+        check_host_memory(model_cfg, cfg, mesh_shape)
 
 
 class TrainingRun:
