@@ -30,7 +30,7 @@ import jax
 
 from urm_jax import compile_cache
 from urm_jax.cli_args import join_negative_values
-from urm_jax.demo import run_demo as demo, run_real_demo
+from urm_jax.demo import DemoStopped, run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
 from urm_jax.errors import USER_ERRORS, warning_lines
 from urm_jax.eval import format_summary, run_eval as evaluate
@@ -503,10 +503,16 @@ def run_plan(args) -> int:
 
 
 def run_demo(args) -> int:
-    if args.real:
-        return 0 if run_real_demo(Path(args.workdir or "build/demo-real"), epochs=args.epochs,
-                                  overwrite=args.overwrite) else 1
-    return 0 if demo(Path(args.workdir or "build/demo"), overwrite=args.overwrite) else 1
+    """0 when every check passed, 1 when one failed, 143 (one `stopped:` line) on SIGTERM;
+    Ctrl-C's KeyboardInterrupt passes through."""
+    try:
+        if args.real:
+            return 0 if run_real_demo(Path(args.workdir or "build/demo-real"), epochs=args.epochs,
+                                      overwrite=args.overwrite) else 1
+        return 0 if demo(Path(args.workdir or "build/demo"), overwrite=args.overwrite) else 1
+    except DemoStopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
 
 
 def run_serve(args) -> int:
