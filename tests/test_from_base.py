@@ -235,6 +235,18 @@ def test_fields_the_backbone_cannot_represent_are_refused_by_name(skywork_like, 
     run_err(capsys, ["init", str(base), str(out)], out, needle)
 
 
+def test_attribute_names_in_two_fields_must_agree(initialised, tmp_path, capsys):
+    """`urm_attributes` and an `id2label` of attribute names are two spellings of one set."""
+    import shutil
+
+    ckpt = Path(shutil.copytree(initialised, tmp_path / "ckpt"))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    _edit_config(ckpt, id2label={k: v.replace("verbosity", "brevity") for k, v in cfg["id2label"].items()})
+    out = tmp_path / "hf"
+    run_err(capsys, ["to_hf", str(ckpt), str(out)], out,
+            "fields urm_attributes", "and id2label (names", "brevity", "disagree")
+
+
 def test_head_dim_other_than_hidden_over_heads_is_represented(tmp_path):
     """Llama allows head_dim != hidden / heads (an explicit `head_dim`): the backbone follows it."""
     base = save_base(LlamaForCausalLM, tmp_path / "base", dtype=torch.float32, head_dim=32)

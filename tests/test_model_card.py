@@ -161,9 +161,19 @@ def test_snippet_runs_without_tokenizer_or_chat_template(tmp_path, capsys, ships
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     needle = "no tokenizer files" if tokenizer is None else "has no chat template"
     assert len(warnings) == 1 and needle in warnings[0], warnings
-    run_ok("to_hf", str(tmp_path / "init"), str(tmp_path / "hf"))
+    hub = [] if tokenizer is None else ["--base-model", "org/tiny"]
+    run_ok("to_hf", str(tmp_path / "init"), str(tmp_path / "hf"), *hub)
     _, body, code = card_parts(tmp_path / "hf")
     assert "apply_chat_template" not in code
+    # Published files carry no local path: the base is its Hub id, else its directory's name.
+    init = json.loads((tmp_path / "hf" / "config.json").read_text())["urm_jax_init"]
+    for published in ("config.json", "README.md"):
+        assert str(tmp_path) not in (tmp_path / "hf" / published).read_text(), published
+    if hub:
+        assert (init["base"], init["base_model"], init["base_is_local"]) == ("org/tiny", "org/tiny", False)
+    else:
+        assert (init["base"], init["base_is_local"]) == ("base", True)
+        assert "from `base` (a local directory; no Hub id recorded)" in body
     scorer = Scorer(tmp_path / "init")
     if tokenizer is None:
         assert "ships no tokenizer files" in body and "AutoTokenizer" not in code

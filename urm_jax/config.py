@@ -289,18 +289,23 @@ class ModelConfig:
 
 
 def attributes_from_hf(hf: dict, source: str) -> tuple[str, ...]:
-    """The attribute set a config.json declares: `urm_attributes` (what urm-jax writes), else
+    """The attribute set a config.json declares: `urm_attributes` (what urm-jax writes; an
+    `id2label` of attribute names beside it must name the same), else
     an `id2label` of `<a>_mean`/`<a>_log_std` pairs, else HelpSteer2's five when the value head
     has 10 outputs (the released URM checkpoint labels them LABEL_0..LABEL_9)."""
     fields = Fields(hf, source, error=ConfigError)
     fields.object("id2label", None, null_ok=True)  # an object (or absent) before it is read
+    labelled = from_id2label(hf.get("id2label"))
     if fields.has("urm_attributes"):
         try:
             attributes = check_attributes(hf["urm_attributes"], where=f"{source}: field urm_attributes")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if labelled is not None and labelled != attributes:  # both spellings must agree
+            raise ConfigError(f"{source}: fields urm_attributes {shown(list(attributes), 300)} "
+                              f"and id2label (names {shown(list(labelled), 300)}) disagree; keep one")
     else:
-        attributes = from_id2label(hf.get("id2label"))
+        attributes = labelled
     num_labels = (fields.int("num_labels", None, minimum=1, null_ok=True)
                   or len(hf.get("id2label") or {}) or None)
     if attributes is None:
