@@ -321,8 +321,8 @@ def check_host_memory(cfg: ModelConfig, train: TrainConfig, mesh_shape: tuple[in
     largest = max((k for k, _ in COMPONENTS), key=lambda k: est[k])
     advice = ("lower `lora.r` or train fewer parameters (`trainable`, `lora.targets`)"
               if largest in STATIC else
-              "lower `global_batch_size` per step (raise `grad_accum`), `data.seq_len`, use "
-              "`remat: full` or `attention: blockwise`")
+              "raise `grad_accum` (fewer rows per micro-batch), lower `global_batch_size` or "
+              "`data.seq_len`, or use `remat: full` or `attention: blockwise`")
     raise TrainConfigError(
         f"training needs about {format_bytes(need)} on this host ({devices} CPU device(s) x "
         f"{format_bytes(est['total'])} by `urm-jax memory ... --platform cpu`; largest: {largest} "
