@@ -173,7 +173,7 @@ def test_snippet_runs_without_tokenizer_or_chat_template(tmp_path, capsys, ships
         assert (init["base"], init["base_model"], init["base_is_local"]) == ("org/tiny", "org/tiny", False)
     else:
         assert (init["base"], init["base_is_local"]) == ("base", True)
-        assert "from `base` (a local directory; no Hub id recorded)" in body
+        assert "from `base` (LlamaForCausalLM; a local directory, no Hub id recorded)" in body
     scorer = Scorer(tmp_path / "init")
     if tokenizer is None:
         assert "ships no tokenizer files" in body and "AutoTokenizer" not in code

@@ -123,9 +123,9 @@ def model_card(cfg: ModelConfig, hf: dict, tokenizer: Any, *,
     lines += ["## Training", ""]
     if init:
         local = init.get("base_is_local") and not base_model
-        lines.append(f"- Start: `convert init` from `{base_model or init.get('base')}`"
-                     + (" (a local directory; no Hub id recorded)" if local else "") + " "
-                     f"({', '.join(init.get('base_architectures') or ['a Llama base'])}), "
+        lines.append(f"- Start: `convert init` from `{base_model or init.get('base')}` "
+                     f"({', '.join(init.get('base_architectures') or ['a Llama base'])}"
+                     + ("; a local directory, no Hub id recorded" if local else "") + "), "
                      f"backbone kept, fresh heads N(0, {init.get('init_std')}) seed {init.get('seed')}"
                      + ("; tied embeddings untied (no lm_head)" if init.get("untied_embeddings") else "")
                      + ".")
