@@ -1,5 +1,5 @@
 """python -m convert from_hf HF_DIR OUT_DIR | to_hf CKPT_DIR OUT_DIR | verify HF_DIR CKPT_DIR
-                 | init BASE_HF_DIR OUT_DIR [--attributes NAME|a,b,c] [--label-range LOW,HIGH]
+                 | init BASE_HF_DIR OUT_DIR [--attributes NAME|a,b,c|a,] [--label-range LOW,HIGH]
 
 A thin command line over the library's HF bridge (`urm_jax.hf`): argument parsing, one `error:`
 line and exit 2 for bad input, exit 1 when `verify` finds a difference."""
@@ -11,6 +11,7 @@ import sys
 
 from urm_jax.arg_types import number, seed
 from urm_jax.attributes import DEFAULT_PRESET, PRESETS, parse_attributes, parse_label_range
+from urm_jax.cli_args import join_negative_values
 from urm_jax.errors import USER_ERRORS, warning_lines
 from urm_jax.hf.base import init_from_base
 from urm_jax.hf.export import to_hf
@@ -65,14 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gate dtype (default float16, as the HF reference builds it)")
     p.add_argument("--attributes", default=DEFAULT_PRESET, metavar="NAME|a,b,c",
                    help=f"the attribute set: a preset ({', '.join(PRESETS)}; default "
-                        f"{DEFAULT_PRESET}) or comma-separated label column names; value head "
-                        "2 x K outputs, gate K")
+                        f"{DEFAULT_PRESET}) or comma-separated label column names (one custom "
+                        "attribute takes a trailing comma: quality,; a single name that is not a "
+                        "preset is refused); value head 2 x K outputs, gate K")
     p.add_argument("--base-model", default=None, metavar="HUB_ID",
                    help="the base's Hub id, recorded for model cards (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
     p.add_argument("--license", default=None, help="the base's license, recorded for model cards")
     p.add_argument("--label-range", default=None, metavar="LOW,HIGH",
-                   help="range of the training labels, recorded for stage 1 (default: the "
-                        "preset's: helpsteer2 0,4; ultrafeedback 1,5; none for other names)")
+                   help="range of the training labels, recorded for stage 1, e.g. -3,3 "
+                        "(default: the preset's: helpsteer2 0,4; ultrafeedback 1,5; none for "
+                        "other names)")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors holding NaN/Inf")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
@@ -88,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse `argv` (default sys.argv[1:]) and `run` it, library notices shown as one
     `warning:` line each. Returns the exit code (0 ok, 1 verify found a difference, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(join_negative_values(parser, sys.argv[1:] if argv is None else argv))
     with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
         return run(args)
 

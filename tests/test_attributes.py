@@ -19,10 +19,10 @@ from urm_jax.hf.load import from_hf
 from urm_jax.parity import TOLERANCES, differences
 from urm_jax.scoring import Scorer
 from urm_jax.train.config import TrainConfigError, load_train_config
-from test_convert import assert_bit_exact, read_tensors, run_ok
+from test_convert import assert_bit_exact, read_tensors, run_err, run_ok
 from test_from_base import VOCAB, save_base
 
-SETS = {1: "overall", 4: "ultrafeedback", 5: "helpsteer2", 7: "a1,a2,a3,a4,a5,a6,a7"}
+SETS = {1: "overall,", 4: "ultrafeedback", 5: "helpsteer2", 7: "a1,a2,a3,a4,a5,a6,a7"}
 SEQUENCES = [[1, 5, 9, 200, 17, 2], [1, *range(100, 160), 3], [1, 44, 2]]
 
 
@@ -99,6 +99,52 @@ def test_presets_and_label_ranges(base, tmp_path):
     for value in ("[3, 1]", "[0]"):
         with pytest.raises(TrainConfigError, match="data.label_range"):
             load_train_config("configs/train/tiny_stage1.yaml", [f"data.label_range={value}"])
+
+
+def test_a_single_name_is_a_preset_or_marked_as_a_list(base, tmp_path, capsys):
+    """A misspelt preset must not become a 1-attribute model: a single name that is not a preset
+    is refused with the close preset named; one custom attribute takes a trailing comma."""
+    for typo, close in (("helpsteer3", "helpsteer2"), ("ultrafeedbak", "ultrafeedback"),
+                        ("HelpSteer", "helpsteer2"), ("quality", None)):
+        with pytest.raises(ValueError, match="not a preset") as err:
+            parse_attributes(typo)
+        assert (f"did you mean {close!r}" in str(err.value)) == (close is not None), err.value
+        assert f"--attributes {typo}," in str(err.value)
+    assert parse_attributes("quality,") == ("quality",)
+    assert parse_attributes(" a, b ,") == ("a", "b")
+    for bad in (",", "a,,b", "a,b,,"):
+        with pytest.raises(ValueError, match="not an identifier"):
+            parse_attributes(bad)
+    with pytest.raises(ValueError, match="ASCII letters"):
+        parse_attributes("qualit\u00e9,")
+    out = tmp_path / "out"
+    run_err(capsys, ["init", str(base), str(out), "--attributes", "helpsteer3"], out,
+            "'helpsteer3' is not a preset", "did you mean 'helpsteer2'")
+    run_ok("init", str(base), str(out), "--attributes", "quality,")
+    assert json.loads((out / "config.json").read_text())["urm_attributes"] == ["quality"]
+
+
+def test_negative_values_are_read_as_values(base, tmp_path):
+    """`--label-range -3,3` as written (HelpSteer3-style scores), not only `--label-range=-3,3`;
+    every option taking a value, in both command lines."""
+    from convert.__main__ import build_parser as convert_parser
+    from urm_jax.cli import build_parser as cli_parser
+    from urm_jax.cli_args import join_negative_values, value_options
+
+    for spelling in (["--label-range", "-3,3"], ["--label-range=-3,3"]):
+        out = tmp_path / f"r{len(spelling)}"
+        run_ok("init", str(base), str(out), "--attributes", "fluency,safety", *spelling)
+        assert json.loads((out / "config.json").read_text())["urm_label_range"] == [-3.0, 3.0]
+    parser = convert_parser()
+    argv = ["init", "B", "O", "--label-range", "-3.5,-1e-1", "--seed", "-2", "--overwrite"]
+    args = parser.parse_args(join_negative_values(parser, argv))
+    assert (args.label_range, args.seed, args.overwrite) == ("-3.5,-1e-1", -2, True)
+    # an option-like token is never taken as a value; flags take none
+    assert join_negative_values(parser, ["init", "--label-range", "--overwrite"]) == [
+        "init", "--label-range", "--overwrite"]
+    assert join_negative_values(parser, ["init", "--overwrite", "-3,3"]) == ["init", "--overwrite", "-3,3"]
+    assert {"--label-range", "--max-shard-size", "--attributes"} <= value_options(parser)
+    assert "--std-penalty" in value_options(cli_parser())
 
 
 def test_datasets_map_columns_by_name_and_say_which_are_missing(tmp_path):

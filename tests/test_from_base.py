@@ -214,6 +214,16 @@ def test_tied_embedding_bases_are_untied_and_recorded(cls, tmp_path):
     ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
     ("model_type", "mistral", "model_type"),
     ("head_dim", 32, "config.json implies"),  # heads x head_dim disagrees with the weights
+    # a flag of the wrong type (not read as truthy)
+    ("tie_word_embeddings", "yes", "field tie_word_embeddings: expected true or false"),
+    # Duplicate spellings that disagree: transformers reads rope_scaling/rope_theta and dtype, so
+    # the base would run something else there.
+    ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "fields rope_parameters and rope_scaling disagree"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "fields rope_parameters and rope_scaling disagree"),
+    ("rope_theta", 5e5, "fields rope_parameters and rope_theta disagree"),
+    ("rope_parameters", {"rope_type": "linear", "type": "default", "rope_theta": 1e4, "factor": 2.0},
+     "fields rope_parameters.rope_type 'linear' and rope_parameters.type 'default' disagree"),
+    ("torch_dtype", "float16", "fields dtype 'bfloat16' and torch_dtype 'float16' disagree"),
 ])
 def test_fields_the_backbone_cannot_represent_are_refused_by_name(skywork_like, tmp_path, capsys,
                                                                    field, value, needle):
@@ -223,6 +233,18 @@ def test_fields_the_backbone_cannot_represent_are_refused_by_name(skywork_like, 
     _edit_config(base, **{field: value})
     out = tmp_path / "out"
     run_err(capsys, ["init", str(base), str(out)], out, needle)
+
+
+def test_attribute_names_in_two_fields_must_agree(initialised, tmp_path, capsys):
+    """`urm_attributes` and an `id2label` of attribute names are two spellings of one set."""
+    import shutil
+
+    ckpt = Path(shutil.copytree(initialised, tmp_path / "ckpt"))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    _edit_config(ckpt, id2label={k: v.replace("verbosity", "brevity") for k, v in cfg["id2label"].items()})
+    out = tmp_path / "hf"
+    run_err(capsys, ["to_hf", str(ckpt), str(out)], out,
+            "fields urm_attributes", "and id2label (names", "brevity", "disagree")
 
 
 def test_head_dim_other_than_hidden_over_heads_is_represented(tmp_path):
@@ -273,3 +295,18 @@ def test_using_a_base_directly_points_at_init(skywork_like, tmp_path, capsys):
     assert rc == 2 and "Traceback" not in err, err
     assert "num_labels is 1" in err and "python -m convert init" in err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_duplicate_spellings_that_agree_and_activation_aliases_are_accepted(skywork_like, tmp_path):
+    """The legacy spelling beside the new one is fine when both say the same (what `to_hf`
+    itself writes); `swish` is transformers' other name for SiLU (ACT2CLS)."""
+    import shutil
+
+    base = Path(shutil.copytree(skywork_like, tmp_path / "base"))
+    cfg = json.loads((base / "config.json").read_text())
+    rope = cfg["rope_parameters"]
+    _edit_config(base, hidden_act="swish", torch_dtype=cfg["dtype"], rope_theta=rope["rope_theta"],
+                 rope_scaling={("type" if k == "rope_type" else k): v for k, v in rope.items()
+                               if k != "rope_theta"})
+    run_ok("init", str(base), str(tmp_path / "out"))
+    assert load_config(tmp_path / "out").rope.rope_type == "llama3"

@@ -488,6 +488,18 @@ def test_export_and_to_hf_of_a_lora_run_match_urm_jax_scoring(base_model, lora_r
         with safe_open(shard, "np") as f:
             names |= set(f.keys())
     assert names and not [n for n in names if "lora" in n]
+    # Provenance: the adapters are gone from the weights, so the training record and the model
+    # card say how they were trained; published files name the data, not a local path.
+    record = json.loads((final / "config.json").read_text())["urm_jax_training"][-1]
+    assert record["lora"] == {"r": 8, "alpha": 16, "scaling": 2.0, "dropout": 0.05,
+                              "targets": ["backbone/layers/*_proj"], "use_rslora": False,
+                              "init": "kaiming"}
+    assert record["data"] == Path(SAMPLES).name and len(record["data_sha256"]) == 64
+    card = (hf / "README.md").read_text()
+    assert ("LoRA: rank 8, alpha 16 (scaling 2), dropout 0.05, targets `backbone/layers/*_proj`, "
+            "A init kaiming; merged into the weights") in card, card
+    for published in ((hf / "README.md").read_text(), (hf / "config.json").read_text()):
+        assert str(run) not in published and str(ROOT) not in published
     # transformers (trust_remote_code: the class the export ships) scores what urm-jax scores,
     # within `urm-jax parity`'s bound for float32 with the model's float16 gate.
     report = run_parity(hf, final, dtype="float32", trust_remote_code=True)
@@ -513,3 +525,34 @@ def test_kill_and_resume_of_a_lora_run_is_bit_identical(base_model, lora_run, tm
     for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(load_params(resumed))[0],
                                  jax.tree_util.tree_flatten_with_path(load_params(uninterrupted))[0]):
         assert np.array_equal(a, b), jax.tree_util.keystr(path)
+
+
+def test_a_rank_above_a_matrix_size_is_refused_before_the_run_dir(base_model, tmp_path):
+    """`lora.r` larger than min(in, out) of a targeted matrix: one error line naming the key
+    and the matrix, exit 2, no run directory (the reviewer's r=100000 was OOM-killed instead)."""
+    out = tmp_path / "run"
+    done = run_cli("train", LORA_RECIPE, f"model={base_model[0]}", f"output_dir={out}", "lora.r=100000")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert "`lora.r`: rank 100000 is larger than min(in, out) = 16 of backbone/layers/k_proj" in errors[0]
+    assert "use `lora.r` <= 16" in errors[0] and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_a_run_the_host_cannot_hold_is_refused_before_the_run_dir(base_model, tmp_path, monkeypatch):
+    """On the CPU backend, preflight compares `urm-jax memory`'s estimate with the host's
+    available memory (here made 1 MB) and refuses in one line: estimate, available, what to
+    change; nothing is written."""
+    import urm_jax.memory
+    from urm_jax.train.loop import train
+
+    out = tmp_path / "run"
+    cfg = load_train_config(LORA_RECIPE, [f"model={base_model[0]}", f"output_dir={out}",
+                                          "global_batch_size=8"])  # 8 rows: the 8 test devices
+    monkeypatch.setattr(urm_jax.memory, "host_available_bytes", lambda: 10**6)
+    with pytest.raises(TrainConfigError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "training needs about" in message and "but only 1.0 MB is available" in message
+    assert "largest:" in message and "or run on a machine with more memory" in message
+    assert "\n" not in message and not out.exists()

@@ -10,6 +10,7 @@ released value head follows).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from typing import Any
@@ -54,18 +55,32 @@ def check_attributes(names: Any, *, where: str = "attributes") -> tuple[str, ...
     for name in names:
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(f"{where}: attribute name {name!r} is not an identifier "
-                             "(letters, digits, underscore; starting with a letter)")
+                             "(ASCII letters A-Z a-z, digits 0-9 and underscore; starting with a "
+                             "letter)")
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: repeated attribute names in {list(names)}")
     return tuple(names)
 
 
 def parse_attributes(text: str) -> tuple[str, ...]:
-    """A preset name (`helpsteer2`, `ultrafeedback`) or a comma-separated list of names."""
+    """`--attributes`: a preset name (`helpsteer2`, `ultrafeedback`; any case) or a list of names
+    with at least one comma (`a,b,c`; one custom attribute is written `quality,`: the trailing
+    comma marks a list). A single name that is not a preset is refused, with the closest preset
+    suggested, so a misspelt preset never becomes a 1-attribute model. ValueError otherwise."""
     key = text.strip().lower()
     if key in PRESETS:
         return PRESETS[key].attributes
-    return check_attributes([part.strip() for part in text.split(",")], where="--attributes")
+    if "," not in text:
+        close = difflib.get_close_matches(key, list(PRESETS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"--attributes: {text.strip()!r} is not a preset ({', '.join(PRESETS)}); "
+                         f"{hint}a custom attribute set is a comma-separated list of label "
+                         f"columns, and a single custom attribute takes a trailing comma: "
+                         f"--attributes {text.strip() or 'NAME'},")
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > 1 and parts[-1] == "":
+        parts = parts[:-1]  # the trailing comma that marks a list
+    return check_attributes(parts, where="--attributes")
 
 
 def check_label_range(value: Any, *, where: str = "label range") -> tuple[float, float]:

@@ -23,6 +23,7 @@ above (chunking, OCDBT or not) are not part of the layout: Orbax and `ParamsRead
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -284,6 +285,19 @@ def read_orbax_metadata(params_dir: Path) -> dict:
     fields.bool("use_ocdbt", None, null_ok=True)
     fields.bool("use_zarr3", None, null_ok=True)
     return fields.data
+
+
+def weights_fingerprint(path: str | Path) -> str | None:
+    """What identifies a checkpoint's weights: the sha256 of its marker's per-chunk checksums
+    (a digest of every stored byte, in parameter and chunk order), hex; None for a directory
+    that is not a urm-jax checkpoint or one written before checksums existed. Two checkpoints
+    with the same fingerprint hold the same parameters, stored the same way."""
+    if not is_jax_checkpoint(path):
+        return None
+    checksums = read_marker(path).get("checksums")
+    if not checksums:
+        return None
+    return hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -31,7 +31,8 @@ import jax
 
 from urm_jax import compile_cache
 from urm_jax.arg_types import INT32_MAX, at_least, number, port, positive_int
-from urm_jax.demo import run_demo as demo, run_real_demo
+from urm_jax.cli_args import join_negative_values
+from urm_jax.demo import DemoStopped, run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
 from urm_jax.errors import USER_ERRORS, warning_lines
 from urm_jax.eval import format_summary, run_eval as evaluate
@@ -591,12 +592,16 @@ def run_plan(args) -> int:
 
 
 def run_demo(args) -> int:
-    """Handle `urm-jax demo`: the embedded end-to-end demo (with --real: on the real SmolLM2 base) in
-    --workdir; returns 0 when every check passed, else 1."""
-    if args.real:
-        return 0 if run_real_demo(Path(args.workdir or "build/demo-real"), epochs=args.epochs,
-                                  overwrite=args.overwrite) else 1
-    return 0 if demo(Path(args.workdir or "build/demo"), overwrite=args.overwrite) else 1
+    """Handle `urm-jax demo` (with --real: on the real SmolLM2 base) in --workdir: 0 when every check passed, 1 when one failed, 143 (one `stopped:` line) on SIGTERM;
+    Ctrl-C's KeyboardInterrupt passes through."""
+    try:
+        if args.real:
+            return 0 if run_real_demo(Path(args.workdir or "build/demo-real"), epochs=args.epochs,
+                                      overwrite=args.overwrite) else 1
+        return 0 if demo(Path(args.workdir or "build/demo"), overwrite=args.overwrite) else 1
+    except DemoStopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
 
 
 def serve_warmup_length(args, backend: str) -> int:
@@ -680,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     exit code; bad input (USER_ERRORS) and device out-of-memory print one `error:` line and return 2."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(parser, argv))  # `--opt -3,3` as a value
     args.argv = argv  # `urm-jax train` re-runs itself under a supervisor (multi-process)
     handlers = {"score": run_score, "eval": run_eval, "parity": run_parity, "export": run_export,
                 "train": run_train, "demo": run_demo, "serve": run_serve,

@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 
 from urm_jax.attributes import HELPSTEER2, check_attributes, from_id2label, id2label
-from urm_jax.validate import Fields, MetadataError, read_json
+from urm_jax.validate import Fields, MetadataError, read_json, shown
 
 ARCHITECTURE = "LlamaForSequenceClassificationWithNormal_Weights"
 AUTO_MAP = {"AutoModelForSequenceClassification": f"modeling_custom.{ARCHITECTURE}"}
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# `hidden_act` names transformers maps to SiLU (transformers.activations.ACT2CLS: silu, swish).
+SILU_NAMES = ("silu", "swish")
 DTYPES = ("float32", "bfloat16", "float16")
 # The gate's compute dtype when config.json names none: the released class builds its gate
 # Linears in float16 whatever dtype the stored tensors have (from_pretrained casts them into it).
@@ -62,20 +64,49 @@ class RopeConfig:
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "RopeConfig":
         """RoPE settings of an HF config: transformers-5 `rope_parameters`, else v4 top-level
-        `rope_theta` + `rope_scaling`. ConfigError names `source` and the field."""
+        `rope_theta` + `rope_scaling`. A config with both spellings is read both ways and refused
+        unless they agree (transformers lets `rope_scaling`/`rope_theta` override
+        `rope_parameters`, so a mixed config would run another RoPE there). ConfigError names
+        `source` and the field(s)."""
         fields = Fields(hf, source, error=ConfigError)
         params = fields.object("rope_parameters", None, null_ok=True)
         if params is None:  # transformers-4 style
             if not fields.has("rope_theta"):
                 raise ConfigError(f"{source}: config.json has neither `rope_parameters` nor `rope_theta`")
-            theta = fields.float("rope_theta", gt=0)
-            params = fields.object("rope_scaling", None, null_ok=True) or Fields({}, source)
-        else:
-            if not params.has("rope_theta"):
-                raise ConfigError(f"{source}: RoPE parameters lack `rope_theta`")
-            theta = params.float("rope_theta", gt=0)
-        rope_type = (params.str("rope_type", None, null_ok=True) or params.str("type", None, null_ok=True)
-                     or "default")
+            return cls._from_fields(fields.float("rope_theta", gt=0),
+                                    fields.object("rope_scaling", None, null_ok=True)
+                                    or Fields({}, source, prefix="rope_scaling.", error=ConfigError),
+                                    source)
+        if not params.has("rope_theta"):
+            raise ConfigError(f"{source}: RoPE parameters lack `rope_theta`")
+        rope = cls._from_fields(params.float("rope_theta", gt=0), params, source)
+        legacy = [k for k in ("rope_scaling", "rope_theta") if hf.get(k) is not None]
+        if legacy:  # both spellings: they must describe the same RoPE
+            scaling = fields.object("rope_scaling", None, null_ok=True)
+            theta = fields.float("rope_theta", rope.theta, gt=0, null_ok=True)
+            try:
+                other = cls._from_fields(theta, scaling or Fields({}, source, prefix="rope_scaling.",
+                                                                  error=ConfigError), source)
+            except ConfigError as err:
+                other = str(err).removeprefix(f"{source}: ")
+            if other != rope:
+                given = "; ".join(f"{k} {shown(hf[k])}" for k in legacy)
+                raise ConfigError(
+                    f"{source}: fields rope_parameters and {' / '.join(legacy)} disagree "
+                    f"(rope_parameters {shown(hf['rope_parameters'])}; {given}): transformers "
+                    "reads rope_scaling/rope_theta over rope_parameters, so the model would run "
+                    "another RoPE there; keep one spelling")
+        return rope
+
+    @classmethod
+    def _from_fields(cls, theta: float, params: Fields, source: str) -> "RopeConfig":
+        """The RoPE a scaling object (`rope_parameters` or v4 `rope_scaling`) describes."""
+        rope_type = params.str("rope_type", None, null_ok=True)
+        legacy_type = params.str("type", None, null_ok=True)
+        if rope_type and legacy_type and rope_type != legacy_type:
+            raise ConfigError(f"{source}: fields {params.prefix}rope_type {rope_type!r} and "
+                              f"{params.prefix}type {legacy_type!r} disagree; keep one")
+        rope_type = rope_type or legacy_type or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"{source}: unsupported RoPE type {rope_type!r} (supported: "
                               f"{', '.join(SUPPORTED_ROPE_TYPES)})")
@@ -159,10 +190,11 @@ class ModelConfig:
         if model_type != "llama":
             raise ConfigError(f"{source}: model_type {model_type!r} is not 'llama'")
         act = fields.str("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{source}: hidden_act {act!r} unsupported (Llama uses 'silu')")
-        # tie_word_embeddings is not refused: a URM has no lm_head to tie (written false); it is
-        # still read as a typed field, like every other.
+        if act not in SILU_NAMES:
+            raise ConfigError(f"{source}: hidden_act {act!r} unsupported (Llama uses 'silu'; "
+                              f"accepted: {', '.join(SILU_NAMES)})")
+        # tie_word_embeddings is not refused: a URM has no lm_head to tie (written false); its
+        # type is checked like every flag's.
         fields.bool("tie_word_embeddings", False, null_ok=True)
         for flag in ("attention_bias", "mlp_bias"):
             if fields.bool(flag, False, null_ok=True):
@@ -190,8 +222,13 @@ class ModelConfig:
         pad = fields.int("pad_token_id", None, minimum=0, null_ok=True)
         if pad is not None and not pad < vocab:
             raise ConfigError(f"{source}: pad_token_id {pad} outside the vocabulary (size {vocab})")
-        dtype = (fields.str("dtype", None, null_ok=True) or fields.str("torch_dtype", None, null_ok=True)
-                 or "float32")
+        dtype = fields.str("dtype", None, null_ok=True)
+        legacy_dtype = fields.str("torch_dtype", None, null_ok=True)
+        if dtype and legacy_dtype and canonical_dtype(dtype, what=f"{source}: field dtype") != \
+                canonical_dtype(legacy_dtype, what=f"{source}: field torch_dtype"):
+            raise ConfigError(f"{source}: fields dtype {dtype!r} and torch_dtype {legacy_dtype!r} "
+                              "disagree (transformers reads dtype); keep one")
+        dtype = dtype or legacy_dtype or "float32"
         return cls(
             vocab_size=vocab,
             hidden_size=hidden,
@@ -270,18 +307,23 @@ class ModelConfig:
 
 
 def attributes_from_hf(hf: dict, source: str) -> tuple[str, ...]:
-    """The attribute set a config.json declares: `urm_attributes` (what urm-jax writes), else
+    """The attribute set a config.json declares: `urm_attributes` (what urm-jax writes; an
+    `id2label` of attribute names beside it must name the same), else
     an `id2label` of `<a>_mean`/`<a>_log_std` pairs, else HelpSteer2's five when the value head
     has 10 outputs (the released URM checkpoint labels them LABEL_0..LABEL_9)."""
     fields = Fields(hf, source, error=ConfigError)
     fields.object("id2label", None, null_ok=True)  # an object (or absent) before it is read
+    labelled = from_id2label(hf.get("id2label"))
     if fields.has("urm_attributes"):
         try:
             attributes = check_attributes(hf["urm_attributes"], where=f"{source}: field urm_attributes")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if labelled is not None and labelled != attributes:  # both spellings must agree
+            raise ConfigError(f"{source}: fields urm_attributes {shown(list(attributes), 300)} "
+                              f"and id2label (names {shown(list(labelled), 300)}) disagree; keep one")
     else:
-        attributes = from_id2label(hf.get("id2label"))
+        attributes = labelled
     num_labels = (fields.int("num_labels", None, minimum=1, null_ok=True)
                   or len(hf.get("id2label") or {}) or None)
     if attributes is None:

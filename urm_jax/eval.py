@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from urm_jax.checkpoint import weights_fingerprint
 from urm_jax.compile_cache import CompileMeter, CompileTotals
 from urm_jax.io_utils import atomic_dir, check_outputs
 from urm_jax.scoring import UNCERTAINTY_MEASURES, Ensemble, EnsembleScores, Scores, least_uncertain
@@ -285,7 +286,11 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
         unc = np.concatenate(cols["uc"]) + np.concatenate(cols["ur"])
         metrics = compute_metrics(cols["subset"], rc, rr, unc, bins=bins)
         metrics = {**(meta or {}), "pairs_file": str(pairs_path), "skipped_lines": len(bad),
-                   # each member's attribute set: what its means, log-stds and gate are over
+                   # what identifies each member (to_hf --eval checks these against the
+                   # checkpoint it exports): its path, its weights' fingerprint, and its
+                   # attribute set (what its means, log-stds and gate are over)
+                   "models": [str(Path(s.path).absolute()) for s in ensemble.scorers],
+                   "weights_sha256": [weights_fingerprint(s.path) for s in ensemble.scorers],
                    "attributes": [list(s.cfg.attributes) for s in ensemble.scorers],
                    "uncertainty_measure": measure, "pair_uncertainty": "chosen + rejected", **metrics}
         (tmp / "metrics.json").write_text(dumps(metrics, indent=2) + "\n")

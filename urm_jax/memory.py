@@ -84,8 +84,9 @@ from urm_jax.config import ModelConfig, read_json_file
 from urm_jax.model.attention import block_size, resolve as resolve_attention
 from urm_jax.model.paths import is_gate, matches
 from urm_jax.model.urm import ModelOptions, abstract_model, lora_targets, param_logical_axes
+from urm_jax.scoring.fit import format_bytes, host_available_bytes
 from urm_jax.sharding import MESH_AXES, AxisRules, make_mesh, resolve_mesh_shape
-from urm_jax.train.config import TrainConfig, check_model_context
+from urm_jax.train.config import TrainConfig, TrainConfigError, check_model_context
 from urm_jax.train.step import abstract_step_args, batch_shapes, step_layout
 
 GB = 1e9
@@ -298,6 +299,35 @@ def estimate(cfg: ModelConfig, train: TrainConfig, *, mesh_shape=None, num_devic
                param_count=sum(c_["total"] for c_ in counts),
                trainable_param_count=sum(c_["total"] for c_ in trained))
     return out
+
+
+def check_host_memory(cfg: ModelConfig, train: TrainConfig, mesh_shape: tuple[int, int, int],
+                      *, available: int | None = None, devices: int | None = None) -> None:
+    """Refuse a CPU-backend training run whose estimate (`estimate`, times `devices`, the CPU
+    devices of the mesh on this host by default) exceeds the host's available memory
+    (`available` bytes; default MemAvailable), before anything is allocated: the OOM killer
+    would otherwise end it with SIGKILL and no message. TrainConfigError names the estimate,
+    what is available, the largest component and what to change. No check when the available
+    memory cannot be read."""
+    available = host_available_bytes() if available is None else available
+    if available is None:
+        return
+    if devices is None:  # this host's share of the mesh
+        devices = max(1, math.prod(mesh_shape) // jax.process_count())
+    est = estimate(cfg, train, mesh_shape=mesh_shape, platform="cpu")
+    need = est["total"] * devices
+    if need <= available:
+        return
+    largest = max((k for k, _ in COMPONENTS), key=lambda k: est[k])
+    advice = ("lower `lora.r` or train fewer parameters (`trainable`, `lora.targets`)"
+              if largest in STATIC else
+              "raise `grad_accum` (fewer rows per micro-batch), lower `global_batch_size` or "
+              "`data.seq_len`, or use `remat: full` or `attention: blockwise`")
+    raise TrainConfigError(
+        f"training needs about {format_bytes(need)} on this host ({devices} CPU device(s) x "
+        f"{format_bytes(est['total'])} by `urm-jax memory ... --platform cpu`; largest: {largest} "
+        f"{format_bytes(est[largest])}), but only {format_bytes(available)} is available: "
+        f"{advice}, or run on a machine with more memory")
 
 
 def xla_attention(attention: str) -> str:

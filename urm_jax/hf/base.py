@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -39,6 +40,7 @@ from urm_jax.finite import checked_astype
 from urm_jax.io_utils import check_outputs
 from urm_jax.config import ConfigError, ModelConfig, canonical_dtype, np_dtype, read_hf_config
 from urm_jax.data.tokenization import chat_format
+from urm_jax.errors import NoticeWarning
 from urm_jax.loading import load_tokenizer
 from urm_jax.validate import Fields
 
@@ -170,9 +172,10 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
     The value head is stored in the backbone's dtype (or `dtype`), the gate in `gate_dtype`.
     `label_range` ([low, high] of the training labels; default: the preset's for a preset's
     attributes) is recorded as `urm_label_range`, where stage 1 reads it. config.json records
-    the base (and its Hub id and license when given, for model cards), seed, std, the base
-    tensors dropped and whether embeddings were untied under `urm_jax_init`; the base's
-    tokenizer files (and chat template) are copied as they are."""
+    the base (its Hub id when given, else its directory's name: config.json is published by
+    `to_hf`, so no local path), license when given, seed, std, the base tensors dropped and
+    whether embeddings were untied under `urm_jax_init`; the base's tokenizer files (and chat
+    template) are copied as they are; a `warning:` when there are none, or no chat template."""
     base_dir = Path(base_dir)
     check_outputs([("BASE_DIR", base_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
     base_config = read_hf_config(base_dir)
@@ -193,16 +196,18 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
                        else canonical_dtype(dtype))
         weights.heads = fresh_heads(cfg, seed=seed, std=std, score_dtype=score_dtype,
                                     gate_dtype=gate_dtype)
-        tied = bool(base_config.get("tie_word_embeddings", False))
+        tied = Fields(base_config, str(base_dir / "config.json"), error=ConfigError).bool(
+            "tie_word_embeddings", False, null_ok=True)
         provenance = {
             "urm_label_range": None if label_range is None else list(label_range),
             "urm_jax_init": {
-                "base": str(base_dir.absolute()),
+                # published with the model (to_hf): the Hub id, else the directory's name only
+                "base": base_model or base_dir.absolute().name, "base_is_local": base_model is None,
                 "base_model": base_model, "license": license,
                 "base_architectures": base_config.get("architectures"),
                 "seed": seed, "init_std": std, "base_heads_dropped": weights.dropped,
                 "untied_embeddings": tied,  # base had tie_word_embeddings: true; written false
-                "chat_format": _base_chat_format(base_dir),
+                "chat_format": _base_chat_format(base_dir, out_dir),
             }}
         return write_checkpoint(weights, cfg, out_dir, dtype=dtype, gate_dtype=gate_dtype,
                                 tokenizer_dir=base_dir, overwrite=overwrite,
@@ -210,11 +215,28 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
                                 extra_config=provenance, desc="init")
 
 
-def _base_chat_format(base_dir: Path) -> str | None:
-    """The chat template family of the base's tokenizer (llama3, chatml), 'other', or None
-    without tokenizer files: where the reward will be read (urm_jax.data.tokenization)."""
+class TokenizerWarning(NoticeWarning):
+    """A base whose tokenizer cannot render chats (no tokenizer files, or no chat template)."""
+
+
+def _base_chat_format(base_dir: Path, out_dir) -> str | None:
+    """The chat template family of the base's tokenizer (llama3, chatml), 'other', 'none' (a
+    tokenizer without a chat template) or None without tokenizer files: where the reward will be
+    read (urm_jax.data.tokenization). The last two warn: chats cannot be rendered then (training,
+    scoring `messages`, the model card's snippet), only token ids scored."""
     tokenizer = load_tokenizer(base_dir)
     if tokenizer is None:
+        warnings.warn(TokenizerWarning(
+            f"{base_dir}: no tokenizer files; {out_dir} can score only `input_ids` and cannot be "
+            "trained until the base's tokenizer files (tokenizer.json, tokenizer_config.json and "
+            "a chat template) are copied into it"), stacklevel=3)
         return None
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        warnings.warn(TokenizerWarning(
+            f"{base_dir}: its tokenizer has no chat template, so conversations (`messages`: "
+            f"training, scoring, the model card's example) cannot be rendered for {out_dir}; add "
+            "one (chat_template.jinja, or `chat_template` in tokenizer_config.json) or score "
+            "`input_ids`"), stacklevel=3)
+        return "none"
     fmt = chat_format(tokenizer)
     return fmt.name if fmt else "other"

@@ -8,49 +8,96 @@ exported directory (tests run it)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-from urm_jax.config import ModelConfig
-from urm_jax.data.tokenization import ChatFormat
+from urm_jax.checkpoint import weights_fingerprint
+from urm_jax.config import ConfigError, ModelConfig, read_json_file
+from urm_jax.data.tokenization import chat_format
+from urm_jax.validate import Fields, shown
 
 EXAMPLE_MESSAGES = [{"role": "user", "content": "What is the capital of Australia?"},
                     {"role": "assistant", "content": "The capital of Australia is Canberra."}]
-USAGE_TEMPLATE = '''```python
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+LOAD = '''import torch
+from transformers import AutoModelForSequenceClassification{tokenizer_import}
 
 path = "."  # this directory (run from inside it), or the model's Hub id
-tokenizer = AutoTokenizer.from_pretrained(path)
-model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)
-messages = {messages}
-text = tokenizer.apply_chat_template(messages, tokenize=False){cut}
-inputs = tokenizer(text, return_tensors="pt")  # pass the attention mask: the reward is read at its last token
-with torch.no_grad():
+{tokenizer_line}model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)
+'''
+SCORE = '''with torch.no_grad():
     out = model(**inputs)
 print(f"reward {{out.logits[0, 0].item():.6f}}")
 for name, mean, log_std in zip({names!r}, out.means[0].tolist(), out.log_stds[0].tolist()):
     print(f"{{name}}: mean {{mean:.4f}}, log-std {{log_std:.4f}}")
 ```'''
+CHAT_INPUTS = '''messages = {messages}
+text = tokenizer.apply_chat_template(messages, tokenize=False){cut}
+inputs = tokenizer(text, return_tensors="pt")  # pass the attention mask: the reward is read at its last token
+'''
+# No chat template: the text is formed by hand, each turn's content on its own line.
+PLAIN_TEXT = "\n".join(m["content"] for m in EXAMPLE_MESSAGES)
+TEXT_INPUTS = '''# The tokenizer has no chat template: the text is formed by hand (here each turn's content on
+# its own line); score texts formatted the way the training data was. The reward is read at the
+# text's last token.
+text = {text!r}
+inputs = tokenizer(text, return_tensors="pt")  # pass the attention mask: the reward is read at its last token
+'''
+IDS_INPUTS = '''# This model ships no tokenizer files: tokenize with the tokenizer it was trained with. The ids
+# below only show the shape; the reward is read at the last token the attention mask keeps.
+input_ids = torch.tensor([[{ids}]])  # [batch 1, tokens]
+inputs = {{"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}}
+'''
 
 
-def usage_snippet(cfg: ModelConfig, fmt: ChatFormat | None) -> str:
+def usage_kind(tokenizer: Any) -> str:
+    """How the snippet forms its input: 'chat' (apply_chat_template), 'text' (a tokenizer
+    without a chat template) or 'ids' (no tokenizer files)."""
+    if tokenizer is None:
+        return "ids"
+    return "chat" if isinstance(getattr(tokenizer, "chat_template", None), str) else "text"
+
+
+def example_ids(cfg: ModelConfig) -> list[int]:
+    """Token ids the no-tokenizer snippet scores: BOS (when the model has one) then 1..7, all
+    inside the vocabulary."""
+    ids = [i % cfg.vocab_size for i in range(1, 8)]
+    return ([cfg.bos_token_id] if cfg.bos_token_id is not None else []) + ids
+
+
+def usage_snippet(cfg: ModelConfig, tokenizer: Any) -> str:
     """Python that loads the exported directory with transformers and scores one conversation the
-    way urm-jax does (same text, same pooled token: see urm_jax.data.tokenization)."""
-    cut = ""
-    if fmt is not None and fmt.name == "chatml":
-        cut = (f"\ntext = text[:text.rindex({fmt.end_of_turn!r}) + {len(fmt.end_of_turn)}]"
-               f"  # the reward is read at the final {fmt.end_of_turn}, not the newline after it")
-    return USAGE_TEMPLATE.format(cut=cut, names=list(cfg.attributes), messages=EXAMPLE_MESSAGES)
+    way urm-jax does (same text, same pooled token: see urm_jax.data.tokenization). It runs as
+    written whatever the export ships: a chat template (the conversation through it), a
+    tokenizer without one (a text formed by hand, as urm-jax scores its token ids), or no
+    tokenizer (token ids)."""
+    kind = usage_kind(tokenizer)
+    load = LOAD.format(
+        tokenizer_import="" if kind == "ids" else ", AutoTokenizer",
+        tokenizer_line="" if kind == "ids" else "tokenizer = AutoTokenizer.from_pretrained(path)\n")
+    if kind == "chat":
+        fmt = chat_format(tokenizer)
+        cut = ""
+        if fmt is not None and fmt.name == "chatml":
+            cut = (f"\ntext = text[:text.rindex({fmt.end_of_turn!r}) + {len(fmt.end_of_turn)}]"
+                   f"  # the reward is read at the final {fmt.end_of_turn}, not the newline after it")
+        inputs = CHAT_INPUTS.format(messages=EXAMPLE_MESSAGES, cut=cut)
+    elif kind == "text":
+        inputs = TEXT_INPUTS.format(text=PLAIN_TEXT)
+    else:
+        inputs = IDS_INPUTS.format(ids=", ".join(map(str, example_ids(cfg))))
+    return "```python\n" + load + inputs + SCORE.format(names=list(cfg.attributes))
 
 
 def _yaml_value(value: Any) -> str:
     return json.dumps(value)  # JSON scalars and lists are valid YAML flow values
 
 
-def model_card(cfg: ModelConfig, hf: dict, fmt: ChatFormat | None, *,
+def model_card(cfg: ModelConfig, hf: dict, tokenizer: Any, *,
                base_model: str | None = None, license: str | None = None,
                eval_metrics: dict | None = None) -> str:
-    """README.md text for an exported URM (`hf`: the config.json written beside it)."""
+    """README.md text for an exported URM (`hf`: the config.json written beside it, already
+    `urm_jax.provenance.publishable`; `tokenizer`: the export's, or None; `eval_metrics`: as
+    `read_eval_metrics` returns it)."""
     init = hf.get("urm_jax_init") or {}
     base_model = base_model or init.get("base_model")
     license = license or init.get("license")
@@ -75,19 +122,24 @@ def model_card(cfg: ModelConfig, hf: dict, fmt: ChatFormat | None, *,
               + ":", "", *(f"- `{name}`" for name in cfg.attributes), ""]
     lines += ["## Training", ""]
     if init:
+        local = init.get("base_is_local") and not base_model
         lines.append(f"- Start: `convert init` from `{base_model or init.get('base')}` "
-                     f"({', '.join(init.get('base_architectures') or ['a Llama base'])}), "
+                     f"({', '.join(init.get('base_architectures') or ['a Llama base'])}"
+                     + ("; a local directory, no Hub id recorded" if local else "") + "), "
                      f"backbone kept, fresh heads N(0, {init.get('init_std')}) seed {init.get('seed')}"
                      + ("; tied embeddings untied (no lm_head)" if init.get("untied_embeddings") else "")
                      + ".")
     for stage in hf.get("urm_jax_training") or []:
+        digest = f", sha256 {stage['data_sha256'][:16]}" if stage.get("data_sha256") else ""
         lines.append(
-            f"- Stage {stage['stage']}: `urm-jax train` on `{stage['data']}` ({stage['split']}), "
+            f"- Stage {stage['stage']}: `urm-jax train` on `{stage['data']}` ({stage['split']}{digest}), "
             f"{stage['steps']} steps, batch {stage['global_batch_size']}, length {stage['seq_len']}, "
             f"lr {stage['learning_rate']:g}"
             + (f" (heads x{stage['head_lr_scale']:g})" if stage.get("head_lr_scale", 1) != 1 else "")
             + f", loss `{stage['loss']}`, trained `{', '.join(stage['trainable'])}`, compute "
             f"{stage['compute_dtype']}.")
+        if stage.get("lora"):
+            lines.append("  " + lora_line(stage["lora"]))
         if stage.get("final_metrics"):
             lines.append("  Last logged: " + _numbers(stage["final_metrics"]) + ".")
         if stage.get("eval"):
@@ -97,17 +149,77 @@ def model_card(cfg: ModelConfig, hf: dict, fmt: ChatFormat | None, *,
     lines.append("")
     if eval_metrics:
         lines += ["## Evaluation", "", eval_summary(eval_metrics), ""]
-    lines += ["## Usage", "", usage_snippet(cfg, fmt), "",
+    kind = usage_kind(tokenizer)
+    lines += ["## Usage", ""]
+    if kind == "ids":
+        lines += ["This export ships no tokenizer files (its base had none): tokenize conversations "
+                  "with the tokenizer the model was trained with and pass token ids, as below.", ""]
+    elif kind == "text":
+        lines += ["The tokenizer ships no chat template, so conversations are not rendered "
+                  "automatically: form the text as the training data was formatted (the snippet "
+                  "writes each turn's content on its own line) and pass it to the tokenizer.", ""]
+    lines += [usage_snippet(cfg, tokenizer), "",
               "`out.means`, `out.log_stds` and `out.gate_weights` are [batch, "
               f"{cfg.num_attributes}] in the attribute order above; the uncertainty of a score is "
               "sum(exp(2 * log_std)).", ""]
     return "\n".join(lines)
 
 
+def lora_line(lora: dict) -> str:
+    """One line of a stage's LoRA settings (`urm_jax.train.loop.lora_record`)."""
+    return (f"LoRA: rank {lora['r']}, alpha {lora['alpha']:g} (scaling {lora['scaling']:g}"
+            + (", rsLoRA" if lora.get("use_rslora") else "") + f"), dropout {lora['dropout']:g}, "
+            f"targets {', '.join(f'`{t}`' for t in lora['targets'])}, A init {lora['init']}; "
+            "merged into the weights, so the export is a plain URM.")
+
+
+def read_eval_metrics(file: str | Path, ckpt_dir: str | Path, cfg: ModelConfig) -> dict:
+    """An `urm-jax eval` metrics.json, validated for the card of the checkpoint `ckpt_dir`: typed
+    fields (`urm_jax.validate`), one evaluated model, and that model must be this checkpoint (the
+    same weights by `weights_sha256`, else by path when either side has no fingerprint) with
+    the same attribute set. ConfigError names the file and the field."""
+    fields = Fields(read_json_file(file), str(file), error=ConfigError)
+    models = fields.str_list("models")
+    if len(models) != 1:
+        raise fields.fail("models", "one evaluated model (an ensemble's numbers are not one "
+                          "model's)", models)
+    recorded = fields.raw("weights_sha256", None)
+    if recorded is not None and not (isinstance(recorded, list) and len(recorded) == 1
+                                     and (recorded[0] is None or isinstance(recorded[0], str))):
+        raise fields.fail("weights_sha256", "a list of one fingerprint (a string or null)", recorded)
+    attributes = fields.raw("attributes")
+    if not (isinstance(attributes, list) and len(attributes) == 1 and isinstance(attributes[0], list)
+            and all(isinstance(a, str) for a in attributes[0])):
+        raise fields.fail("attributes", "a list of one attribute-name list", attributes)
+    fingerprint, own = (recorded or [None])[0], weights_fingerprint(ckpt_dir)
+    redo = f"evaluate this checkpoint (urm-jax eval --model {ckpt_dir} ...) or drop --eval"
+    if fingerprint is not None and own is not None:
+        if fingerprint != own:
+            raise ConfigError(f"{file}: field weights_sha256: {fingerprint[:16]}... is another "
+                              f"model's weights ({models[0]}), not those of {ckpt_dir} "
+                              f"({own[:16]}...), the checkpoint being exported; {redo}")
+    elif Path(models[0]).resolve() != Path(ckpt_dir).resolve():
+        raise ConfigError(f"{file}: field models: evaluated {models[0]}, not {ckpt_dir}, the "
+                          f"checkpoint being exported; {redo}")
+    if attributes[0] != list(cfg.attributes):
+        raise ConfigError(f"{file}: field attributes: evaluated a model with attributes "
+                          f"{shown(attributes[0])}, but {ckpt_dir} has {shown(list(cfg.attributes))}; "
+                          f"{redo}")
+    out = {"pairs_file": fields.str("pairs_file"), "pairs": fields.int("pairs", minimum=0),
+           "accuracy": fields.float("accuracy", None, null_ok=True)}
+    bench = fields.object("rewardbench", None, null_ok=True)
+    if bench is not None:
+        out["rewardbench"] = {"score": bench.float("score", None, null_ok=True),
+                              "complete": bench.bool("complete", False)}
+    return out
+
+
 def eval_summary(metrics: dict) -> str:
     """One line from an `urm-jax eval` metrics.json: pairs, accuracy, RewardBench score."""
-    line = (f"`urm-jax eval` on `{metrics.get('pairs_file')}`: {metrics.get('pairs')} pairs, "
-            f"accuracy {metrics.get('accuracy', float('nan')):.4f}")
+    accuracy = metrics.get("accuracy")
+    line = (f"`urm-jax eval` on `{Path(metrics.get('pairs_file') or '').name}`: "
+            f"{metrics.get('pairs')} pairs, accuracy "
+            + ("n/a" if accuracy is None else f"{accuracy:.4f}"))
     score = (metrics.get("rewardbench") or {}).get("score")
     if score is not None:
         complete = metrics["rewardbench"].get("complete")

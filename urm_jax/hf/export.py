@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
-from urm_jax.config import np_dtype, read_json_file
-from urm_jax.data.tokenization import chat_format
+from urm_jax.config import np_dtype
 from urm_jax.finite import check_cast
-from urm_jax.hf.card import model_card
+from urm_jax.hf.card import model_card, read_eval_metrics
 from urm_jax.loading import load_tokenizer
 from urm_jax.hf.mapping import Alloc
 from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units,
@@ -23,6 +22,7 @@ from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row
 from urm_jax.hf.safetensors_io import SafetensorsWriter, parse_size
 from urm_jax.hf.streams import BufferPool, Progress, ordered_map, pooled, readahead
 from urm_jax.io_utils import atomic_dir, check_outputs
+from urm_jax.provenance import publishable
 
 MODELING_FILE = Path(__file__).with_name("modeling_custom.py")
 
@@ -43,12 +43,15 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     `allow_nonfinite`), and so is a down-cast (`dtype`, `gate_dtype`) that would turn a finite
     value into Inf; either names the tensor, and no OUT_DIR is left. A model card (README.md,
     `urm_jax.hf.card`) goes beside the weights: `base_model`/`license` override what `convert
-    init` recorded; `eval_metrics` is an `urm-jax eval` metrics.json whose numbers the card
-    reports."""
+    init` recorded; `eval_metrics` is an `urm-jax eval` metrics.json of this checkpoint whose
+    numbers the card reports (refused, naming the field, when it evaluated another model or
+    attribute set). config.json and the card carry no local paths
+    (`urm_jax.provenance.publishable`)."""
     ckpt_dir = Path(ckpt_dir)
     check_outputs([("CKPT_DIR", ckpt_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
     cfg = load_config(ckpt_dir)
-    evaluated = read_json_file(eval_metrics) if eval_metrics is not None else None
+    evaluated = (read_eval_metrics(eval_metrics, ckpt_dir, cfg) if eval_metrics is not None
+                 else None)  # refused before anything is written when it is another model's
     tokenizer = load_tokenizer(ckpt_dir)
     reader = ParamsReader(ckpt_dir, allow_nonfinite=allow_nonfinite)
     plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
@@ -87,12 +90,13 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
             for done in ordered_map(pooled(BufferPool(), export), work):
                 bar.update(*done)
         writer.finish()
-        hf = cfg.to_hf_dict(**output_dtypes(plans, cfg, gate_dtype))
+        hf = publishable(cfg.to_hf_dict(**output_dtypes(plans, cfg, gate_dtype)),
+                         base_model=base_model)  # no local paths in what gets uploaded
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
         shutil.copy2(MODELING_FILE, tmp / "modeling_custom.py")
         copy_tokenizer_files(ckpt_dir, tmp)
         (tmp / "README.md").write_text(model_card(
-            cfg, hf, chat_format(tokenizer), base_model=base_model, license=license,
+            cfg, hf, tokenizer, base_model=base_model, license=license,
             eval_metrics=evaluated))
     return Path(out_dir)
 

@@ -108,6 +108,15 @@ class Kernel:
         lead = 1 if self.stacked else 0
         return math.prod(self.shape[lead:lead + self.in_axes])
 
+    @property
+    def fan_out(self) -> int:
+        return math.prod(self.shape[(1 if self.stacked else 0) + self.in_axes:])
+
+    @property
+    def max_rank(self) -> int:
+        """min(in, out): the rank of a full update of this kernel."""
+        return min(self.fan_in, self.fan_out)
+
 
 def resolve_targets(patterns, kernels: dict[Path, Kernel], params: list[Path]) -> list[Path]:
     """The kernel paths `patterns` select, in tree order. A pattern adapts every projection
@@ -126,6 +135,20 @@ def resolve_targets(patterns, kernels: dict[Path, Kernel], params: list[Path]) -
             raise ValueError(f"`lora.targets`: pattern {pattern!r} selects {shown}, not a projection "
                              f"kernel; LoRA adapts {kernel_names}")
     return [p for p in params if p in kernels and any(matches(p, q) for q in patterns)]
+
+
+def check_rank(cfg: LoraConfig, targets: dict[Path, Kernel]) -> None:
+    """ValueError naming `lora.r` and the matrix when the rank exceeds min(in, out) of a
+    targeted kernel (the smallest such, named): A B then has more parameters than the
+    full-rank update it stands for and no more capacity."""
+    if not targets:
+        return
+    target, kernel = min(targets.items(), key=lambda item: item[1].max_rank)
+    if cfg.r > kernel.max_rank:
+        raise ValueError(f"`lora.r`: rank {cfg.r} is larger than min(in, out) = {kernel.max_rank} "
+                         f"of {path_name(target)} ({kernel.fan_in} x {kernel.fan_out}); a rank "
+                         f"above it adds parameters, not capacity: use `lora.r` <= "
+                         f"{kernel.max_rank} for these targets")
 
 
 def adapter_path(target: Path, which: str) -> Path:

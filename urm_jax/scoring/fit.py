@@ -92,6 +92,12 @@ def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
         return None
 
 
+def host_available_bytes() -> int | None:
+    """The host's available RAM in bytes (/proc/meminfo MemAvailable, else free pages), no
+    margin; None when it cannot be read."""
+    return _meminfo_available()
+
+
 def available_bytes(devices) -> int | None:
     """Bytes one forward may use on each of `devices` (all of one platform), after the margin:
     the smallest device's free memory by `memory_stats()`, else (CPU) the host's available RAM

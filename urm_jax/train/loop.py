@@ -40,9 +40,11 @@ from urm_jax.flops import peak_flops_per_device, train_flops
 from urm_jax.finite import checked_astype
 from urm_jax.io_utils import check_outputs
 from urm_jax.loading import load_config_any, load_params_any, load_tokenizer
-from urm_jax.model.lora import LORA_A, LORA_B, merge_kernel
+from urm_jax.memory import check_host_memory
+from urm_jax.model.lora import LORA_A, LORA_B, check_rank, merge_kernel
 from urm_jax.model.paths import LORA, is_gate, leaf_paths
-from urm_jax.model.urm import ModelBinder, param_shardings
+from urm_jax.model.urm import ModelBinder, abstract_model, lora_targets, param_shardings
+from urm_jax.provenance import local_source
 from urm_jax.sharding import batch_shards, batch_sharding, fit_mesh, make_mesh, use_mesh
 from urm_jax.train.config import (TrainConfig, TrainConfigError, check_attention_length, check_model_context,
                                    load_train_config)
@@ -219,13 +221,16 @@ _RECORDED_METRICS = ("loss", "accuracy", "margin", "sigma_mean", "mse_per_attrib
 
 def training_record(cfg: TrainConfig, run_root: Path, step: int) -> dict:
     """What a model card says about one training stage: the recipe's settings that shape the
-    model, the steps run, and the last logged training metrics and evaluation (from the run's
-    metrics.jsonl, up to `step`). Standard JSON values only."""
+    model (LoRA's too), the steps run, and the last logged training metrics and evaluation (from
+    the run's metrics.jsonl, up to `step`). The data source is named by its base name and
+    content hash, never a local path (`urm_jax.provenance`). Standard JSON values only."""
     records = [r for r in read_metrics(run_root / "metrics.jsonl") if r.get("step", 0) <= step]
     last = next((r for r in reversed(records) if "loss" in r), {})
     last_eval = next((r for r in reversed(records) if any(k.startswith("eval/") for k in r)), {})
+    data = local_source(cfg.data.train)  # published with the model: no local path (provenance)
     return {
-        "stage": cfg.stage, "run_dir": str(run_root), "data": cfg.data.train, "split": cfg.data.split,
+        "stage": cfg.stage, "data": data["name"], "data_sha256": data.get("sha256"),
+        "split": cfg.data.split,
         "steps": step, "epochs": cfg.epochs, "global_batch_size": cfg.global_batch_size,
         "seq_len": cfg.data.seq_len, "learning_rate": cfg.optim.learning_rate,
         "head_lr_scale": cfg.optim.head_lr_scale, "loss": cfg.loss.kind,
@@ -233,7 +238,15 @@ def training_record(cfg: TrainConfig, run_root: Path, step: int) -> dict:
         "final_metrics": {k: v for k, v in last.items() if k.startswith(_RECORDED_METRICS)},
         "eval": {k[len("eval/"):]: v for k, v in last_eval.items() if k.startswith("eval/")},
         "eval_step": last_eval.get("step"),
+        "lora": None if cfg.lora is None else lora_record(cfg.lora),
     }
+
+
+def lora_record(lora) -> dict:
+    """A LoRA run's adapter settings, as peft names them (the adapters are merged into the
+    saved weights, so this is the only trace of them)."""
+    return {"r": lora.r, "alpha": lora.alpha, "scaling": lora.scaling, "dropout": lora.dropout,
+            "targets": list(lora.targets), "use_rslora": lora.use_rslora, "init": lora.init}
 
 
 def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer: Trainer,
@@ -413,7 +426,22 @@ def preflight(cfg: TrainConfig) -> Setup:
     if tokenizer is None:
         raise ValueError(f"{cfg.model}: no tokenizer files; training renders chats with the "
                          "checkpoint's tokenizer")
+    check_capacity(cfg, model_cfg, tuple(mesh.shape.values()))
     return Setup(mesh, model_cfg, tokenizer)
+
+
+def check_capacity(cfg: TrainConfig, model_cfg: ModelConfig, mesh_shape: tuple[int, int, int]) -> None:
+    """What the model's sizes decide about the recipe (part of `preflight`): a LoRA rank no
+    larger than min(in, out) of each targeted matrix, and, on the CPU backend, the memory
+    estimate within the host's available memory (an over-large run would be OOM-killed, exit
+    137, with no message). TrainConfigError names the key."""
+    if cfg.lora is not None:
+        try:
+            check_rank(cfg.lora, lora_targets(cfg.lora, abstract_model(model_cfg)))
+        except ValueError as err:
+            raise TrainConfigError(str(err)) from None
+    if jax.default_backend() == "cpu":
+        check_host_memory(model_cfg, cfg, mesh_shape)
 
 
 class TrainingRun:
