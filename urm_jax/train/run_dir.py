@@ -45,7 +45,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from urm_jax.io_utils import atomic_file
-from urm_jax.train.config import TrainConfig, TrainConfigError, config_from_dict, to_dict
+from urm_jax.train.config import TrainConfig, TrainConfigError, config_from_dict, to_dict, yaml_error
 from urm_jax.validate import expect_object
 
 LOCK_FILE = ".lock"
@@ -97,7 +97,9 @@ class RunDirectory:
             return None
         try:
             raw = yaml.safe_load(self.config.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        except yaml.YAMLError as err:
+            raise RunDirectoryError(f"{self.config}: unreadable, invalid YAML: {yaml_error(err)}") from None
+        except (UnicodeDecodeError, OSError) as err:
             raise RunDirectoryError(f"{self.config}: unreadable ({err})") from None
         expect_object(raw, str(self.config), RunDirectoryError, what="a YAML mapping")
         try:
