@@ -12,7 +12,9 @@
 
 Bad input ends in one `error:` line and exit 2 (`urm_jax.errors.USER_ERRORS`), and so does
 running out of memory (XLA's RESOURCE_EXHAUSTED: the line says what to change); a parity or
-verification failure exits 1; a preempted training run exits 143; a multi-process training run
+verification failure exits 1; a preempted training run exits 143; Ctrl-C (SIGINT) exits 130 with
+one line (a training run checkpoints its current step first, as on SIGTERM; every other command
+leaves no partial output: its writers remove their temporaries); a multi-process training run
 that lost one of its processes exits 75 (`urm_jax.train.supervisor`).
 """
 
@@ -48,7 +50,7 @@ from urm_jax.serve.server import bind_socket, is_loopback, socket_url, uvicorn_s
 from urm_jax.train import supervisor
 from urm_jax.train.config import TOPOLOGY_CHIPS, TrainConfigError, load_train_config
 from urm_jax.train.loop import export_step, train
-from urm_jax.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
+from urm_jax.train.preemption import INTERRUPTED_EXIT_CODE, TrainingPreempted
 
 
 API_KEY_ENV = "URM_JAX_API_KEY"
@@ -421,7 +423,7 @@ def run_train(args) -> int:
         final = train(cfg, allow_changes=tuple(args.allow_config_change))
     except TrainingPreempted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        return stop.exit_code
     print(json.dumps({"final_checkpoint": str(final)}))
     return 0
 
@@ -576,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the writers have removed their temporaries on the way out
+        print(f"error: interrupted (Ctrl-C): urm-jax {args.command} stopped"
+              + ("; run the same command to resume (a step checkpoint it cut short is removed then)"
+                 if args.command == "train" else " before finishing its output"), file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise

@@ -548,9 +548,9 @@ class TrainingRun:
         if preempted:
             with checkpoint_writes(self.dir, self.manager):
                 self.manager.wait_until_finished()
-            raise TrainingPreempted(f"SIGTERM: stopped after step {done} of {self.total_steps}, "
+            raise TrainingPreempted(f"{watch.signal_name}: stopped after step {done} of {self.total_steps}, "
                                     f"checkpoint {done} saved in {self.dir.checkpoints}; run the "
-                                    "same command to resume from it")
+                                    "same command to resume from it", exit_code=watch.exit_code)
 
     def _log_record(self, metrics: dict) -> dict:
         """The step's metrics plus epoch, tokens/s and MFU over the window since the last log."""
