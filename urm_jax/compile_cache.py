@@ -10,6 +10,15 @@ default 8) with least-recently-used eviction, which also makes JAX take a file l
 read and write: several processes (hosts of a job sharing a directory, parallel scoring jobs)
 can use one cache safely. A cache entry that cannot be read only costs a recompile (JAX warns).
 
+JAX's bounded cache is not crash-safe: it writes `<key>-cache`, then `<key>-atime`, and before
+every write it reads the `-atime` of every entry to pick what to evict. A write cut short
+(a kill, a full disk, a file-size limit) leaves a `-cache` (often truncated) without its `-atime`,
+and from then on every write of every process using the cache fails with `UserWarning: Error
+writing persistent compilation cache entry ... FileNotFoundError ...-atime`, so nothing new is
+cached. (It is not two processes racing: JAX writes only from process 0 of a job and takes the
+cache's file lock around every read and write.) `enable` therefore removes such half-written
+entries first (`repair`), under the same lock.
+
 `CompileMeter` adds up the time JAX spends tracing, lowering and compiling (and counts programs
 served from the cache) while it is active, so logs and benchmarks report compile time apart from
 run time.
@@ -22,6 +31,7 @@ import os
 import threading
 from pathlib import Path
 
+import filelock
 import jax
 
 ENV_DIR = "URM_JAX_COMPILATION_CACHE"
@@ -36,6 +46,10 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+# JAX's LRU cache layout (jax/_src/lru_cache.py): `<key>-cache` + `<key>-atime`, and the file
+# lock it takes around every read, write and eviction.
+_CACHE_SUFFIX, _ATIME_SUFFIX, _LOCK_FILE = "-cache", "-atime", ".lockfile"
+REPAIR_LOCK_TIMEOUT_S = 60.0
 
 
 def default_dir() -> Path:
@@ -61,11 +75,32 @@ def enable(path: str | Path | None = None) -> Path | None:
     if not size_gb > 0:
         raise ValueError(f"{ENV_SIZE_GB}={size_text!r}: expected a positive number of GB")
     directory.mkdir(parents=True, exist_ok=True)
+    repair(directory)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", int(size_gb * 1e9))
     return directory
+
+
+def repair(directory: Path) -> list[str]:
+    """Remove the half-written entries of the cache at `directory` (a `<key>-cache` without its
+    `<key>-atime`, or the reverse), which would make every later write fail (see the module
+    docstring). Holds JAX's lock on the cache, so an entry another process is writing right now
+    is never taken for half-written; if the lock is not free within REPAIR_LOCK_TIMEOUT_S, the
+    repair is left to the next command. Returns the names of the removed files."""
+    try:
+        with filelock.FileLock(directory / _LOCK_FILE, timeout=REPAIR_LOCK_TIMEOUT_S):
+            names = {p.name for p in directory.iterdir()}
+            keys = {n[:-len(s)] for n in names for s in (_CACHE_SUFFIX, _ATIME_SUFFIX) if n.endswith(s)}
+            halves = sorted(key + suffix for key in keys for suffix, other in
+                            ((_CACHE_SUFFIX, _ATIME_SUFFIX), (_ATIME_SUFFIX, _CACHE_SUFFIX))
+                            if key + suffix in names and key + other not in names)
+            for name in halves:
+                (directory / name).unlink(missing_ok=True)
+            return halves
+    except (filelock.Timeout, OSError):  # busy, or not ours to clean: the cache only costs time
+        return []
 
 
 @dataclasses.dataclass
