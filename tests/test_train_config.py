@@ -96,6 +96,8 @@ AGAINST_DEVICES_AND_MODEL = [
                               "split over the 8 data-parallel devices of mesh [8, 1, 1]"),
     (["global_batch_size=16", "grad_accum=4"], "make the rows per micro-batch a multiple of 8"),
     (["global_batch_size=8", "mesh=[2,2,2]"], None),  # 8 rows over data x fsdp = 4: accepted
+    (["global_batch_size=8", "attention=splash"], "`attention`: attention 'splash' needs a TPU; this run's "
+                                                  "JAX backend is 'cpu'"),
     (["data.seq_len=131073", "global_batch_size=8"], "`data.seq_len`: 131073 is longer than the model's "
                                                     "context (max_position_embeddings 131072"),
 ]

@@ -40,6 +40,7 @@ from urm_jax.flops import peak_flops_per_device, train_flops
 from urm_jax.finite import checked_astype
 from urm_jax.io_utils import check_outputs
 from urm_jax.loading import load_config_any, load_params_any, load_tokenizer
+from urm_jax.model.attention import check_available as check_attention
 from urm_jax.model.lora import LORA_A, LORA_B, merge_kernel
 from urm_jax.model.paths import LORA, is_gate, leaf_paths
 from urm_jax.model.urm import ModelBinder, param_shardings
@@ -382,7 +383,7 @@ class Setup:
 def preflight(cfg: TrainConfig) -> Setup:
     """Check what the configuration cannot check alone, before the run directory is touched and
     before anything compiles: the mesh against the devices present, the batch against the mesh
-    and the processes, `model` (a model, not a run directory; config and tokenizer load) and
+    and the processes, the attention kernel against the backend, `model` (a model, not a run directory; config and tokenizer load) and
     `data.seq_len` against the model's context. TrainConfigError names the key."""
     try:
         mesh = make_mesh(cfg.mesh)
@@ -401,6 +402,10 @@ def preflight(cfg: TrainConfig) -> Setup:
             f"{per_micro} per micro-batch cannot be split over the "
             f"{shards} data-parallel devices of mesh {list(mesh.shape.values())} (data x fsdp): "
             f"make the rows per micro-batch a multiple of {shards}")
+    try:
+        check_attention(cfg.attention)  # splash needs a TPU, cudnn a GPU
+    except ValueError as err:
+        raise TrainConfigError(f"`attention`: {err}") from None
     model = Path(cfg.model)
     if (model / "config.yaml").is_file() and not is_jax_checkpoint(model):
         raise TrainConfigError(f"`model`: {model} is a training run directory; start from its "
@@ -585,25 +590,43 @@ def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, 
     touches the run directory before `preflight` has passed; then process 0 claims it (one
     `urm-jax train` per directory), checks a resume against the recorded configuration
     (`allow_changes`: keys allowed to differ, or 'all') and only then writes config.yaml. Every
-    process follows process 0's verdict, so a refused multi-host run stops on every host."""
+    process follows process 0's verdict, so a refused multi-host run stops on every host. An
+    attempt that fails (or is interrupted) before producing a checkpoint, metrics or features
+    takes back what it created (`RunDirectory.take_back`): a new directory is removed."""
     setup = preflight(cfg)
     run = RunDirectory(cfg.output_dir)
     check_run_outputs(cfg, run)
     is_main = jax.process_index() == 0
     with contextlib.ExitStack() as held:
-        refusal = None
+        refusal = before = None
         if is_main:
+            before = run.attempt_state()
             try:
                 held.enter_context(run.claim())
-                run.check_resume(cfg, allow_changes)
-                run.write_config(cfg)
-            except RunDirectoryError as err:
+            except RunDirectoryError as err:  # another run's, or cannot be created: not ours
                 refusal = str(err)
-        refusal = agree(refusal)
-        if refusal is not None:
-            raise RunDirectoryError(refusal)
-        with _orbax_failures_reported_once():
-            return TrainingRun(cfg, run, setup, progress=progress).run()
+                for path in before.created:  # only the empty directories this attempt made
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
+                before = None
+        try:
+            if is_main and refusal is None:
+                try:
+                    run.check_resume(cfg, allow_changes)
+                    run.write_config(cfg)
+                except RunDirectoryError as err:
+                    refusal = str(err)
+            refusal = agree(refusal)
+            if refusal is not None:
+                raise RunDirectoryError(refusal)
+            with _orbax_failures_reported_once():
+                return TrainingRun(cfg, run, setup, progress=progress).run()
+        except BaseException:
+            # Failed before producing anything of value: leave the directory as it was (still
+            # holding it, so no other run is in it).
+            if before is not None:
+                run.take_back(before)
+            raise
 
 
 @contextlib.contextmanager
