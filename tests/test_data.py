@@ -277,6 +277,29 @@ def test_report_numbers_are_file_lines_or_1_based_rows(tmp_path, tok, hf_cache):
     assert "identical_pair=1 [line 2]" in report.format() and "not_messages=1 [line 4]" in report.format()
 
 
+@pytest.mark.parametrize("name, text", [("fake.parquet", "not parquet\n"), ("fake.json", "{oops")])
+def test_a_corrupt_file_is_one_error_not_logged_lines(name, text, tmp_path, hf_cache, capfd):
+    """datasets logs the read error of a corrupt local file (`Failed to read schema ...`, again
+    through a root handler) before raising it: only the raised error, naming the file, remains;
+    the loader's logger is as it was afterwards."""
+    import logging
+
+    data = tmp_path / name
+    data.write_text(text)
+    root = logging.getLogger()
+    handler = logging.StreamHandler()  # as a CLI with logging configured has
+    root.addHandler(handler)
+    try:
+        with pytest.raises(ValueError, match=f"could not load dataset '{data}'"):
+            load_rows(str(data), cache_dir=hf_cache)
+    finally:
+        root.removeHandler(handler)
+    out, err = capfd.readouterr()
+    assert "Failed to" not in err and "ERROR" not in err, err
+    fmt = "parquet" if name.endswith("parquet") else "json"
+    assert not logging.getLogger(f"datasets.packaged_modules.{fmt}.{fmt}").filters
+
+
 def test_hub_names_go_to_load_dataset(monkeypatch):
     import datasets
 

@@ -8,7 +8,9 @@ with a named reason counted in a :class:`DatasetReport`; nothing disappears sile
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -115,10 +117,32 @@ def load_rows(source: str, split: str = "train", *, cache_dir: str | None = None
 
     try:
         if fmt is not None:
-            return datasets.load_dataset(fmt, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
+            with _no_logged_read_errors(fmt):
+                return datasets.load_dataset(fmt, data_files={split: str(path)}, split=split,
+                                             cache_dir=cache_dir)
         return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as e:  # hub, network and parse errors come in many types; keep the cause
         raise ValueError(f"could not load dataset {source!r} (split {split!r}): {type(e).__name__}: {e}") from e
+
+
+class _DropErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _no_logged_read_errors(fmt: str):
+    """While `datasets` reads a local file: its `fmt` loader logs a file it cannot read at ERROR
+    (`Failed to read schema ...`, shown twice when the root logger has a handler) and then
+    raises; the raised error is reported in one line naming the file, so drop the logged echo.
+    Only that loader's logger, only for this load; its warnings still show."""
+    logger = logging.getLogger(f"datasets.packaged_modules.{fmt}.{fmt}")
+    drop = _DropErrors()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 class JsonlRows(list):
