@@ -398,6 +398,16 @@ def test_score_ctrl_c_mid_output_leaves_the_old_output(capsys, hf_dir, id_input,
     assert len(calls) == 3, line
 
 
+def test_score_output_that_cannot_be_created_names_the_option(capsys, hf_dir, id_input, tmp_path):
+    """--output under a file: one line naming the option and both paths, in the style of every
+    other error line (no bare `[Errno 20]`), before the model loads."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = score_err(capsys, hf_dir, id_input, blocker / "out.jsonl")
+    assert line == (f"error: --output: cannot create {blocker / 'out.jsonl'}: {blocker} is not a directory "
+                    "(errno 20)"), line
+
+
 def test_score_missing_model(capsys, id_input, tmp_path):
     line = score_err(capsys, tmp_path / "no_such_model", id_input, tmp_path / "out.jsonl", "no_such_model")
     assert len(line) < 300

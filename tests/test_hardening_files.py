@@ -200,7 +200,8 @@ def test_eval_parity_export_outputs(capsys, hf_dir, ckpt, tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({"model": str(ckpt), "output_dir": str(run),
                                                      "data": {"train": "x.jsonl"}}))
     for out, needle in [(run, "is the input RUN_DIR"), (run / "exported", "inside the input RUN_DIR"),
-                        (ckpt, "is the input the run's model"), (tmp_path, "contains the input")]:
+                        (ckpt, f"is the input model (from RUN_DIR's config.yaml) {ckpt}"),
+                        (tmp_path, "contains the input")]:
         refused(capsys, cli_main, ["export", run, out, "--overwrite"], needle, keep=[run, ckpt])
 
 

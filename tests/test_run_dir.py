@@ -250,5 +250,23 @@ def test_output_dir_that_cannot_be_a_directory_is_named(base_model, tmp_path, ca
     line = in_process(capsys, train_args(base_model, existing, "global_batch_size=8"))
     assert line == f"error: output_dir: {existing} is a file, not a directory", line
     line = in_process(capsys, train_args(base_model, existing / "run", "global_batch_size=8"))
-    assert line == f"error: output_dir: cannot create {existing / 'run'}: Not a directory (errno 20)", line
+    assert line == (f"error: output_dir: cannot create {existing / 'run'}: {existing} is not a directory "
+                    "(errno 20)"), line
     assert existing.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["inputs.jsonl"]
+
+
+def test_output_dir_the_system_refuses_is_named(base_model, tmp_path, capsys, monkeypatch):
+    """A refusal no check can foresee (an immutable directory, `chattr +i`, refuses even root):
+    one line naming the key, the path and the OS reason; nothing left behind."""
+    out = tmp_path / "ro" / "run2"
+    mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    line = in_process(capsys, train_args(base_model, out, "global_batch_size=8"))
+    assert line == f"error: output_dir: cannot create {out}: Operation not permitted (errno 1)", line
+    assert list(tmp_path.iterdir()) == []

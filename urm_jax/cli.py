@@ -33,7 +33,7 @@ import jax
 from urm_jax import compile_cache
 from urm_jax.demo import run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
-from urm_jax.errors import USER_ERRORS, warning_lines
+from urm_jax.errors import USER_ERRORS, describe, warning_lines
 from urm_jax.eval import format_summary, run_eval as evaluate
 from urm_jax.io_utils import atomic_file, check_outputs
 from urm_jax.jsonl import dumps
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
             return handlers[args.command](args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {describe(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the writers have removed their temporaries on the way out
         print(f"error: interrupted (Ctrl-C): urm-jax {args.command} stopped"

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import re
 import shutil
 import sys
@@ -38,7 +39,7 @@ from urm_jax.data.batching import BatchIterator
 from urm_jax.data.datasets import load_helpsteer2, load_preference_pairs
 from urm_jax.flops import peak_flops_per_device, train_flops
 from urm_jax.finite import checked_astype
-from urm_jax.io_utils import check_outputs
+from urm_jax.io_utils import check_creatable, check_outputs
 from urm_jax.loading import load_config_any, load_params_any, load_tokenizer
 from urm_jax.model.attention import check_available as check_attention
 from urm_jax.model.lora import LORA_A, LORA_B, merge_kernel
@@ -125,7 +126,21 @@ def checkpoint_manager(run: RunDirectory, cfg: TrainConfig, *, writer: bool = Tr
                                            enable_async_checkpointing=cfg.checkpoint.async_save,
                                            create=writer, read_only=not writer,
                                            cleanup_tmp_directories=writer)
-    return ocp.CheckpointManager(run.checkpoints, options=options)
+    if writer:
+        return ocp.CheckpointManager(run.checkpoints, options=options)
+    # Orbax warns 'Given directory is read only=...' for every reader: it is our choice (we
+    # never write into another run's checkpoints), not a property of the directory.
+    absl_logger, quiet = logging.getLogger("absl"), _DropReadOnlyNotice()
+    absl_logger.addFilter(quiet)
+    try:
+        return ocp.CheckpointManager(run.checkpoints, options=options)
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Given directory is read only=%s"
 
 
 class CheckpointWriteError(OSError):
@@ -319,8 +334,8 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     if not run.config.is_file():
         raise ValueError(f"{run.config}: not found ({run.root} is not an `urm-jax train` run directory)")
     cfg = load_train_config(run.config)
-    check_outputs([("RUN_DIR", run_dir), ("the run's model", cfg.model)], [("OUT_DIR", out_dir)],
-                  overwrite=overwrite)
+    check_outputs([("RUN_DIR", run_dir), ("model (from RUN_DIR's config.yaml)", cfg.model)],
+                  [("OUT_DIR", out_dir)], overwrite=overwrite)
     manager = checkpoint_manager(run, cfg, writer=False)
     steps = sorted(manager.all_steps())
     if not steps:
@@ -580,6 +595,9 @@ def check_run_outputs(cfg: TrainConfig, run: RunDirectory) -> None:
     A run's own outputs exist on resume: only inputs are protected here."""
     data = [(f"data.{name}", path) for name, path in (("train", cfg.data.train), ("eval", cfg.data.eval))
             if path and Path(path).exists()]  # else a hub dataset name
+    if os.path.lexists(run.root) and not run.root.is_dir():
+        raise RunDirectoryError(f"output_dir: {run.root} is a file, not a directory")
+    check_creatable("output_dir", run.root)
     outputs = [(f"output_dir's {path.name}", path) for path in (
         run.final, run.checkpoints, run.root / "feature_cache", run.root / METRICS_FILE, run.config)]
     check_outputs([("model", cfg.model), *data], outputs, overwrite=True)
@@ -593,9 +611,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, 
     process follows process 0's verdict, so a refused multi-host run stops on every host. An
     attempt that fails (or is interrupted) before producing a checkpoint, metrics or features
     takes back what it created (`RunDirectory.take_back`): a new directory is removed."""
-    setup = preflight(cfg)
     run = RunDirectory(cfg.output_dir)
-    check_run_outputs(cfg, run)
+    check_run_outputs(cfg, run)  # before any model is read, as every command's outputs
+    setup = preflight(cfg)
     is_main = jax.process_index() == 0
     with contextlib.ExitStack() as held:
         refusal = before = None

@@ -219,8 +219,6 @@ class RunDirectory:
         """Hold the directory for this process (an exclusive flock on `.lock`) for the block;
         RunDirectoryError names the live holder if another process has it, or says why the
         directory cannot be created (`output_dir: ...`)."""
-        if os.path.lexists(self.root) and not self.root.is_dir():
-            raise RunDirectoryError(f"output_dir: {self.root} is a file, not a directory")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
