@@ -167,6 +167,10 @@ def test_export_of_kept_steps(stage1, tmp_path):
     missing = run_cli("export", run, tmp_path / "missing", "--step", 3)
     assert missing.returncode == 2 and f"no step 3; kept steps: {kept}" in missing.stderr, missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "missing").exists()
+    # Exactly the error line: no Orbax notice ('Given directory is read only=...') before it,
+    # and none on success either.
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert "read only" not in done.stderr, done.stderr
     exists = run_cli("export", run, tmp_path / "newest")
     assert exists.returncode == 2 and "already exists" in exists.stderr
 

@@ -122,12 +122,15 @@ def checkpoint_manager(run: RunDirectory, cfg: TrainConfig, *, writer: bool = Tr
     """Orbax's manager of the run's step checkpoints (keep N, async as configured). The writer
     (the training run, which holds the directory) first removes partial steps a killed run left
     behind; a reader (`urm-jax export`, possibly while the run goes on) changes nothing."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
-                                           enable_async_checkpointing=cfg.checkpoint.async_save,
-                                           create=writer, read_only=not writer,
-                                           cleanup_tmp_directories=writer)
     if writer:
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
+                                               enable_async_checkpointing=cfg.checkpoint.async_save,
+                                               create=True, cleanup_tmp_directories=True)
         return ocp.CheckpointManager(run.checkpoints, options=options)
+    # A reader's options are what Orbax would force for read_only (it warns for each it changes).
+    options = ocp.CheckpointManagerOptions(read_only=True, max_to_keep=None, save_interval_steps=0,
+                                           create=False, cleanup_tmp_directories=False,
+                                           enable_async_checkpointing=False)
     # Orbax warns 'Given directory is read only=...' for every reader: it is our choice (we
     # never write into another run's checkpoints), not a property of the directory.
     absl_logger, quiet = logging.getLogger("absl"), _DropReadOnlyNotice()
