@@ -236,6 +236,18 @@ def test_divergence_stops_before_checkpointing_broken_weights(base_model, tmp_pa
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
 
 
+def signalled_at(gate_dir: Path, step: int, signum: int, args: list) -> tuple[int, str]:
+    """Run `urm-jax ARGS`, send `signum` while it is held before `step`, let it go on; returns
+    (exit status, stderr)."""
+    gate = Gate(gate_dir, f"step:{step}")
+    proc = gate.start(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    gate.wait(proc)
+    proc.send_signal(signum)
+    gate.open()
+    _, stderr = proc.communicate()
+    return proc.returncode, stderr
+
+
 def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(base_model, tmp_path):
     """SIGTERM (preemption, tpu_scripts/stop.sh) mid-run: the run finishes its step, checkpoints
     it although no periodic checkpoint is due, exits 143; the same command resumes from that step
@@ -243,14 +255,10 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(base_mod
     overrides = ["max_steps=30", "epochs=20", "checkpoint.every_steps=1000", "checkpoint.async_save=false"]
     reference = Path(run_train(STAGE1, f"model={base_model}", f"output_dir={tmp_path / 'ref'}", *overrides))
     out = tmp_path / "preempted"
-    gate = Gate(tmp_path / "gate", "step:4")  # held before step 4: the signal arrives mid-run
-    proc = gate.start(["train", STAGE1, f"model={base_model}", f"output_dir={out}", *overrides],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    gate.wait(proc)
-    proc.send_signal(signal.SIGTERM)
-    gate.open()
-    _, stderr = proc.communicate()
-    assert proc.returncode == 143, stderr[-2000:]
+    # held before step 4: the signal arrives mid-run
+    returncode, stderr = signalled_at(tmp_path / "gate", 4, signal.SIGTERM,
+                                      ["train", STAGE1, f"model={base_model}", f"output_dir={out}", *overrides])
+    assert returncode == 143, stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     kept = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
     assert kept == [4] and steps == [1, 2, 3, 4], (kept, steps)  # step 4 finished, then saved
@@ -266,15 +274,11 @@ def test_ctrl_c_checkpoints_the_current_step_like_sigterm(base_model, tmp_path):
     it is on finishes and is checkpointed), exit 130, one `stopped:` line, no traceback and no
     partial `*.orbax-checkpoint-tmp` step left behind."""
     out = tmp_path / "interrupted"
-    gate = Gate(tmp_path / "gate", "step:5")  # step 4's asynchronous save may still be in flight
-    proc = gate.start(["train", STAGE1, f"model={base_model}", f"output_dir={out}", "max_steps=30",
-                       "epochs=20", "checkpoint.every_steps=2", "checkpoint.async_save=true"],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    gate.wait(proc)
-    proc.send_signal(signal.SIGINT)
-    gate.open()
-    _, stderr = proc.communicate()
-    assert proc.returncode == 130, stderr[-3000:]
+    # held before step 5: step 4's asynchronous save may still be in flight
+    returncode, stderr = signalled_at(tmp_path / "gate", 5, signal.SIGINT,
+                                      ["train", STAGE1, f"model={base_model}", f"output_dir={out}", "max_steps=30",
+                                       "epochs=20", "checkpoint.every_steps=2", "checkpoint.async_save=true"])
+    assert returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     stopped = [line for line in stderr.splitlines() if line.startswith(("stopped:", "error:"))]
     assert stopped == [f"stopped: SIGINT (Ctrl-C): stopped after step 5 of 30, checkpoint 5 saved in "
