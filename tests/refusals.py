@@ -22,15 +22,15 @@ def leftovers(path: Path) -> list[Path]:
     return sorted(Path(path).parent.glob(f".{Path(path).name}.*"))
 
 
-def refused(capsys, main, argv, *needles, keep=(), absent=()) -> str:
-    """Run a command expecting a refusal: exit 2, exactly one `error:` line holding every needle
+def refused(capsys, main, argv, *needles, keep=(), absent=(), code=2) -> str:
+    """Run a command expecting a refusal: exit `code` (2: bad input; 130: Ctrl-C), exactly one `error:` line holding every needle
     and no traceback; every path in `keep` is byte for byte what it was, every path in `absent`
     does not exist, and no temporary sibling of either is left."""
     before = {Path(p): snapshot(p) for p in keep}
     capsys.readouterr()
     rc = main([str(a) for a in argv])
     err = capsys.readouterr().err
-    assert rc == 2, f"exit code {rc}, stderr:\n{err}"
+    assert rc == code, f"exit code {rc}, stderr:\n{err}"
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err

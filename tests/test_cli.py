@@ -375,6 +375,39 @@ def test_score_over_long_line(capsys, hf_dir, tmp_path):
     assert_same_scores(records[1:], direct, tol=1e-6)
 
 
+def test_score_ctrl_c_mid_output_leaves_the_old_output(capsys, hf_dir, id_input, tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) while the output is being written: one `error:` line, exit 130,
+    no traceback; the existing --output (replaced with --overwrite only on success) is as it
+    was and no temporary sibling is left."""
+    from urm_jax.scoring import files
+
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"previous": "scores"}\n')
+    real, calls = files.dumps, []
+
+    def interrupted_dumps(record):
+        calls.append(record)
+        if len(calls) == 3:  # two lines written to the temporary already
+            raise KeyboardInterrupt
+        return real(record)
+
+    monkeypatch.setattr(files, "dumps", interrupted_dumps)
+    line = refused(capsys, cli_main, ["score", "--model", hf_dir, "--input", id_input, "--output", out,
+                                      "--overwrite", "--no-progress"],
+                   "error: interrupted (Ctrl-C): urm-jax score stopped", code=130, keep=[out])
+    assert len(calls) == 3, line
+
+
+def test_score_output_that_cannot_be_created_names_the_option(capsys, hf_dir, id_input, tmp_path):
+    """--output under a file: one line naming the option and both paths, in the style of every
+    other error line (no bare `[Errno 20]`), before the model loads."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = score_err(capsys, hf_dir, id_input, blocker / "out.jsonl")
+    assert line == (f"error: --output: cannot create {blocker / 'out.jsonl'}: {blocker} is not a directory "
+                    "(errno 20)"), line
+
+
 def test_score_missing_model(capsys, id_input, tmp_path):
     line = score_err(capsys, tmp_path / "no_such_model", id_input, tmp_path / "out.jsonl", "no_such_model")
     assert len(line) < 300

@@ -171,10 +171,10 @@ def test_unusable_rows_are_counted_per_reason(tok):
     }
     assert report.used == len(examples) == 2
     assert report.total == report.used + report.num_dropped == len(rows)
-    assert report.dropped_rows["missing_label"] == [2, 3]
+    assert report.dropped_rows["missing_label"] == [3, 4]  # 1-based rows of the list
     line = report.format()
     assert line.startswith("unit: 12 rows, 2 used (0 truncated), 10 dropped")
-    assert "bad_turn_markers=2 [rows 7, 8]" in line and "\n" not in line
+    assert "bad_turn_markers=2 [rows 8, 9]" in line and "empty_response=1 [row 2]" in line and "\n" not in line
 
 
 def test_left_truncation_keeps_bos_first_and_final_eot_last(tok):
@@ -249,6 +249,55 @@ def test_load_rows_local_formats_and_errors(tmp_path, hf_cache):
     (tmp_path / "broken.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"broken\.jsonl:2: invalid JSON"):
         load_rows(str(tmp_path / "broken.jsonl"), cache_dir=hf_cache)
+
+
+def test_report_numbers_are_file_lines_or_1_based_rows(tmp_path, tok, hf_cache):
+    """The data report's numbers point at the dropped rows the way errors do: a .jsonl file's
+    1-based line numbers (`file:line`; blank lines counted), a parquet file's 1-based rows, for
+    stage 1 and stage 2 alike."""
+    rows = [hs_row(), hs_row(helpfulness=-1), hs_row(), hs_row(), hs_row(helpfulness="abc"), hs_row()]
+    jsonl = tmp_path / "neg.jsonl"
+    jsonl.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+    _, report = load_helpsteer2(str(jsonl), tok, max_length=SEQ_LEN)
+    assert "label_out_of_range=1 [line 3]" in report.format() and "bad_label=1 [line 6]" in report.format()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{**r, "helpfulness": float(r["helpfulness"]) if r["helpfulness"] != "abc"
+                                          else 9.0} for r in rows]), tmp_path / "neg.parquet")
+    _, report = load_helpsteer2(str(tmp_path / "neg.parquet"), tok, max_length=SEQ_LEN, cache_dir=hf_cache)
+    assert "label_out_of_range=2 [rows 2, 5]" in report.format(), report.format()
+
+    good = json.loads(PAIR_SAMPLE.read_text().splitlines()[0])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": good["chosen"]}) + "\n\n"
+                     + json.dumps({**good, "chosen": "text"}) + "\n")
+    _, report = load_preference_pairs(str(pairs), tok, max_length=SEQ_LEN)
+    assert "identical_pair=1 [line 2]" in report.format() and "not_messages=1 [line 4]" in report.format()
+
+
+@pytest.mark.parametrize("name, text", [("fake.parquet", "not parquet\n"), ("fake.json", "{oops")])
+def test_a_corrupt_file_is_one_error_not_logged_lines(name, text, tmp_path, hf_cache, capfd):
+    """datasets logs the read error of a corrupt local file (`Failed to read schema ...`, again
+    through a root handler) before raising it: only the raised error, naming the file, remains;
+    the loader's logger is as it was afterwards."""
+    import logging
+
+    data = tmp_path / name
+    data.write_text(text)
+    root = logging.getLogger()
+    handler = logging.StreamHandler()  # as a CLI with logging configured has
+    root.addHandler(handler)
+    try:
+        with pytest.raises(ValueError, match=f"could not load dataset '{data}'"):
+            load_rows(str(data), cache_dir=hf_cache)
+    finally:
+        root.removeHandler(handler)
+    out, err = capfd.readouterr()
+    assert "Failed to" not in err and "ERROR" not in err, err
+    fmt = "parquet" if name.endswith("parquet") else "json"
+    assert not logging.getLogger(f"datasets.packaged_modules.{fmt}.{fmt}").filters
 
 
 def test_hub_names_go_to_load_dataset(monkeypatch):

@@ -252,6 +252,29 @@ def test_eval_bad_line(models, id_pairs, tmp_path, capsys, row, needle):
     assert not out.exists() and not list(tmp_path.glob(".ev*"))
 
 
+def test_eval_ctrl_c_leaves_no_output_dir(models, id_pairs, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) while pairs.jsonl is being written: one `error:` line, exit
+    130, no traceback, no --output-dir and no temporary sibling of it."""
+    from refusals import refused
+    from urm_jax import eval as eval_module
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", id_pairs[:12])
+    real, calls = eval_module.dumps, []
+
+    def interrupted_dumps(record, **kwargs):
+        calls.append(record)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(record, **kwargs)
+
+    monkeypatch.setattr(eval_module, "dumps", interrupted_dumps)
+    out = tmp_path / "ev"
+    refused(capsys, cli_main, ["eval", "--pairs", pairs, "--output-dir", out, "--no-progress",
+                               "--model", models[0]],
+            "error: interrupted (Ctrl-C): urm-jax eval stopped", code=130, absent=[out])
+    assert len(calls) == 5
+
+
 def test_eval_refusals(models, id_pairs, tmp_path, capsys):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", id_pairs[:2])
     existing = tmp_path / "exists"

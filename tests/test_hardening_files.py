@@ -200,7 +200,8 @@ def test_eval_parity_export_outputs(capsys, hf_dir, ckpt, tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({"model": str(ckpt), "output_dir": str(run),
                                                      "data": {"train": "x.jsonl"}}))
     for out, needle in [(run, "is the input RUN_DIR"), (run / "exported", "inside the input RUN_DIR"),
-                        (ckpt, "is the input the run's model"), (tmp_path, "contains the input")]:
+                        (ckpt, f"is the input model (from RUN_DIR's config.yaml) {ckpt}"),
+                        (tmp_path, "contains the input")]:
         refused(capsys, cli_main, ["export", run, out, "--overwrite"], needle, keep=[run, ckpt])
 
 
@@ -636,10 +637,9 @@ def test_training_on_a_malformed_file_is_one_error_line(capsys, tok_dir, tmp_pat
         eos_token_id=(128001, 128008, 128009)), tokenizer_dir=tok_dir, progress=False)
     data = write_jsonl(tmp_path / "train.jsonl", [hs_row(), hs_row(), '{"prompt": "x", '])
     run = tmp_path / "run"
-    refused(capsys, cli_main, ["train", STAGE1, f"model={model}",
-                               f"output_dir={run}", f"data.train={data}", "global_batch_size=8"],
-            f"{data}:3:", "invalid JSON",
-            absent=[run / "final", run / "checkpoints"])
+    refused(capsys, cli_main, ["train", STAGE1, f"model={model}", "global_batch_size=8",  # 8 test devices
+                               f"output_dir={run}", f"data.train={data}"], f"{data}:3:", "invalid JSON",
+            absent=[run])  # the failed run takes back the directory it created
 
 
 def test_index_outside_the_model_dir_is_refused_before_opening(capsys, hf_dir, tmp_path, monkeypatch):

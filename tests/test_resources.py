@@ -150,7 +150,7 @@ def test_full_disk_under_score_output_names_the_file(tiny, disk, tmp_path, capsy
     disk.fill(leave=8 << 10)  # 200 output lines need ~100 KB
     code = cli_main(["score", "--model", str(tiny), "--input", str(source), "--output", str(out), "--no-progress"])
     line = one_error(code, capsys.readouterr().err)
-    assert line.startswith("error: [Errno 28] No space left on device") and str(out) in line, line
+    assert line == f"error: {out}: No space left on device (errno 28)", line
     assert sorted(p.name for p in disk.path.iterdir()) == ["filler"]  # no output, no temporary
 
 

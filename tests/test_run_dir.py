@@ -152,3 +152,121 @@ def test_changing_only_logging_and_checkpoint_cadence_resumes_on_the_same_trajec
         assert np.array_equal(a, b), jax.tree_util.keystr(path)
     assert yaml.safe_load((run_copy / "config.yaml").read_text())["log_every"] == 2
 
+
+
+# A run that fails after its checks passed but before it produced anything of value (a bad data
+# file found while loading, Ctrl-C during setup) takes back what it created. In this process
+# (8 simulated CPU devices, see conftest): every case fails before anything compiles.
+GOOD_LINE = {"prompt": "q", "response": "a", "helpfulness": 3, "correctness": 3, "coherence": 3,
+             "complexity": 1, "verbosity": 1}
+
+
+def failing_data(tmp_path: Path, kind: str) -> Path:
+    data = tmp_path / f"{kind}.jsonl"
+    if kind == "empty":
+        data.write_text("")
+    elif kind == "broken":
+        data.write_text(json.dumps(GOOD_LINE) + "\n{oops\n")
+    elif kind == "missing-column":
+        data.write_text(json.dumps({k: v for k, v in GOOD_LINE.items() if k != "verbosity"}) + "\n")
+    elif kind == "fake-parquet":
+        data = tmp_path / "fake.parquet"
+        data.write_text("not parquet\n")
+    return data  # kind "missing": never written
+
+
+def in_process(capsys, argv, code=2) -> str:
+    from urm_jax import cli
+
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == code and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["empty", "broken", "missing-column", "missing", "fake-parquet"])
+def test_a_failed_new_run_leaves_nothing_behind(kind, base_model, tmp_path, capsys):
+    """output_dir (and a parent) did not exist: after the data error, neither does it (no
+    config.yaml, .lock, data_report.txt, checkpoints/)."""
+    data = failing_data(tmp_path, kind)
+    out = tmp_path / "new" / "run"
+    line = in_process(capsys, train_args(base_model, out, f"data.train={data}", "global_batch_size=8"))
+    assert str(data) in line, line
+    assert not (tmp_path / "new").exists(), sorted((tmp_path / "new").rglob("*"))
+
+
+def test_a_failed_run_into_an_empty_directory_leaves_it_empty(base_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    in_process(capsys, train_args(base_model, out, f"data.train={failing_data(tmp_path, 'empty')}",
+                                  "global_batch_size=8"))
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_a_failed_resume_leaves_the_directory_as_it_was(base_model, tmp_path, capsys):
+    """A run with a checkpoint, resumed with a trajectory-neutral change (log_every) and an
+    allowed new data file that fails while loading: config.yaml (which the attempt rewrote),
+    the lock, the checkpoint, the metrics and every other file are as they were."""
+    from urm_jax.train.config import load_train_config, to_dict
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "2").mkdir(parents=True)
+    (out / "checkpoints" / "2" / "state").write_bytes(b"step 2")
+    cfg = load_train_config(STAGE1, [f"model={base_model}", f"output_dir={out}", *COMMON, "global_batch_size=8"])
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (out / "data_report.txt").write_text("earlier report\n")
+    (out / ".lock").write_text('{"host": "earlier", "pid": 1}')
+    before, lock = snapshot(out), (out / ".lock").read_bytes()
+    data = failing_data(tmp_path, "broken")
+    line = in_process(capsys, [*train_args(base_model, out, f"data.train={data}", "log_every=2",
+                                           "global_batch_size=8"), "--allow-config-change", "data.train"])
+    assert f"{data}:2" in line, line
+    assert snapshot(out) == before and (out / ".lock").read_bytes() == lock
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml", "data_report.txt",
+                                                     "metrics.jsonl"]
+
+
+def test_ctrl_c_during_setup_leaves_nothing_behind(base_model, tmp_path, capsys, monkeypatch):
+    from urm_jax.train import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "load_params_any", interrupted)
+    out = tmp_path / "run"
+    line = in_process(capsys, train_args(base_model, out, "global_batch_size=8"), code=130)
+    assert "interrupted (Ctrl-C)" in line
+    assert not out.exists()
+
+
+def test_output_dir_that_cannot_be_a_directory_is_named(base_model, tmp_path, capsys):
+    """output_dir an existing file, or under one: one line naming the key and the path (no bare
+    `[Errno N]`); the file untouched, nothing created."""
+    existing = tmp_path / "inputs.jsonl"
+    existing.write_text("mine\n")
+    line = in_process(capsys, train_args(base_model, existing, "global_batch_size=8"))
+    assert line == f"error: output_dir: {existing} is a file, not a directory", line
+    line = in_process(capsys, train_args(base_model, existing / "run", "global_batch_size=8"))
+    assert line == (f"error: output_dir: cannot create {existing / 'run'}: {existing} is not a directory "
+                    "(errno 20)"), line
+    assert existing.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["inputs.jsonl"]
+
+
+def test_output_dir_the_system_refuses_is_named(base_model, tmp_path, capsys, monkeypatch):
+    """A refusal no check can foresee (an immutable directory, `chattr +i`, refuses even root):
+    one line naming the key, the path and the OS reason; nothing left behind."""
+    out = tmp_path / "ro" / "run2"
+    mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    line = in_process(capsys, train_args(base_model, out, "global_batch_size=8"))
+    assert line == f"error: output_dir: cannot create {out}: Operation not permitted (errno 1)", line
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ Most cases call the command's handler in this process (8 simulated CPU devices, 
 with the trainer replaced by a tripwire, so a case that slipped through would fail loudly instead
 of training; two cases run the real command in a subprocess."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from faults import ROOT, cli_env, write_tiny_base
 from urm_jax import cli
 from urm_jax.train import loop
+from urm_jax.train.config import load_train_config
 
 STAGE1 = str(ROOT / "configs/train/tiny_stage1.yaml")
 STAGE2 = str(ROOT / "configs/train/tiny_stage2.yaml")
@@ -41,6 +43,7 @@ def refused(capsys, tmp_path, config, *args, model="m"):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1, err
+    assert err.strip().splitlines() == lines, f"more on stderr than the error line:\n{err}"
     assert "Traceback" not in err, err
     assert not out.exists(), f"{out} was created by a refused run"
     return lines[0]
@@ -93,6 +96,8 @@ AGAINST_DEVICES_AND_MODEL = [
                               "split over the 8 data-parallel devices of mesh [8, 1, 1]"),
     (["global_batch_size=16", "grad_accum=4"], "make the rows per micro-batch a multiple of 8"),
     (["global_batch_size=8", "mesh=[2,2,2]"], None),  # 8 rows over data x fsdp = 4: accepted
+    (["global_batch_size=8", "attention=splash"], "`attention`: attention 'splash' needs a TPU; this run's "
+                                                  "JAX backend is 'cpu'"),
     (["data.seq_len=131073", "global_batch_size=8"], "`data.seq_len`: 131073 is longer than the model's "
                                                     "context (max_position_embeddings 131072"),
 ]
@@ -150,6 +155,46 @@ def test_yaml_files(capsys, tmp_path, no_training):
 
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     assert "list.yaml: the top level must be a mapping" in refused(capsys, tmp_path, tmp_path / "list.yaml")
+
+
+# A YAML syntax error: one line naming the file (or the override), the 1-based line and column
+# and the parser's short reason; never PyYAML's several lines about `<unicode string>`.
+YAML_SYNTAX = [  # (recipe text after its `base:` line, what the error says)
+    ("optim: [1,\n", "line 3, column 1: expected the node content, but found '<stream end>'"),
+    ("seed: 1\noptim: {learning_rate: 1e-5\n", "line 4, column 1: expected ',' or '}'"),
+    ("seed: 1\n  bad: 2\n", "line 3, column 6: mapping values are not allowed here"),
+    ("data:\n\ttrain: x\n", "line 3, column 1: found character '\\t' that cannot start any token"),
+]
+
+
+@pytest.mark.parametrize("text, message", YAML_SYNTAX, ids=[m.split(":")[0] for _, m in YAML_SYNTAX])
+def test_yaml_syntax_error_is_one_line(text, message, capsys, tmp_path, no_training):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"base: {STAGE1}\n{text}")
+    line = refused(capsys, tmp_path, recipe)
+    assert line.startswith(f"error: {recipe}: invalid YAML: {message}"), line
+    assert "<unicode string>" not in line
+
+
+def test_yaml_syntax_error_in_an_override_names_it(capsys, tmp_path, no_training):
+    line = refused(capsys, tmp_path, STAGE1, "optim={learning_rate: [1,")
+    assert ("override 'optim={learning_rate: [1,': invalid YAML value: line 1, column 26: expected the node "
+            "content, but found '<stream end>'") in line, line
+
+
+def test_a_mapping_override_merges_into_its_section():
+    """`optim={}` changes nothing (it used to reset the recipe's optim section to the base
+    defaults); `optim={learning_rate: 1e-5}` changes that key alone; the same rule as `base:`."""
+    recipe = load_train_config(STAGE1, runnable=False)
+    assert load_train_config(STAGE1, runnable=False, overrides=["optim={}"]) == recipe
+    assert load_train_config(STAGE1, runnable=False, overrides=["data={}", "precision={}"]) == recipe
+    changed = load_train_config(STAGE1, runnable=False, overrides=["optim={learning_rate: 1e-5}"])
+    assert changed.optim == dataclasses.replace(recipe.optim, learning_rate=1e-5)
+    assert changed == dataclasses.replace(recipe, optim=changed.optim)
+    nested = load_train_config(STAGE1, runnable=False, overrides=["checkpoint={keep: 5}", "data={seq_len: 128}"])
+    assert nested.checkpoint == dataclasses.replace(recipe.checkpoint, keep=5)
+    assert nested.data == dataclasses.replace(recipe.data, seq_len=128)
+    assert recipe.optim.warmup_ratio == 0.1  # the recipe's value, not the base's 0.03
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -167,8 +167,55 @@ def test_export_of_kept_steps(stage1, tmp_path):
     missing = run_cli("export", run, tmp_path / "missing", "--step", 3)
     assert missing.returncode == 2 and f"no step 3; kept steps: {kept}" in missing.stderr, missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "missing").exists()
+    # Exactly the error line: no Orbax notice ('Given directory is read only=...') before it,
+    # and none on success either.
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert "read only" not in done.stderr, done.stderr
     exists = run_cli("export", run, tmp_path / "newest")
     assert exists.returncode == 2 and "already exists" in exists.stderr
+
+
+def test_export_ctrl_c_leaves_no_output(stage1, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) while the exported model is being written: one `error:` line,
+    exit 130, no traceback, no OUT_DIR and no temporary sibling of it."""
+    from refusals import refused
+    from urm_jax.cli import main
+    from urm_jax.train import loop
+
+    real, calls = loop.checked_astype, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:  # two parameters written to the temporary already
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "checked_astype", interrupted)
+    out = tmp_path / "exported"
+    refused(capsys, main, ["export", stage1[0], out], "error: interrupted (Ctrl-C): urm-jax export stopped",
+            code=130, absent=[out])
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_preemption_watch_signals(signum, exit_code):
+    """The first SIGTERM or Ctrl-C asks for a checkpoint-and-stop at the step boundary (143 /
+    130); a second Ctrl-C stops at once (KeyboardInterrupt); `close` puts the handlers back."""
+    from urm_jax.train.preemption import PreemptionWatch
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    watch = PreemptionWatch()
+    try:
+        assert not watch.reached(1)
+        os.kill(os.getpid(), signum)  # os.kill runs this process's pending handlers before returning
+        assert watch.reached(2) and watch.exit_code == exit_code
+        assert watch.signal_name == ("SIGINT (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM")
+        if signum == signal.SIGINT:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        watch.close()
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_divergence_stops_before_checkpointing_broken_weights(base_model, tmp_path):
@@ -189,6 +236,18 @@ def test_divergence_stops_before_checkpointing_broken_weights(base_model, tmp_pa
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
 
 
+def signalled_at(gate_dir: Path, step: int, signum: int, args: list) -> tuple[int, str]:
+    """Run `urm-jax ARGS`, send `signum` while it is held before `step`, let it go on; returns
+    (exit status, stderr)."""
+    gate = Gate(gate_dir, f"step:{step}")
+    proc = gate.start(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    gate.wait(proc)
+    proc.send_signal(signum)
+    gate.open()
+    _, stderr = proc.communicate()
+    return proc.returncode, stderr
+
+
 def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(base_model, tmp_path):
     """SIGTERM (preemption, tpu_scripts/stop.sh) mid-run: the run finishes its step, checkpoints
     it although no periodic checkpoint is due, exits 143; the same command resumes from that step
@@ -196,14 +255,10 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(base_mod
     overrides = ["max_steps=30", "epochs=20", "checkpoint.every_steps=1000", "checkpoint.async_save=false"]
     reference = Path(run_train(STAGE1, f"model={base_model}", f"output_dir={tmp_path / 'ref'}", *overrides))
     out = tmp_path / "preempted"
-    gate = Gate(tmp_path / "gate", "step:4")  # held before step 4: the signal arrives mid-run
-    proc = gate.start(["train", STAGE1, f"model={base_model}", f"output_dir={out}", *overrides],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    gate.wait(proc)
-    proc.send_signal(signal.SIGTERM)
-    gate.open()
-    _, stderr = proc.communicate()
-    assert proc.returncode == 143, stderr[-2000:]
+    # held before step 4: the signal arrives mid-run
+    returncode, stderr = signalled_at(tmp_path / "gate", 4, signal.SIGTERM,
+                                      ["train", STAGE1, f"model={base_model}", f"output_dir={out}", *overrides])
+    assert returncode == 143, stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     kept = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
     assert kept == [4] and steps == [1, 2, 3, 4], (kept, steps)  # step 4 finished, then saved
@@ -212,6 +267,25 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identical(base_mod
     resumed = Path(run_train(STAGE1, f"model={base_model}", f"output_dir={out}", *overrides))
     for (path, a), (_, b) in zip(leaves(load_params(resumed)), leaves(load_params(reference))):
         assert np.array_equal(a, b), jax.tree_util.keystr(path)
+
+
+def test_ctrl_c_checkpoints_the_current_step_like_sigterm(base_model, tmp_path):
+    """Ctrl-C (SIGINT) mid-run with asynchronous periodic saves: handled as SIGTERM is (the step
+    it is on finishes and is checkpointed), exit 130, one `stopped:` line, no traceback and no
+    partial `*.orbax-checkpoint-tmp` step left behind."""
+    out = tmp_path / "interrupted"
+    # held before step 5: step 4's asynchronous save may still be in flight
+    returncode, stderr = signalled_at(tmp_path / "gate", 5, signal.SIGINT,
+                                      ["train", STAGE1, f"model={base_model}", f"output_dir={out}", "max_steps=30",
+                                       "epochs=20", "checkpoint.every_steps=2", "checkpoint.async_save=true"])
+    assert returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    stopped = [line for line in stderr.splitlines() if line.startswith(("stopped:", "error:"))]
+    assert stopped == [f"stopped: SIGINT (Ctrl-C): stopped after step 5 of 30, checkpoint 5 saved in "
+                       f"{out / 'checkpoints'}; run the same command to resume from it"], stderr[-3000:]
+    kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [4, 5], kept
+    assert not list((out / "checkpoints").glob("*tmp*")), list((out / "checkpoints").iterdir())
 
 
 def test_kill_and_resume_is_bit_identical(base_model, tmp_path, stage1):

@@ -12,7 +12,9 @@
 
 Bad input ends in one `error:` line and exit 2 (`urm_jax.errors.USER_ERRORS`), and so does
 running out of memory (XLA's RESOURCE_EXHAUSTED: the line says what to change); a parity or
-verification failure exits 1; a preempted training run exits 143; a multi-process training run
+verification failure exits 1; a preempted training run exits 143; Ctrl-C (SIGINT) exits 130 with
+one line (a training run checkpoints its current step first, as on SIGTERM; every other command
+leaves no partial output: its writers remove their temporaries); a multi-process training run
 that lost one of its processes exits 75 (`urm_jax.train.supervisor`).
 """
 
@@ -34,7 +36,7 @@ from urm_jax.arg_types import INT32_MAX, at_least, number, port, positive_int
 from urm_jax.cli_args import join_negative_values
 from urm_jax.demo import DemoStopped, run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
-from urm_jax.errors import USER_ERRORS, warning_lines
+from urm_jax.errors import USER_ERRORS, describe, warning_lines
 from urm_jax.eval import format_summary, run_eval as evaluate
 from urm_jax.io_utils import atomic_file, check_outputs
 from urm_jax.jsonl import dumps
@@ -54,7 +56,7 @@ from urm_jax.serve.server import bind_socket, is_loopback, socket_url, uvicorn_s
 from urm_jax.train import supervisor
 from urm_jax.train.config import TOPOLOGY_CHIPS, TrainConfigError, check_attention_length, load_train_config
 from urm_jax.train.loop import export_step, train
-from urm_jax.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
+from urm_jax.train.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, TrainingPreempted
 
 
 API_KEY_ENV = "URM_JAX_API_KEY"
@@ -505,7 +507,7 @@ def run_train(args) -> int:
         final = train(cfg, allow_changes=tuple(args.allow_config_change))
     except TrainingPreempted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        return stop.exit_code
     print(json.dumps({"final_checkpoint": str(final)}))
     return 0
 
@@ -696,8 +698,13 @@ def main(argv: list[str] | None = None) -> int:
         with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
             return run_until_sigterm(handlers[args.command], args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {describe(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the writers have removed their temporaries on the way out
+        print(f"error: interrupted (Ctrl-C): urm-jax {args.command} stopped"
+              + ("; run the same command to resume (a step checkpoint it cut short is removed then)"
+                 if args.command == "train" else " before finishing its output"), file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise

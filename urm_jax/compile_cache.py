@@ -23,6 +23,15 @@ start loads it directly. Single-process runs only (a multi-host job uses JAX's c
 Loading a program runs native code from the cache directory, as JAX's own cache does: the cache
 belongs to the user, and `URM_JAX_COMPILATION_CACHE=off` turns both off.
 
+JAX's bounded cache is not crash-safe: it writes `<key>-cache`, then `<key>-atime`, and before
+every write it reads the `-atime` of every entry to pick what to evict. A write cut short
+(a kill, a full disk, a file-size limit) leaves a `-cache` (often truncated) without its `-atime`,
+and from then on every write of every process using the cache fails with `UserWarning: Error
+writing persistent compilation cache entry ... FileNotFoundError ...-atime`, so nothing new is
+cached. (It is not two processes racing: JAX writes only from process 0 of a job and takes the
+cache's file lock around every read and write.) `enable` therefore removes such half-written
+entries first (`repair`), under the same lock.
+
 `CompileMeter` adds up the time JAX spends tracing, lowering and compiling, and loading or saving
 programs from either cache, per phase (and counts programs served from the caches) while it is
 active, so logs and benchmarks report compile time apart from run time.
@@ -46,6 +55,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import filelock
 import jax
 from jax._src import config as jax_config  # trace_context: the config values tracing reads
 from jax.experimental import serialize_executable
@@ -73,6 +83,10 @@ _max_bytes = int(DEFAULT_SIZE_GB * 1e9)
 # JAX's own words (jax/_src/compiler.py) when one cache entry cannot be read or written: a
 # UserWarning per entry, with JAX's source line; commands show the first as one line.
 ENTRY_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for ")
+# JAX's LRU cache layout (jax/_src/lru_cache.py): `<key>-cache` + `<key>-atime`, and the file
+# lock it takes around every read, write and eviction.
+_CACHE_SUFFIX, _ATIME_SUFFIX, _LOCK_FILE = "-cache", "-atime", ".lockfile"
+REPAIR_LOCK_TIMEOUT_S = 60.0
 
 
 def default_dir() -> Path:
@@ -109,6 +123,7 @@ def enable(path: str | Path | None = None, *, source: str = ENV_DIR) -> Path | N
         print(f"warning: compilation cache off: {problem}; set {source} to a writable directory "
               "(or off)", file=sys.stderr, flush=True)
         return None
+    repair(directory)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -141,6 +156,24 @@ def entry_warning(message: str) -> str | None:
     detail = message.split("': ", 1)[-1].strip().splitlines()[0]
     return (f"the compilation cache {jax.config.jax_compilation_cache_dir} cannot be used ({detail}); "
             f"programs compile without it; set {ENV_DIR} to a writable directory (or off)")
+def repair(directory: Path) -> list[str]:
+    """Remove the half-written entries of the cache at `directory` (a `<key>-cache` without its
+    `<key>-atime`, or the reverse), which would make every later write fail (see the module
+    docstring). Holds JAX's lock on the cache, so an entry another process is writing right now
+    is never taken for half-written; if the lock is not free within REPAIR_LOCK_TIMEOUT_S, the
+    repair is left to the next command. Returns the names of the removed files."""
+    try:
+        with filelock.FileLock(directory / _LOCK_FILE, timeout=REPAIR_LOCK_TIMEOUT_S):
+            names = {p.name for p in directory.iterdir()}
+            keys = {n[:-len(s)] for n in names for s in (_CACHE_SUFFIX, _ATIME_SUFFIX) if n.endswith(s)}
+            halves = sorted(key + suffix for key in keys for suffix, other in
+                            ((_CACHE_SUFFIX, _ATIME_SUFFIX), (_ATIME_SUFFIX, _CACHE_SUFFIX))
+                            if key + suffix in names and key + other not in names)
+            for name in halves:
+                (directory / name).unlink(missing_ok=True)
+            return halves
+    except (filelock.Timeout, OSError):  # busy, or not ours to clean: the cache only costs time
+        return []
 
 
 @dataclasses.dataclass

@@ -21,6 +21,17 @@ USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, Ou
                                                 OSError, ValueError, DeviceMemoryError)
 
 
+def describe(err: BaseException) -> str:
+    """A user error's text for its `error:` line. An OSError that carries only the operating
+    system's words (`[Errno 13] Permission denied: 'x'`) reads `x: Permission denied (errno 13)`,
+    the style of every other error line (the file first)."""
+    text = str(err)
+    if isinstance(err, OSError) and err.errno is not None and err.strerror and text.startswith("[Errno"):
+        names = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return f"{names + ': ' if names else ''}{err.strerror} (errno {err.errno})"
+    return text
+
+
 class NoticeWarning(UserWarning):
     """A library warning that commands show as one `warning:` line (e.g. pad id == eos id)."""
 

@@ -66,9 +66,8 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
     """The one rule every command applies to its outputs, before any slow work: an output may
     not be, contain or lie inside an input (a model directory, an input file), nor another
     output of the same run, whatever `overwrite` says (`--overwrite` never destroys an input);
-    and an existing output (a dangling symlink included) is refused unless `overwrite`; and an
-    output must be writable where it goes (its nearest existing parent directory), so a
-    read-only destination fails now, not after the work.
+    and an existing output (a dangling symlink included) is refused unless `overwrite`; an
+    output that cannot be created (under a file, in a directory not writable) is refused too.
 
     `inputs` and `outputs` are (label, path) pairs, e.g. ("--input", "in.jsonl"); None paths are
     skipped. Paths are compared after resolving symlinks and `.`/`..` (and by inode), so
@@ -90,20 +89,21 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
                                           "outputs of one run need two separate paths")
         if os.path.lexists(path) and not overwrite:
             raise OutputExistsError(f"{label} {path} already exists (pass --overwrite to replace it)")
-        _check_writable(label, path, real)
+        check_creatable(label, path)
 
 
-def _check_writable(label: str, path: str, real: Path) -> None:
-    """The nearest existing directory above `real` must let this process create entries (the
-    temporary sibling, and any missing parents) in it."""
-    parent = real.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputNotWritableError(f"{label} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputNotWritableError(f"{label} {path}: cannot write in {parent} (read-only or "
-                                     "no permission); choose another path")
+def check_creatable(label: str, path: str | Path) -> None:
+    """OSError naming `label` when `path` cannot be created: its nearest existing ancestor is
+    not a directory, or this process may not write into it (a later failure the check cannot
+    foresee, e.g. an immutable directory under root, still names the path)."""
+    ancestor = Path(os.path.abspath(path)).parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OSError(errno.ENOTDIR, f"{label}: cannot create {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, f"{label}: cannot create {path}: {ancestor} is not writable "
+                      "(Permission denied)")
 
 
 # Errors only a write can raise: Python's file objects report them without a file name.

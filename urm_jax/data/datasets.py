@@ -8,10 +8,12 @@ with a named reason counted in a :class:`DatasetReport`; nothing disappears sile
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -52,11 +54,14 @@ class DatasetReport:
     """What happened to each row of a source: used (possibly left-truncated) or dropped."""
 
     source: str
+    # How `dropped_rows` count: "line" (1-based line numbers of a .jsonl file, as in its
+    # `file:line` errors) or "row" (1-based rows of a parquet file, hub split or list).
+    unit: str = "row"
     total: int = 0
     used: int = 0
     truncated: int = 0  # used rows that lost tokens from the start
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
-    # The first few row numbers per reason, so a surprising count can be looked at.
+    # The first few row (or line) numbers per reason, 1-based, so a surprising count can be looked at.
     dropped_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def drop(self, reason: str, row: int) -> None:
@@ -73,12 +78,13 @@ class DatasetReport:
 
     def format(self) -> str:
         """One line for logs, e.g.
-        ``src: 100 rows, 97 used (4 truncated), 3 dropped (empty_response=3 [rows 5, 9, 17])``."""
+        ``src: 100 rows, 97 used (4 truncated), 3 dropped (empty_response=3 [lines 5, 9, 17])``."""
         line = (f"{self.source}: {self.total} rows, {self.used} used ({self.truncated} truncated), "
                 f"{self.num_dropped} dropped")
         if self.dropped:
             parts = [
-                f"{reason}={n} [rows {', '.join(map(str, self.dropped_rows[reason]))}{', ...' if n > 3 else ''}]"
+                f"{reason}={n} [{self.unit}{'s' if n > 1 else ''} "
+                f"{', '.join(map(str, self.dropped_rows[reason]))}{', ...' if n > 3 else ''}]"
                 for reason, n in sorted(self.dropped.items())
             ]
             line += f" ({'; '.join(parts)})"
@@ -108,15 +114,56 @@ def load_rows(source: str, split: str = "train", *, cache_dir: str | None = None
     if fmt is None and path.is_file():
         raise ValueError(f"dataset file {source!r}: unsupported format; use one of {sorted(_LOCAL_FORMATS)}")
     if path.suffix.lower() == ".jsonl":
-        return [row for _, row in iter_jsonl(path, _json_object)]
+        return JsonlRows(iter_jsonl(path, _json_object))
     import datasets  # heavy; only needed when actually loading
 
     try:
         if fmt is not None:
-            return datasets.load_dataset(fmt, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
+            with _no_logged_read_errors(fmt):
+                return datasets.load_dataset(fmt, data_files={split: str(path)}, split=split,
+                                             cache_dir=cache_dir)
         return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as e:  # hub, network and parse errors come in many types; keep the cause
         raise ValueError(f"could not load dataset {source!r} (split {split!r}): {type(e).__name__}: {e}") from e
+
+
+class _DropErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _no_logged_read_errors(fmt: str):
+    """While `datasets` reads a local file: its `fmt` loader logs a file it cannot read at ERROR
+    (`Failed to read schema ...`, shown twice when the root logger has a handler) and then
+    raises; the raised error is reported in one line naming the file, so drop the logged echo.
+    Only that loader's logger, only for this load; its warnings still show."""
+    logger = logging.getLogger(f"datasets.packaged_modules.{fmt}.{fmt}")
+    drop = _DropErrors()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class JsonlRows(list):
+    """The rows (dicts) of a .jsonl file, and `line_numbers`: each row's 1-based line in the
+    file (blank lines are skipped, so a row's index is not its line)."""
+
+    def __init__(self, numbered: Iterable[tuple[int, dict]]):
+        pairs = list(numbered)
+        super().__init__(row for _, row in pairs)
+        self.line_numbers = [number for number, _ in pairs]
+
+
+def _numbering(rows: Any, source: str) -> tuple[DatasetReport, Callable[[int], int]]:
+    """A report for `rows` and the number a row index is reported as: its file line for a
+    .jsonl file (`JsonlRows`), else its 1-based row."""
+    lines = getattr(rows, "line_numbers", None)
+    if lines is not None:
+        return DatasetReport(source, unit="line"), lines.__getitem__
+    return DatasetReport(source), lambda index: index + 1
 
 
 def _json_object(value: Any) -> dict:
@@ -150,10 +197,11 @@ def helpsteer2_examples(
     label) within `label_range` [low, high] (None: any finite number); rows outside it are
     dropped as ``label_out_of_range``. DatasetSchemaError names the missing columns."""
     _require_columns(rows, (*TEXT_COLUMNS, *attributes), source, "attribute regression")
-    report = DatasetReport(source)
+    report, number = _numbering(rows, source)
     examples: list[RegressionExample] = []
-    for i, row in enumerate(_progress(rows, progress, "HelpSteer2")):
+    for index, row in enumerate(_progress(rows, progress, "HelpSteer2")):
         report.total += 1
+        i = number(index)
         prompt, response = row.get("prompt"), row.get("response")
         if not isinstance(prompt, str) or not isinstance(response, str):
             report.drop("not_text", i)
@@ -232,10 +280,11 @@ def preference_pair_examples(
 ) -> tuple[list[PairExample], DatasetReport]:
     """Render Skywork-style pairs (``chosen``/``rejected`` message lists) plus a report."""
     _require_columns(rows, PAIR_COLUMNS, source, "preference pairs")
-    report = DatasetReport(source)
+    report, number = _numbering(rows, source)
     examples: list[PairExample] = []
-    for i, row in enumerate(_progress(rows, progress, "pairs")):
+    for index, row in enumerate(_progress(rows, progress, "pairs")):
         report.total += 1
+        i = number(index)
         chosen, rejected = row.get("chosen"), row.get("rejected")
         if not isinstance(chosen, list) or not isinstance(rejected, list) or not chosen or not rejected:
             report.drop("not_messages", i)

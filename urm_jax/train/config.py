@@ -443,22 +443,41 @@ def config_from_dict(raw: dict) -> TrainConfig:
     return _build(TrainConfig, raw)
 
 
+def yaml_error(err: yaml.YAMLError, column_offset: int = 0) -> str:
+    """A YAML parser error in one line: 'line L, column C: <the parser's reason>' (1-based,
+    from the error's mark, columns of line 1 shifted by `column_offset`: where the parsed text
+    starts in what the user typed); PyYAML's own text spans several lines and names
+    `<unicode string>`."""
+    reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    if context:
+        reason = f"{reason} ({context})"
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if mark is None:
+        return reason
+    column = mark.column + 1 + (column_offset if mark.line == 0 else 0)
+    return f"line {mark.line + 1}, column {column}: {reason}"
+
+
 def apply_override(raw: dict, override: str) -> None:
-    """`optim.learning_rate=1e-5`: the value is parsed as YAML (numbers, lists, null, true)."""
+    """`optim.learning_rate=1e-5`: the value is parsed as YAML (numbers, lists, null, true). A
+    mapping value merges into the section as a recipe's `base:` does (`merge_sections`):
+    `optim={}` changes nothing, `optim={learning_rate: 1e-5}` changes that key alone."""
     if "=" not in override:
         raise TrainConfigError(f"override {override!r} is not key=value")
     key, text = override.split("=", 1)
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise TrainConfigError(f"override {override!r}: cannot parse value ({err})") from None
+        raise TrainConfigError(f"override {override!r}: invalid YAML value: "
+                               f"{yaml_error(err, column_offset=len(key) + 1)}") from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise TrainConfigError(f"override {override!r}: `{part}` is not a section")
-    node[parts[-1]] = value
+    node.update(merge_sections(node, {parts[-1]: value}))
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = (), *,
@@ -494,7 +513,7 @@ def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise TrainConfigError(f"{path}: invalid YAML ({err})") from None
+        raise TrainConfigError(f"{path}: invalid YAML: {yaml_error(err)}") from None
     if not isinstance(raw, dict):
         raise TrainConfigError(f"{path}: the top level must be a mapping")
     base = raw.pop("base", None)
@@ -502,13 +521,16 @@ def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(base, str) or not base:
         raise TrainConfigError(f"{path}: `base` must be a file name, got {base!r}")
-    return _deep_merge(load_raw(path.parent / base, (*_seen, resolved)), raw)
+    return merge_sections(load_raw(path.parent / base, (*_seen, resolved)), raw)
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
+def merge_sections(a: dict, b: dict) -> dict:
+    """`b` over `a`, section by section: a mapping in `b` merges into the mapping `a` holds
+    under the same key (recursively), any other value replaces it. The one rule for a recipe
+    over its `base:` and for a `key=value` override."""
     out = dict(a)
     for key, value in b.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_sections(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

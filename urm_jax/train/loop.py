@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import re
 import shutil
 import sys
@@ -38,9 +39,10 @@ from urm_jax.data.batching import BatchIterator
 from urm_jax.data.datasets import load_helpsteer2, load_preference_pairs
 from urm_jax.flops import peak_flops_per_device, train_flops
 from urm_jax.finite import checked_astype
-from urm_jax.io_utils import check_outputs
+from urm_jax.io_utils import check_creatable, check_outputs
 from urm_jax.loading import load_config_any, load_params_any, load_tokenizer
 from urm_jax.memory import check_host_memory
+from urm_jax.model.attention import check_available as check_attention
 from urm_jax.model.lora import LORA_A, LORA_B, check_rank, merge_kernel
 from urm_jax.model.paths import LORA, is_gate, leaf_paths
 from urm_jax.model.urm import ModelBinder, abstract_model, lora_targets, param_shardings
@@ -123,11 +125,28 @@ def checkpoint_manager(run: RunDirectory, cfg: TrainConfig, *, writer: bool = Tr
     """Orbax's manager of the run's step checkpoints (keep N, async as configured). The writer
     (the training run, which holds the directory) first removes partial steps a killed run left
     behind; a reader (`urm-jax export`, possibly while the run goes on) changes nothing."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
-                                           enable_async_checkpointing=cfg.checkpoint.async_save,
-                                           create=writer, read_only=not writer,
-                                           cleanup_tmp_directories=writer)
-    return ocp.CheckpointManager(run.checkpoints, options=options)
+    if writer:
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
+                                               enable_async_checkpointing=cfg.checkpoint.async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        return ocp.CheckpointManager(run.checkpoints, options=options)
+    # A reader's options are what Orbax would force for read_only (it warns for each it changes).
+    options = ocp.CheckpointManagerOptions(read_only=True, max_to_keep=None, save_interval_steps=0,
+                                           create=False, cleanup_tmp_directories=False,
+                                           enable_async_checkpointing=False)
+    # Orbax warns 'Given directory is read only=...' for every reader: it is our choice (we
+    # never write into another run's checkpoints), not a property of the directory.
+    absl_logger, quiet = logging.getLogger("absl"), _DropReadOnlyNotice()
+    absl_logger.addFilter(quiet)
+    try:
+        return ocp.CheckpointManager(run.checkpoints, options=options)
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Given directory is read only=%s"
 
 
 class CheckpointWriteError(OSError):
@@ -332,8 +351,8 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     if not run.config.is_file():
         raise ValueError(f"{run.config}: not found ({run.root} is not an `urm-jax train` run directory)")
     cfg = load_train_config(run.config)
-    check_outputs([("RUN_DIR", run_dir), ("the run's model", cfg.model)], [("OUT_DIR", out_dir)],
-                  overwrite=overwrite)
+    check_outputs([("RUN_DIR", run_dir), ("model (from RUN_DIR's config.yaml)", cfg.model)],
+                  [("OUT_DIR", out_dir)], overwrite=overwrite)
     manager = checkpoint_manager(run, cfg, writer=False)
     steps = sorted(manager.all_steps())
     if not steps:
@@ -396,7 +415,7 @@ class Setup:
 def preflight(cfg: TrainConfig) -> Setup:
     """Check what the configuration cannot check alone, before the run directory is touched and
     before anything compiles: the mesh against the devices present, the batch against the mesh
-    and the processes, `model` (a model, not a run directory; config and tokenizer load) and
+    and the processes, the attention kernel against the backend, `model` (a model, not a run directory; config and tokenizer load) and
     `data.seq_len` against the model's context. TrainConfigError names the key."""
     try:
         mesh = make_mesh(cfg.mesh)
@@ -415,6 +434,10 @@ def preflight(cfg: TrainConfig) -> Setup:
             f"{per_micro} per micro-batch cannot be split over the "
             f"{shards} data-parallel devices of mesh {list(mesh.shape.values())} (data x fsdp): "
             f"make the rows per micro-batch a multiple of {shards}")
+    try:
+        check_attention(cfg.attention)  # splash needs a TPU, cudnn a GPU
+    except ValueError as err:
+        raise TrainConfigError(f"`attention`: {err}") from None
     model = Path(cfg.model)
     if (model / "config.yaml").is_file() and not is_jax_checkpoint(model):
         raise TrainConfigError(f"`model`: {model} is a training run directory; start from its "
@@ -578,9 +601,9 @@ class TrainingRun:
         if preempted:
             with checkpoint_writes(self.dir, self.manager):
                 self.manager.wait_until_finished()
-            raise TrainingPreempted(f"SIGTERM: stopped after step {done} of {self.total_steps}, "
+            raise TrainingPreempted(f"{watch.signal_name}: stopped after step {done} of {self.total_steps}, "
                                     f"checkpoint {done} saved in {self.dir.checkpoints}; run the "
-                                    "same command to resume from it")
+                                    "same command to resume from it", exit_code=watch.exit_code)
 
     def _log_record(self, metrics: dict) -> dict:
         """The step's metrics plus epoch, tokens/s and MFU over the window since the last log."""
@@ -605,6 +628,9 @@ def check_run_outputs(cfg: TrainConfig, run: RunDirectory) -> None:
     A run's own outputs exist on resume: only inputs are protected here."""
     data = [(f"data.{name}", path) for name, path in (("train", cfg.data.train), ("eval", cfg.data.eval))
             if path and Path(path).exists()]  # else a hub dataset name
+    if os.path.lexists(run.root) and not run.root.is_dir():
+        raise RunDirectoryError(f"output_dir: {run.root} is a file, not a directory")
+    check_creatable("output_dir", run.root)
     outputs = [(f"output_dir's {path.name}", path) for path in (
         run.final, run.checkpoints, run.root / "feature_cache", run.root / METRICS_FILE, run.config)]
     check_outputs([("model", cfg.model), *data], outputs, overwrite=True)
@@ -615,27 +641,45 @@ def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, 
     touches the run directory before `preflight` has passed; then process 0 claims it (one
     `urm-jax train` per directory), checks a resume against the recorded configuration
     (`allow_changes`: keys allowed to differ, or 'all') and only then writes config.yaml. Every
-    process follows process 0's verdict, so a refused multi-host run stops on every host."""
+    process follows process 0's verdict, so a refused multi-host run stops on every host. An
+    attempt that fails (or is interrupted) before producing a checkpoint, metrics or features
+    takes back what it created (`RunDirectory.take_back`): a new directory is removed."""
     run = RunDirectory(cfg.output_dir)
-    check_run_outputs(cfg, run)  # first: a run that would replace its inputs is refused as such
+    check_run_outputs(cfg, run)  # before any model is read, as every command's outputs
     setup = preflight(cfg)
     is_main = jax.process_index() == 0
     with contextlib.ExitStack() as held:
-        refusal = None
+        refusal = before = None
         if is_main:
+            before = run.attempt_state()
             try:
                 held.enter_context(run.claim())
-                run.check_resume(cfg, allow_changes)
-                run.write_config(cfg)
-            except RunDirectoryError as err:
+            except RunDirectoryError as err:  # another run's, or cannot be created: not ours
                 refusal = str(err)
-        refusal = agree(refusal)
-        if refusal is not None:
-            raise RunDirectoryError(refusal)
-        # Compile time from here on: the start-up's (optimiser init, a restore, the feature
-        # pass) and the first step's, reported together once the first step is done.
-        with _orbax_failures_reported_once(), CompileMeter() as meter:
-            return TrainingRun(cfg, run, setup, progress=progress, compile_meter=meter).run()
+                for path in before.created:  # only the empty directories this attempt made
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
+                before = None
+        try:
+            if is_main and refusal is None:
+                try:
+                    run.check_resume(cfg, allow_changes)
+                    run.write_config(cfg)
+                except RunDirectoryError as err:
+                    refusal = str(err)
+            refusal = agree(refusal)
+            if refusal is not None:
+                raise RunDirectoryError(refusal)
+            # Compile time from here on: the start-up's (optimiser init, a restore, the feature
+            # pass) and the first step's, reported together once the first step is done.
+            with _orbax_failures_reported_once(), CompileMeter() as meter:
+                return TrainingRun(cfg, run, setup, progress=progress, compile_meter=meter).run()
+        except BaseException:
+            # Failed before producing anything of value: leave the directory as it was (still
+            # holding it, so no other run is in it).
+            if before is not None:
+                run.take_back(before)
+            raise
 
 
 @contextlib.contextmanager

@@ -10,10 +10,17 @@ SIGTERM notifier plus the coordination service make every process agree on one s
 so all hosts save the same step. A single process without `jax.distributed` installs its own
 SIGTERM handler (it would otherwise replace JAX's notifier, so it does not in the multi-process
 case).
+
+Ctrl-C (SIGINT) is a stop request too, handled the same way (the current step is checkpointed)
+but reported as an interruption (exit 130). In a multi-process run it is passed on as SIGTERM to
+this process, so JAX's notifier and the sync point handle it like a preemption. A second Ctrl-C
+while the first is being handled raises KeyboardInterrupt at once (the command reports it in one
+line, exit 130; a step checkpoint it cut short is removed when the same command resumes).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -21,25 +28,52 @@ import jax
 from jax.experimental import multihost_utils
 
 PREEMPTED_EXIT_CODE = 143  # what a shell reports for a process ended by SIGTERM (128 + 15)
+INTERRUPTED_EXIT_CODE = 130  # ... and by SIGINT (Ctrl-C, 128 + 2)
 
 
 class TrainingPreempted(Exception):
-    """The run stopped on SIGTERM after checkpointing its current step."""
+    """The run stopped on SIGTERM or SIGINT after checkpointing its current step; `exit_code`
+    is the shell's status for that signal (143 or 130)."""
+
+    def __init__(self, message: str, exit_code: int = PREEMPTED_EXIT_CODE):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PreemptionWatch:
-    """When a preempted run should checkpoint and stop. Single-process: a SIGTERM handler (installed from
-    the main thread only, restored by `close`) sets a flag read at the next step boundary.
-    Multi-process: JAX's preemption sync point, so every process stops at the same step."""
+    """Notes SIGTERM / SIGINT while installed (main thread only; `close` restores the previous
+    handlers); `reached(step)` says whether to checkpoint that step and stop, `signal_name` and
+    `exit_code` which signal asked."""
+
     def __init__(self):
         self.requested = False
+        self.interrupted = False  # SIGINT (Ctrl-C) asked, rather than SIGTERM
         self.distributed = jax.distributed.is_initialized()
-        self._previous = None
-        if not self.distributed and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            if not self.distributed:
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.requested = True  # acted on at the next step boundary
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.interrupted = True
+        if self.distributed:  # JAX's notifier and the sync point act on SIGTERM only
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.requested = True
+
+    @property
+    def signal_name(self) -> str:
+        return "SIGINT (Ctrl-C)" if self.interrupted else "SIGTERM"
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPTED_EXIT_CODE if self.interrupted else PREEMPTED_EXIT_CODE
 
     def reached(self, step: int) -> bool:
         """Whether to checkpoint this step and stop (the same answer on every process)."""
@@ -51,7 +85,6 @@ class PreemptionWatch:
         return self.requested
 
     def close(self) -> None:
-        """Restore the SIGTERM handler that was in place before (idempotent)."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -20,7 +20,8 @@ process and waits for it:
   `<output_dir>/failure-process<K>.log`, and exits PEER_LOST_EXIT_CODE.
 
 SIGTERM, SIGINT and SIGHUP to the parent are passed to the child (preemption works as in a single
-process: the child checkpoints and exits 143). The child dies with its parent
+process: the child checkpoints and exits 143, or 130 for SIGINT). The child runs in its own
+process group, so a terminal's Ctrl-C reaches it once, through the parent. The child dies with its parent
 (PR_SET_PDEATHSIG), so killing the parent still kills that process of the job.
 """
 
@@ -97,8 +98,11 @@ def supervise(argv: list[str], *, process_id: int | None, num_processes: int | N
     """Run `urm-jax <argv>` as a child and translate its death (see the module docstring).
     Returns the exit status for this process."""
     env = dict(os.environ, **{SUPERVISED_ENV: str(os.getpid())})
+    # Its own process group: a terminal's Ctrl-C reaches the parent alone, which passes it on
+    # once (in the parent's group the child would get it twice, and a second Ctrl-C means "stop
+    # now", not "checkpoint and stop").
     child = subprocess.Popen([sys.executable, "-m", "urm_jax.cli", *argv], stderr=subprocess.PIPE,
-                             env=env)
+                             env=env, process_group=0)
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, lambda sig, frame: child.send_signal(sig)) for sig in forwarded}
     held: list[bytes] = []
@@ -125,7 +129,7 @@ def supervise(argv: list[str], *, process_id: int | None, num_processes: int | N
     text = b"".join(held).decode("utf-8", "replace")
     lost = lost_process(text)
     # Died of a signal (the coordination service aborts survivors), or failed naming a lost peer.
-    if not (status < 0 or (status not in (0, 2, 143) and lost is not None)):
+    if not (status < 0 or (status not in (0, 2, 130, 143) and lost is not None)):
         _write(text.encode())
         return status
     me = f"process {process_id}" if process_id is not None else "this process"
