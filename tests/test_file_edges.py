@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,49 @@ def test_demo_mark_counts_only_where_it_was_made(fake_checkout, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         demo_module.fresh_workdir(forged, overwrite=False)
     assert (forged / "thesis.tex").read_text() == "years of work"
+
+
+# ---------------------------------------------------------------------------------------------
+# a training step whose data file is truncated or missing
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A two-step stage-1 run of a tiny random URM, a checkpoint per step (in-process)."""
+    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
+    from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = llama3_hf_config(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                           num_kv_heads=2, rope_theta=500000.0)
+    base = write_random_hf(root / "base", cfg, dtype="float32", gate_dtype="float16",
+                           tokenizer_dir=cached_llama3_tokenizer_dir(), progress=False)
+    run = root / "run"
+    assert cli_main(["train", str(STAGE1), f"model={base}", f"output_dir={run}", "max_steps=2",
+                     "checkpoint.async_save=false", "checkpoint.every_steps=1", "global_batch_size=8"]) == 0
+    return run
+
+
+STAGE1 = Path(__file__).resolve().parent.parent / "configs" / "train" / "tiny_stage1.yaml"
+
+
+def step_data_files(run: Path, step: int) -> list[Path]:
+    return sorted((run / "checkpoints" / str(step) / "state").glob("ocdbt.process_*/d/*"),
+                  key=lambda f: f.stat().st_size)
+
+
+def test_unreadable_training_step_is_one_error_line(capsys, tiny_run, tmp_path):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_run, truncated)
+    largest = step_data_files(truncated, 2)[-1]
+    largest.write_bytes(largest.read_bytes()[:1000])
+    refused(capsys, cli_main, ["export", truncated, tmp_path / "out", "--step", "2"],
+            "training step 2 cannot be read", str(largest), absent=[tmp_path / "out"])
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_run, missing)
+    for f in step_data_files(missing, 2):
+        f.unlink()
+    refused(capsys, cli_main, ["export", missing, tmp_path / "out", "--step", "2"],
+            "training step 2 cannot be read", str(missing / "checkpoints" / "2" / "state"),
+            absent=[tmp_path / "out"])
+    assert cli_main(["export", str(missing), str(tmp_path / "out"), "--step", "1"]) == 0  # other steps intact

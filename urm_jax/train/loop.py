@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from urm_jax.attributes import label_range_for
 from urm_jax.checkpoint import (check_orbax_step, checkpoint_writer, chunk_rows, is_jax_checkpoint,
-                               stacked_paths)
+                               orbax_read_error, stacked_paths)
 from urm_jax.compile_cache import CompileMeter
 from urm_jax.config import ModelConfig, np_dtype
 from urm_jax.data.batching import BatchIterator
@@ -207,9 +207,21 @@ def restore_step(manager: ocp.CheckpointManager, trainer: Trainer, step: int, da
     items = {"state": ocp.args.StandardRestore(abstract)}
     if data:
         items["data"] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = restore_named(manager, step, ocp.args.Composite(**items))
     trainer.state = type(trainer.state)(*restored["state"])
     return restored["data"] if data else None
+
+
+def restore_named(manager: ocp.CheckpointManager, step: int, args):
+    """`manager.restore(step, args=args)`; a data file TensorStore cannot read (truncated,
+    missing, corrupt) is one CheckpointError naming the step and the file."""
+    try:
+        return manager.restore(step, args=args)
+    except Exception as err:  # noqa: BLE001 - only TensorStore read failures are translated
+        named = orbax_read_error(Path(str(manager.directory)) / str(step), err)
+        if named is None:
+            raise
+        raise named from None
 
 
 TRAINING_KEY = "urm_jax_training"  # config.json: how the model was trained, one record per stage
