@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from urm_jax import demo as demo_module
+from convert.__main__ import main as convert_main
 from urm_jax.cli import main as cli_main
 from refusals import refused
 
@@ -117,3 +118,64 @@ def test_unreadable_training_step_is_one_error_line(capsys, tiny_run, tmp_path):
             "training step 2 cannot be read", str(missing / "checkpoints" / "2" / "state"),
             absent=[tmp_path / "out"])
     assert cli_main(["export", str(missing), str(tmp_path / "out"), "--step", "1"]) == 0  # other steps intact
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint provenance fields in config.json
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf
+
+    return write_random_hf(tmp_path_factory.mktemp("edges") / "hf", tiny_hf_config(), dtype="float32",
+                           gate_dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(hf_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("edges_ckpt") / "ckpt"
+    assert convert_main(["from_hf", str(hf_dir), str(out)]) == 0
+    return out
+
+
+GOOD_STAGE = {"stage": 1, "run_dir": "/r", "data": "d.jsonl", "split": "train", "steps": 4, "epochs": 1,
+              "global_batch_size": 8, "seq_len": 64, "learning_rate": 1e-3, "head_lr_scale": 1.0,
+              "loss": "gaussian_nll", "trainable": ["backbone"], "compute_dtype": "float32",
+              "final_metrics": {"loss": 1.5}, "eval": {}, "eval_step": None}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"urm_jax_training": "oops"}, "field urm_jax_training: expected a list of training records"),
+    ({"urm_jax_training": [1]}, "field urm_jax_training[0]: expected an object"),
+    ({"urm_jax_training": [{**GOOD_STAGE, "learning_rate": "fast"}]},
+     "field urm_jax_training[0].learning_rate: expected a finite number >= 0"),
+    ({"urm_jax_training": [{**GOOD_STAGE, "trainable": "backbone"}]}, "field urm_jax_training[0].trainable"),
+    ({"urm_jax_training": [{**GOOD_STAGE, "final_metrics": {"loss": "low"}}]},
+     "field urm_jax_training[0].final_metrics.loss"),
+    ({"urm_jax_init": [1]}, "field urm_jax_init: expected an object"),
+    ({"urm_jax_init": {"base_model": 5}}, "field urm_jax_init.base_model: expected a string"),
+    ({"urm_jax_init": {"init_std": -1}}, "field urm_jax_init.init_std"),
+    ({"urm_label_range": [4, 0]}, "field urm_label_range: needs finite low < high"),
+    ({"urm_label_range": "1-5"}, "field urm_label_range: expected [low, high]"),
+])
+def test_checkpoint_provenance_is_validated(capsys, ckpt, tmp_path, change, needle):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    refused(capsys, convert_main, ["to_hf", bad, tmp_path / "hf"], str(bad / "config.json"), needle,
+            absent=[tmp_path / "hf"])
+
+
+def test_valid_provenance_reaches_the_card(ckpt, tmp_path):
+    good = tmp_path / "good"
+    shutil.copytree(ckpt, good)
+    config = json.loads((good / "config.json").read_text())
+    (good / "config.json").write_text(json.dumps({
+        **config, "urm_jax_training": [GOOD_STAGE], "urm_label_range": [1, 5],
+        "urm_jax_init": {"base": "/b", "base_model": "org/base", "license": None, "init_std": 0.02,
+                         "seed": 0, "base_architectures": ["LlamaForCausalLM"]}}))
+    assert convert_main(["to_hf", str(good), str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert 'base_model: "org/base"' in card and "labels in [1, 5]" in card and "lr 0.001" in card

@@ -15,7 +15,7 @@ from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
 from urm_jax.config import np_dtype, read_json_file
 from urm_jax.data.tokenization import chat_format
 from urm_jax.finite import check_cast
-from urm_jax.hf.card import model_card
+from urm_jax.hf.card import model_card, provenance
 from urm_jax.loading import load_tokenizer
 from urm_jax.hf.mapping import Alloc
 from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units,
@@ -48,6 +48,7 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     ckpt_dir = Path(ckpt_dir)
     check_outputs([("CKPT_DIR", ckpt_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
     cfg = load_config(ckpt_dir)
+    provenance(cfg.hf_config, str(ckpt_dir / "config.json"))  # the card's fields, before any work
     evaluated = read_json_file(eval_metrics) if eval_metrics is not None else None
     tokenizer = load_tokenizer(ckpt_dir)
     reader = ParamsReader(ckpt_dir, allow_nonfinite=allow_nonfinite)
@@ -93,6 +94,6 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
         copy_tokenizer_files(ckpt_dir, tmp)
         (tmp / "README.md").write_text(model_card(
             cfg, hf, chat_format(tokenizer), base_model=base_model, license=license,
-            eval_metrics=evaluated))
+            eval_metrics=evaluated, source=str(ckpt_dir / "config.json")))
     return Path(out_dir)
 
