@@ -179,3 +179,38 @@ def test_valid_provenance_reaches_the_card(ckpt, tmp_path):
     assert convert_main(["to_hf", str(good), str(tmp_path / "hf")]) == 0
     card = (tmp_path / "hf" / "README.md").read_text()
     assert 'base_model: "org/base"' in card and "labels in [1, 5]" in card and "lr 0.001" in card
+
+
+# ---------------------------------------------------------------------------------------------
+# ensembles of models with different attribute sets
+
+
+def with_attributes(ckpt: Path, out: Path, attributes: list[str]) -> Path:
+    shutil.copytree(ckpt, out)
+    config = json.loads((out / "config.json").read_text())
+    config["urm_attributes"] = attributes
+    config["id2label"] = {str(2 * k + j): f"{a}{s}" for k, a in enumerate(attributes)
+                          for j, s in enumerate(("_mean", "_log_std"))}
+    config.pop("label2id", None)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_ensemble_members_must_share_attributes(capsys, ckpt, tmp_path):
+    from urm_jax.config import ModelConfig
+
+    names = list(ModelConfig.from_hf_dir(ckpt).attributes)
+    other = with_attributes(ckpt, tmp_path / "abcde", ["a", "b", "c", "d", "e"][:len(names)])
+    shuffled = with_attributes(ckpt, tmp_path / "shuffled", names[::-1])
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"input_ids": [4, 5, 6], "id": 1}) + "\n")
+    for member in (other, shuffled):
+        refused(capsys, cli_main, ["score", "--model", ckpt, "--model", member, "--input", inp,
+                                   "--output", tmp_path / "o.jsonl"],
+                "different attributes", f"{ckpt} has [{', '.join(names)}]", f"{member} has [",
+                absent=[tmp_path / "o.jsonl"])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"chosen": [4, 5], "rejected": [6, 7]}) + "\n")
+    refused(capsys, cli_main, ["eval", "--model", ckpt, "--model", other, "--pairs", pairs,
+                               "--output-dir", tmp_path / "ev"], "different attributes", str(other),
+            absent=[tmp_path / "ev"])
