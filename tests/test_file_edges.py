@@ -214,3 +214,25 @@ def test_ensemble_members_must_share_attributes(capsys, ckpt, tmp_path):
     refused(capsys, cli_main, ["eval", "--model", ckpt, "--model", other, "--pairs", pairs,
                                "--output-dir", tmp_path / "ev"], "different attributes", str(other),
             absent=[tmp_path / "ev"])
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers that overflow to infinity are bad lines, like NaN
+
+
+@pytest.mark.parametrize("spelling", ["1e999", "-1E+999", "123456789e400", "1.5e309"])
+def test_overflowing_numbers_are_bad_lines(capsys, ckpt, tmp_path, spelling):
+    from urm_jax.validate import MetadataError, read_json
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"input_ids": [4, 5], "id": "ok"}\n' f'{{"input_ids": [4, 5], "id": {spelling}}}\n')
+    refused(capsys, cli_main, ["score", "--model", ckpt, "--input", inp, "--output", tmp_path / "o.jsonl"],
+            f"{inp}:2", "out of range", absent=[tmp_path / "o.jsonl"])
+    assert cli_main(["score", "--model", str(ckpt), "--input", str(inp), "--output", str(tmp_path / "o.jsonl"),
+                     "--on-bad-line", "skip", "--bad-lines", str(tmp_path / "bad.jsonl")]) == 0
+    assert [json.loads(line)["id"] for line in (tmp_path / "o.jsonl").read_text().splitlines()] == ["ok"]
+    assert "out of range" in (tmp_path / "bad.jsonl").read_text()
+    meta = tmp_path / "m.json"
+    meta.write_text(f'{{"rope_theta": {spelling}}}')
+    with pytest.raises(MetadataError, match="out of range"):
+        read_json(meta)
