@@ -236,3 +236,32 @@ def test_overflowing_numbers_are_bad_lines(capsys, ckpt, tmp_path, spelling):
     meta.write_text(f'{{"rope_theta": {spelling}}}')
     with pytest.raises(MetadataError, match="out of range"):
         read_json(meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# an output of the wrong kind (a directory where a file is written, and vice versa)
+
+
+def test_outputs_of_the_wrong_kind_are_refused_up_front(capsys, hf_dir, ckpt, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"input_ids": [4, 5, 6], "id": 1}) + "\n")
+    adir = tmp_path / "adir"
+    (adir / "sub").mkdir(parents=True)
+    (adir / "sub" / "x.txt").write_text("keep")
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    score = ["score", "--model", ckpt, "--input", inp, "--overwrite"]
+    refused(capsys, cli_main, [*score, "--output", adir], "--output", "is a directory, where a file",
+            keep=[adir])
+    refused(capsys, cli_main, [*score, "--output", tmp_path / "o.jsonl", "--on-bad-line", "skip",
+                               "--bad-lines", adir], "--bad-lines", "is a directory", keep=[adir])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"chosen": [4, 5], "rejected": [6, 7]}) + "\n")
+    refused(capsys, cli_main, ["eval", "--model", ckpt, "--pairs", pairs, "--output-dir", afile,
+                               "--overwrite"], "--output-dir", "is not a directory", keep=[afile])
+    refused(capsys, convert_main, ["from_hf", hf_dir, afile, "--overwrite"], "OUT_DIR", "is not a directory",
+            keep=[afile])
+    refused(capsys, convert_main, ["to_hf", ckpt, afile, "--overwrite"], "OUT_DIR", "is not a directory",
+            keep=[afile])
+    refused(capsys, cli_main, ["parity", "--hf", hf_dir, "--model", ckpt, "--json", adir, "--overwrite"],
+            "--json", "is a directory", keep=[adir])

@@ -351,7 +351,7 @@ def run_score(args) -> int:
     if args.bad_lines and args.on_bad_line != "skip":
         raise ValueError("--bad-lines needs --on-bad-line skip")
     check_outputs([*model_inputs(args.model), ("--input", args.input)],  # before the model load
-                  [("--output", args.output), ("--bad-lines", args.bad_lines)],
+                  [("--output", args.output, "file"), ("--bad-lines", args.bad_lines, "file")],
                   overwrite=args.overwrite)
     run = score_jsonl(load_ensemble(args), args.input, args.output, chunk_size=args.chunk_size,
                       on_bad_line=args.on_bad_line, bad_lines_path=args.bad_lines,
@@ -368,7 +368,7 @@ def run_score(args) -> int:
 def run_eval(args) -> int:
     out_dir = args.output_dir or f"eval-{Path(args.pairs).stem}"
     check_outputs([*model_inputs(args.model), ("--pairs", args.pairs)],  # before the model load
-                  [("--output-dir", out_dir)], overwrite=args.overwrite)
+                  [("--output-dir", out_dir, "dir")], overwrite=args.overwrite)
     if not Path(args.pairs).is_file():
         raise FileNotFoundError(f"{args.pairs}: no such pairs file")
     run = evaluate(load_ensemble(args), args.pairs, out_dir, measure=args.uncertainty,
@@ -383,7 +383,7 @@ def run_eval(args) -> int:
 
 def run_parity(args) -> int:
     check_outputs([("--hf", args.hf), ("--model", args.model), ("--input", args.input),
-                   ("--golden", args.golden)], [("--json", args.json)], overwrite=args.overwrite)
+                   ("--golden", args.golden)], [("--json", args.json, "file")], overwrite=args.overwrite)
     report = compare(args.hf, args.model, input_path=args.input, dtype=args.dtype,
                      batch_size=args.batch_size, tolerance=args.tolerance,
                      golden_path=args.golden, golden_tolerance=args.golden_tolerance,

@@ -90,7 +90,7 @@ def fresh_workdir(work: Path, overwrite: bool) -> None:
                                       f"{label} ({where}): the demo empties its workdir, so it must "
                                       "be a directory of its own; choose another path")
     previous_demo = _marker_workdir(work) == real
-    check_outputs([], [("--workdir", work)], overwrite=overwrite or previous_demo)
+    check_outputs([], [("--workdir", work, "dir")], overwrite=overwrite or previous_demo)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / DEMO_MARK).write_text(json.dumps({"made_by": "urm-jax demo: a rerun empties this directory",

@@ -57,6 +57,20 @@ def _overlap(a: Path, b: Path) -> str | None:
     return None
 
 
+def _check_kind(label: str, path: str, kind: str | None) -> None:
+    """Refuse an existing output of the wrong kind: a directory where a file is written, or a
+    file (anything but a directory) where a directory is."""
+    if kind is None or not os.path.lexists(path):
+        return
+    is_dir = os.path.isdir(path)
+    if kind == "file" and is_dir:
+        raise OutputConflictError(f"{label} {path} is a directory, where a file is written (--overwrite "
+                                  "never replaces a directory by a file); choose another path")
+    if kind == "dir" and not is_dir:
+        raise OutputConflictError(f"{label} {path} exists and is not a directory, where a directory is "
+                                  "written (--overwrite never replaces it by one); choose another path")
+
+
 def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
                   outputs: Iterable[tuple[str, str | Path | None]], *, overwrite: bool) -> None:
     """The one rule every command applies to its outputs, before any slow work: an output may
@@ -64,13 +78,17 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
     output of the same run, whatever `overwrite` says (`--overwrite` never destroys an input);
     and an existing output (a dangling symlink included) is refused unless `overwrite`.
 
-    `inputs` and `outputs` are (label, path) pairs, e.g. ("--input", "in.jsonl"); None paths are
-    skipped. Paths are compared after resolving symlinks and `.`/`..` (and by inode), so
-    `./x`, `x` and a link to x are one path. Raises OutputConflictError or OutputExistsError
-    naming both paths."""
+    `inputs` are (label, path) pairs, e.g. ("--input", "in.jsonl"); `outputs` (label, path) or
+    (label, path, kind) with kind "file" or "dir": an existing output of the other kind (a
+    directory where a file is written, or a file where a directory is) is refused whatever
+    `overwrite` says. None paths are skipped. Paths are compared after resolving symlinks and
+    `.`/`..` (and by inode), so `./x`, `x` and a link to x are one path. Raises
+    OutputConflictError or OutputExistsError naming both paths."""
     ins = [(label, os.fspath(path), _resolved(path)) for label, path in inputs if path is not None]
-    outs = [(label, os.fspath(path), _resolved(path)) for label, path in outputs if path is not None]
+    outs = [(label, os.fspath(path), _resolved(path)) for label, path, *_ in outputs if path is not None]
+    kinds = {label: rest[0] for label, path, *rest in outputs if path is not None and rest}
     for k, (label, path, real) in enumerate(outs):
+        _check_kind(label, path, kinds.get(label))
         for in_label, in_path, in_real in ins:
             how = _overlap(real, in_real)
             if how:

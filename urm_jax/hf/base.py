@@ -165,7 +165,7 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
     tensors dropped and whether embeddings were untied under `urm_jax_init`; the base's
     tokenizer files (and chat template) are copied as they are."""
     base_dir = Path(base_dir)
-    check_outputs([("BASE_DIR", base_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
+    check_outputs([("BASE_DIR", base_dir)], [("OUT_DIR", out_dir, "dir")], overwrite=overwrite)
     base_config = read_hf_config(base_dir)
     cfg = urm_config_from_base(base_config, source=str(base_dir / "config.json"),
                                attributes=attributes)

@@ -46,7 +46,7 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     init` recorded; `eval_metrics` is an `urm-jax eval` metrics.json whose numbers the card
     reports."""
     ckpt_dir = Path(ckpt_dir)
-    check_outputs([("CKPT_DIR", ckpt_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
+    check_outputs([("CKPT_DIR", ckpt_dir)], [("OUT_DIR", out_dir, "dir")], overwrite=overwrite)
     cfg = load_config(ckpt_dir)
     provenance(cfg.hf_config, str(ckpt_dir / "config.json"))  # the card's fields, before any work
     evaluated = read_json_file(eval_metrics) if eval_metrics is not None else None

@@ -330,7 +330,7 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     if not run.config.is_file():
         raise ValueError(f"{run.config}: not found ({run.root} is not an `urm-jax train` run directory)")
     cfg = load_train_config(run.config)
-    check_outputs([("RUN_DIR", run_dir), ("the run's model", cfg.model)], [("OUT_DIR", out_dir)],
+    check_outputs([("RUN_DIR", run_dir), ("the run's model", cfg.model)], [("OUT_DIR", out_dir, "dir")],
                   overwrite=overwrite)
     manager = checkpoint_manager(run, cfg, writer=False)
     steps = sorted(manager.all_steps())
