@@ -265,3 +265,39 @@ def test_outputs_of_the_wrong_kind_are_refused_up_front(capsys, hf_dir, ckpt, tm
             keep=[afile])
     refused(capsys, cli_main, ["parity", "--hf", hf_dir, "--model", ckpt, "--json", adir, "--overwrite"],
             "--json", "is a directory", keep=[adir])
+
+
+# ---------------------------------------------------------------------------------------------
+# a dead run's hidden temporary is swept by the next write of the same file
+
+
+def test_atomic_file_sweeps_temporaries_of_dead_processes(ckpt, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from urm_jax.io_utils import atomic_file
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        out = tmp_path / "o.jsonl"
+        host = socket.gethostname()
+        stale = tmp_path / f".o.jsonl.tmp-{host}-{dead.pid}"
+        live = tmp_path / f".o.jsonl.tmp-{host}-{alive.pid}"
+        other_host = tmp_path / f".o.jsonl.tmp-{host}x-{dead.pid}"
+        for temp in (stale, live, other_host):
+            temp.write_text("half a file")
+        inp = tmp_path / "in.jsonl"
+        inp.write_text(json.dumps({"input_ids": [4, 5, 6], "id": 1}) + "\n")
+        assert cli_main(["score", "--model", str(ckpt), "--input", str(inp), "--output", str(out)]) == 0
+        assert not stale.exists(), "a dead process's temporary must be removed"
+        assert live.exists() and other_host.exists(), "a live process's (or another host's) temporary is kept"
+        stale.write_text("again")
+        with atomic_file(tmp_path / "o.jsonl") as handle:
+            handle.write("x")
+        assert not stale.exists()
+    finally:
+        alive.stdin.close()
+        alive.wait()

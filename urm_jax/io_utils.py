@@ -205,9 +205,12 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
-    """Open a temporary sibling for writing; rename over `path` only if the block succeeds."""
+    """Open a temporary sibling for writing; rename over `path` only if the block succeeds.
+    Temporaries of `path` left by dead processes on this host are removed first
+    (`remove_stale_temps`, as `atomic_dir` does)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = _temp_sibling(path)
     try:
         with open(tmp, mode) as handle:
