@@ -301,3 +301,27 @@ def test_atomic_file_sweeps_temporaries_of_dead_processes(ckpt, tmp_path):
     finally:
         alive.stdin.close()
         alive.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# messages that name the flag, in our words
+
+
+@pytest.mark.parametrize("size, needle", [("0", "expected a positive size"), ("0.1", "expected a positive size"),
+                                          ("abc", "cannot parse size"), ("1e3", "cannot parse size"),
+                                          ("-1", "cannot parse size")])
+def test_max_shard_size_is_checked_up_front(capsys, ckpt, tmp_path, size, needle):
+    refused(capsys, convert_main, ["to_hf", ckpt, tmp_path / "hf", f"--max-shard-size={size}"],
+            "--max-shard-size", needle, absent=[tmp_path / "hf"])
+
+
+def test_init_seed_and_parity_hf_messages(capsys, hf_dir, ckpt, tmp_path):
+    refused(capsys, convert_main, ["init", hf_dir, tmp_path / "i", "--seed", "-1"], "--seed",
+            "non-negative integer", absent=[tmp_path / "i"])
+    refused(capsys, cli_main, ["parity", "--hf", ckpt, "--model", ckpt], str(ckpt), "no HF weights",
+            "it is a urm-jax checkpoint")
+    empty = tmp_path / "cfg_only"
+    empty.mkdir()
+    shutil.copy(hf_dir / "config.json", empty / "config.json")
+    refused(capsys, cli_main, ["parity", "--hf", empty, "--model", ckpt], "no HF weights",
+            "--hf must be an HF model directory")

@@ -47,6 +47,7 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     reports."""
     ckpt_dir = Path(ckpt_dir)
     check_outputs([("CKPT_DIR", ckpt_dir)], [("OUT_DIR", out_dir, "dir")], overwrite=overwrite)
+    limit = parse_size(max_shard_size)
     cfg = load_config(ckpt_dir)
     provenance(cfg.hf_config, str(ckpt_dir / "config.json"))  # the card's fields, before any work
     evaluated = read_json_file(eval_metrics) if eval_metrics is not None else None
@@ -54,7 +55,6 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     reader = ParamsReader(ckpt_dir, allow_nonfinite=allow_nonfinite)
     plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
     warn_if_pad_is_eos(cfg, str(ckpt_dir))
-    limit = parse_size(max_shard_size)
     specs = [spec for plan in plans for spec in plan.hf_specs()]
 
     def export(unit, alloc):
