@@ -325,3 +325,36 @@ def test_init_seed_and_parity_hf_messages(capsys, hf_dir, ckpt, tmp_path):
     shutil.copy(hf_dir / "config.json", empty / "config.json")
     refused(capsys, cli_main, ["parity", "--hf", empty, "--model", ckpt], "no HF weights",
             "--hf must be an HF model directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse errors: one line, exit 2, for every command line
+
+
+@pytest.mark.parametrize("main, argv, needle", [
+    (cli_main, ["score", "--input", "x.jsonl", "--output", "o.jsonl"], "--model"),
+    (cli_main, ["score", "--model", "m", "--input", "x", "--output", "o", "--batch-size", "two"], "--batch-size"),
+    (cli_main, ["export"], "required"),
+    (cli_main, ["nosuchcommand"], "invalid choice"),
+    (cli_main, ["demo", "--no-such-flag"], "unrecognized arguments"),
+    (convert_main, ["to_hf"], "required"),
+    (convert_main, ["init", "b", "o", "--seed", "x"], "--seed"),
+    (convert_main, ["from_hf", "a", "b", "--dtype", "int3"], "--dtype"),
+])
+def test_usage_errors_are_one_line(capsys, main, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and err.rstrip().endswith("(see --help)"), err
+    assert needle in err and "usage:" not in err
+
+
+def test_python_m_convert_usage_error_is_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "convert", "to_hf", "--dtype"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: ") and "(see --help)" in done.stderr

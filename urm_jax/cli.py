@@ -31,7 +31,7 @@ import jax
 from urm_jax import compile_cache
 from urm_jax.demo import run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
-from urm_jax.errors import USER_ERRORS, warning_lines
+from urm_jax.errors import USER_ERRORS, OneLineParser, warning_lines
 from urm_jax.eval import format_summary, run_eval as evaluate
 from urm_jax.io_utils import atomic_file, check_outputs
 from urm_jax.jsonl import dumps
@@ -156,7 +156,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="urm-jax", description="URM reward model in JAX")
+    parser = OneLineParser(prog="urm-jax", description="URM reward model in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score a JSONL file of conversations (streamed, in input order)")

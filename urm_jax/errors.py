@@ -1,6 +1,7 @@
 """Exceptions that mean "bad input", reported as one `error:` line and a non-zero exit rather
 than a traceback. Programming errors are not listed here and still show their traceback."""
 
+import argparse
 import contextlib
 import sys
 import warnings
@@ -18,6 +19,16 @@ class DeviceMemoryError(RuntimeError):
 # OSError: unreadable input, an HF dir without weights, an unwritable output, disk full.
 USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, OutputExistsError,
                                                 OSError, ValueError, DeviceMemoryError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The argument parser of every command line (`urm-jax`, `python -m convert`; subcommands
+    inherit it): a bad flag value or a missing argument prints exactly one line,
+    `error: <message> (see --help)`, and exits 2 (SystemExit), like every other bad input;
+    --help still prints the full usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 class NoticeWarning(UserWarning):
