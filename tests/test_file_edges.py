@@ -14,7 +14,7 @@ import pytest
 from urm_jax import demo as demo_module
 from convert.__main__ import main as convert_main
 from urm_jax.cli import main as cli_main
-from refusals import refused
+from refusals import refused, snapshot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,3 +358,32 @@ def test_python_m_convert_usage_error_is_one_line():
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: ") and "(see --help)" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# export of a run whose start model moved
+
+
+def test_export_when_the_start_model_moved(capsys, tiny_run, hf_dir, tmp_path):
+    import yaml
+
+    record = tiny_run / "start_model"
+    assert (record / "config.json").is_file() and (record / "tokenizer.json").is_file()
+    moved = tmp_path / "run"
+    shutil.copytree(tiny_run, moved)
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    start = Path(config["model"])
+    copy_of_start = shutil.copytree(start, tmp_path / "start_copy")
+    config["model"] = str(tmp_path / "gone")
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    refused(capsys, cli_main, ["export", moved, out, "--step", "1"], "config.yaml `model:",
+            str(tmp_path / "gone"), "--model PATH", absent=[out])
+    refused(capsys, cli_main, ["export", moved, out, "--step", "1", "--model", hf_dir],
+            f"{hf_dir} is not the model", absent=[out])
+    assert cli_main(["export", str(moved), str(out), "--step", "1", "--model", str(copy_of_start)]) == 0
+    assert cli_main(["export", str(tiny_run), str(tmp_path / "ref"), "--step", "1"]) == 0
+    ours, ref = snapshot(out / "params"), snapshot(tmp_path / "ref" / "params")
+    for timestamps in (ours, ref):
+        timestamps.pop("_CHECKPOINT_METADATA")
+    assert ours == ref, "the export from the moved start model must equal the original's"

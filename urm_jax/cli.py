@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", type=mesh_spec, default=None, metavar="D,F,T",
                    help="devices to restore onto (default: the run's mesh if it fits the devices "
                    "present, else FSDP over all of them)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="the run's start model, when it is no longer at config.yaml's `model` path "
+                   "(steps store only the trained parameters; checked against RUN_DIR/start_model)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
     p = sub.add_parser("train", help="train stage 1 or 2 from a YAML recipe (resumes automatically)")
@@ -398,7 +401,7 @@ def run_parity(args) -> int:
 
 def run_export(args) -> int:
     out = export_step(args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite,
-                      mesh_shape=args.mesh)
+                      mesh_shape=args.mesh, model=args.model)
     print(json.dumps({"checkpoint": str(out)}))
     return 0
 

@@ -50,6 +50,7 @@ from urm_jax.train.features import (FeatureIterator, cache_key, compute_features
 from urm_jax.train.metrics import METRICS_FILE, MetricsWriter, Throughput, plot_metrics, read_metrics
 from urm_jax.train.preemption import PreemptionWatch, TrainingPreempted
 from urm_jax.train.run_dir import RunDirectory, RunDirectoryError, agree
+from urm_jax.train.start_model import record_start_model, start_model_for_export
 from urm_jax.train.step import Trainer, build_trainer, merge_params
 
 
@@ -319,18 +320,20 @@ def _merge_fn(scaling: float, stacked: bool):
 
 def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
                 overwrite: bool = False, progress: bool = True,
-                mesh_shape: tuple[int, int, int] | None = None) -> Path:
+                mesh_shape: tuple[int, int, int] | None = None, model: str | Path | None = None) -> Path:
     """A kept training step of a run (default: the newest) as a full urm-jax checkpoint, like
     `final/`: the run's own config.yaml rebuilds its trainer (frozen parameters from its `model`),
     the step's train state is restored onto it, and the model is written as `final/` would be.
     Runs on whatever devices are present: the run's mesh if it fits them, else FSDP over all of
     them (`mesh_shape` chooses); Orbax reshards the saved state. Needs the memory of the model's
-    parameters and optimiser state spread over those devices."""
+    parameters and optimiser state spread over those devices. `model`: where the run's start
+    model is now, when it moved (checked against the run's record: `start_model_for_export`)."""
     run, out_dir = RunDirectory(run_dir), Path(out_dir).absolute()
     if not run.config.is_file():
         raise ValueError(f"{run.config}: not found ({run.root} is not an `urm-jax train` run directory)")
     cfg = load_train_config(run.config)
-    check_outputs([("RUN_DIR", run_dir), ("the run's model", cfg.model)], [("OUT_DIR", out_dir, "dir")],
+    start = start_model_for_export(run.root, cfg.model, model)
+    check_outputs([("RUN_DIR", run_dir), ("the run's model", start)], [("OUT_DIR", out_dir, "dir")],
                   overwrite=overwrite)
     manager = checkpoint_manager(run, cfg, writer=False)
     steps = sorted(manager.all_steps())
@@ -340,13 +343,13 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     if step not in steps:
         raise ValueError(f"{run.checkpoints}: no step {step}; kept steps: {steps}")
     mesh = make_mesh(mesh_shape) if mesh_shape is not None else fit_mesh(cfg.mesh)
-    model_cfg = load_config_any(cfg.model)
-    params = load_params_any(cfg.model, model_cfg, progress=progress and jax.process_index() == 0)
+    model_cfg = load_config_any(start)
+    params = load_params_any(start, model_cfg, progress=progress and jax.process_index() == 0)
     trainer = build_trainer(model_cfg, params, cfg, total_steps=max(step, 1), mesh=mesh)
     del params
     restore_step(manager, trainer, step)
     manager.close()
-    return save_model(out_dir, cfg, model_cfg, trainer, cfg.model, overwrite=overwrite,
+    return save_model(out_dir, cfg, model_cfg, trainer, str(start), overwrite=overwrite,
                       record=training_record(cfg, run.root, step))
 
 
@@ -609,6 +612,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, 
                 held.enter_context(run.claim())
                 run.check_resume(cfg, allow_changes)
                 run.write_config(cfg)
+                record_start_model(run.root, cfg.model)  # export works when `model` moves
             except RunDirectoryError as err:
                 refusal = str(err)
         refusal = agree(refusal)
