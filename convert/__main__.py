@@ -12,7 +12,7 @@ import sys
 from urm_jax.arg_types import number, seed
 from urm_jax.attributes import DEFAULT_PRESET, PRESETS, parse_attributes, parse_label_range
 from urm_jax.cli_args import join_negative_values
-from urm_jax.errors import USER_ERRORS, warning_lines
+from urm_jax.errors import USER_ERRORS, OneLineParser, warning_lines
 from urm_jax.hf.base import init_from_base
 from urm_jax.hf.export import to_hf
 from urm_jax.hf.load import from_hf
@@ -21,7 +21,7 @@ from urm_jax.hf.verify import format_verify, verify
 
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m convert` parser: subcommands from_hf, to_hf, verify and init with their options."""
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    parser = OneLineParser(prog="python -m convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("from_hf", help="HF safetensors dir -> urm-jax checkpoint")

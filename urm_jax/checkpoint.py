@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -330,6 +331,31 @@ def check_orbax_step(step_dir: str | Path) -> None:
                 read_json(file, CheckpointError, what="Orbax metadata")
         if (item / ORBAX_METADATA).exists():
             read_orbax_metadata(item)
+
+
+# TensorStore's wording for an OCDBT value it could not read (truncated, missing or corrupt data
+# file): `Error reading "<array>/<chunk>" in OCDBT database at local file "<dir>": <reason>`.
+_OCDBT_READ = re.compile(r'Error reading "([^"]+)" in OCDBT database at [^"]*"([^"]+)":\s*(.*)')
+
+
+def orbax_read_error(step_dir: str | Path, err: BaseException) -> CheckpointError | None:
+    """The CheckpointError to report when Orbax failed to read a training step's data (None if
+    `err` is not such a failure: re-raise it). It names the step, the array, the step's data
+    files that fit TensorStore's complaint (a file of the size it found), and the reason."""
+    found = None
+    while err is not None and found is None:
+        found = _OCDBT_READ.search(str(err))
+        err = err.__cause__ or err.__context__
+    if found is None:
+        return None
+    array, database, reason = found.group(1), Path(found.group(2)), found.group(3).splitlines()[0]
+    size = re.search(r"value of size (\d+)", reason)
+    files = sorted(database.glob("ocdbt.process_*/d/*")) + sorted(database.glob("d/*"))
+    suspects = [f for f in files if size and f.stat().st_size == int(size.group(1))]
+    where = (f"data file {', '.join(map(str, suspects))}" if suspects else
+             f"a data file under {database} (missing, truncated or corrupt)")
+    return CheckpointError(f"{step_dir}: training step {Path(step_dir).name} cannot be read: array "
+                           f"{array} is damaged in {where}: {reason}; export or resume from another kept step")
 
 
 def _params_dir(path: str | Path) -> tuple[Path, dict, dict]:

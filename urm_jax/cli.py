@@ -36,7 +36,7 @@ from urm_jax.arg_types import INT32_MAX, at_least, number, port, positive_int
 from urm_jax.cli_args import join_negative_values
 from urm_jax.demo import DemoStopped, run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
-from urm_jax.errors import USER_ERRORS, describe, warning_lines
+from urm_jax.errors import USER_ERRORS, OneLineParser, describe, warning_lines
 from urm_jax.eval import format_summary, run_eval as evaluate
 from urm_jax.io_utils import atomic_file, check_outputs
 from urm_jax.jsonl import dumps
@@ -153,7 +153,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-class IntermixedParser(argparse.ArgumentParser):
+class IntermixedParser(OneLineParser):
     """A command's parser that takes its positionals anywhere among its options, so `key=value`
     overrides may follow them (`urm-jax memory CONFIG --chip v5p data.seq_len=8192`), as
     `config [overrides ...]` in the usage suggests."""
@@ -173,7 +173,7 @@ class IntermixedParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The `urm-jax` argument parser: one subcommand each for score, eval, parity, export, train,
     memory, plan, demo and serve."""
-    parser = argparse.ArgumentParser(prog="urm-jax", description="URM reward model in JAX")
+    parser = OneLineParser(prog="urm-jax", description="URM reward model in JAX")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
 
     p = sub.add_parser("score", help="score a JSONL file of conversations (streamed, in input order)")
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", type=mesh_spec, default=None, metavar="D,F,T",
                    help="devices to restore onto (default: the run's mesh if it fits the devices "
                    "present, else FSDP over all of them)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="the run's start model, when it is no longer at config.yaml's `model` path "
+                   "(steps store only the trained parameters; checked against RUN_DIR/start_model)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
     p = sub.add_parser("train", help="train stage 1 or 2 from a YAML recipe (resumes automatically)")
@@ -427,7 +430,7 @@ def run_score(args) -> int:
     if args.bad_lines and args.on_bad_line != "skip":
         raise ValueError("--bad-lines needs --on-bad-line skip")
     check_outputs([*model_inputs(args.model), ("--input", args.input)],  # before the model load
-                  [("--output", args.output), ("--bad-lines", args.bad_lines)],
+                  [("--output", args.output, "file"), ("--bad-lines", args.bad_lines, "file")],
                   overwrite=args.overwrite)
     run = score_jsonl(load_ensemble(args), args.input, args.output, chunk_size=args.chunk_size,
                       on_bad_line=args.on_bad_line, bad_lines_path=args.bad_lines,
@@ -447,7 +450,7 @@ def run_eval(args) -> int:
     the summary, returns 0. FileNotFoundError when --pairs is missing."""
     out_dir = eval_output_dir(args)
     check_outputs([*model_inputs(args.model), ("--pairs", args.pairs)],  # before the model load
-                  [("--output-dir", out_dir)], overwrite=args.overwrite)
+                  [("--output-dir", out_dir, "dir")], overwrite=args.overwrite)
     if not Path(args.pairs).is_file():
         raise FileNotFoundError(f"{args.pairs}: no such pairs file")
     run = evaluate(load_ensemble(args), args.pairs, out_dir, measure=args.uncertainty,
@@ -464,7 +467,7 @@ def run_parity(args) -> int:
     """Handle `urm-jax parity`: compare --model (JAX) with --hf (PyTorch reference) on --input and print
     the report (and write it to --json). Returns 0 when within tolerance, 1 otherwise."""
     check_outputs([("--hf", args.hf), ("--model", args.model), ("--input", args.input),
-                   ("--golden", args.golden)], [("--json", args.json)], overwrite=args.overwrite)
+                   ("--golden", args.golden)], [("--json", args.json, "file")], overwrite=args.overwrite)
     report = compare(args.hf, args.model, input_path=args.input, dtype=args.dtype,
                      batch_size=args.batch_size, tolerance=args.tolerance,
                      golden_path=args.golden, golden_tolerance=args.golden_tolerance,
@@ -481,7 +484,7 @@ def run_export(args) -> int:
     """Handle `urm-jax export`: a training run's checkpoint (--step, default the last) -> a urm-jax
     checkpoint in --out-dir; prints {"checkpoint": path} as JSON, returns 0."""
     out = export_step(args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite,
-                      mesh_shape=args.mesh)
+                      mesh_shape=args.mesh, model=args.model)
     print(json.dumps({"checkpoint": str(out)}))
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -35,7 +36,7 @@ from urm_jax.hf.export import to_hf
 from urm_jax.hf.load import from_hf
 from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
 from urm_jax.hf.verify import format_verify, verify
-from urm_jax.io_utils import check_outputs
+from urm_jax.io_utils import OutputConflictError, check_outputs
 from urm_jax.parity import TOLERANCES, run_parity
 from urm_jax.scoring import Ensemble, Scorer, score_file
 from urm_jax.train.config import load_train_config
@@ -43,8 +44,9 @@ from urm_jax.train.loop import train
 from urm_jax.train.metrics import read_metrics
 from urm_jax.train.preemption import TrainingPreempted
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
-SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
+PACKAGE = Path(__file__).resolve().parent
+CONFIGS = PACKAGE.parent / "configs" / "train"
+SAMPLES = PACKAGE.parent / "data" / "samples"
 
 
 DEMO_MARK = ".urm-jax-demo"  # in a workdir the demo made: a rerun may empty it
@@ -94,14 +96,45 @@ def print_verify(rows: list[dict]) -> bool:
     return same
 
 
+def demo_inputs() -> list[tuple[str, Path]]:
+    """What the demo reads, which its workdir may never be, contain or lie inside: the installed
+    package, and the repository's configs/ and data/ when run from a checkout."""
+    reads = [("the urm_jax package", PACKAGE)]
+    for label, path in (("the configs directory", CONFIGS.parent), ("the data directory", SAMPLES.parent)):
+        if path.exists():
+            reads.append((label, path))
+    return reads
+
+
+def _marker_workdir(work: Path) -> str | None:
+    """The absolute workdir recorded in `work`'s demo mark (None: no mark, or not ours)."""
+    try:
+        record = json.loads((work / DEMO_MARK).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record.get("workdir") if isinstance(record, dict) else None
+
+
 def fresh_workdir(work: Path, overwrite: bool) -> None:
-    """Empty and mark `work`. A `work` that exists and was not made by a previous demo (no
-    `.urm-jax-demo` mark) is emptied only with `overwrite` (OutputExistsError otherwise)."""
-    previous_demo = (work / DEMO_MARK).is_file()
-    check_outputs([], [("--workdir", work)], overwrite=overwrite or previous_demo)
+    """Empty and mark `work`. A `work` that exists and was not made by a previous demo in this
+    very place (its `.urm-jax-demo` mark records `work`'s absolute path: a copied mark does not
+    count) is emptied only with `overwrite` (OutputExistsError otherwise). Never, even with
+    `overwrite`: a `work` that is, contains or lies inside what the demo reads (`demo_inputs`),
+    or that is or contains the current directory, $HOME or / (OutputConflictError)."""
+    real = os.path.realpath(os.path.abspath(work))
+    check_outputs(demo_inputs(), [("--workdir", work)], overwrite=True)
+    for label, path in (("the current directory", Path.cwd()), ("$HOME", Path.home()), ("/", Path("/"))):
+        where = os.path.realpath(path)
+        if where == real or Path(where).is_relative_to(real):
+            raise OutputConflictError(f"--workdir {work} {'is' if where == real else 'contains'} "
+                                      f"{label} ({where}): the demo empties its workdir, so it must "
+                                      "be a directory of its own; choose another path")
+    previous_demo = _marker_workdir(work) == real
+    check_outputs([], [("--workdir", work, "dir")], overwrite=overwrite or previous_demo)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    (work / DEMO_MARK).write_text("made by `urm-jax demo`: a rerun empties this directory\n")
+    (work / DEMO_MARK).write_text(json.dumps({"made_by": "urm-jax demo: a rerun empties this directory",
+                                              "workdir": real}) + "\n")
 
 
 def run_demo(work: Path, *, overwrite: bool = False) -> bool:

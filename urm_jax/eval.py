@@ -235,7 +235,7 @@ def run_eval(ensemble: Ensemble, pairs_path, out_dir, *, measure: str = "aleator
         raise ValueError("uncertainty 'reward_gap' needs an ensemble (give --model several times)")
     if bins < 1 or chunk_size < 1:
         raise ValueError("bins and chunk_size must be at least 1")
-    check_outputs([("--pairs", pairs_path)], [("--output-dir", out_dir)], overwrite=overwrite)
+    check_outputs([("--pairs", pairs_path)], [("--output-dir", out_dir, "dir")], overwrite=overwrite)
     _require_matplotlib()
     started = time.perf_counter()
     bad = BadLines(str(pairs_path))

@@ -61,6 +61,20 @@ def _overlap(a: Path, b: Path) -> str | None:
     return None
 
 
+def _check_kind(label: str, path: str, kind: str | None) -> None:
+    """Refuse an existing output of the wrong kind: a directory where a file is written, or a
+    file (anything but a directory) where a directory is."""
+    if kind is None or not os.path.lexists(path):
+        return
+    is_dir = os.path.isdir(path)
+    if kind == "file" and is_dir:
+        raise OutputConflictError(f"{label} {path} is a directory, where a file is written (--overwrite "
+                                  "never replaces a directory by a file); choose another path")
+    if kind == "dir" and not is_dir:
+        raise OutputConflictError(f"{label} {path} exists and is not a directory, where a directory is "
+                                  "written (--overwrite never replaces it by one); choose another path")
+
+
 def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
                   outputs: Iterable[tuple[str, str | Path | None]], *, overwrite: bool) -> None:
     """The one rule every command applies to its outputs, before any slow work: an output may
@@ -69,13 +83,18 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
     and an existing output (a dangling symlink included) is refused unless `overwrite`; an
     output that cannot be created (under a file, in a directory not writable) is refused too.
 
-    `inputs` and `outputs` are (label, path) pairs, e.g. ("--input", "in.jsonl"); None paths are
-    skipped. Paths are compared after resolving symlinks and `.`/`..` (and by inode), so
-    `./x`, `x` and a link to x are one path. Raises OutputConflictError or OutputExistsError
-    naming both paths, OutputNotWritableError naming the directory."""
+    `inputs` are (label, path) pairs, e.g. ("--input", "in.jsonl"); `outputs` (label, path) or
+    (label, path, kind) with kind "file" or "dir": an existing output of the other kind (a
+    directory where a file is written, or a file where a directory is) is refused whatever
+    `overwrite` says. None paths are skipped. Paths are compared after resolving symlinks and
+    `.`/`..` (and by inode), so `./x`, `x` and a link to x are one path. Raises
+    OutputConflictError or OutputExistsError naming both paths, OSError naming the label when
+    an output cannot be created."""
     ins = [(label, os.fspath(path), _resolved(path)) for label, path in inputs if path is not None]
-    outs = [(label, os.fspath(path), _resolved(path)) for label, path in outputs if path is not None]
+    outs = [(label, os.fspath(path), _resolved(path)) for label, path, *_ in outputs if path is not None]
+    kinds = {label: rest[0] for label, path, *rest in outputs if path is not None and rest}
     for k, (label, path, real) in enumerate(outs):
+        _check_kind(label, path, kinds.get(label))
         for in_label, in_path, in_real in ins:
             how = _overlap(real, in_real)
             if how:
@@ -207,7 +226,9 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
-    """Open a temporary sibling for writing; rename over `path` only if the block succeeds."""
+    """Open a temporary sibling for writing; rename over `path` only if the block succeeds.
+    Temporaries of `path` left by dead processes on this host are removed first
+    (`remove_stale_temps`, as `atomic_dir` does)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from urm_jax.io_utils import atomic_file
+from urm_jax.validate import strict_loads
 
 T = TypeVar("T")
 ON_BAD_LINE = ("error", "skip")
@@ -77,10 +78,6 @@ def dumps(value: Any, **kwargs) -> str:
     return json.dumps(json_safe(value)[0], allow_nan=False, **kwargs)
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"non-standard JSON constant {name} (use null or a number)")
-
-
 def count_lines(path: str | Path) -> int:
     """Non-blank lines, for a progress bar with a total (one fast pass over the bytes)."""
     n = 0
@@ -122,7 +119,7 @@ def iter_jsonl(path: str | Path, parse: Callable[[Any], T], *, on_bad_line: str 
                 except UnicodeDecodeError as err:
                     raise ValueError(f"not UTF-8 ({err.reason} at byte {err.start})") from None
                 try:
-                    obj = json.loads(text, parse_constant=_reject_constant)
+                    obj = strict_loads(text)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"invalid JSON ({err.msg})") from None
                 item = parse(obj)

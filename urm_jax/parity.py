@@ -88,6 +88,11 @@ class ParityReport:
         return "\n".join(lines)
 
 
+# What transformers' from_pretrained loads weights from; checked first so the message is ours.
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+
+
 def load_reference(hf_dir: str | Path, dtype: str, trust_remote_code: bool = False):
     """(torch model, description) of an HF directory's weights in the PyTorch reference: urm-jax's
     packaged class, or with `trust_remote_code` the directory's own `modeling_custom.py`.
@@ -102,6 +107,10 @@ def load_reference(hf_dir: str | Path, dtype: str, trust_remote_code: bool = Fal
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}/config.json: not found (--hf must be an HF model directory)")
+    if not any((hf_dir / name).is_file() for name in HF_WEIGHT_FILES):
+        what = ("it is a urm-jax checkpoint: pass it as --model, and its `python -m convert to_hf` "
+                "export as --hf" if (hf_dir / "urm_jax.json").is_file() else "--hf must be an HF model directory")
+        raise FileNotFoundError(f"{hf_dir}: no HF weights ({' or '.join(HF_WEIGHT_FILES)}): {what}")
     if trust_remote_code:
         if not (hf_dir / "modeling_custom.py").is_file():
             raise ValueError(f"{hf_dir}: --trust-remote-code, but the directory ships no "

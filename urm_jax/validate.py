@@ -85,14 +85,28 @@ def read_json(file: str | Path, error: type[Exception] = MetadataError, *,
     except OSError as err:
         raise error(f"{label}: unreadable ({err.strerror or err})") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = strict_loads(text)
     except ValueError as err:  # JSONDecodeError, or a NaN/Infinity constant
         raise error(f"{label}: not valid JSON ({err})") from None
     return expect_object(value, label, error)
 
 
 def _reject_constant(name: str):
-    raise ValueError(f"non-standard JSON constant {name}")
+    raise ValueError(f"non-standard JSON constant {name} (use null or a number)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range (it overflows to infinity)")
+    return value
+
+
+def strict_loads(text: str) -> Any:
+    """`json.loads` of standard JSON only: NaN/Infinity constants and numbers that overflow to
+    infinity (`1e999`, however spelled) raise ValueError, as does invalid JSON
+    (JSONDecodeError, a ValueError)."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 class Fields:

@@ -177,7 +177,9 @@ def init_from_base(base_dir, out_dir, *, seed: int = 0, init_std: float | None =
     whether embeddings were untied under `urm_jax_init`; the base's tokenizer files (and chat
     template) are copied as they are; a `warning:` when there are none, or no chat template."""
     base_dir = Path(base_dir)
-    check_outputs([("BASE_DIR", base_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConversionError(f"--seed: expected a non-negative integer, got {seed!r}")
+    check_outputs([("BASE_DIR", base_dir)], [("OUT_DIR", out_dir, "dir")], overwrite=overwrite)
     base_config = read_hf_config(base_dir)
     cfg = urm_config_from_base(base_config, source=str(base_dir / "config.json"),
                                attributes=attributes)

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from urm_jax.attributes import check_label_range
 from urm_jax.checkpoint import weights_fingerprint
 from urm_jax.config import ConfigError, ModelConfig, read_json_file
 from urm_jax.data.tokenization import chat_format
-from urm_jax.validate import Fields, shown
+from urm_jax.validate import Fields, MetadataError, shown
 
 EXAMPLE_MESSAGES = [{"role": "user", "content": "What is the capital of Australia?"},
                     {"role": "assistant", "content": "The capital of Australia is Canberra."}]
@@ -92,13 +93,70 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value)  # JSON scalars and lists are valid YAML flow values
 
 
+def provenance(hf: dict, source: str) -> dict:
+    """The provenance records of a checkpoint's config.json, type- and range-checked: `init`
+    (`urm_jax_init`, what `convert init` recorded; {} when absent), `training` (the
+    `urm_jax_training` list, one record per stage) and `label_range` (`urm_label_range`,
+    (low, high) with low < high, or None). MetadataError names `source` and the field."""
+    fields = Fields(hf, source)
+    init = fields.object("urm_jax_init", None, null_ok=True)
+    init_record = {}
+    if init is not None:
+        init_record = {
+            "base": init.str("base", None, null_ok=True),
+            "base_model": init.str("base_model", None, null_ok=True),
+            "license": init.str("license", None, null_ok=True),
+            "base_architectures": init.str_list("base_architectures", None, null_ok=True),
+            "init_std": init.float("init_std", None, gt=0, null_ok=True),
+            "seed": init.int("seed", None, minimum=0, null_ok=True),
+            "untied_embeddings": init.bool("untied_embeddings", False, null_ok=True),
+            "base_is_local": init.bool("base_is_local", False, null_ok=True)}
+    stages = fields.raw("urm_jax_training", None)
+    if stages is not None and not isinstance(stages, list):
+        raise fields.fail("urm_jax_training", "a list of training records", stages)
+    training = []
+    for k, stage in enumerate(stages or []):
+        if not isinstance(stage, dict):
+            raise fields.fail(f"urm_jax_training[{k}]", "an object", stage)
+        record = Fields(stage, source, prefix=f"urm_jax_training[{k}].")
+        training.append({
+            "stage": record.int("stage", minimum=1), "data": record.str("data"),
+            "split": record.str("split"), "steps": record.int("steps", minimum=0),
+            "global_batch_size": record.int("global_batch_size", minimum=1),
+            "seq_len": record.int("seq_len", minimum=1),
+            "learning_rate": record.float("learning_rate", ge=0),
+            "head_lr_scale": record.float("head_lr_scale", 1.0, ge=0),
+            "loss": record.str("loss"), "trainable": record.str_list("trainable"),
+            "compute_dtype": record.str("compute_dtype"),
+            "final_metrics": _metrics(record, "final_metrics"), "eval": _metrics(record, "eval"),
+            "eval_step": record.int("eval_step", None, minimum=0, null_ok=True),
+            "data_sha256": record.str("data_sha256", None, null_ok=True),
+            "lora": record.raw("lora", None)})
+    label_range = fields.raw("urm_label_range", None)
+    if label_range is not None:
+        try:
+            label_range = check_label_range(label_range, where=f"{source}: field urm_label_range")
+        except ValueError as err:
+            raise MetadataError(str(err)) from None
+    return {"init": init_record, "training": training, "label_range": label_range}
+
+
+def _metrics(record: Fields, key: str) -> dict:
+    """A record's {name: number or None} metrics ({} when absent)."""
+    metrics = record.object(key, None, null_ok=True)
+    if metrics is None:
+        return {}
+    return {name: metrics.float(name, None, null_ok=True) for name in metrics.data}
+
+
 def model_card(cfg: ModelConfig, hf: dict, tokenizer: Any, *,
                base_model: str | None = None, license: str | None = None,
-               eval_metrics: dict | None = None) -> str:
+               eval_metrics: dict | None = None, source: str = "config.json") -> str:
     """README.md text for an exported URM (`hf`: the config.json written beside it, already
     `urm_jax.provenance.publishable`; `tokenizer`: the export's, or None; `eval_metrics`: as
     `read_eval_metrics` returns it)."""
-    init = hf.get("urm_jax_init") or {}
+    record = provenance(hf, source)  # validated: MetadataError names `source` and the field
+    init = record["init"]
     base_model = base_model or init.get("base_model")
     license = license or init.get("license")
     meta = {"library_name": "transformers", "pipeline_tag": "text-classification",
@@ -114,7 +172,7 @@ def model_card(cfg: ModelConfig, hf: dict, tokenizer: Any, *,
               "reward (`logits`), exported by urm-jax (`python -m convert to_hf`). Loads with "
               "`AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)` "
               "(the class ships as `modeling_custom.py`).", ""]
-    label_range = hf.get("urm_label_range")
+    label_range = record["label_range"]
     lines += ["## Attributes", "",
               f"{cfg.num_attributes} attributes (value head: {cfg.num_labels} outputs, "
               f"`id2label` `<attribute>_mean`/`<attribute>_log_std`; gate: {cfg.num_attributes})"
@@ -129,13 +187,13 @@ def model_card(cfg: ModelConfig, hf: dict, tokenizer: Any, *,
                      f"backbone kept, fresh heads N(0, {init.get('init_std')}) seed {init.get('seed')}"
                      + ("; tied embeddings untied (no lm_head)" if init.get("untied_embeddings") else "")
                      + ".")
-    for stage in hf.get("urm_jax_training") or []:
+    for stage in record["training"]:
         digest = f", sha256 {stage['data_sha256'][:16]}" if stage.get("data_sha256") else ""
         lines.append(
             f"- Stage {stage['stage']}: `urm-jax train` on `{stage['data']}` ({stage['split']}{digest}), "
             f"{stage['steps']} steps, batch {stage['global_batch_size']}, length {stage['seq_len']}, "
             f"lr {stage['learning_rate']:g}"
-            + (f" (heads x{stage['head_lr_scale']:g})" if stage.get("head_lr_scale", 1) != 1 else "")
+            + (f" (heads x{stage['head_lr_scale']:g})" if stage["head_lr_scale"] != 1 else "")
             + f", loss `{stage['loss']}`, trained `{', '.join(stage['trainable'])}`, compute "
             f"{stage['compute_dtype']}.")
         if stage.get("lora"):
@@ -144,7 +202,7 @@ def model_card(cfg: ModelConfig, hf: dict, tokenizer: Any, *,
             lines.append("  Last logged: " + _numbers(stage["final_metrics"]) + ".")
         if stage.get("eval"):
             lines.append(f"  Eval (step {stage.get('eval_step')}): " + _numbers(stage["eval"]) + ".")
-    if not init and not hf.get("urm_jax_training"):
+    if not init and not record["training"]:
         lines.append("Converted from an existing URM checkpoint; no training record.")
     lines.append("")
     if eval_metrics:

@@ -14,7 +14,7 @@ import numpy as np
 from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
 from urm_jax.config import np_dtype
 from urm_jax.finite import check_cast
-from urm_jax.hf.card import model_card, read_eval_metrics
+from urm_jax.hf.card import model_card, provenance, read_eval_metrics
 from urm_jax.loading import load_tokenizer
 from urm_jax.hf.mapping import Alloc
 from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units,
@@ -48,15 +48,16 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     attribute set). config.json and the card carry no local paths
     (`urm_jax.provenance.publishable`)."""
     ckpt_dir = Path(ckpt_dir)
-    check_outputs([("CKPT_DIR", ckpt_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
+    check_outputs([("CKPT_DIR", ckpt_dir)], [("OUT_DIR", out_dir, "dir")], overwrite=overwrite)
+    limit = parse_size(max_shard_size)
     cfg = load_config(ckpt_dir)
+    provenance(cfg.hf_config, str(ckpt_dir / "config.json"))  # the card's fields, before any work
     evaluated = (read_eval_metrics(eval_metrics, ckpt_dir, cfg) if eval_metrics is not None
                  else None)  # refused before anything is written when it is another model's
     tokenizer = load_tokenizer(ckpt_dir)
     reader = ParamsReader(ckpt_dir, allow_nonfinite=allow_nonfinite)
     plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
     warn_if_pad_is_eos(cfg, str(ckpt_dir))
-    limit = parse_size(max_shard_size)
     specs = [spec for plan in plans for spec in plan.hf_specs()]
 
     def export(unit, alloc):
@@ -97,6 +98,6 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
         copy_tokenizer_files(ckpt_dir, tmp)
         (tmp / "README.md").write_text(model_card(
             cfg, hf, tokenizer, base_model=base_model, license=license,
-            eval_metrics=evaluated))
+            eval_metrics=evaluated, source=str(ckpt_dir / "config.json")))
     return Path(out_dir)
 

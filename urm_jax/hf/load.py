@@ -152,7 +152,7 @@ def from_hf(hf_dir, out_dir, *, dtype="keep", gate_dtype=None, overwrite=False,
             allow_nonfinite=False, progress=True) -> Path:
     """HF dir -> urm-jax checkpoint, one chunk at a time (never the whole model in memory)."""
     hf_dir = Path(hf_dir)
-    check_outputs([("HF_DIR", hf_dir)], [("OUT_DIR", out_dir)], overwrite=overwrite)
+    check_outputs([("HF_DIR", hf_dir)], [("OUT_DIR", out_dir, "dir")], overwrite=overwrite)
     cfg = ModelConfig.from_hf_dir(hf_dir)
     with HFWeights(hf_dir) as weights:
         return write_checkpoint(weights, cfg, out_dir, dtype=dtype, gate_dtype=gate_dtype,

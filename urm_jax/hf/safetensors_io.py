@@ -265,17 +265,22 @@ class HFWeights:
         return self.info[key].file.name if key in self.info else str(self.dir)
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20 (HF's convention: GB is decimal, GiB binary)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not match:
-        raise ValueError(f"cannot parse size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    number, unit = float(match.group(1)), match.group(2).rstrip("B") or ""
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    return int(number * scale)
+def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20 (HF's convention: GB is decimal, GiB binary).
+    ValueError naming `flag` for text that is not a size, or a size under one byte."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+        if not match:
+            raise ValueError(f"{flag}: cannot parse size {text!r} (examples: 5GB, 500MB, 2GiB)")
+        number, unit = float(match.group(1)), match.group(2).rstrip("B") or ""
+        scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                 "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+        size = int(number * scale)
+    if size <= 0:
+        raise ValueError(f"{flag}: expected a positive size (e.g. 5GB), got {text!r}")
+    return size
 
 
 def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[list[str]]:

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from urm_jax.compile_cache import stored_jit
 from urm_jax.data.tokenization import pad_batch, render_ids
 from urm_jax.errors import DeviceMemoryError
-from urm_jax.loading import load_model, load_tokenizer
+from urm_jax.loading import load_config_any, load_model, load_tokenizer
 from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.scoring.fit import (BucketPlan, SequenceTooLong, available_bytes, format_bytes,
                                  longest_fitting, plan_bucket, too_long_message)
@@ -388,6 +388,18 @@ class Scorer:
 # --- several models (URME) --------------------------------------------------------------------
 
 
+def check_members(members: Sequence[tuple[str, Any]]) -> None:
+    """Refuse an ensemble whose members (path, ModelConfig) predict different attribute sets
+    (names or order): their means, variances and uncertainty cannot be combined. ValueError
+    naming both models and their attribute lists."""
+    first_path, first = members[0]
+    for path, cfg in members[1:]:
+        if tuple(cfg.attributes) != tuple(first.attributes):
+            raise ValueError(f"ensemble members predict different attributes: {first_path} has "
+                             f"[{', '.join(first.attributes)}], {path} has [{', '.join(cfg.attributes)}]; "
+                             "every --model of an ensemble needs the same attribute list, in the same order")
+
+
 class Ensemble:
     """One or more scorers that score the same token ids: each member is loaded once; a chunk is
     dispatched to every member, then gathered and merged. Members must share a vocabulary
@@ -398,6 +410,7 @@ class Ensemble:
         if not scorers:
             raise ValueError("an ensemble needs at least one model")
         first = scorers[0]
+        check_members([(s.path, s.cfg) for s in scorers])
         for s in scorers[1:]:
             if s.cfg.vocab_size != first.cfg.vocab_size:
                 raise ValueError(f"ensemble members disagree on the vocabulary: {first.path} has "
@@ -408,7 +421,10 @@ class Ensemble:
     @classmethod
     def load(cls, paths: Sequence[str | Path], **scorer_kwargs) -> "Ensemble":
         """An ensemble of `Scorer(path, **scorer_kwargs)` for each path (each loaded once); ValueError for
-        no paths or members with different vocabulary sizes."""
+        no paths or members with different vocabulary sizes. Their configs are compared first
+        (`check_members`), before any weights are read."""
+        if len(paths) > 1:
+            check_members([(str(p), load_config_any(p)) for p in paths])
         return cls([Scorer(p, **scorer_kwargs) for p in paths])
 
     def __len__(self) -> int:

@@ -71,8 +71,8 @@ def score_jsonl(models: Scorer | Ensemble, input_path, output_path, *, chunk_siz
     input, the other output, or (without ``overwrite``) exists is refused before anything is read
     (`urm_jax.io_utils.check_outputs`).
     """
-    check_outputs([("--input", input_path)], [("--output", output_path),
-                                             ("--bad-lines", bad_lines_path)], overwrite=overwrite)
+    check_outputs([("--input", input_path)], [("--output", output_path, "file"),
+                                             ("--bad-lines", bad_lines_path, "file")], overwrite=overwrite)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     ensemble = models if isinstance(models, Ensemble) else Ensemble([models])

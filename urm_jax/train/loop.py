@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from urm_jax.attributes import label_range_for
 from urm_jax.checkpoint import (check_orbax_step, checkpoint_writer, chunk_rows, is_jax_checkpoint,
-                               stacked_paths)
+                               orbax_read_error, stacked_paths)
 from urm_jax.compile_cache import CompileMeter
 from urm_jax.config import ModelConfig, np_dtype
 from urm_jax.data.batching import BatchIterator
@@ -55,6 +55,7 @@ from urm_jax.train.features import (FeatureIterator, cache_key, compute_features
 from urm_jax.train.metrics import METRICS_FILE, MetricsWriter, Throughput, plot_metrics, read_metrics
 from urm_jax.train.preemption import PreemptionWatch, TrainingPreempted
 from urm_jax.train.run_dir import RunDirectory, RunDirectoryError, agree
+from urm_jax.train.start_model import record_start_model, start_model_for_export
 from urm_jax.train.step import Trainer, build_trainer, merge_params
 
 
@@ -229,9 +230,21 @@ def restore_step(manager: ocp.CheckpointManager, trainer: Trainer, step: int, da
     items = {"state": ocp.args.StandardRestore(abstract)}
     if data:
         items["data"] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = restore_named(manager, step, ocp.args.Composite(**items))
     trainer.state = type(trainer.state)(*restored["state"])
     return restored["data"] if data else None
+
+
+def restore_named(manager: ocp.CheckpointManager, step: int, args):
+    """`manager.restore(step, args=args)`; a data file TensorStore cannot read (truncated,
+    missing, corrupt) is one CheckpointError naming the step and the file."""
+    try:
+        return manager.restore(step, args=args)
+    except Exception as err:  # noqa: BLE001 - only TensorStore read failures are translated
+        named = orbax_read_error(Path(str(manager.directory)) / str(step), err)
+        if named is None:
+            raise
+        raise named from None
 
 
 TRAINING_KEY = "urm_jax_training"  # config.json: how the model was trained, one record per stage
@@ -340,19 +353,21 @@ def _merge_fn(scaling: float, stacked: bool):
 
 def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
                 overwrite: bool = False, progress: bool = True,
-                mesh_shape: tuple[int, int, int] | None = None) -> Path:
+                mesh_shape: tuple[int, int, int] | None = None, model: str | Path | None = None) -> Path:
     """A kept training step of a run (default: the newest) as a full urm-jax checkpoint, like
     `final/`: the run's own config.yaml rebuilds its trainer (frozen parameters from its `model`),
     the step's train state is restored onto it, and the model is written as `final/` would be.
     Runs on whatever devices are present: the run's mesh if it fits them, else FSDP over all of
     them (`mesh_shape` chooses); Orbax reshards the saved state. Needs the memory of the model's
-    parameters and optimiser state spread over those devices."""
+    parameters and optimiser state spread over those devices. `model`: where the run's start
+    model is now, when it moved (checked against the run's record: `start_model_for_export`)."""
     run, out_dir = RunDirectory(run_dir), Path(out_dir).absolute()
     if not run.config.is_file():
         raise ValueError(f"{run.config}: not found ({run.root} is not an `urm-jax train` run directory)")
     cfg = load_train_config(run.config)
-    check_outputs([("RUN_DIR", run_dir), ("model (from RUN_DIR's config.yaml)", cfg.model)],
-                  [("OUT_DIR", out_dir)], overwrite=overwrite)
+    start = start_model_for_export(run.root, cfg.model, model)
+    check_outputs([("RUN_DIR", run_dir), ("model (from RUN_DIR's config.yaml)", start)],
+                  [("OUT_DIR", out_dir, "dir")], overwrite=overwrite)
     manager = checkpoint_manager(run, cfg, writer=False)
     steps = sorted(manager.all_steps())
     if not steps:
@@ -361,13 +376,13 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     if step not in steps:
         raise ValueError(f"{run.checkpoints}: no step {step}; kept steps: {steps}")
     mesh = make_mesh(mesh_shape) if mesh_shape is not None else fit_mesh(cfg.mesh)
-    model_cfg = load_config_any(cfg.model)
-    params = load_params_any(cfg.model, model_cfg, progress=progress and jax.process_index() == 0)
+    model_cfg = load_config_any(start)
+    params = load_params_any(start, model_cfg, progress=progress and jax.process_index() == 0)
     trainer = build_trainer(model_cfg, params, cfg, total_steps=max(step, 1), mesh=mesh)
     del params
     restore_step(manager, trainer, step)
     manager.close()
-    return save_model(out_dir, cfg, model_cfg, trainer, cfg.model, overwrite=overwrite,
+    return save_model(out_dir, cfg, model_cfg, trainer, str(start), overwrite=overwrite,
                       record=training_record(cfg, run.root, step))
 
 
@@ -665,6 +680,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, allow_changes: tuple[str, 
                 try:
                     run.check_resume(cfg, allow_changes)
                     run.write_config(cfg)
+                    record_start_model(run.root, cfg.model)  # export works when `model` moves
                 except RunDirectoryError as err:
                     refusal = str(err)
             refusal = agree(refusal)
