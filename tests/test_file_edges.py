@@ -316,8 +316,12 @@ def test_max_shard_size_is_checked_up_front(capsys, ckpt, tmp_path, size, needle
 
 
 def test_init_seed_and_parity_hf_messages(capsys, hf_dir, ckpt, tmp_path):
-    refused(capsys, convert_main, ["init", hf_dir, tmp_path / "i", "--seed", "-1"], "--seed",
-            "non-negative integer", absent=[tmp_path / "i"])
+    with pytest.raises(SystemExit) as exc:  # a usage error: OneLineParser's one line, exit 2
+        convert_main(["init", str(hf_dir), str(tmp_path / "i"), "--seed", "-1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.strip() == ("error: argument --seed: must be at least 0, got -1 "
+                                                   "(see --help)"), err
+    assert not (tmp_path / "i").exists()
     refused(capsys, cli_main, ["parity", "--hf", ckpt, "--model", ckpt], str(ckpt), "no HF weights",
             "it is a urm-jax checkpoint")
     empty = tmp_path / "cfg_only"
