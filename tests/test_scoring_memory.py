@@ -155,7 +155,12 @@ def test_out_of_memory_at_run_time_is_one_error_line(model, tmp_path, capsys, mo
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
                                          "841000000000 bytes.")
 
-    monkeypatch.setattr(engine, "forward_batch", exhausted)
+    class Exhausted:  # the jitted forward: fails when compiled (lower) or run
+        lower = __call__ = staticmethod(exhausted)
+
+    monkeypatch.setattr(engine, "forward_batch", Exhausted())
+    # No stored program may stand in for the failing one (`compile_cache.stored_jit`).
+    monkeypatch.setenv("URM_JAX_COMPILATION_CACHE", "off")
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"input_ids": [5] * 40}) + "\n")
     out = tmp_path / "out.jsonl"
