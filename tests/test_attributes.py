@@ -136,9 +136,10 @@ def test_negative_values_are_read_as_values(base, tmp_path):
         run_ok("init", str(base), str(out), "--attributes", "fluency,safety", *spelling)
         assert json.loads((out / "config.json").read_text())["urm_label_range"] == [-3.0, 3.0]
     parser = convert_parser()
-    argv = ["init", "B", "O", "--label-range", "-3.5,-1e-1", "--seed", "-2", "--overwrite"]
-    args = parser.parse_args(join_negative_values(parser, argv))
-    assert (args.label_range, args.seed, args.overwrite) == ("-3.5,-1e-1", -2, True)
+    argv = ["init", "B", "O", "--label-range", "-3.5,-1e-1", "--init-std", "-2", "--overwrite"]
+    assert join_negative_values(parser, argv)[3:5] == ["--label-range=-3.5,-1e-1", "--init-std=-2"]
+    args = parser.parse_args(join_negative_values(parser, argv[:-3] + ["--overwrite"]))
+    assert (args.label_range, args.overwrite) == ("-3.5,-1e-1", True)
     # an option-like token is never taken as a value; flags take none
     assert join_negative_values(parser, ["init", "--label-range", "--overwrite"]) == [
         "init", "--label-range", "--overwrite"]
