@@ -57,6 +57,7 @@ def probe(code: str, *args, cache: Path, devices: int = 1, cwd: Path = ROOT) -> 
     """Run `code` in a fresh process on `devices` CPU devices with the compilation cache at
     `cache`; its compile events counted, and what it put in `result`."""
     env = dict(os.environ, URM_JAX_COMPILATION_CACHE=str(cache), JAX_PLATFORMS="cpu",
+               URM_JAX_COMPILATION_CACHE_MIN_SECONDS="0",  # every program cached: no timing in the counts
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", PROBE, code, *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True)

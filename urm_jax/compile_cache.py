@@ -62,6 +62,7 @@ from jax.experimental import serialize_executable
 
 ENV_DIR = "URM_JAX_COMPILATION_CACHE"
 ENV_SIZE_GB = "URM_JAX_COMPILATION_CACHE_GB"
+ENV_MIN_SECONDS = "URM_JAX_COMPILATION_CACHE_MIN_SECONDS"
 OFF = ("off", "0", "false", "no", "none")
 DEFAULT_SIZE_GB = 8.0
 # Programs that compile faster than this are not worth a disk round trip (JAX's default is 1 s;
@@ -125,7 +126,10 @@ def enable(path: str | Path | None = None, *, source: str = ENV_DIR) -> Path | N
         return None
     repair(directory)
     jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    # URM_JAX_COMPILATION_CACHE_MIN_SECONDS=0 caches every program whatever its compile time
+    # (tests that count cache misses must not depend on how fast a loaded machine compiles).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get(ENV_MIN_SECONDS, MIN_COMPILE_SECONDS)))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", int(size_gb * 1e9))
     global _max_bytes
