@@ -161,6 +161,7 @@ class IntermixedParser(OneLineParser):
     _plain = False  # inside parse_known_intermixed_args, which calls parse_known_args itself
 
     def parse_known_args(self, args=None, namespace=None):
+        """Parse with the positionals anywhere among the options (argparse's intermixed parsing)."""
         if self._plain:
             return super().parse_known_args(args, namespace)
         self._plain = True
@@ -419,6 +420,7 @@ def run_until_sigterm(handler, args) -> int:
 
 
 def eval_output_dir(args) -> str:
+    """`urm-jax eval`'s output directory: --output-dir, else `eval-<pairs file stem>`."""
     return args.output_dir or f"eval-{Path(args.pairs).stem}"
 
 

@@ -396,6 +396,8 @@ class StoredJit:
         _install_hit_counter()
 
     def __call__(self, *args):
+        """Run the function: a stored program for these argument shapes/dtypes/shardings when one
+        exists, else trace + compile (and store) it; returns what the jitted function returns."""
         static = tuple(args[i] for i in self.static_argnums)
         dynamic = tuple(a for i, a in enumerate(args) if i not in self.static_argnums)
         leaves, treedef = jax.tree.flatten(dynamic)

@@ -38,6 +38,7 @@ class OneLineParser(argparse.ArgumentParser):
     --help still prints the full usage."""
 
     def error(self, message: str):
+        """Print `error: <message> (see --help)` as one line and exit 2 (SystemExit)."""
         self.exit(2, f"error: {message} (see --help)\n")
 
 

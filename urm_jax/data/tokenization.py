@@ -49,6 +49,7 @@ class TooManyTokens(ValueError):
         super().__init__(f"{subject} has {count}, more than max_length={max_length} ({advice})")
 
     def with_advice(self, advice: str) -> "TooManyTokens":
+        """The same error with `advice` (what the caller's user should change) in its message."""
         return TooManyTokens(self.subject, self.num_tokens, self.max_length, at_least=self.at_least, advice=advice)
 
 

@@ -110,6 +110,7 @@ class Kernel:
 
     @property
     def fan_out(self) -> int:
+        """Output features of one matrix (elements after the input axes; a stacked layer axis excluded)."""
         return math.prod(self.shape[(1 if self.stacked else 0) + self.in_axes:])
 
     @property

@@ -289,6 +289,7 @@ class RecordResponses:
         self._metrics = metrics
 
     async def __call__(self, scope, receive, send):
+        """ASGI entry: pass the request on and record its final status (499 when the client left) once."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.monotonic(), None

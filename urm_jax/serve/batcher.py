@@ -170,6 +170,7 @@ class Batcher:
 
     @property
     def draining(self) -> bool:
+        """True once a drain (SIGTERM/SIGINT) has begun: new work is refused with 503."""
         return self._draining
 
     def start(self) -> None:

@@ -75,6 +75,8 @@ class DrainingServer(uvicorn.Server):
     after it stops accepting and before uvicorn waits for the remaining requests."""
 
     async def shutdown(self, sockets=None) -> None:
+        """Stop listening, close the given sockets, then let uvicorn finish open connections
+        (no shutdown timeout: the app's drain decides when queued work ends)."""
         for server in self.servers:
             server.close()
         for sock in sockets or []:

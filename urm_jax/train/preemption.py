@@ -69,10 +69,12 @@ class PreemptionWatch:
 
     @property
     def signal_name(self) -> str:
+        """The signal that asked to stop: 'SIGINT (Ctrl-C)' or 'SIGTERM'."""
         return "SIGINT (Ctrl-C)" if self.interrupted else "SIGTERM"
 
     @property
     def exit_code(self) -> int:
+        """The exit status for that signal: 130 (SIGINT) or 143 (SIGTERM)."""
         return INTERRUPTED_EXIT_CODE if self.interrupted else PREEMPTED_EXIT_CODE
 
     def reached(self, step: int) -> bool:
@@ -85,6 +87,7 @@ class PreemptionWatch:
         return self.requested
 
     def close(self) -> None:
+        """Restore the SIGTERM/SIGINT handlers that were in place before (idempotent)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
