@@ -170,11 +170,30 @@ def test_full_disk_under_eval_keeps_the_previous_output(tiny, disk, tmp_path, ca
     assert sorted(p.name for p in disk.path.iterdir()) == ["eval", "filler"]  # no temporary left
 
 
-def test_out_of_memory_in_training_is_one_line_saying_what_to_change(base_model, tmp_path):
-    """32768-token rows: XLA asks for ~125 GB of attention scores and gets RESOURCE_EXHAUSTED."""
-    done = urm_jax(*train_args(base_model, tmp_path / "run", "data.seq_len=32768", "global_batch_size=1",
-                               "max_steps=1"), env=cli_env(1), address_space=ADDRESS_SPACE)
+def test_out_of_memory_in_training_is_one_line_saying_what_to_change(base_model, tmp_path, monkeypatch,
+                                                                    capsys):
+    """32768-token rows with the L x L reference attention (~150 GB): refused before the run
+    directory exists by the host-memory check, in one line saying what to change. Should XLA
+    still run out of memory later (the estimate was wrong), that is one line too."""
+    run = tmp_path / "run"
+    done = urm_jax(*train_args(base_model, run, "data.seq_len=32768", "global_batch_size=1",
+                               "attention=reference", "max_steps=1"), env=cli_env(1),
+                   address_space=ADDRESS_SPACE)
     line = one_error(done.returncode, done.stderr)
+    assert line.startswith("error: training needs about ") and "is available" in line, line
+    assert "lower `global_batch_size`" in line and "remat: full" in line and "blockwise" in line, line
+    assert not run.exists()
+
+    from urm_jax.cli import main as cli_main
+    from urm_jax.train import loop
+
+    def exhausted(self):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 134217728000 bytes.")
+
+    monkeypatch.setattr(loop.TrainingRun, "run", exhausted)
+    code = cli_main(train_args(base_model, tmp_path / "run2", "max_steps=1", "global_batch_size=8"))
+    err = capsys.readouterr().err
+    line = one_error(code, err)
     assert line.startswith("error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating"), line
     assert "lower global_batch_size" in line and "remat=full" in line and "urm-jax memory" in line
 

@@ -162,7 +162,9 @@ def test_urm_jax_serve_sigterm_with_requests_in_flight(chat_model):
         def send(_):
             try:
                 return httpx.post(f"{url}/score", json=items, timeout=WAIT_S)
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as err:  # never accepted
+            # never accepted: refused, or reset while still in the listen backlog when the
+            # listening socket closed (no HTTP request was read from it)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as err:
                 return err
 
         with concurrent.futures.ThreadPoolExecutor(6) as workers:
