@@ -58,7 +58,11 @@ class DemoStopped(Exception):
 
 
 def step(title: str) -> None:
-    """Print a demo step's title as a `== title` header (flushed)."""
+    """Print a demo step's title as a `== title` header (flushed); DemoStopped first when a
+    SIGTERM arrived during the previous step (`stop_on_sigterm`)."""
+    if _current.get("stop"):
+        raise DemoStopped(f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}; "
+                          f"{_current['work']} is disposable (a rerun starts over)")
     _current["step"] = title
     print(f"\n== {title}", flush=True)
 
@@ -70,20 +74,25 @@ def stop_on_sigterm(work: Path) -> Iterator[None]:
     becomes DemoStopped too. Nothing resumes a demo (a rerun empties `work`), so the message
     says so. SIGINT is left alone: Ctrl-C raises KeyboardInterrupt through the demo."""
     def stop(signum, frame):
-        raise DemoStopped(f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}; "
-                          f"{work} is disposable (a rerun starts over)")
+        # Noted, and acted on at the next step boundary (`step`): raised from the handler, the
+        # exception could surface inside a JAX trace or a library's cleanup instead of here.
+        _current["stop"] = True
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if main else None
-    _current["step"] = "setup"
+    _current.update(step="setup", stop=False, work=work)
     try:
         yield
+        if _current["stop"]:  # the last step finished before it could be acted on
+            raise DemoStopped(f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}; "
+                              f"{work} is disposable (a rerun starts over)")
     except TrainingPreempted as preempted:
         step_of = re.search(r"stopped after step \d+ of \d+", str(preempted))
         raise DemoStopped(f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}"
                           + (f" (training {step_of.group(0)})" if step_of else "")
                           + f"; {work} is disposable (a rerun starts over)") from None
     finally:
+        _current["stop"] = False
         if main:
             signal.signal(signal.SIGTERM, previous)
 
