@@ -60,6 +60,8 @@ import jax
 from jax._src import config as jax_config  # trace_context: the config values tracing reads
 from jax.experimental import serialize_executable
 
+from urm_jax.io_utils import atomic_file
+
 ENV_DIR = "URM_JAX_COMPILATION_CACHE"
 ENV_SIZE_GB = "URM_JAX_COMPILATION_CACHE_GB"
 ENV_MIN_SECONDS = "URM_JAX_COMPILATION_CACHE_MIN_SECONDS"
@@ -455,13 +457,8 @@ class StoredJit:
         try:
             payload, in_tree, out_tree = serialize_executable.serialize(compiled)
             data = _FORMAT + pickle.dumps((payload, in_tree, out_tree), protocol=pickle.HIGHEST_PROTOCOL)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, path)  # readers see a whole file or none
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_file(path, "wb") as handle:  # readers see a whole file or none
+                handle.write(data)
             _evict(path.parent, _max_bytes)
         except Exception as err:  # noqa: BLE001 - a program that cannot be stored still runs
             logger.warning("%s: could not store the compiled program in %s (%s: %s)", self.name,

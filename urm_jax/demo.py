@@ -61,10 +61,15 @@ def step(title: str) -> None:
     """Print a demo step's title as a `== title` header (flushed); DemoStopped first when a
     SIGTERM arrived during the previous step (`stop_on_sigterm`)."""
     if _current.get("stop"):
-        raise DemoStopped(f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}; "
-                          f"{_current['work']} is disposable (a rerun starts over)")
+        raise DemoStopped(_stopped_message(_current["work"]))
     _current["step"] = title
     print(f"\n== {title}", flush=True)
+
+
+def _stopped_message(work: Path, detail: str | None = None) -> str:
+    """The one line a demo stopped by SIGTERM ends with: the step it was in (and `detail`)."""
+    return (f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}"
+            + (f" ({detail})" if detail else "") + f"; {work} is disposable (a rerun starts over)")
 
 
 @contextlib.contextmanager
@@ -84,13 +89,10 @@ def stop_on_sigterm(work: Path) -> Iterator[None]:
     try:
         yield
         if _current["stop"]:  # the last step finished before it could be acted on
-            raise DemoStopped(f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}; "
-                              f"{work} is disposable (a rerun starts over)")
+            raise DemoStopped(_stopped_message(work))
     except TrainingPreempted as preempted:
         step_of = re.search(r"stopped after step \d+ of \d+", str(preempted))
-        raise DemoStopped(f"urm-jax demo stopped by SIGTERM during step {_current['step']!r}"
-                          + (f" (training {step_of.group(0)})" if step_of else "")
-                          + f"; {work} is disposable (a rerun starts over)") from None
+        raise DemoStopped(_stopped_message(work, f"training {step_of.group(0)}" if step_of else None)) from None
     finally:
         _current["stop"] = False
         if main:

@@ -132,6 +132,21 @@ def padding_efficiency(lengths: Sequence[int], *, batch_size: int, seq_len: int,
 # --- assembly (token arrays) ----------------------------------------------------------------
 
 
+def place_segment(batch: dict, r: int, s: int, ids, start: int, width: str) -> int:
+    """Write `ids` as segment `s` (0-based) of row `r` of a packed batch from token `start`:
+    input_ids, segment_ids (numbered from 1 so that 0 can mean padding), its pooled position
+    (last token) and pool mask. Returns where the next segment starts; ValueError naming the
+    row's `width` (e.g. "seq_len=512") when the segment runs past the row's end."""
+    end = start + len(ids)
+    if end > batch["input_ids"].shape[1]:
+        raise ValueError(f"row {r} overflows {width}")
+    batch["input_ids"][r, start:end] = ids
+    batch["segment_ids"][r, start:end] = s + 1
+    batch["pool_index"][r, s] = end - 1
+    batch["pool_mask"][r, s] = 1.0
+    return end
+
+
 def regression_batch(rows: list[list[int]], examples: Sequence[RegressionExample], *, seq_len: int,
                      max_segments: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Stage-1 batch from rows of example indices (an empty row is padding)."""
@@ -144,22 +159,14 @@ def regression_batch(rows: list[list[int]], examples: Sequence[RegressionExample
         "pool_mask": np.zeros((b, max_segments), np.float32),
         "labels": np.zeros((b, max_segments, num_attributes), np.float32),
     }
+    width = f"seq_len={seq_len}"  # named in the overflow error
     for r, row in enumerate(rows):
         if len(row) > max_segments:
             raise ValueError(f"row {r} has {len(row)} segments, more than max_segments={max_segments}")
         start = 0
         for s, i in enumerate(row):
-            ids = examples[i].input_ids
-            end = start + len(ids)
-            if end > seq_len:
-                raise ValueError(f"row {r} overflows seq_len={seq_len}")
-            batch["input_ids"][r, start:end] = ids
-            # Segments are numbered from 1 so that 0 can mean padding.
-            batch["segment_ids"][r, start:end] = s + 1
-            batch["pool_index"][r, s] = end - 1
-            batch["pool_mask"][r, s] = 1.0
+            start = place_segment(batch, r, s, examples[i].input_ids, start, width)
             batch["labels"][r, s] = examples[i].labels
-            start = end
     return batch
 
 
@@ -197,6 +204,7 @@ def packed_pair_batch(rows: list[list[int]], examples: Sequence[PairExample], *,
     never crosses a segment and positions restart at each one, so a packed side scores as it
     would alone."""
     b, width = len(rows), 2 * seq_len
+    limit = f"{width} tokens"  # named in the overflow error
     if max_segments < 2 or max_segments % 2:
         raise ValueError(f"packed pairs need an even max_segments >= 2, got {max_segments}")
     batch = {
@@ -212,14 +220,7 @@ def packed_pair_batch(rows: list[list[int]], examples: Sequence[PairExample], *,
         start = 0
         for j, i in enumerate(row):
             for side, ids in enumerate((examples[i].chosen_ids, examples[i].rejected_ids)):
-                s, end = 2 * j + side, start + len(ids)
-                if end > width:
-                    raise ValueError(f"row {r} overflows {width} tokens")
-                batch["input_ids"][r, start:end] = ids
-                batch["segment_ids"][r, start:end] = s + 1
-                batch["pool_index"][r, s] = end - 1
-                batch["pool_mask"][r, s] = 1.0
-                start = end
+                start = place_segment(batch, r, 2 * j + side, ids, start, limit)
             batch["pair_mask"][r, j] = 1.0
     return batch
 
