@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from urm_jax.arg_types import number, seed
 from urm_jax.attributes import DEFAULT_PRESET, PRESETS, parse_attributes, parse_label_range
-from urm_jax.cli_args import join_negative_values
-from urm_jax.errors import USER_ERRORS, OneLineParser, warning_lines
+from urm_jax.cli_args import OneLineParser, join_negative_values, number, seed
+from urm_jax.errors import USER_ERRORS, warning_lines
 from urm_jax.hf.base import init_from_base
 from urm_jax.hf.export import to_hf
 from urm_jax.hf.load import from_hf

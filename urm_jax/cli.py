@@ -32,11 +32,11 @@ from pathlib import Path
 import jax
 
 from urm_jax import compile_cache
-from urm_jax.arg_types import INT32_MAX, at_least, number, port, positive_int
-from urm_jax.cli_args import join_negative_values
+from urm_jax.cli_args import (INT32_MAX, IntermixedParser, OneLineParser, at_least, join_negative_values, number,
+                              port, positive_int)
 from urm_jax.demo import DemoStopped, run_demo as demo, run_real_demo
 from urm_jax.distributed import maybe_initialize, settings as distributed_settings
-from urm_jax.errors import USER_ERRORS, OneLineParser, describe, warning_lines
+from urm_jax.errors import USER_ERRORS, describe, warning_lines
 from urm_jax.eval import format_summary, run_eval as evaluate
 from urm_jax.io_utils import atomic_file, check_outputs
 from urm_jax.jsonl import dumps
@@ -152,23 +152,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_memory_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
-
-class IntermixedParser(OneLineParser):
-    """A command's parser that takes its positionals anywhere among its options, so `key=value`
-    overrides may follow them (`urm-jax memory CONFIG --chip v5p data.seq_len=8192`), as
-    `config [overrides ...]` in the usage suggests."""
-
-    _plain = False  # inside parse_known_intermixed_args, which calls parse_known_args itself
-
-    def parse_known_args(self, args=None, namespace=None):
-        """Parse with the positionals anywhere among the options (argparse's intermixed parsing)."""
-        if self._plain:
-            return super().parse_known_args(args, namespace)
-        self._plain = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._plain = False
 
 
 def build_parser() -> argparse.ArgumentParser:

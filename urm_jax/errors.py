@@ -1,7 +1,6 @@
 """Exceptions that mean "bad input", reported as one `error:` line and a non-zero exit rather
 than a traceback. Programming errors are not listed here and still show their traceback."""
 
-import argparse
 import contextlib
 import sys
 import warnings
@@ -31,16 +30,6 @@ def describe(err: BaseException) -> str:
         names = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
         return f"{names + ': ' if names else ''}{err.strerror} (errno {err.errno})"
     return text
-class OneLineParser(argparse.ArgumentParser):
-    """The argument parser of every command line (`urm-jax`, `python -m convert`; subcommands
-    inherit it): a bad flag value or a missing argument prints exactly one line,
-    `error: <message> (see --help)`, and exits 2 (SystemExit), like every other bad input;
-    --help still prints the full usage."""
-
-    def error(self, message: str):
-        """Print `error: <message> (see --help)` as one line and exit 2 (SystemExit)."""
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 class NoticeWarning(UserWarning):
     """A library warning that commands show as one `warning:` line (e.g. pad id == eos id)."""
