@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from convert.__main__ import build_parser as convert_parser
-from faults import cli_env, unwritable, wait_for
+from faults import CEILING_S, cli_env, unwritable, wait_for
 from hf_fixtures import make_tiny_urm
 from urm_jax.cli import build_parser, main as cli_main
 from urm_jax.errors import warning_lines
@@ -267,3 +267,33 @@ def test_sigterm_removes_the_temporary_and_says_so(tiny_model, tmp_path):
     assert err.strip().splitlines()[-1] == f"error: stopped by SIGTERM; nothing written to {out}"
     assert "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".out.jsonl*"))
+
+
+# A command whose SIGTERM lands inside a finalizer, where Python cannot propagate an exception
+# ("Exception ignored in ..."), then blocks in a read that never returns on its own.
+SIGTERM_IN_FINALIZER = """
+import argparse, os, signal, sys
+from urm_jax.cli import run_until_sigterm
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100000):  # Python runs the handler here, inside the finalizer
+            pass
+
+def command(args):
+    Finalized()  # collected at once: the SIGTERM is raised in its __del__
+    read_end, _ = os.pipe()  # this process holds the write end: the read never returns by itself
+    print("reading", flush=True)
+    os.read(read_end, 1)
+    return 0
+
+sys.exit(run_until_sigterm(command, argparse.Namespace(command="score", output="out.jsonl", bad_lines=None)))
+"""
+
+
+def test_a_sigterm_raised_in_a_finalizer_still_stops_the_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_IN_FINALIZER], cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=CEILING_S)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: stopped by SIGTERM; nothing written to out.jsonl"]
