@@ -35,7 +35,7 @@ demo-real: $(STAMP)
 	$(BIN)/urm-jax demo --real --workdir build/demo-real --overwrite
 
 test: $(STAMP) $(LIBTPU_STAMP)
-	URM_JAX_LIBTPU_PATH=$(CURDIR)/$(LIBTPU) $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	URM_JAX_LIBTPU_PATH=$(CURDIR)/$(LIBTPU) $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -95,6 +95,7 @@ def write_ids(path: Path, seqs) -> Path:
 def compare_score(args, shape: dict, work: Path) -> None:
     from urm_jax.data.datasets import synthetic_helpsteer_lengths
 
+    shape = SHAPE | shape  # the full run passes no overrides
     ckpt = random_checkpoint(work / "score-hf", gate_dtype="float16", pad_token_id=shape["vocab_size"] - 1,
                              **shape)
     rng = np.random.default_rng(0)
@@ -150,7 +151,8 @@ def param_text(shape: dict) -> str:
     from urm_jax.config import ModelConfig
     from urm_jax.hf.synthetic import tiny_hf_config
 
-    n = ModelConfig.from_hf_dict(tiny_hf_config(**(SHAPE | shape))).param_count()["total"]
+    shape = SHAPE | shape
+    n = ModelConfig.from_hf_dict(tiny_hf_config(**shape)).param_count()["total"]
     return f"{n / 1e6:.0f}M-param Llama shape (hidden {shape['hidden_size']}, {shape['num_layers']} layers)"
 
 
@@ -508,20 +510,27 @@ def main() -> None:
     started = time.perf_counter()
     print(f"# urm-jax vs peers ({'quick smoke run' if args.quick else 'full run'}); {load_line()}; "
           f"worker logs: {work / 'workers.log'}")
+    failed = []
     for name in args.only:
         say(f"== {name} ({load_line()})")
         t = time.perf_counter()
-        if name == "convert":
-            # ~1B at the full size: hidden 2048, MLP 5632, 16 heads / 8 KV, vocab 128256 (quick: tiny).
-            conv = shape or dict(vocab_size=128256, hidden_size=2048, intermediate_size=5632,
-                                 num_layers=args.convert_layers, num_heads=16, num_kv_heads=8)
-            COMPARISONS[name](args, conv, work)
-        else:
-            COMPARISONS[name](args, shape, work)
+        try:
+            if name == "convert":
+                # ~1B at the full size: hidden 2048, MLP 5632, 16 heads / 8 KV, vocab 128256 (quick: tiny).
+                conv = shape or dict(vocab_size=128256, hidden_size=2048, intermediate_size=5632,
+                                     num_layers=args.convert_layers, num_heads=16, num_kv_heads=8)
+                COMPARISONS[name](args, conv, work)
+            else:
+                COMPARISONS[name](args, shape, work)
+        except Exception as err:  # one comparison failing must not cost the others' figures
+            failed.append(name)
+            print(f"\n**{name} failed**: {type(err).__name__}: {err}")
         print(f"\n({name}: {time.perf_counter() - t:.0f} s)")
     print(f"\ntotal {time.perf_counter() - started:.0f} s; {load_line()}")
     if args.json:
         Path(args.json).write_text(json.dumps(RESULTS, indent=2, default=str))
+    if failed:
+        sys.exit(f"failed: {' '.join(failed)}")
 
 
 if __name__ == "__main__":

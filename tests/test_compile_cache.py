@@ -6,6 +6,7 @@ programs are counted through jax.monitoring events, never timed."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -76,9 +77,21 @@ def model(tmp_path_factory):
                            dtype="float32", progress=False)
 
 
-def test_warm_scoring_loads_every_forward_without_tracing(model, tmp_path):
-    cache = tmp_path / "cache"
-    cold = probe(SCORE, model, cache=cache)
+@pytest.fixture(scope="module")
+def cold_scoring(model, tmp_path_factory):
+    """One cold scoring run's result and its compilation cache (tests work on copies of it)."""
+    cache = tmp_path_factory.mktemp("cold") / "cache"
+    return probe(SCORE, model, cache=cache), cache
+
+
+def cold_copy(cold_scoring, tmp_path) -> tuple[dict, Path]:
+    cold, cache = cold_scoring
+    shutil.copytree(cache, tmp_path / "cache")
+    return cold, tmp_path / "cache"
+
+
+def test_warm_scoring_loads_every_forward_without_tracing(model, cold_scoring, tmp_path):
+    cold, cache = cold_copy(cold_scoring, tmp_path)
     warm = probe(SCORE, model, cache=cache)
     shapes = cold["result"]["shapes"]
     assert shapes == 3  # buckets 16, 32 and 64
@@ -96,9 +109,8 @@ def test_warm_scoring_loads_every_forward_without_tracing(model, tmp_path):
     assert warm["result"]["reward"] == cold["result"]["reward"]  # bit for bit
 
 
-def test_an_unreadable_stored_program_is_compiled_again(model, tmp_path):
-    cache = tmp_path / "cache"
-    cold = probe(SCORE, model, cache=cache)
+def test_an_unreadable_stored_program_is_compiled_again(model, cold_scoring, tmp_path):
+    cold, cache = cold_copy(cold_scoring, tmp_path)  # a copy at another path: JAX's entries must hit
     programs = sorted((cache / compile_cache.PROGRAMS).glob("*.program"))
     programs[0].write_bytes(b"urm-jax program 1\nnot a pickle")
     programs[1].write_bytes(b"something else")
@@ -117,9 +129,8 @@ def test_an_unreadable_stored_program_is_compiled_again(model, tmp_path):
     assert count(probe(SCORE, model, cache=cache), "load_duration") == 3
 
 
-def test_another_architecture_or_mesh_never_loads_a_stored_program(model, tmp_path):
-    cache = tmp_path / "cache"
-    probe(SCORE, model, cache=cache)
+def test_another_architecture_or_mesh_never_loads_a_stored_program(model, cold_scoring, tmp_path):
+    _, cache = cold_copy(cold_scoring, tmp_path)
     wider = write_random_hf(tmp_path / "wider", tiny_hf_config(hidden_size=96, pad_token_id=0),
                             dtype="float32", progress=False)
     other = probe(SCORE, wider, cache=cache)

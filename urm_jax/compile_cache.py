@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import pickle
+import pkgutil
 import re
 import sys
 import tempfile
@@ -98,6 +99,16 @@ def default_dir() -> Path:
     return Path(base) / "urm-jax" / "jax-compilation-cache"
 
 
+def gpu_plugin_installed() -> bool:
+    """Whether a JAX GPU backend (a CUDA or ROCm plugin) is installed; found without starting
+    any backend (enable runs before `jax.distributed.initialize`)."""
+    try:
+        import jax_plugins
+    except ImportError:
+        return False
+    return any(m.name.startswith(("xla_cuda", "xla_rocm")) for m in pkgutil.iter_modules(jax_plugins.__path__))
+
+
 def enable(path: str | Path | None = None, *, source: str = ENV_DIR) -> Path | None:
     """Turn JAX's persistent compilation cache on at `path` (default: `URM_JAX_COMPILATION_CACHE`,
     else `default_dir()`); returns the directory, or None when turned off ('off') or when the
@@ -134,6 +145,12 @@ def enable(path: str | Path | None = None, *, source: str = ENV_DIR) -> Path | N
                       float(os.environ.get(ENV_MIN_SECONDS, MIN_COMPILE_SECONDS)))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", int(size_gb * 1e9))
+    if not gpu_plugin_installed():
+        # JAX's default points XLA's GPU autotuning cache into this directory through the compile
+        # options, which are part of every entry's key: the entries' keys would name the path, and
+        # a cache restored elsewhere (CI, another mount point, another user) would miss them all.
+        # Without a GPU backend the option only does that.
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
     global _max_bytes
     _max_bytes = int(size_gb * 1e9)
     return directory

@@ -51,7 +51,7 @@ def score_warmup(lengths: list[list[int]]) -> dict:
 def score(input: str, output: str) -> dict:
     from urm_jax.scoring import score_jsonl
 
-    run = score_jsonl(STATE["scorer"], input, output, progress=False)
+    run = score_jsonl(STATE["scorer"], input, output, progress=False, overwrite=True)  # every round rewrites it
     return {"tokens": run.tokens, "seconds": run.seconds}
 
 
