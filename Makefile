@@ -10,7 +10,7 @@ LIBTPU := build/libtpu
 LIBTPU_STAMP := $(LIBTPU)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-real test setup clean
+.PHONY: demo demo-real test test-under-load setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo-real: $(STAMP)
 
 test: $(STAMP) $(LIBTPU_STAMP)
 	URM_JAX_LIBTPU_PATH=$(CURDIR)/$(LIBTPU) $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+# The suite with two CPU-bound processes per core alongside: nothing may depend on speed.
+test-under-load: $(STAMP) $(LIBTPU_STAMP)
+	bash tests/under_load.sh $(MAKE) test
 
 clean:
 	rm -rf build .pytest_cache
