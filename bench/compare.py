@@ -95,7 +95,6 @@ def write_ids(path: Path, seqs) -> Path:
 def compare_score(args, shape: dict, work: Path) -> None:
     from urm_jax.data.datasets import synthetic_helpsteer_lengths
 
-    shape = SHAPE | shape  # the full run passes no overrides
     ckpt = random_checkpoint(work / "score-hf", gate_dtype="float16", pad_token_id=shape["vocab_size"] - 1,
                              **shape)
     rng = np.random.default_rng(0)
@@ -151,7 +150,6 @@ def param_text(shape: dict) -> str:
     from urm_jax.config import ModelConfig
     from urm_jax.hf.synthetic import tiny_hf_config
 
-    shape = SHAPE | shape
     n = ModelConfig.from_hf_dict(tiny_hf_config(**shape)).param_count()["total"]
     return f"{n / 1e6:.0f}M-param Llama shape (hidden {shape['hidden_size']}, {shape['num_layers']} layers)"
 
@@ -195,7 +193,7 @@ def compare_stage1(args, shape: dict, work: Path) -> None:
     pairs = [[a, b] for a, b in zip(lengths[0::2], lengths[1::2])]
     with jax_worker(work) as jx, torch_worker(work) as pt:
         j = jx.call("stage1_init", model=str(ckpt), lengths=lengths, seq_len=args.seq_len, rows=args.rows)
-        t = pt.call("trl_init", shape=SHAPE | shape, pairs=pairs, batch_pairs=args.trl_batch)
+        t = pt.call("trl_init", shape=shape, pairs=pairs, batch_pairs=args.trl_batch)
         row = interleave_training(args, jx, pt, "stage 1 (packed) vs TRL RewardTrainer", args.jax_steps, args.trl_steps)
     table(f"Stage 1 vs TRL {t['trl']} RewardTrainer per real token, {param_text(shape)}, float32; urm-jax "
           f"{args.rows} packed rows of {args.seq_len} a step (compile {j['compile_s']:.0f} s, apart), TRL "
@@ -225,7 +223,7 @@ def compare_bt(args, shape: dict, work: Path) -> None:
     with jax_worker(work) as jx, torch_worker(work) as pt:
         j = jx.call("bt_init", model=str(ckpt), pairs=pairs, seq_len=longest, rows=args.bt_rows,
                     trainable=["backbone", "value_head", "gate"])
-        t = pt.call("trl_init", shape=SHAPE | shape, pairs=pairs, batch_pairs=args.trl_batch)
+        t = pt.call("trl_init", shape=shape, pairs=pairs, batch_pairs=args.trl_batch)
         rows.append(interleave_training(args, jx, pt, "BT, every parameter (equal work)", args.jax_steps,
                                         args.trl_steps))
         # As users run them: urm-jax's default stage 2 (feature pass + gate on cached features)
@@ -266,7 +264,7 @@ def compare_easydel(args, shape: dict, work: Path) -> None:
         with jax_worker(work) as jx, Worker("easydel", ed_python, "bench.peers.easydel_side",
                                             work / "workers.log") as ed:
             jc = jx.call("forward_init", model=str(ckpt), rows=rows_, length=length)
-            ec = ed.call("forward_init", shape=SHAPE | shape, rows=rows_, length=length, attn_dtype=attn)
+            ec = ed.call("forward_init", shape=shape, rows=rows_, length=length, attn_dtype=attn)
             times = {"jax": [], "ed": []}
             cpu = {"jax": [], "ed": []}
             for r in range(args.rounds):
@@ -289,15 +287,6 @@ def compare_easydel(args, shape: dict, work: Path) -> None:
 
 
 # --- (e) compile cold / warm ---------------------------------------------------------------------
-
-def compile_seconds(log: Path) -> float:
-    """The compile seconds the last run printed ('... compiled in X s' style lines of CompileMeter)."""
-    import re
-
-    text = log.read_text() if log.exists() else ""
-    found = re.findall(r"compil\w*[^\n]*?([0-9]+(?:\.[0-9]+)?) s", text)
-    return float(found[-1]) if found else float("nan")
-
 
 PHASES = ("trace", "lower", "xla", "load", "save")
 
@@ -322,7 +311,7 @@ def resume_source(shape: dict, work: Path) -> tuple[Path, list[str]]:
     from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
     from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
 
-    model_shape = {k: v for k, v in (SHAPE | shape).items() if k not in ("vocab_size", "pad_token_id")}
+    model_shape = {k: v for k, v in shape.items() if k not in ("vocab_size", "pad_token_id")}
     base = write_random_hf(work / "resume-hf", llama3_hf_config(**model_shape), dtype="float32",
                            gate_dtype="float16", tokenizer_dir=cached_llama3_tokenizer_dir(), overwrite=True,
                            progress=False)
@@ -345,11 +334,11 @@ def compare_compile(args, shape: dict, work: Path) -> None:
     seconds per phase as each command's CompileMeter line reports them."""
     from urm_jax.data.datasets import synthetic_helpsteer_lengths
 
-    ckpt = random_checkpoint(work / "compile-hf", gate_dtype="float16", pad_token_id=shape.get(
-        "vocab_size", SHAPE["vocab_size"]) - 1, **shape)
+    ckpt = random_checkpoint(work / "compile-hf", gate_dtype="float16", pad_token_id=shape["vocab_size"] - 1,
+                             **shape)
     rng = np.random.default_rng(0)
     lengths = synthetic_helpsteer_lengths(args.mix_rows, seed=0, max_length=args.mix_max)
-    ids = write_ids(work / "compile-ids.jsonl", [rng.integers(4, shape.get("vocab_size", SHAPE["vocab_size"]) - 2,
+    ids = write_ids(work / "compile-ids.jsonl", [rng.integers(4, shape["vocab_size"] - 2,
                                                               int(n)).tolist() for n in lengths])
     source, resume = resume_source(shape, work)
     run_dir = work / "compile-resume-run"
@@ -498,9 +487,8 @@ def main() -> None:
     parser.add_argument("--compile-reps", type=int, default=1)
     parser.add_argument("--convert-layers", type=int, default=16, help="layers of the ~1B conversion model")
     args = parser.parse_args()
-    shape = {}
+    shape = SHAPE | (QUICK_SHAPE if args.quick else {})  # every comparison gets the whole shape
     if args.quick:
-        shape = dict(QUICK_SHAPE)
         args.rounds = min(args.rounds, 2)
         args.fixed_rows, args.mix_rows, args.mix_max, args.long, args.long_rows = 8, 12, 1024, 1024, 2
         args.examples, args.seq_len, args.pairs, args.fwd_len, args.fwd_repeats = 32, 512, 32, 256, 2
@@ -517,8 +505,9 @@ def main() -> None:
         try:
             if name == "convert":
                 # ~1B at the full size: hidden 2048, MLP 5632, 16 heads / 8 KV, vocab 128256 (quick: tiny).
-                conv = shape or dict(vocab_size=128256, hidden_size=2048, intermediate_size=5632,
-                                     num_layers=args.convert_layers, num_heads=16, num_kv_heads=8)
+                conv = shape if args.quick else SHAPE | dict(
+                    vocab_size=128256, hidden_size=2048, intermediate_size=5632, num_layers=args.convert_layers,
+                    num_heads=16, num_kv_heads=8)
                 COMPARISONS[name](args, conv, work)
             else:
                 COMPARISONS[name](args, shape, work)

@@ -211,7 +211,7 @@ def test_an_unusable_cache_directory_is_one_warning(tiny_model, tmp_path, where)
         shown = cache
     with unwritable(locked):
         done = score_process(tiny_model, inp, tmp_path / "out.jsonl", env)
-        out, err = done.communicate(timeout=900)
+        out, err = done.communicate(timeout=CEILING_S)
     assert done.returncode == 0, err
     warning = [line for line in err.splitlines() if "warning" in line.lower() or "Traceback" in line]
     assert len(warning) == 1, err
@@ -237,7 +237,7 @@ def test_jax_cache_entry_warnings_become_one_line(capsys):
 def test_an_infinite_cache_size_is_refused():
     done = subprocess.run([sys.executable, "-m", "urm_jax.cli", "memory", "configs/hardware/v5p-8.yaml"],
                           cwd=ROOT, env=cli_env(URM_JAX_COMPILATION_CACHE_GB="inf"),
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=CEILING_S)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: URM_JAX_COMPILATION_CACHE_GB='inf': expected a positive number of GB"
 
@@ -260,7 +260,7 @@ def test_sigterm_removes_the_temporary_and_says_so(tiny_model, tmp_path):
         temps = lambda: [p for p in tmp_path.glob(".out.jsonl.tmp-*") if p != stale]  # noqa: E731
         wait_for(lambda: temps() and not stale.exists(), "score to create its output's temporary", proc)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=900)
+        _, err = proc.communicate(timeout=CEILING_S)
     finally:
         os.close(writer)
     assert proc.returncode == 143, err

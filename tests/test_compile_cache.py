@@ -147,13 +147,14 @@ def test_cache_off_stores_nothing(model, tmp_path):
     assert not (tmp_path / "cache" / compile_cache.PROGRAMS).exists()
 
 
-def test_warm_resumed_training_loads_the_step_and_trains_the_same(tmp_path):
+def test_warm_resumed_training_loads_the_step_and_trains_the_same(tmp_path, monkeypatch):
     """A second run of the same recipe in another directory (a resume, a rerun) loads the
     training step whole and ends with the same weights, bit for bit."""
     from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
     from urm_jax.checkpoint import load_params
 
-    os.environ.setdefault("URM_JAX_CACHE", str(tmp_path / "tok"))
+    if "URM_JAX_CACHE" not in os.environ:  # not set for the rest of this worker's tests
+        monkeypatch.setenv("URM_JAX_CACHE", str(tmp_path / "tok"))
     base = write_random_hf(tmp_path / "base", llama3_hf_config(hidden_size=32, intermediate_size=64, num_layers=2,
                                                                num_heads=4, num_kv_heads=2),
                            dtype="float32", gate_dtype="float16", tokenizer_dir=cached_llama3_tokenizer_dir(),

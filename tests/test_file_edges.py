@@ -278,15 +278,14 @@ def test_atomic_file_sweeps_temporaries_of_dead_processes(ckpt, tmp_path):
 
     from urm_jax.io_utils import atomic_file
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead_pid = 999999999  # above any pid_max: no such process (a reaped child's pid could be reused)
     alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         out = tmp_path / "o.jsonl"
         host = socket.gethostname()
-        stale = tmp_path / f".o.jsonl.tmp-{host}-{dead.pid}"
+        stale = tmp_path / f".o.jsonl.tmp-{host}-{dead_pid}"
         live = tmp_path / f".o.jsonl.tmp-{host}-{alive.pid}"
-        other_host = tmp_path / f".o.jsonl.tmp-{host}x-{dead.pid}"
+        other_host = tmp_path / f".o.jsonl.tmp-{host}x-{dead_pid}"
         for temp in (stale, live, other_host):
             temp.write_text("half a file")
         inp = tmp_path / "in.jsonl"

@@ -69,6 +69,14 @@ def conversations(tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def short_conversations(conversations, tmp_path_factory) -> Path:
+    """A JSONL of the two shorter conversations (for parity runs whose point is not length)."""
+    path = tmp_path_factory.mktemp("real_inputs") / "short.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in conversations[1][:2]))
+    return path
+
+
+@pytest.fixture(scope="module")
 def init32(smollm2, tmp_path_factory):
     """`convert init` with a float32 gate (the fp32 bounds), and its `to_hf` export."""
     work = tmp_path_factory.mktemp("real32")
@@ -128,14 +136,12 @@ def test_fp32_parity_on_real_conversations(init32, conversations, tmp_path):
     assert report["pooling"] is None and max(report["max_rel"].values()) <= report["tolerance"]
 
 
-def test_keep_dtype_parity_with_the_fp16_gate(smollm2, conversations, tmp_path):
+def test_keep_dtype_parity_with_the_fp16_gate(smollm2, short_conversations, tmp_path):
     """The default init (gate in float16, as the released URM) in its own dtypes, on the two
     shorter conversations (the fp32 test covers the long ones; the gate's dtype is what differs)."""
     run_ok("init", str(smollm2), str(tmp_path / "init"))
     run_ok("to_hf", str(tmp_path / "init"), str(tmp_path / "hf"))
-    short = tmp_path / "short.jsonl"
-    short.write_text("".join(json.dumps(e) + "\n" for e in conversations[1][:2]))
-    report = parity(tmp_path / "hf", tmp_path / "init", short, "keep", tmp_path / "keep.json")
+    report = parity(tmp_path / "hf", tmp_path / "init", short_conversations, "keep", tmp_path / "keep.json")
     assert (report["compute_dtype"], report["gate_dtype"]) == ("float32", "float16")
     assert max(report["max_rel"].values()) <= TOLERANCES[("float32", "float16")]
 
@@ -201,7 +207,7 @@ def train(config: str, *overrides: str) -> Path:
     return Path(json.loads(done.stdout.strip().splitlines()[-1])["final_checkpoint"])
 
 
-def test_init_stage1_stage2_to_hf_equals_transformers(init32, conversations, tmp_path):
+def test_init_stage1_stage2_to_hf_equals_transformers(init32, short_conversations, tmp_path):
     """A few stage-1 steps with the small-base recipe (its learning rates do not diverge on real
     weights: the regression error falls on the same examples), stage 2 on a few pairs, then the
     export scores like urm-jax in transformers within the fp32 bounds."""
@@ -225,9 +231,7 @@ def test_init_stage1_stage2_to_hf_equals_transformers(init32, conversations, tmp
                    f"output_dir={tmp_path / 's2'}", f"data.train={pairs}", "global_batch_size=8",
                    "epochs=2", *common)
     run_ok("to_hf", str(stage2), str(tmp_path / "hf"))
-    short = tmp_path / "short.jsonl"
-    short.write_text("".join(json.dumps(e) + "\n" for e in conversations[1][:2]))
-    report = parity(tmp_path / "hf", stage2, short, "float32", tmp_path / "trained.json")
+    report = parity(tmp_path / "hf", stage2, short_conversations, "float32", tmp_path / "trained.json")
     assert max(report["max_rel"].values()) <= TOLERANCES[("float32", "float32")]
 
     # The model card says how it was trained, and its snippet (ChatML: read at <|im_end|>, with

@@ -31,10 +31,6 @@ class OutputConflictError(ValueError):
     """An output that would replace or sit inside an input, or another output of the same run."""
 
 
-class OutputNotWritableError(PermissionError):
-    """An output whose directory cannot be written (read-only, no permission)."""
-
-
 def _resolved(path: str | Path) -> Path:
     """`path` made absolute with every symlink of it (and of its existing parents) resolved,
     so `x`, `./x`, `dir/../x` and a link to x compare equal."""

