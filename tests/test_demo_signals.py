@@ -4,7 +4,6 @@ handler stops first; Ctrl-C (SIGINT) is not swallowed: KeyboardInterrupt ends it
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,16 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from faults import CEILING_S, ROOT, cli_env
 from urm_jax.demo import DemoStopped, step, stop_on_sigterm
 from urm_jax.train.preemption import TrainingPreempted
 
-ROOT = Path(__file__).resolve().parent.parent
-CEILING_S = 600  # generous: the wait is for an event (a line, an exit), not a speed
 
 
 def start_demo(workdir: Path) -> tuple[subprocess.Popen, list[str]]:
     """The demo as a user runs it, and its stdout lines as they come."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env = cli_env(1, PYTHONUNBUFFERED="1")  # one device, as a user's CPU run
     proc = subprocess.Popen([sys.executable, "-m", "urm_jax.cli", "demo", "--workdir", str(workdir)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

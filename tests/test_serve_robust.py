@@ -25,7 +25,7 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from test_serve import (LIMITS, MAX_LENGTH, WAIT_S, _cli_env, _start, assert_error, chat_model,  # noqa: F401
+from test_serve import (LIMITS, MAX_LENGTH, WAIT_S, _cli_env, _start, assert_error, chat_model, client,  # noqa: F401
                         ensemble, pool, post, reference, score_cli, serving, wait_for, wait_ready)
 from urm_jax.api import RewardModel, reward_function
 from urm_jax.cli import build_parser, main as cli_main, serve_warmup_length
@@ -37,12 +37,6 @@ from urm_jax.serve.batcher import Batcher
 from urm_jax.serve.server import ServerThread
 
 SURROGATE = "\ud800"
-
-
-@pytest.fixture(scope="module")
-def client():
-    with httpx.Client(timeout=WAIT_S, limits=httpx.Limits(max_connections=64)) as c:
-        yield c
 
 
 def check_metrics_agree(metrics: dict) -> None:
