@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 from pathlib import Path
 
 from urm_jax.config import ModelConfig
@@ -93,9 +94,14 @@ def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
 
 
 def host_available_bytes() -> int | None:
-    """The host's available RAM in bytes (/proc/meminfo MemAvailable, else free pages), no
-    margin; None when it cannot be read."""
-    return _meminfo_available()
+    """The bytes this process may still take on the host, no margin: the available RAM
+    (/proc/meminfo MemAvailable, else free pages), capped by the process's address-space limit
+    (`ulimit -v`, RLIMIT_AS) when one is set; None when neither can be read."""
+    available = _meminfo_available()
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit != resource.RLIM_INFINITY:
+        available = limit if available is None else min(available, limit)
+    return available
 
 
 def available_bytes(devices) -> int | None:
