@@ -431,6 +431,28 @@ def test_packed_pair_batches(pairs):
         BatchIterator(examples, batch_size=2, seq_len=SEQ_LEN, seed=3, pack=True, max_segments=7)
 
 
+def test_stage2_default_segment_cap_packs_the_bundled_pairs_and_a_binding_cap_is_named(pairs):
+    """A stage-2 config without `data.max_segments` packs 8 pairs (16 sides) per 2 x seq_len row:
+    >= 90% real tokens on the bundled pairs (median 51 tokens a side), where the stage-1 default
+    of 8 sides (4 pairs) leaves about half of each row empty; the run's log then names the cap and
+    what twice it would give. Stage 1 keeps the recipe's 8; an explicit value is kept."""
+    from urm_jax.train.config import DataConfig, LossConfig, TrainConfig
+
+    stage2 = TrainConfig(stage=2, loss=LossConfig(kind="bt"), stage2_cached_features=False)
+    assert stage2.data.max_segments == 16 and TrainConfig(stage=1).data.max_segments == 8
+    assert TrainConfig(stage=2, loss=LossConfig(kind="bt"), data=DataConfig(max_segments=4)).data.max_segments == 4
+    examples, _ = pairs
+    default = BatchIterator(examples, batch_size=2, seq_len=SEQ_LEN, seed=0, pack=True,
+                            max_segments=stage2.data.max_segments)
+    capped = BatchIterator(examples, batch_size=2, seq_len=SEQ_LEN, seed=0, pack=True, max_segments=8)
+    assert default.epoch_stats(0)["padding_efficiency"] >= 0.90
+    assert capped.epoch_stats(0)["padding_efficiency"] < 0.60
+    assert default.segment_cap_hint(0) is None
+    hint = capped.segment_cap_hint(0)
+    assert hint is not None and hint.startswith("data.max_segments=8 limits packing: 16 would make 9"), hint
+    assert BatchIterator(examples, batch_size=2, seq_len=SEQ_LEN, seed=0, pack=False).segment_cap_hint(0) is None
+
+
 def test_packed_pairs_on_a_helpsteer2_like_mix():
     """>= 90% real tokens for HelpSteer2-like pairs (median ~600 tokens a side) at seq_len 4096."""
     from urm_jax.data.batching import plan_epoch

@@ -4,6 +4,7 @@ interrupted are first held at a known step (tests/faults.py), so no test races t
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,27 @@ def test_stage2_trains_only_the_gate_and_exports(stage1, tmp_path):
     card = (export / "README.md").read_text()
     assert "- Stage 1: `urm-jax train` on" in card and "- Stage 2: `urm-jax train` on" in card
     assert f"{trained[1]['steps']} steps" in card and "Eval (step 8)" in card
+
+
+def test_uncached_stage2_names_a_segment_cap_that_limits_packing(stage1, tmp_path):
+    """Full-model BT on packed pairs (`stage2_cached_features=false`): with 8 sides a row (4
+    pairs of the bundled ~51-token sides in 2 x 640 slots) about half of each row is padding and
+    the log says what 16 would give; the stage-2 default (16) packs >= 90% real tokens."""
+    _, s1_final = stage1
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    logs = {}
+    for cap in ("8", "null"):
+        done = subprocess.run(train_cmd(STAGE2, f"model={s1_final}", f"output_dir={tmp_path / cap}",
+                                        "stage2_cached_features=false", "data.pack=true", f"data.max_segments={cap}",
+                                        "global_batch_size=2", "max_steps=1", "checkpoint.async_save=false"),
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs[cap] = done.stderr
+    hint = [line for line in logs["8"].splitlines() if line.startswith("hint: data.max_segments=8")]
+    assert len(hint) == 1 and "limits packing: 16 would make 9" in hint[0], logs["8"][-3000:]
+    assert "hint:" not in logs["null"]
+    real = re.search(r"; ([0-9.]+)% of the first epoch's token slots are real tokens", logs["null"])
+    assert real and float(real.group(1)) >= 90, logs["null"][-3000:]
 
 
 def test_stage1_from_convert_init_of_a_base(tmp_path):

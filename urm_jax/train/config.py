@@ -68,12 +68,21 @@ def _in_range(cfg, prefix: str, **ranges) -> None:
             raise TrainConfigError(f"`{prefix}{name}`: must be {bound}, got {value}")
 
 
+# Segments a packed row holds at most when `data.max_segments` is null, per stage. Stage 1: the
+# recipe's 8 conversations per 4096-token row. Stage 2: 16 sides = 8 whole pairs per 2 x seq_len
+# row (`bench/padding_waste.py`: 94% real tokens on the bundled pairs at seq_len 591 where 4 pairs
+# a row give 57%; 97% on HelpSteer2-like pairs at 4096). A larger cap costs a few pooled slots.
+DEFAULT_MAX_SEGMENTS = {1: 8, 2: 16}
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The `data:` section: `train` (and optional `eval`) sources, a JSONL/parquet path or a hub dataset
     name with their splits; `seq_len` in tokens per conversation (>= 8; longer ones are left-truncated);
     `pack` (several conversations per row in stage 1, whole pairs in 2 x seq_len rows in stage 2) with
-    at most `max_segments` per row; `shuffle_seed` in [0, 2**32 - 1]; stage 1's `label_range`
+    at most `max_segments` per row (null: the stage's default, `DEFAULT_MAX_SEGMENTS`: 8
+    conversations as the stage-1 recipe, 16 sides = 8 pairs in stage 2, where the bundled pairs
+    (median 51 tokens a side) would leave half of each 2 x seq_len row empty at 8); `shuffle_seed` in [0, 2**32 - 1]; stage 1's `label_range`
     [low, high] (None: the model's recorded range, else its preset's). TrainConfigError names the key
     of a value out of range."""
     train: str = ""  # jsonl/parquet path or hub dataset name
@@ -82,14 +91,16 @@ class DataConfig:
     eval_split: str = "validation"
     seq_len: int = 4096
     pack: bool = True  # stage 1: conversations per row; stage 2 (uncached): whole pairs per 2*seq_len row
-    max_segments: int = 8
+    max_segments: int | None = None  # None: DEFAULT_MAX_SEGMENTS[stage], set by TrainConfig
     shuffle_seed: int = 0
     # Stage 1: [low, high] every label must lie in (rows outside are dropped and counted).
     # null: what `convert init` recorded for the model (`urm_label_range`), else its preset's.
     label_range: tuple[float, float] | None = None
 
     def __post_init__(self):
-        _at_least(self, "data.", seq_len=8, max_segments=1)
+        _at_least(self, "data.", seq_len=8)
+        if self.max_segments is not None:
+            _at_least(self, "data.", max_segments=1)
         _in_range(self, "data.", shuffle_seed=(0, MAX_SEED))
         if self.label_range is not None:
             try:
@@ -269,6 +280,9 @@ class TrainConfig:
         if self.mesh.count(-1) > 1 or any(s == 0 or s < -1 for s in self.mesh):
             raise TrainConfigError(f"`mesh`: {list(self.mesh)} needs 3 positive sizes (data, fsdp, "
                                    "tensor), at most one of them -1 (the remaining devices)")
+        if self.data.max_segments is None:  # frozen: the resolved value replaces the section
+            object.__setattr__(self, "data", dataclasses.replace(
+                self.data, max_segments=DEFAULT_MAX_SEGMENTS[self.stage]))
         if self.stage == 2 and self.data.pack and self.data.max_segments % 2:
             raise TrainConfigError(f"`data.max_segments`: packed pairs take two segments each (chosen, "
                                    f"rejected); give an even number, got {self.data.max_segments}")

@@ -516,6 +516,9 @@ class TrainingRun:
             f"{self.total_steps} steps"
             + ("" if cfg.use_features else f"; {self.iterator.epoch_stats(0)['padding_efficiency']:.1%} "
                "of the first epoch's token slots are real tokens"))
+        hint = None if cfg.use_features else self.iterator.segment_cap_hint(0)
+        if hint:
+            log(f"hint: {hint}")
         self.trainer = build_trainer(self.model_cfg, params, cfg, self.total_steps, self.mesh)
         del params
         self.eval_batches = load_eval_batches(cfg, self.model_cfg, tokenizer, pad_id, self.trainer)
