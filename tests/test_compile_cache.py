@@ -244,6 +244,36 @@ def test_a_half_written_entry_is_removed_and_new_entries_are_cached(tmp_path):
     assert len(written) == 1 and written[0].replace("-cache", "-atime") in names, names
 
 
+# Twelve programs of growing size, each through stored_jit (so each is in both stores).
+MANY_PROGRAMS = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    from urm_jax import compile_cache
+    compile_cache.enable(sys.argv[1])
+    for n in range(1, 13):
+        f = compile_cache.stored_jit(jax.jit(lambda x, n=n: jnp.tanh(jnp.sin(x) @ x.T * n) @ x),
+                                     name="t", key=("t", n))
+        f(jnp.ones((n * 8, 64))).block_until_ready()
+""")
+
+
+def test_the_whole_cache_directory_stays_within_its_bound(tmp_path):
+    """URM_JAX_COMPILATION_CACHE_GB bounds the directory, JAX's entries and stored programs
+    together (each program is in both): twelve programs of ~5 KB (JAX, compressed) + ~13-24 KB
+    (stored whole) under a 60 KB bound leave at most 60 KB, the newest programs kept."""
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-c", MANY_PROGRAMS, str(cache)], cwd=ROOT,
+                          env=cli_env(1, URM_JAX_COMPILATION_CACHE_GB="0.00006",
+                                      URM_JAX_COMPILATION_CACHE_MIN_SECONDS="0"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = [p for p in cache.rglob("*") if p.is_file() and p.name != ".lockfile"]
+    programs = [p for p in files if p.suffix == ".program"]
+    total = sum(p.stat().st_size for p in files)
+    assert total <= 60_000, sorted((p.stat().st_size, p.name) for p in files)
+    assert programs and any(p.name.endswith("-cache") for p in files)  # both stores still hold some
+
+
 def test_repair_waits_for_a_writer_holding_the_lock(tmp_path, monkeypatch):
     """An entry being written by another process (it holds JAX's lock between writing `-cache`
     and `-atime`) is not half-written: while the lock is held elsewhere, repair removes nothing."""

@@ -6,8 +6,8 @@ programs from disk instead of compiling them again. The cache lives under the us
 directory (`$XDG_CACHE_HOME/urm-jax/jax-compilation-cache`, else
 `~/.cache/urm-jax/jax-compilation-cache`); `URM_JAX_COMPILATION_CACHE=DIR` moves it and
 `URM_JAX_COMPILATION_CACHE=off` turns it off. It is bounded (`URM_JAX_COMPILATION_CACHE_GB`,
-default 8) with least-recently-used eviction, which also makes JAX take a file lock around every
-read and write: several processes (hosts of a job sharing a directory, parallel scoring jobs)
+default 8, JAX's entries and `stored_jit`'s programs together) with least-recently-used
+eviction, which also makes JAX take a file lock around every read and write: several processes (hosts of a job sharing a directory, parallel scoring jobs)
 can use one cache safely. The cache is optional: a directory that cannot be created, written or
 read is reported in one `warning:` line naming it and `URM_JAX_COMPILATION_CACHE`, and the
 command runs without a cache; an entry that cannot be read or written later only costs a
@@ -144,7 +144,10 @@ def enable(path: str | Path | None = None, *, source: str = ENV_DIR) -> Path | N
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ.get(ENV_MIN_SECONDS, MIN_COMPILE_SECONDS)))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", int(size_gb * 1e9))
+    # A program stored_jit keeps is in JAX's own cache too (JAX writes every program it compiles;
+    # it has no per-call switch), so the two stores split the bound and the directory as a whole
+    # stays within URM_JAX_COMPILATION_CACHE_GB: half each, each least-recently-used first.
+    jax.config.update("jax_compilation_cache_max_size", int(size_gb * 1e9 / 2))
     if not gpu_plugin_installed():
         # JAX's default points XLA's GPU autotuning cache into this directory through the compile
         # options, which are part of every entry's key: the entries' keys would name the path, and
@@ -152,7 +155,7 @@ def enable(path: str | Path | None = None, *, source: str = ENV_DIR) -> Path | N
         # Without a GPU backend the option only does that.
         jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
     global _max_bytes
-    _max_bytes = int(size_gb * 1e9)
+    _max_bytes = int(size_gb * 1e9 / 2)
     return directory
 
 
