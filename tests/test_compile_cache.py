@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from faults import cli_env
+from faults import cli_env, write_tiny_base
 from urm_jax import compile_cache
 from urm_jax.compile_cache import CompileMeter, stable_repr
-from urm_jax.hf.synthetic import llama3_hf_config, tiny_hf_config, write_random_hf
+from urm_jax.hf.synthetic import tiny_hf_config, write_random_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE1 = str(ROOT / "configs/train/tiny_stage1.yaml")
@@ -150,15 +150,11 @@ def test_cache_off_stores_nothing(model, tmp_path):
 def test_warm_resumed_training_loads_the_step_and_trains_the_same(tmp_path, monkeypatch):
     """A second run of the same recipe in another directory (a resume, a rerun) loads the
     training step whole and ends with the same weights, bit for bit."""
-    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
     from urm_jax.checkpoint import load_params
 
     if "URM_JAX_CACHE" not in os.environ:  # not set for the rest of this worker's tests
         monkeypatch.setenv("URM_JAX_CACHE", str(tmp_path / "tok"))
-    base = write_random_hf(tmp_path / "base", llama3_hf_config(hidden_size=32, intermediate_size=64, num_layers=2,
-                                                               num_heads=4, num_kv_heads=2),
-                           dtype="float32", gate_dtype="float16", tokenizer_dir=cached_llama3_tokenizer_dir(),
-                           progress=False)
+    base = write_tiny_base(tmp_path / "base")
     code = textwrap.dedent("""
         from urm_jax import cli
         argv = ["train", sys.argv[2], "model=" + sys.argv[3], "output_dir=" + sys.argv[4], "max_steps=2",

@@ -14,6 +14,7 @@ import pytest
 from urm_jax import demo as demo_module
 from convert.__main__ import main as convert_main
 from urm_jax.cli import main as cli_main
+from faults import write_tiny_base
 from refusals import refused, snapshot
 
 
@@ -81,14 +82,8 @@ def test_demo_mark_counts_only_where_it_was_made(fake_checkout, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A two-step stage-1 run of a tiny random URM, a checkpoint per step (in-process)."""
-    from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
-    from urm_jax.hf.synthetic import llama3_hf_config, write_random_hf
-
     root = tmp_path_factory.mktemp("tiny_run")
-    cfg = llama3_hf_config(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                           num_kv_heads=2, rope_theta=500000.0)
-    base = write_random_hf(root / "base", cfg, dtype="float32", gate_dtype="float16",
-                           tokenizer_dir=cached_llama3_tokenizer_dir(), progress=False)
+    base = write_tiny_base(root / "base")
     run = root / "run"
     assert cli_main(["train", str(STAGE1), f"model={base}", f"output_dir={run}", "max_steps=2",
                      "checkpoint.async_save=false", "checkpoint.every_steps=1", "global_batch_size=8"]) == 0
