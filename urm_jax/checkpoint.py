@@ -29,12 +29,12 @@ import math
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-import jax
 import ml_dtypes
 import numpy as np
 import xxhash
@@ -44,7 +44,10 @@ from urm_jax.finite import check_finite, check_tree_finite
 from urm_jax import io_utils
 from urm_jax.io_utils import atomic_dir
 from urm_jax.validate import Fields, MetadataError, read_json
-from urm_jax.model.urm import abstract_model, param_logical_axes
+
+# JAX, Flax and the model are imported by the functions that need them (Orbax restores, in-memory
+# saves of jax arrays): the streaming converters write and read checkpoints with numpy alone, and
+# those imports would be a third of a conversion's time.
 
 FORMAT = "urm-jax"
 LAYOUT_VERSION = 1
@@ -110,6 +113,10 @@ def chunk_rows(shape: tuple[int, ...], dtype, stacked: bool = False) -> int:
 
 def stacked_paths(cfg: ModelConfig) -> set[tuple[str, ...]]:
     """Parameters whose first axis is the `layers` axis (from the model's logical axes)."""
+    import jax
+
+    from urm_jax.model.urm import abstract_model, param_logical_axes
+
     axes = param_logical_axes(abstract_model(cfg))
     return {tuple(str(k.key) for k in path)
             for path, leaf in jax.tree_util.tree_flatten_with_path(
@@ -181,7 +188,8 @@ class ParamsWriter:
     def write_array(self, path: tuple[str, ...], value, stacked: bool = False) -> None:
         """Declare and write a whole in-memory array (numpy or a fully addressable jax.Array),
         one chunk at a time: a sharded jax.Array is gathered chunk by chunk, never whole."""
-        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        jax = sys.modules.get("jax")  # a jax.Array exists only once JAX is loaded
+        if jax is not None and isinstance(value, jax.Array) and not value.is_fully_addressable:
             raise CheckpointError(f"{keystr(path)}: spans several hosts; gather it first, or save "
                                   "with an Orbax CheckpointManager")
         rows = chunk_rows(value.shape, value.dtype, stacked)
@@ -239,6 +247,8 @@ def save_checkpoint(out_dir: str | Path, params: dict, cfg: ModelConfig, *,
                     tokenizer_dir: str | Path | None = None, overwrite: bool = False,
                     hf_config: dict | None = None) -> Path:
     """Write an in-memory params tree (numpy or jax arrays) + config + tokenizer atomically."""
+    import jax
+
     with checkpoint_writer(out_dir, hf_config or cfg.hf_config, tokenizer_dir=tokenizer_dir,
                            overwrite=overwrite) as writer:
         stacked = stacked_paths(cfg)
@@ -387,6 +397,7 @@ def verify_checksums(path: str | Path) -> int:
 
 def stored_param_metadata(path: str | Path) -> dict:
     """Tree of jax.ShapeDtypeStruct with each tensor's stored shape and dtype."""
+    import jax
     import orbax.checkpoint as ocp  # lazily: 1.5 s of imports the streaming converters skip
 
     meta = ocp.StandardCheckpointer().metadata(_params_dir(path)[0]).item_metadata
@@ -407,6 +418,7 @@ def load_params(path: str | Path, shardings=None, *, allow_nonfinite: bool = Fal
     chunk whose bytes differ from its recorded checksum CheckpointError naming the file (on one
     process; a multi-host job's processes each restore only their shards, and reading every
     chunk on every host to hash it would multiply the job's reads by its host count)."""
+    import jax
     import orbax.checkpoint as ocp
 
     target = stored_param_metadata(path)

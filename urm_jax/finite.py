@@ -10,8 +10,8 @@ Errors are `NonFiniteError` (a ValueError: one `error:` line, exit 2) naming the
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import functools
+
 import ml_dtypes
 import numpy as np
 
@@ -117,19 +117,27 @@ def checked_astype(values: np.ndarray, dtype, what: str) -> np.ndarray:
     return out
 
 
-@jax.jit
-def _overflowed(pairs: list) -> list:
-    return [jnp.sum(~jnp.isfinite(out)) > jnp.sum(~jnp.isfinite(src)) for src, out in pairs]
+# The device checks below compile on first use: JAX is imported there, not by this module, which
+# the converters load (numpy only; JAX's import would be a third of a conversion's time).
+@functools.cache
+def _overflowed():
+    import jax
+    import jax.numpy as jnp
+    return jax.jit(lambda pairs: [jnp.sum(~jnp.isfinite(out)) > jnp.sum(~jnp.isfinite(src))
+                                  for src, out in pairs])
 
 
-def check_device_casts(casts: list[tuple[str, jax.Array, jax.Array]], where: str) -> None:
+def check_device_casts(casts: list, where: str) -> None:
     """`check_cast` for arrays on devices: (name, source, cast result) of every narrowing cast,
     tested in one compiled reduction (one bool per cast comes back). NonFiniteError names the
-    first parameter whose cast turned a finite value into Inf."""
+    first parameter whose cast turned a finite value into Inf (`casts`: a list of
+    (str, jax.Array, jax.Array))."""
+    import jax
+
     casts = [c for c in casts if narrows(c[1].dtype, c[2].dtype)]
     if not casts:
         return
-    flags = jax.device_get(_overflowed([(src, out) for _, src, out in casts]))
+    flags = jax.device_get(_overflowed()([(src, out) for _, src, out in casts]))
     for (name, src, out), bad in zip(casts, flags):
         if bad:
             raise NonFiniteError(
@@ -137,16 +145,20 @@ def check_device_casts(casts: list[tuple[str, jax.Array, jax.Array]], where: str
                 f"(largest finite {max_finite(out.dtype):g}) would become Inf; keep a wider dtype")
 
 
-@jax.jit
-def _any_nonfinite(leaves: list) -> list:
-    return [jnp.any(~jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(False)
-            for x in leaves]
+@functools.cache
+def _any_nonfinite():
+    import jax
+    import jax.numpy as jnp
+    return jax.jit(lambda leaves: [jnp.any(~jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                                   else jnp.bool_(False) for x in leaves])
 
 
 def check_tree_finite(tree, where: str, *, hint: str = "") -> None:
     """NonFiniteError naming `where` and the parameter (its dotted path) when a leaf of `tree`
     (numpy arrays, or jax arrays, sharded or not, tested on their devices in one compiled
     reduction: nothing comes back to the host but one bool per leaf) holds NaN or Inf."""
+    import jax
+
     named = [(".".join(str(getattr(k, "key", k)) for k in path), leaf)
              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
     on_device = [(name, leaf) for name, leaf in named if isinstance(leaf, jax.Array)]
@@ -154,7 +166,7 @@ def check_tree_finite(tree, where: str, *, hint: str = "") -> None:
         if not isinstance(leaf, jax.Array):
             check_finite(np.asarray(leaf), f"{where}: parameter {name}", hint=hint)
     if on_device:
-        flags = jax.device_get(_any_nonfinite([leaf for _, leaf in on_device]))
+        flags = jax.device_get(_any_nonfinite()([leaf for _, leaf in on_device]))
         for (name, _), bad in zip(on_device, flags):
             if bad:
                 raise NonFiniteError(f"{where}: parameter {name} holds NaN or Inf"

@@ -15,7 +15,7 @@ from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
 from urm_jax.config import np_dtype
 from urm_jax.finite import check_cast
 from urm_jax.hf.card import model_card, provenance, read_eval_metrics
-from urm_jax.loading import load_tokenizer
+from urm_jax.data.tokenization import load_tokenizer
 from urm_jax.hf.mapping import Alloc
 from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units,
                              unit_progress, warn_if_pad_is_eos)

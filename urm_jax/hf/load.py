@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import Callable
 
-import jax
 import numpy as np
 
 from urm_jax.checkpoint import checkpoint_writer
@@ -130,6 +129,8 @@ def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
 
 
 def _device_array(weights: HFWeights, plan: Plan, sharding, allow_nonfinite: bool, bar: Progress):
+    import jax  # here: from_hf writes a checkpoint with numpy alone, never loading JAX
+
     boxes: dict[tuple, tuple[Box, list]] = {}  # replicas share a box: read it once
     for device, index in sharding.addressable_devices_indices_map(plan.shape).items():
         box = normalize_box(index, plan.shape)
