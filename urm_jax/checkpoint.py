@@ -132,7 +132,7 @@ class ParamsWriter:
 
     An uncompressed zarr v2 chunk is the chunk's C-order bytes in a file named by its chunk
     index ("3.0.0"); the last chunk along the first dim is padded to full size, as zarr requires.
-    Chunks are filled in place through a file mapping (`chunk`): no write(2) copy."""
+    Each chunk is filled in memory (`chunk`) and written whole with write(2)."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
@@ -156,34 +156,45 @@ class ParamsWriter:
                              "todo": set(range(0, shape[0], rows)), "digests": {}}
 
     @contextlib.contextmanager
-    def chunk(self, path: tuple[str, ...], start: int) -> Iterator[np.ndarray]:
+    def chunk(self, path: tuple[str, ...], start: int, alloc=np.empty) -> Iterator[np.ndarray]:
         """The chunk holding rows from `start` (a multiple of the chunk rows), as a writable
-        array of the rows it holds, mapped onto its new file. The file is created full size
-        (zarr pads the last chunk; the padding stays zero). Counted as written on success."""
+        array of the rows it holds, taken from `alloc(shape, dtype)` (a converter's pooled
+        buffer): filled by the caller, then written to its new file and counted as written
+        when the block succeeds (nothing is written when it fails)."""
         meta = self.arrays[path]
-        shape, rows, dtype = meta["shape"], meta["rows"], meta["dtype"]
+        shape, rows = meta["shape"], meta["rows"]
         if start % rows or not 0 <= start < shape[0]:
             raise AssertionError(f"{keystr(path)}: no chunk starts at row {start}")
-        held = min(rows, shape[0] - start)
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        file = meta["dir"] / chunk_file_name(start, rows, len(shape))
-        io_utils.create_output(file, rows * row_bytes)
-        with io_utils.mapped(file, 0, held * row_bytes) as raw:
-            yield raw.view(dtype).reshape(held, *shape[1:])
-            digest = chunk_digest(raw)  # of the rows held, from the page cache just written
+        block = alloc((min(rows, shape[0] - start), *shape[1:]), meta["dtype"])
+        yield block
+        self._store(path, start, block)
+
+    def _store(self, path: tuple[str, ...], start: int, block: np.ndarray) -> None:
+        """Write the chunk starting at row `start` from `block` (C-contiguous, the rows it
+        holds) with write(2) into a new file, padded to full size as zarr requires (the padding
+        is zero), and record its digest. write(2) from memory costs half the CPU of filling a
+        fresh shared file mapping (a page fault per 4 KB page, on pages the kernel first
+        zeroes) and ENOSPC is an error, not a SIGBUS."""
+        meta = self.arrays[path]
+        shape, rows = meta["shape"], meta["rows"]
+        data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        digest = chunk_digest(data)  # of the rows held, while they are in cache
+        padding = (rows - block.shape[0]) * math.prod(shape[1:]) * meta["dtype"].itemsize
+        io_utils.create_output(meta["dir"] / chunk_file_name(start, rows, len(shape)), padding,
+                               head=data)
         with self._lock:
             meta["todo"].discard(start)
             meta["digests"][start // rows] = digest
 
     def write(self, path: tuple[str, ...], start: int, block: np.ndarray) -> None:
         """Write rows [start, start + len(block)) of a parameter from memory; whole chunks."""
-        rows = self.arrays[path]["rows"]
+        rows, shape = self.arrays[path]["rows"], self.arrays[path]["shape"]
         for first in range(start, start + block.shape[0], rows):
-            with self.chunk(path, first) as out:
-                if out.shape != block[first - start:first - start + rows].shape:
-                    raise AssertionError(f"{keystr(path)}: block rows {start}+{block.shape[0]} "
-                                         f"do not cover whole chunks of {rows} rows")
-                out[...] = block[first - start:first - start + rows]
+            part = block[first - start:first - start + rows]
+            if start % rows or part.shape != (min(rows, shape[0] - first), *shape[1:]):
+                raise AssertionError(f"{keystr(path)}: block rows {start}+{block.shape[0]} "
+                                     f"do not cover whole chunks of {rows} rows")
+            self._store(path, first, part)
 
     def write_array(self, path: tuple[str, ...], value, stacked: bool = False) -> None:
         """Declare and write a whole in-memory array (numpy or a fully addressable jax.Array),
