@@ -5,8 +5,9 @@ is removed by the next run writing the same output. Before the rename every file
 the temporary is fsynced, and the parent after it: a power cut cannot leave a complete-looking
 output whose files are still empty or short in the page cache.
 
-Big outputs (checkpoint chunks, safetensors shards) are created with their space reserved and
-filled through shared mappings (`create_output` + `mapped`); a disk error names its file."""
+Big outputs (checkpoint chunks, safetensors shards) are created with their space reserved
+(`create_output`) and written from memory with write(2) (`write_at`), their writeback started
+at once so the final fsync waits for little; a disk error names its file."""
 
 from __future__ import annotations
 
