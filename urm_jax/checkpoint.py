@@ -187,14 +187,15 @@ class ParamsWriter:
             meta["digests"][start // rows] = digest
 
     def write(self, path: tuple[str, ...], start: int, block: np.ndarray) -> None:
-        """Write rows [start, start + len(block)) of a parameter from memory; whole chunks."""
+        """Write rows [start, start + len(block)) of a parameter from memory (cast to the dtype
+        it was declared with); whole chunks."""
         rows, shape = self.arrays[path]["rows"], self.arrays[path]["shape"]
         for first in range(start, start + block.shape[0], rows):
             part = block[first - start:first - start + rows]
             if start % rows or part.shape != (min(rows, shape[0] - first), *shape[1:]):
                 raise AssertionError(f"{keystr(path)}: block rows {start}+{block.shape[0]} "
                                      f"do not cover whole chunks of {rows} rows")
-            self._store(path, first, part)
+            self._store(path, first, np.asarray(part, self.arrays[path]["dtype"]))  # stored bytes
 
     def write_array(self, path: tuple[str, ...], value, stacked: bool = False) -> None:
         """Declare and write a whole in-memory array (numpy or a fully addressable jax.Array),

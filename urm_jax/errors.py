@@ -30,6 +30,7 @@ def describe(err: BaseException) -> str:
         return f"{names + ': ' if names else ''}{err.strerror} (errno {err.errno})"
     return text
 
+
 def _cache_entry_line(message: str) -> str | None:
     """compile_cache.entry_warning's line for JAX's warning `message`, None for any other. Only a
     process that loaded JAX can get one, and commands that never compile (the converters) must
