@@ -330,6 +330,48 @@ def test_v4_config_round_trip_via_subprocess(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_conversions_load_neither_jax_nor_torch(bf16_src, tmp_path):
+    """from_hf and to_hf are numpy work: the process never imports JAX, Flax, Orbax, torch or
+    transformers (their imports took 4 of a conversion's 7 seconds). Run in a fresh interpreter,
+    as `python -m convert` runs; a checkpoint without tokenizer files, so no tokenizer is loaded."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    script = ("import sys\n"
+              "from convert.__main__ import main\n"
+              f"assert main(['from_hf', {str(bf16_src)!r}, {str(ckpt)!r}]) == 0\n"
+              f"assert main(['to_hf', {str(ckpt)!r}, {str(out)!r}]) == 0\n"
+              "heavy = ('jax', 'flax', 'orbax', 'torch', 'transformers')\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert_bit_exact(read_tensors(bf16_src), read_tensors(out))
+
+
+@pytest.mark.parametrize("hf", [
+    dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+         num_key_value_heads=2, vocab_size=96),
+    dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+         num_key_value_heads=2, head_dim=32, vocab_size=40, num_labels=4,
+         urm_attributes=["a", "b"]),
+])
+def test_planned_shapes_are_the_models(hf):
+    """`jax_shapes` (config arithmetic, so the converters plan without Flax) gives every table
+    entry the shape the model itself declares, GQA and a head_dim apart from hidden/heads included."""
+    from flax import nnx
+
+    from urm_jax.config import ModelConfig
+    from urm_jax.hf.mapping import TABLE, get_path
+    from urm_jax.hf.plan import jax_shapes
+    from urm_jax.model.urm import abstract_model
+
+    cfg = ModelConfig.from_hf_dict({"model_type": "llama", "rms_norm_eps": 1e-5,
+                                    "rope_theta": 10000.0, "pad_token_id": 0, **hf})
+    tree = nnx.state(abstract_model(cfg)).to_pure_dict()
+    assert list(jax_shapes(cfg)) == [e.path for e in TABLE]
+    assert jax_shapes(cfg) == {e.path: tuple(get_path(tree, e.path).shape) for e in TABLE}
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. bad input: exit 2, one `error:` line naming the culprit, no output left behind
 

@@ -322,22 +322,25 @@ def test_fast_fill_is_deterministic_and_converts(tmp_path):
 KILL_AFTER = textwrap.dedent("""
     import os, signal, sys
     from urm_jax import io_utils
-    real, fills = io_utils.mapped, []
-    def fill_then_die(*args, writable=True):
-        if writable:  # an output region about to be filled
-            fills.append(args)
-            if len(fills) > int(sys.argv[1]):
-                os.kill(os.getpid(), signal.SIGKILL)  # mid-write, no cleanup possible
-        return real(*args, writable=writable)
-    io_utils.mapped = fill_then_die
+    real, fills = getattr(io_utils, sys.argv[2]), []
+    def fill_then_die(*args, **kwargs):
+        fills.append(args)  # an output's data about to be written
+        if len(fills) > int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-write, no cleanup possible
+        return real(*args, **kwargs)
+    setattr(io_utils, sys.argv[2], fill_then_die)
     from convert.__main__ import main
-    sys.exit(main(sys.argv[2:]))
+    sys.exit(main(sys.argv[3:]))
 """)
 
+# What writes a conversion's data: from_hf creates each checkpoint chunk file with its bytes,
+# to_hf writes each tensor into the shards it laid out first.
+WRITES = {"from_hf": "create_output", "to_hf": "write_at"}
 
-def run_killed(after: int, *argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", KILL_AFTER, str(after), *map(str, argv)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+
+def run_killed(after: int, command: str, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILL_AFTER, str(after), WRITES[command], command,
+                           *map(str, argv)], cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
 def test_sigkill_mid_from_hf_leaves_nothing_that_looks_complete(src, tmp_path):

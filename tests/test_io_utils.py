@@ -113,3 +113,31 @@ def test_directory_fsync_unsupported_is_tolerated_file_fsync_error_is_not(tmp_pa
         with io_utils.atomic_dir(tmp_path / "bad") as tmp:
             (tmp / "b.bin").write_bytes(b"y")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
+def test_a_failed_background_fsync_fails_the_output(tmp_path, monkeypatch):
+    """A big output is fsynced in the background as soon as it is written; when that fsync
+    fails (EIO), Linux reports the error to no later descriptor, so the fsync before the rename
+    must raise the kept error itself: the output is refused naming the file, nothing left."""
+    import errno
+    import time
+
+    real_fsync, failed = os.fsync, []
+
+    def eio_once(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("big.bin") and not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", eio_once)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="Input/output error") as caught:
+        with io_utils.atomic_dir(out) as tmp:
+            io_utils.create_output(tmp / "big.bin", 0, head=bytes(io_utils.EARLY_SYNC_BYTES))
+            deadline = time.monotonic() + 60
+            while not failed and time.monotonic() < deadline:  # the background fsync ran
+                time.sleep(0.01)
+            assert failed
+    assert caught.value.filename.endswith("big.bin")
+    assert list(tmp_path.iterdir()) == []

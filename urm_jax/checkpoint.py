@@ -29,12 +29,12 @@ import math
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-import jax
 import ml_dtypes
 import numpy as np
 import xxhash
@@ -44,7 +44,10 @@ from urm_jax.finite import check_finite, check_tree_finite
 from urm_jax import io_utils
 from urm_jax.io_utils import atomic_dir
 from urm_jax.validate import Fields, MetadataError, read_json
-from urm_jax.model.urm import abstract_model, param_logical_axes
+
+# JAX, Flax and the model are imported by the functions that need them (Orbax restores, in-memory
+# saves of jax arrays): the streaming converters write and read checkpoints with numpy alone, and
+# those imports would be a third of a conversion's time.
 
 FORMAT = "urm-jax"
 LAYOUT_VERSION = 1
@@ -110,6 +113,10 @@ def chunk_rows(shape: tuple[int, ...], dtype, stacked: bool = False) -> int:
 
 def stacked_paths(cfg: ModelConfig) -> set[tuple[str, ...]]:
     """Parameters whose first axis is the `layers` axis (from the model's logical axes)."""
+    import jax
+
+    from urm_jax.model.urm import abstract_model, param_logical_axes
+
     axes = param_logical_axes(abstract_model(cfg))
     return {tuple(str(k.key) for k in path)
             for path, leaf in jax.tree_util.tree_flatten_with_path(
@@ -125,7 +132,7 @@ class ParamsWriter:
 
     An uncompressed zarr v2 chunk is the chunk's C-order bytes in a file named by its chunk
     index ("3.0.0"); the last chunk along the first dim is padded to full size, as zarr requires.
-    Chunks are filled in place through a file mapping (`chunk`): no write(2) copy."""
+    Each chunk is filled in memory (`chunk`) and written whole with write(2)."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
@@ -149,39 +156,52 @@ class ParamsWriter:
                              "todo": set(range(0, shape[0], rows)), "digests": {}}
 
     @contextlib.contextmanager
-    def chunk(self, path: tuple[str, ...], start: int) -> Iterator[np.ndarray]:
+    def chunk(self, path: tuple[str, ...], start: int, alloc=np.empty) -> Iterator[np.ndarray]:
         """The chunk holding rows from `start` (a multiple of the chunk rows), as a writable
-        array of the rows it holds, mapped onto its new file. The file is created full size
-        (zarr pads the last chunk; the padding stays zero). Counted as written on success."""
+        array of the rows it holds, taken from `alloc(shape, dtype)` (a converter's pooled
+        buffer): filled by the caller, then written to its new file and counted as written
+        when the block succeeds (nothing is written when it fails)."""
         meta = self.arrays[path]
-        shape, rows, dtype = meta["shape"], meta["rows"], meta["dtype"]
+        shape, rows = meta["shape"], meta["rows"]
         if start % rows or not 0 <= start < shape[0]:
             raise AssertionError(f"{keystr(path)}: no chunk starts at row {start}")
-        held = min(rows, shape[0] - start)
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        file = meta["dir"] / chunk_file_name(start, rows, len(shape))
-        io_utils.create_output(file, rows * row_bytes)
-        with io_utils.mapped(file, 0, held * row_bytes) as raw:
-            yield raw.view(dtype).reshape(held, *shape[1:])
-            digest = chunk_digest(raw)  # of the rows held, from the page cache just written
+        block = alloc((min(rows, shape[0] - start), *shape[1:]), meta["dtype"])
+        yield block
+        self._store(path, start, block)
+
+    def _store(self, path: tuple[str, ...], start: int, block: np.ndarray) -> None:
+        """Write the chunk starting at row `start` from `block` (C-contiguous, the rows it
+        holds) with write(2) into a new file, padded to full size as zarr requires (the padding
+        is zero), and record its digest. write(2) from memory costs half the CPU of filling a
+        fresh shared file mapping (a page fault per 4 KB page, on pages the kernel first
+        zeroes) and ENOSPC is an error, not a SIGBUS."""
+        meta = self.arrays[path]
+        shape, rows = meta["shape"], meta["rows"]
+        data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        digest = chunk_digest(data)  # of the rows held, while they are in cache
+        padding = (rows - block.shape[0]) * math.prod(shape[1:]) * meta["dtype"].itemsize
+        io_utils.create_output(meta["dir"] / chunk_file_name(start, rows, len(shape)), padding,
+                               head=data)
         with self._lock:
             meta["todo"].discard(start)
             meta["digests"][start // rows] = digest
 
     def write(self, path: tuple[str, ...], start: int, block: np.ndarray) -> None:
-        """Write rows [start, start + len(block)) of a parameter from memory; whole chunks."""
-        rows = self.arrays[path]["rows"]
+        """Write rows [start, start + len(block)) of a parameter from memory (cast to the dtype
+        it was declared with); whole chunks."""
+        rows, shape = self.arrays[path]["rows"], self.arrays[path]["shape"]
         for first in range(start, start + block.shape[0], rows):
-            with self.chunk(path, first) as out:
-                if out.shape != block[first - start:first - start + rows].shape:
-                    raise AssertionError(f"{keystr(path)}: block rows {start}+{block.shape[0]} "
-                                         f"do not cover whole chunks of {rows} rows")
-                out[...] = block[first - start:first - start + rows]
+            part = block[first - start:first - start + rows]
+            if start % rows or part.shape != (min(rows, shape[0] - first), *shape[1:]):
+                raise AssertionError(f"{keystr(path)}: block rows {start}+{block.shape[0]} "
+                                     f"do not cover whole chunks of {rows} rows")
+            self._store(path, first, np.asarray(part, self.arrays[path]["dtype"]))  # stored bytes
 
     def write_array(self, path: tuple[str, ...], value, stacked: bool = False) -> None:
         """Declare and write a whole in-memory array (numpy or a fully addressable jax.Array),
         one chunk at a time: a sharded jax.Array is gathered chunk by chunk, never whole."""
-        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        jax = sys.modules.get("jax")  # a jax.Array exists only once JAX is loaded
+        if jax is not None and isinstance(value, jax.Array) and not value.is_fully_addressable:
             raise CheckpointError(f"{keystr(path)}: spans several hosts; gather it first, or save "
                                   "with an Orbax CheckpointManager")
         rows = chunk_rows(value.shape, value.dtype, stacked)
@@ -239,6 +259,8 @@ def save_checkpoint(out_dir: str | Path, params: dict, cfg: ModelConfig, *,
                     tokenizer_dir: str | Path | None = None, overwrite: bool = False,
                     hf_config: dict | None = None) -> Path:
     """Write an in-memory params tree (numpy or jax arrays) + config + tokenizer atomically."""
+    import jax
+
     with checkpoint_writer(out_dir, hf_config or cfg.hf_config, tokenizer_dir=tokenizer_dir,
                            overwrite=overwrite) as writer:
         stacked = stacked_paths(cfg)
@@ -387,6 +409,7 @@ def verify_checksums(path: str | Path) -> int:
 
 def stored_param_metadata(path: str | Path) -> dict:
     """Tree of jax.ShapeDtypeStruct with each tensor's stored shape and dtype."""
+    import jax
     import orbax.checkpoint as ocp  # lazily: 1.5 s of imports the streaming converters skip
 
     meta = ocp.StandardCheckpointer().metadata(_params_dir(path)[0]).item_metadata
@@ -407,6 +430,7 @@ def load_params(path: str | Path, shardings=None, *, allow_nonfinite: bool = Fal
     chunk whose bytes differ from its recorded checksum CheckpointError naming the file (on one
     process; a multi-host job's processes each restore only their shards, and reading every
     chunk on every host to hash it would multiply the job's reads by its host count)."""
+    import jax
     import orbax.checkpoint as ocp
 
     target = stored_param_metadata(path)

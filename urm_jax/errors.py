@@ -6,7 +6,6 @@ import sys
 import warnings
 from typing import Iterator
 
-from urm_jax import compile_cache
 from urm_jax.checkpoint import CheckpointError
 from urm_jax.config import ConfigError
 from urm_jax.io_utils import OutputExistsError
@@ -31,6 +30,17 @@ def describe(err: BaseException) -> str:
         return f"{names + ': ' if names else ''}{err.strerror} (errno {err.errno})"
     return text
 
+
+def _cache_entry_line(message: str) -> str | None:
+    """compile_cache.entry_warning's line for JAX's warning `message`, None for any other. Only a
+    process that loaded JAX can get one, and commands that never compile (the converters) must
+    not pay JAX's import for asking."""
+    if "jax" not in sys.modules:
+        return None
+    from urm_jax import compile_cache
+    return compile_cache.entry_warning(message)
+
+
 class NoticeWarning(UserWarning):
     """A library warning that commands show as one `warning:` line (e.g. pad id == eos id)."""
 
@@ -45,7 +55,7 @@ def warning_lines() -> Iterator[None]:
         cache_reported = []
 
         def show(message, category, filename, lineno, file=None, line=None):
-            cache_line = compile_cache.entry_warning(str(message)) if category is UserWarning else None
+            cache_line = _cache_entry_line(str(message)) if category is UserWarning else None
             if issubclass(category, NoticeWarning):
                 print(f"warning: {message}", file=sys.stderr)
             elif cache_line is not None:

@@ -10,15 +10,15 @@ Errors are `NonFiniteError` (a ValueError: one `error:` line, exit 2) naming the
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import functools
+
 import ml_dtypes
 import numpy as np
 
 # (unsigned view, exponent bits) of each float dtype: |x| >= the all-ones exponent is NaN or Inf.
 EXPONENT_MASKS = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00),
                   "float32": (np.uint32, 0x7F800000), "float64": (np.uint64, 0x7FF0000000000000)}
-BLOCK = 1 << 20
+BLOCK = 1 << 18  # elements: a block's scratch stays in the core's L2 cache between the passes
 
 
 class NonFiniteError(ValueError):
@@ -35,24 +35,28 @@ def narrows(src, dst) -> bool:
     return max_finite(dst) < max_finite(src)
 
 
-def _nonfinite_blocks(values: np.ndarray):
-    """Yield (start, block of `values`' bits with |x| >= Inf's bits) per block (flat order)."""
+def _nonfinite_blocks(values: np.ndarray, *, only_bad: bool = False):
+    """Yield (start, block of `values`' bits with |x| >= Inf's bits) per block (flat order).
+    `only_bad`: only the blocks holding one. Each block is tested with two passes (the
+    magnitude bits, then their maximum against Inf's) before the third that marks which
+    elements are bad, which clean blocks (nearly all) never need."""
     uint, exponent = EXPONENT_MASKS[values.dtype.name]
     magnitude = np.iinfo(uint).max >> 1
     bits = values.reshape(-1).view(uint)
     scratch = np.empty(max(1, min(bits.size, BLOCK)), uint)
     for start in range(0, bits.size, scratch.size):
-        block = bits[start:start + scratch.size]
-        yield start, np.bitwise_and(block, magnitude, out=scratch[:block.size]) >= exponent
+        block = np.bitwise_and(bits[start:start + scratch.size], magnitude,
+                               out=scratch[:min(scratch.size, bits.size - start)])
+        if not only_bad or block.max() >= exponent:
+            yield start, block >= exponent
 
 
 def first_nonfinite(values: np.ndarray) -> int | None:
     """The flat index of the first NaN/Inf in `values` (a float array), or None."""
-    if values.dtype.name not in EXPONENT_MASKS:
+    if values.dtype.name not in EXPONENT_MASKS or values.size == 0:
         return None
-    for start, bad in _nonfinite_blocks(values):
-        if bad.any():
-            return start + int(np.argmax(bad))
+    for start, bad in _nonfinite_blocks(values, only_bad=True):
+        return start + int(np.argmax(bad))
     return None
 
 
@@ -78,7 +82,7 @@ def count_nonfinite(values: np.ndarray) -> int:
     """How many NaN/Inf `values` holds (0 for a non-float array)."""
     if values.dtype.name not in EXPONENT_MASKS:
         return 0
-    return sum(int(np.count_nonzero(bad)) for _, bad in _nonfinite_blocks(values))
+    return sum(int(np.count_nonzero(bad)) for _, bad in _nonfinite_blocks(values, only_bad=True))
 
 
 def _largest_magnitude(values: np.ndarray) -> float:
@@ -117,19 +121,27 @@ def checked_astype(values: np.ndarray, dtype, what: str) -> np.ndarray:
     return out
 
 
-@jax.jit
-def _overflowed(pairs: list) -> list:
-    return [jnp.sum(~jnp.isfinite(out)) > jnp.sum(~jnp.isfinite(src)) for src, out in pairs]
+# The device checks below compile on first use: JAX is imported there, not by this module, which
+# the converters load (numpy only; JAX's import would be a third of a conversion's time).
+@functools.cache
+def _overflowed():
+    import jax
+    import jax.numpy as jnp
+    return jax.jit(lambda pairs: [jnp.sum(~jnp.isfinite(out)) > jnp.sum(~jnp.isfinite(src))
+                                  for src, out in pairs])
 
 
-def check_device_casts(casts: list[tuple[str, jax.Array, jax.Array]], where: str) -> None:
+def check_device_casts(casts: list, where: str) -> None:
     """`check_cast` for arrays on devices: (name, source, cast result) of every narrowing cast,
     tested in one compiled reduction (one bool per cast comes back). NonFiniteError names the
-    first parameter whose cast turned a finite value into Inf."""
+    first parameter whose cast turned a finite value into Inf (`casts`: a list of
+    (str, jax.Array, jax.Array))."""
+    import jax
+
     casts = [c for c in casts if narrows(c[1].dtype, c[2].dtype)]
     if not casts:
         return
-    flags = jax.device_get(_overflowed([(src, out) for _, src, out in casts]))
+    flags = jax.device_get(_overflowed()([(src, out) for _, src, out in casts]))
     for (name, src, out), bad in zip(casts, flags):
         if bad:
             raise NonFiniteError(
@@ -137,16 +149,20 @@ def check_device_casts(casts: list[tuple[str, jax.Array, jax.Array]], where: str
                 f"(largest finite {max_finite(out.dtype):g}) would become Inf; keep a wider dtype")
 
 
-@jax.jit
-def _any_nonfinite(leaves: list) -> list:
-    return [jnp.any(~jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(False)
-            for x in leaves]
+@functools.cache
+def _any_nonfinite():
+    import jax
+    import jax.numpy as jnp
+    return jax.jit(lambda leaves: [jnp.any(~jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                                   else jnp.bool_(False) for x in leaves])
 
 
 def check_tree_finite(tree, where: str, *, hint: str = "") -> None:
     """NonFiniteError naming `where` and the parameter (its dotted path) when a leaf of `tree`
     (numpy arrays, or jax arrays, sharded or not, tested on their devices in one compiled
     reduction: nothing comes back to the host but one bool per leaf) holds NaN or Inf."""
+    import jax
+
     named = [(".".join(str(getattr(k, "key", k)) for k in path), leaf)
              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
     on_device = [(name, leaf) for name, leaf in named if isinstance(leaf, jax.Array)]
@@ -154,7 +170,7 @@ def check_tree_finite(tree, where: str, *, hint: str = "") -> None:
         if not isinstance(leaf, jax.Array):
             check_finite(np.asarray(leaf), f"{where}: parameter {name}", hint=hint)
     if on_device:
-        flags = jax.device_get(_any_nonfinite([leaf for _, leaf in on_device]))
+        flags = jax.device_get(_any_nonfinite()([leaf for _, leaf in on_device]))
         for (name, _), bad in zip(on_device, flags):
             if bad:
                 raise NonFiniteError(f"{where}: parameter {name} holds NaN or Inf"

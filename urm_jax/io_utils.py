@@ -5,8 +5,9 @@ is removed by the next run writing the same output. Before the rename every file
 the temporary is fsynced, and the parent after it: a power cut cannot leave a complete-looking
 output whose files are still empty or short in the page cache.
 
-Big outputs (checkpoint chunks, safetensors shards) are created with their space reserved and
-filled through shared mappings (`create_output` + `mapped`); a disk error names its file."""
+Big outputs (checkpoint chunks, safetensors shards) are created with their space reserved
+(`create_output`) and written from memory with write(2) (`write_at`), each fsynced in the
+background once written so the final fsync waits for little; a disk error names its file."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import errno
 import glob
 import mmap
 import os
+import queue
 import shutil
 import socket
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -168,6 +171,7 @@ _DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.E
 def fsync_path(path: Path) -> None:
     """Flush a file's or directory's data and metadata to disk (pages dirtied through shared
     mappings included: Linux keeps them in the same page cache)."""
+    _EARLY_SYNC.raise_error(path)
     is_dir = path.is_dir()
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else 0))
     try:
@@ -260,27 +264,119 @@ def pread_full(fd: int, out: memoryview | np.ndarray, offset: int) -> bool:
     return True
 
 
-def create_output(path: Path, nbytes: int, head: bytes = b"") -> None:
-    """Create `path` holding `head` and room for `nbytes` more, reserved on disk now
-    (fallocate): a full disk fails here as ENOSPC naming the file, never later as SIGBUS on a
-    mapped page. Where fallocate is unsupported the file is only extended (sparse). The one place
-    big outputs are created: tests swap it to simulate a full disk or a kill."""
+def create_output(path: Path, nbytes: int, head=b"") -> None:
+    """Create `path` holding `head` (bytes-like: a header, or a whole checkpoint chunk) and room
+    for `nbytes` more, reserved on disk now (fallocate): a full disk fails here as ENOSPC naming
+    the file, never later as SIGBUS on a mapped page. Where fallocate is unsupported the file is
+    only extended (sparse). A big `head` is fsynced soon, in the background (`sync_soon`). The
+    one place big outputs are created: tests swap it to simulate a full disk or a kill."""
+    view = memoryview(head).cast("B")
+    size = view.nbytes
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(head)
             while view:
                 view = view[os.write(fd, view):]
             try:
-                os.posix_fallocate(fd, 0, len(head) + nbytes)
+                os.posix_fallocate(fd, 0, size + nbytes)
             except OSError as err:
                 if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
-                os.ftruncate(fd, len(head) + nbytes)
+                os.ftruncate(fd, size + nbytes)
         finally:
             os.close(fd)
     except OSError as err:
         raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    if size >= EARLY_SYNC_BYTES:
+        sync_soon(path)
+
+
+def write_at(path: Path, offset: int, data) -> None:
+    """Write `data` (bytes-like, e.g. a C-contiguous array) at byte `offset` of the existing file
+    `path` with pwrite(2); a big write is fsynced soon, in the background (`sync_soon`). From
+    memory, write(2) costs about half the CPU of filling a shared file mapping (a page fault per
+    4 KB page), and a full disk is an error, not a SIGBUS. OSError names the file. Tests swap
+    it to simulate a kill mid-write."""
+    view = memoryview(data).cast("B")
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            done = 0
+            while done < view.nbytes:
+                done += os.pwrite(fd, view[done:], offset + done)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    if view.nbytes >= EARLY_SYNC_BYTES:
+        sync_soon(path)
+
+
+# Writes from this size on are fsynced in the background (small files: the final fsync is cheap).
+EARLY_SYNC_BYTES = 1 << 20
+
+
+class _EarlySync:
+    """One background thread that fsyncs outputs as soon as they are written, while the next ones
+    are converted: the fsync before an atomic rename (`fsync_tree`, which alone guarantees
+    durability) then finds their data on disk already, and the process does not wait for the
+    whole model's writeback at the end. Measured on a 1.5 GB write: 0.7 s instead of 0.5 s of
+    writing and 0.65 s of final fsync; the CPU cost is the same (Linux's sync_file_range, which
+    only starts writeback, cost 5x the write's system time here). An error is kept and raised by
+    the next `fsync_path` of that file: after a failed fsync Linux reports the error to no later
+    file descriptor, so dropping it would let the final fsync pass."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: set[str] = set()
+        self._errors: dict[str, OSError] = {}
+        self._thread: threading.Thread | None = None
+
+    def request(self, path: Path) -> None:
+        """Queue an fsync of `path` (once, however often it is asked before it runs)."""
+        key = os.fspath(path)
+        with self._lock:
+            if key in self._pending:
+                return
+            self._pending.add(key)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="urm-early-fsync", daemon=True)
+                self._thread.start()
+        self._queue.put(key)
+
+    def _run(self) -> None:
+        while True:
+            key = self._queue.get()
+            with self._lock:
+                self._pending.discard(key)
+            try:
+                fd = os.open(key, os.O_RDONLY)
+            except OSError:  # removed (a failed run's temporary), or not ours to read: nothing owed
+                continue
+            try:
+                os.fsync(fd)
+            except OSError as err:
+                with self._lock:
+                    self._errors.setdefault(key, err)
+            finally:
+                os.close(fd)
+
+    def raise_error(self, path: Path) -> None:
+        """Raise (once) the error an early fsync of `path` met, if any."""
+        with self._lock:
+            err = self._errors.pop(os.fspath(path), None)
+        if err is not None:
+            raise OSError(err.errno, err.strerror or str(err), str(path))
+
+
+_EARLY_SYNC = _EarlySync()
+
+
+def sync_soon(path: Path) -> None:
+    """Ask for `path`'s data to reach the disk soon, in the background (see `_EarlySync`); the
+    fsync before the output's rename still runs and reports any error."""
+    _EARLY_SYNC.request(path)
 
 
 @contextlib.contextmanager

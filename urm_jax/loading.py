@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from urm_jax.checkpoint import is_jax_checkpoint, load_config, load_params
 from urm_jax.config import DTypePolicy, ModelConfig
+from urm_jax.data.tokenization import load_tokenizer  # noqa: F401  (this module's API too)
 from urm_jax.hf.load import hf_to_params
 from urm_jax.hf.safetensors_io import HFWeights
 from urm_jax.model.urm import URM, ModelOptions, model_from_params, param_shardings
@@ -33,25 +32,6 @@ def load_params_any(path: str | Path, cfg: ModelConfig, progress: bool = False,
         return load_params(path, shardings)
     with HFWeights(path) as weights:
         return hf_to_params(weights, cfg, progress=progress, shardings=shardings)
-
-
-def load_tokenizer(path: str | Path):
-    """The checkpoint's own tokenizer (a transformers fast tokenizer), or None when it ships none
-    (then only `input_ids` inputs work). Code in the directory never runs: a tokenizer that
-    exists only as the directory's own Python class (`auto_map` in tokenizer_config.json) is
-    refused with a ValueError naming the directory (transformers would otherwise ask on a
-    terminal, or fail with advice to trust it)."""
-    if not (Path(path) / "tokenizer_config.json").is_file() and not (Path(path) / "tokenizer.json").is_file():
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise ValueError(f"{path}: its tokenizer is the directory's own code (`auto_map` in "
-                         "tokenizer_config.json), and urm-jax never runs code from a model "
-                         "directory; ship a standard tokenizer (tokenizer.json with a transformers "
-                         "tokenizer_class) instead") from None
 
 
 def load_model(path: str | Path, *, compute_dtype: str | None = None, param_dtype: str | None = None,

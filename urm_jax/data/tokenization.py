@@ -29,6 +29,7 @@ import json
 import math
 import re
 import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,29 @@ class ChatFormat:
 
 CHAT_FORMATS = (ChatFormat("llama3", "<|start_header_id|>", "<|eot_id|>"),
                 ChatFormat("chatml", "<|im_start|>", "<|im_end|>"))
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's own tokenizer (a transformers fast tokenizer), or None when it ships none
+    (then only `input_ids` inputs work). Code in the directory never runs: a tokenizer that
+    exists only as the directory's own Python class (`auto_map` in tokenizer_config.json) is
+    refused with a ValueError naming the directory (transformers would otherwise ask on a
+    terminal, or fail with advice to trust it)."""
+    if not (Path(path) / "tokenizer_config.json").is_file() and not (Path(path) / "tokenizer.json").is_file():
+        return None
+    # Imported only when there is a tokenizer to load: the converters call this, and need
+    # transformers for nothing else (its import takes seconds).
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"{path}: its tokenizer is the directory's own code (`auto_map` in "
+                         "tokenizer_config.json), and urm-jax never runs code from a model "
+                         "directory; ship a standard tokenizer (tokenizer.json with a transformers "
+                         "tokenizer_class) instead") from None
 
 
 def chat_format(tokenizer: Any) -> ChatFormat | None:

@@ -39,9 +39,8 @@ from urm_jax.attributes import HELPSTEER2, check_label_range, preset_label_range
 from urm_jax.finite import checked_astype
 from urm_jax.io_utils import check_outputs
 from urm_jax.config import ConfigError, ModelConfig, canonical_dtype, np_dtype, read_hf_config
-from urm_jax.data.tokenization import chat_format
+from urm_jax.data.tokenization import chat_format, load_tokenizer
 from urm_jax.errors import NoticeWarning
-from urm_jax.loading import load_tokenizer
 from urm_jax.validate import Fields
 
 # Base tensors that are not part of the URM backbone and are replaced by fresh heads (or, for a

@@ -15,7 +15,7 @@ from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
 from urm_jax.config import np_dtype
 from urm_jax.finite import check_cast
 from urm_jax.hf.card import model_card, provenance, read_eval_metrics
-from urm_jax.loading import load_tokenizer
+from urm_jax.data.tokenization import load_tokenizer
 from urm_jax.hf.mapping import Alloc
 from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units,
                              unit_progress, warn_if_pad_is_eos)
@@ -38,8 +38,8 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
           overwrite=False, allow_nonfinite=False, progress=True, base_model: str | None = None,
           license: str | None = None, eval_metrics: str | Path | None = None) -> Path:
     """urm-jax checkpoint -> HF dir. Shard files are laid out and reserved first; then each
-    stored chunk is read (one per thread at a time) and written, transposed, into its tensors'
-    mapped regions of the shards, in any order. A chunk holding NaN/Inf is refused (unless
+    stored chunk is read (one per thread at a time), transposed into a buffer and written into
+    its tensors' places in the shards, in any order. A chunk holding NaN/Inf is refused (unless
     `allow_nonfinite`), and so is a down-cast (`dtype`, `gate_dtype`) that would turn a finite
     value into Inf; either names the tensor, and no OUT_DIR is left. A model card (README.md,
     `urm_jax.hf.card`) goes beside the weights: `base_model`/`license` override what `convert
@@ -64,7 +64,7 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
         plan, start, stop = unit
         entry = plan.entry
         if not entry.stacked and entry.n_in is None:  # rows of one tensor, untransposed
-            with writer.region(entry.hf_key, start, stop - start) as out:
+            with writer.region(entry.hf_key, start, stop - start, alloc) as out:
                 same = out.dtype == reader.dtype(plan.path)
                 rows = reader.read(plan.path, start, stop, _into_shaped(out) if same else alloc)
                 if not same:
@@ -75,7 +75,7 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
         else:
             block = reader.read(plan.path, start, stop, alloc)
             for key, value in plan.unit_tensors(start, stop, block):
-                with writer.region(key) as out:
+                with writer.region(key, alloc=alloc) as out:
                     entry.to_hf_into(value, out, alloc)
                     check_cast(value, out, f"{ckpt_dir}: parameter {entry.jax_name} -> tensor "
                                f"{key} ({out.dtype.name})")

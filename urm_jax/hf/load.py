@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import Callable
 
-import jax
 import numpy as np
 
 from urm_jax.checkpoint import checkpoint_writer
@@ -92,11 +91,12 @@ def _hf_prefetch(weights: HFWeights) -> Callable:
 def _stream_from_hf(weights, plans: list[Plan], destination: Callable, bar: Progress,
                     allow_nonfinite: bool) -> None:
     """Fill every parameter from its HF tensors, unit by unit on a few threads, each unit's
-    inputs prefetched while earlier ones are transposed. `destination(plan, start)` is a context
-    manager giving the array for the unit's rows (a slice of a host array, a checkpoint chunk)."""
+    inputs prefetched while earlier ones are transposed. `destination(plan, start, stop, alloc)`
+    is a context manager giving the array for the unit's rows (a slice of a host array, or a
+    checkpoint chunk's buffer taken from `alloc`, written when the block ends)."""
     def convert(unit, alloc):
         plan, start, stop = unit
-        with destination(plan, start, stop) as out:
+        with destination(plan, start, stop, alloc) as out:
             fill_rows(weights, plan, start, stop, out, allow_nonfinite, alloc)
         return unit_progress(*unit)
 
@@ -120,7 +120,7 @@ def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
         if shardings is None:
             for plan in plans:
                 set_path(params, plan.path, np.empty(plan.shape, np_dtype(plan.out)))
-            _stream_from_hf(weights, plans, lambda plan, start, stop: contextlib.nullcontext(
+            _stream_from_hf(weights, plans, lambda plan, start, stop, alloc: contextlib.nullcontext(
                 get_path(params, plan.path)[start:stop]), bar, allow_nonfinite)
             return params
         for plan in plans:
@@ -130,6 +130,8 @@ def hf_to_params(weights: HFWeights, cfg: ModelConfig, *, dtype: str = "keep",
 
 
 def _device_array(weights: HFWeights, plan: Plan, sharding, allow_nonfinite: bool, bar: Progress):
+    import jax  # here: from_hf writes a checkpoint with numpy alone, never loading JAX
+
     boxes: dict[tuple, tuple[Box, list]] = {}  # replicas share a box: read it once
     for device, index in sharding.addressable_devices_indices_map(plan.shape).items():
         box = normalize_box(index, plan.shape)
@@ -173,7 +175,8 @@ def write_checkpoint(weights, cfg: ModelConfig, out_dir, *, dtype="keep", gate_d
         for plan in plans:
             writer.add(plan.path, plan.shape, np_dtype(plan.out), rows=hf_chunk_rows(plan))
         with plan_progress(desc, plans, progress) as bar:
-            _stream_from_hf(weights, plans, lambda plan, start, stop: writer.chunk(plan.path, start),
+            _stream_from_hf(weights, plans, lambda plan, start, stop, alloc: writer.chunk(
+                plan.path, start, alloc),
                             bar, allow_nonfinite)
     return Path(out_dir)
 

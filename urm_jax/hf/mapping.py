@@ -100,26 +100,33 @@ class Entry:
         return transpose2d(jax_array.reshape(math.prod(shape[:self.n_in]), -1), alloc)
 
     def to_jax_into(self, hf_array: np.ndarray, out: np.ndarray, alloc: Alloc = np.empty) -> None:
-        """Write one HF tensor's JAX form (one layer's slice when stacked) into `out` (e.g. a
-        mapped file), cast to out's dtype. Kernels are transposed into an `alloc` buffer first:
-        the transpose's strided writes run twice as fast into a huge-page buffer as into a
-        file mapping's 4 KB pages (TLB misses), and the copy after is sequential."""
+        """Write one HF tensor's JAX form (one layer's slice when stacked) into `out` (memory:
+        a converter's buffer or a host array, C-contiguous), cast to out's dtype. A kernel of
+        out's dtype is transposed straight into `out`; one that is cast goes through an `alloc`
+        buffer first (the transpose keeps its dtype)."""
         with np.errstate(over="ignore"):  # an overflowing down-cast is refused by the caller's check_cast
             if self.n_in is None:
                 np.copyto(out, hf_array.reshape(out.shape), casting="unsafe")
                 return
             flat = out.reshape(math.prod(out.shape[:self.n_in]), -1)  # a view: out is contiguous
-            np.copyto(flat, transpose2d(hf_array, alloc), casting="unsafe")
+            if flat.dtype == hf_array.dtype:
+                transpose2d(hf_array, lambda shape, dtype: flat)
+            else:
+                np.copyto(flat, transpose2d(hf_array, alloc), casting="unsafe")
 
     def to_hf_into(self, jax_array: np.ndarray, out: np.ndarray, alloc: Alloc = np.empty) -> None:
-        """Write one JAX array's (one layer's slice when stacked) HF form into `out`, cast to
-        out's dtype (kernels through an `alloc` buffer, as in to_jax_into)."""
+        """Write one JAX array's (one layer's slice when stacked) HF form into `out` (memory,
+        C-contiguous), cast to out's dtype: a kernel of out's dtype transposed straight into
+        it, one that is cast through an `alloc` buffer first (as in to_jax_into)."""
         with np.errstate(over="ignore"):  # an overflowing down-cast is refused by the caller's check_cast
             if self.n_in is None:
                 np.copyto(out, jax_array.reshape(out.shape), casting="unsafe")
                 return
             flat = jax_array.reshape(math.prod(jax_array.shape[:self.n_in]), -1)
-            np.copyto(out, transpose2d(flat, alloc), casting="unsafe")
+            if out.dtype == flat.dtype:
+                transpose2d(flat, lambda shape, dtype: out.reshape(shape))
+            else:
+                np.copyto(out, transpose2d(flat, alloc), casting="unsafe")
 
     def to_jax_box(self, read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...],
                    box: Box, alloc: Alloc = np.empty) -> np.ndarray:

@@ -11,7 +11,6 @@ import warnings
 from typing import Callable
 
 import numpy as np
-from flax import nnx
 
 from urm_jax.checkpoint import ParamsReader, chunk_rows
 from urm_jax.config import ModelConfig, canonical_dtype, np_dtype
@@ -19,7 +18,6 @@ from urm_jax.errors import NoticeWarning
 from urm_jax.hf.mapping import IGNORED_HF_KEYS, LAYER_KEY, TABLE, Entry, get_path, is_gate
 from urm_jax.hf.safetensors_io import HFWeights
 from urm_jax.hf.streams import Progress
-from urm_jax.model.urm import abstract_model
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,9 +45,21 @@ def warn_if_pad_is_eos(cfg: ModelConfig, where: str) -> None:
 
 
 def jax_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """JAX shape of every table entry, from the model's own parameter declarations."""
-    tree = nnx.state(abstract_model(cfg)).to_pure_dict()
-    return {e.path: tuple(get_path(tree, e.path).shape) for e in TABLE}
+    """JAX shape of every table entry, in table order: the shapes `urm_jax.model.urm` declares
+    (stacked layers, kernels [in, out], q/k/v/o split by head), written out from the config so
+    that the converters plan without JAX and Flax (their import was a third of a conversion's
+    time); tests/test_plan.py holds them equal to the model's `abstract_model`."""
+    n, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    hq, hkv, hd, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_attributes
+    layer = {"input_norm": (d,), "q_proj": (d, hq, hd), "k_proj": (d, hkv, hd),
+             "v_proj": (d, hkv, hd), "o_proj": (hq, hd, d), "post_attn_norm": (d,),
+             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    tree = {"backbone": {"embed_tokens": (cfg.vocab_size, d), "final_norm": (d,),
+                         "layers": {name: (n, *shape) for name, shape in layer.items()}},
+            "value_head": {"kernel": (d, cfg.num_labels)},
+            "gate": {"fc0": {"kernel": (d, d), "bias": (d,)}, "fc2": {"kernel": (d, d), "bias": (d,)},
+                     "fc4": {"kernel": (d, k), "bias": (k,)}}}
+    return {e.path: get_path(tree, e.path) for e in TABLE}
 
 
 def target_dtype(entry: Entry, stored: str, dtype: str, gate_dtype: str | None) -> str:

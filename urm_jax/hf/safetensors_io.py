@@ -7,9 +7,9 @@ mmap: mapped file pages count towards the process's resident memory, and touchin
 through a mapping would make peak RSS depend on the model's size.
 
 Writing: every shard's header is computed from the planned tensors and its data space reserved up
-front; tensors (or row ranges of them) are then filled in place through shared mappings, from any
-thread and in any order, so only what is being written is resident, whatever --max-shard-size
-says.
+front; tensors (or row ranges of them) are then filled in a buffer and written into place with
+pwrite(2), from any thread and in any order, so only what is being written is resident, whatever
+--max-shard-size says.
 
 Pickle-based `.bin` weights are refused: unpickling an untrusted file can run arbitrary code.
 """
@@ -318,8 +318,9 @@ class SafetensorsWriter:
     """`model.safetensors` or `model-0000k-of-0000n.safetensors` + index, written in place.
 
     Shards are planned from (key, dtype name, shape) in order; `create` writes every header and
-    reserves the data (so a full disk fails at once). Then `region(key, first_row, rows)` maps a
-    tensor's bytes (or some of its rows) for the caller to fill, from any thread, in any order;
+    reserves the data (so a full disk fails at once). Then `region(key, first_row, rows)` gives a
+    buffer for a tensor's bytes (or some of its rows) to fill, written into place when the block
+    ends, from any thread, in any order;
     `finish` checks every byte was written and writes the index."""
 
     def __init__(self, out_dir: Path, specs: list[tuple[str, str, tuple[int, ...]]],
@@ -348,29 +349,32 @@ class SafetensorsWriter:
             io_utils.create_output(file, nbytes, header)
 
     @contextlib.contextmanager
-    def region(self, key: str, first_row: int = 0, rows: int | None = None) -> Iterator[np.ndarray]:
+    def region(self, key: str, first_row: int = 0, rows: int | None = None,
+               alloc: Callable = np.empty) -> Iterator[np.ndarray]:
         """Rows [first_row, first_row + rows) of tensor `key` (all of it by default) as a
-        writable array mapped onto the file; counted as written when the block exits cleanly."""
+        writable array from `alloc(shape, dtype)` (a converter's pooled buffer) for the caller
+        to fill; written into its place in the shard (`io_utils.write_at`) and counted as
+        written when the block exits cleanly (nothing is written when it fails)."""
         dtype, shape = self.specs[key]
-        file, offset = self.where[key]
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         rows = (shape[0] if shape else 1) - first_row if rows is None else rows
-        with io_utils.mapped(file, offset + first_row * row_bytes, rows * row_bytes) as raw:
-            yield raw.view(dtype).reshape((rows, *shape[1:]) if shape else ())
-        with self._lock:
-            self.todo[key] -= rows * row_bytes
+        block = alloc((rows, *shape[1:]) if shape else (), dtype)
+        yield block
+        self._write(key, first_row * row_bytes, block)
 
     def append(self, key: str, piece: np.ndarray) -> None:
         """Write `piece` (any shape, C order) right after the bytes of `key` written so far."""
         dtype, _ = self.specs[key]
         if piece.dtype != dtype:
             raise AssertionError(f"{key}: piece is {piece.dtype}, the tensor {dtype}")
+        self._write(key, math.prod(self.specs[key][1]) * dtype.itemsize - self.todo[key], piece)
+
+    def _write(self, key: str, start: int, values: np.ndarray) -> None:
+        """Write `values`' bytes at byte `start` of tensor `key`'s data; count them written."""
         file, offset = self.where[key]
-        written = math.prod(self.specs[key][1]) * dtype.itemsize - self.todo[key]
-        with io_utils.mapped(file, offset + written, piece.nbytes) as raw:
-            raw[...] = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+        io_utils.write_at(file, offset + start, np.ascontiguousarray(values).reshape(-1).view(np.uint8))
         with self._lock:
-            self.todo[key] -= piece.nbytes
+            self.todo[key] -= values.nbytes
 
     def finish(self) -> None:
         """Check every byte of every tensor was written (AssertionError naming the first five that were not),

@@ -18,8 +18,6 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Iterable, Sequence
 
-import jax
-
 GROUPS = ("backbone", "value_head", "gate")
 HEAD_GROUPS = ("value_head", "gate")  # what a URM adds to a Llama backbone
 LORA = "lora"  # the adapters' group (training only)
@@ -57,6 +55,8 @@ def matches(path: Sequence[Any], pattern: str) -> bool:
 
 def leaf_paths(tree: dict) -> list[Path]:
     """Every leaf's path in a pure-dict tree, in tree order."""
+    import jax  # here, not at the top: the converters name parameters without loading JAX
+
     return [tuple(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -64,6 +64,8 @@ def select(tree: dict, patterns: Iterable[str]) -> tuple[dict, dict]:
     """(selected, rest): two pure-dict trees holding the leaves that some pattern selects and the
     others, each keeping only the branches it needs. ValueError names a pattern that selects
     nothing (a typo must not silently freeze or train the wrong parameters)."""
+    import jax
+
     patterns = check_patterns(list(patterns))
     paths = leaf_paths(tree)
     for pattern in patterns:
