@@ -16,7 +16,7 @@ from urm_jax.config import ConfigError, ModelConfig, RopeConfig
 from urm_jax.data.tokenization import pad_batch
 from urm_jax.loading import load_model
 from urm_jax.model.rope import cos_sin, inv_frequencies
-from urm_jax.model.urm import ModelOptions, last_token_index, param_shardings, token_chunks
+from urm_jax.model.urm import ModelOptions, param_shardings, token_chunks
 from urm_jax.sharding import make_mesh, use_mesh
 
 OUTPUTS = ("reward", "means", "log_stds", "gate")
@@ -81,22 +81,6 @@ def test_mlp_in_chunks_scores_the_same(fp32_pair, side):
     for k in OUTPUTS:
         assert rel(got[k], whole[k]) < 1e-6, (k, rel(got[k], whole[k]))
         assert rel(got[k], batch_ref[k]) < 1e-5, k
-
-
-@pytest.mark.parametrize("attention", ["reference", "blockwise"])
-def test_last_layer_at_the_pooled_token_only(fp32_pair, attention):
-    """`pooled` runs the last layer at each row's last real token only: the same pooled states
-    (1e-6) as the whole rows' final hidden states at that token, left and right padding, for a
-    one-token row and rows with padding."""
-    model, _ = fp32_pair
-    net = nnx.merge(*nnx.split(model))
-    net.options = dataclasses.replace(net.options, attention=attention)
-    for side in ("right", "left"):
-        ids, mask = (jnp.asarray(a) for a in pad_batch(random_rows([LONG, 7, 64, 1]), pad_id=511, side=side))
-        got = np.asarray(net.pooled(ids, mask), np.float64)
-        h = net.hidden_states(ids, mask)
-        want = np.asarray(jnp.take_along_axis(h, last_token_index(mask)[:, None, None], axis=1)[:, 0], np.float64)
-        assert rel(got, want) < 1e-6, (side, rel(got, want))
 
 
 def test_token_chunks_cover_every_token_once():

@@ -31,7 +31,7 @@ from urm_jax.config import DTypePolicy, ModelConfig, RopeConfig
 from urm_jax.finite import check_device_casts
 from urm_jax.model import lora as lora_lib
 from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from urm_jax.model.attention import allowed_mask, attention, needs_dense_mask, reference_attention
+from urm_jax.model.attention import allowed_mask, attention, needs_dense_mask
 from urm_jax.model.attention import check_available as check_attention
 from urm_jax.model.lora import LORA_A, LORA_B, Kernel, LoraConfig
 from urm_jax.model.paths import LORA, Path, is_gate, leaf_paths
@@ -148,14 +148,8 @@ class DecoderLayers(nnx.Module):
 
 
 def decoder_layer(cfg: ModelConfig, options: ModelOptions, x, w: dict, cos, sin, segment_ids, allowed,
-                  adapters: dict | None = None, lora_key: jax.Array | None = None,
-                  query_index: jax.Array | None = None):
+                  adapters: dict | None = None, lora_key: jax.Array | None = None):
     """One pre-norm Llama block on one layer's slice of the stacked weights.
-
-    `query_index` [B] int: compute the block's output at that one position of each row only
-    (keys and values from every token; the dense `reference` attention of that query, with
-    `allowed` [B, 1, L]) -> [B, 1, D]: the last layer of a pooled forward, where no other
-    position's output is read.
 
     x [B, L, D] in the compute dtype; w: this layer's weights (kernels [in, out]); cos/sin
     [B, L, head_dim] RoPE tables; segment_ids [B, L]; allowed [B, L, L] bool or None (kernels that
@@ -176,28 +170,20 @@ def decoder_layer(cfg: ModelConfig, options: ModelOptions, x, w: dict, cos, sin,
         key = None if lora_key is None else lora_lib.dropout_key(lora_key, ("backbone", "layers", name))
         return y + lora_lib.delta(h, adapters[name][LORA_A], adapters[name][LORA_B], options.lora, key, prec)
 
-    at = (lambda t: t) if query_index is None else (  # noqa: E731
-        lambda t: jnp.take_along_axis(t, query_index.reshape((-1,) + (1,) * (t.ndim - 1)), axis=1))
     with jax.named_scope("qkv"):
         h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
-        q = checkpoint_name(proj("ble,ehd->blhd", at(h), "q_proj"), "q")
+        q = checkpoint_name(proj("ble,ehd->blhd", h, "q_proj"), "q")
         k = checkpoint_name(proj("ble,ehd->blhd", h, "k_proj"), "k")
         v = checkpoint_name(proj("ble,ehd->blhd", h, "v_proj"), "v")
     with jax.named_scope("rope"):
-        q = constrain(apply_rope(q, at(cos), at(sin)), ("batch", "seq", "q_heads", "head_dim"))
+        q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
     with jax.named_scope("attention"):
-        if query_index is None:
-            attn = attention(q, k, v, segment_ids, allowed, options.attention, prec,
-                             interpret=options.attention_interpret)
-        else:  # one query per row: the dense scores are [B, Hq, 1, L]
-            attn = reference_attention(q, k, v, allowed, prec)
-        attn = checkpoint_name(attn, "attn_out")
-        x = at(x)
+        attn = checkpoint_name(attention(q, k, v, segment_ids, allowed, options.attention, prec,
+                                         interpret=options.attention_interpret), "attn_out")
     with jax.named_scope("o_proj"):
         o = checkpoint_name(proj("blhd,hde->ble", attn, "o_proj"), "o_proj")
         x = constrain(x + o, ("batch", "seq", "act_embed"))
-
     def mlp(x):
         h = rms_norm(x, w["post_attn_norm"], cfg.rms_norm_eps)
         gate = checkpoint_name(proj("ble,ef->blf", h, "gate_proj"), "mlp_gate")
@@ -375,43 +361,10 @@ class URM(nnx.Module):
 
     def pooled(self, input_ids: jax.Array, attention_mask: jax.Array,
                lora_key: jax.Array | None = None) -> jax.Array:
-        """Hidden state of each row's last real token [B, D] (all the heads ever look at).
-
-        Without LoRA or remat (scoring), the last layer runs at that token only (its keys and
-        values from every token): no other position's output is read, and at 8k tokens on CPU
-        that layer's attention and MLP over the whole row were ~7% of the forward."""
+        """Hidden state of each row's last real token [B, D] (all the heads ever look at)."""
+        h = self.hidden_states(input_ids, attention_mask, lora_key)
         idx = last_token_index(attention_mask)
-        if self.lora is not None or lora_key is not None or self.options.remat != "none":
-            h = self.hidden_states(input_ids, attention_mask, lora_key)
-            return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
-        return self._pooled_last_layer_at(input_ids, attention_mask, idx)
-
-    def _pooled_last_layer_at(self, input_ids, attention_mask, idx) -> jax.Array:
-        """`pooled` without LoRA or remat: layers 0..N-2 over whole rows (a loop indexing the
-        stacked weights, so no sliced copy of them), the last one at `idx` [B] only -> [B, D]."""
-        cfg, options = self.cfg, self.options
-        compute = jnp.dtype(options.dtypes.compute)
-        segment_ids = attention_mask.astype(jnp.int32)
-        positions = segment_positions(segment_ids)
-        cos, sin = cos_sin(positions, cfg.rope, cfg.head_dim)
-        allowed = allowed_mask(segment_ids) if needs_dense_mask(options.attention, segment_ids.shape[-1]) else None
-        x = constrain(jnp.take(self.backbone.embed_tokens[...], input_ids, axis=0).astype(compute),
-                      ("batch", "seq", "act_embed"))
-        weights = {name: p[...] for name, p in vars(self.backbone.layers).items() if isinstance(p, nnx.Param)}
-        layer = lambda i: {k: jax.lax.dynamic_index_in_dim(w, i, keepdims=False)  # noqa: E731
-                           for k, w in weights.items()}
-
-        def body(i, x):
-            return decoder_layer(cfg, options, x, layer(i), cos, sin, segment_ids, allowed)
-
-        x = jax.lax.fori_loop(0, cfg.num_layers - 1, body, x)
-        # The last query's row of the mask: causal up to it, its own segment, no padding key.
-        keys = jnp.arange(segment_ids.shape[-1])
-        own = jnp.take_along_axis(segment_ids, idx[:, None], axis=1)
-        row = (keys[None, :] <= idx[:, None]) & (segment_ids == own) & (segment_ids != 0)
-        x = decoder_layer(cfg, options, x, layer(cfg.num_layers - 1), cos, sin, segment_ids, row[:, None],
-                          query_index=idx)
-        return rms_norm(x, self.backbone.final_norm[...], cfg.rms_norm_eps)[:, 0]
+        return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
 
     def pooled_segments(self, input_ids: jax.Array, segment_ids: jax.Array,
                         pool_index: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
