@@ -1,11 +1,14 @@
 """The Flax URM against the HF PyTorch reference, and RoPE against transformers."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from hf_fixtures import load_reference, make_tiny_urm, reference_outputs
+from flax import nnx
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -13,7 +16,7 @@ from urm_jax.config import ConfigError, ModelConfig, RopeConfig
 from urm_jax.data.tokenization import pad_batch
 from urm_jax.loading import load_model
 from urm_jax.model.rope import cos_sin, inv_frequencies
-from urm_jax.model.urm import param_shardings
+from urm_jax.model.urm import ModelOptions, param_shardings, token_chunks
 from urm_jax.sharding import make_mesh, use_mesh
 
 OUTPUTS = ("reward", "means", "log_stds", "gate")
@@ -61,6 +64,34 @@ def test_fp32_parity_padded_batches(fp32_pair, side):
     for k in OUTPUTS:
         assert rel(got[k], batch_ref[k]) < 1e-5, k
     np.testing.assert_allclose(got["uncertainty"], np.exp(2 * got["log_stds"]).sum(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_mlp_in_chunks_scores_the_same(fp32_pair, side):
+    """Scoring's chunked MLP (`ModelOptions.mlp_chunk`, what `Scorer` runs on CPU): rows of LONG
+    = 173 tokens in 4 chunks of 44, the last overlapping its neighbour, score what whole rows
+    score (1e-6) and what the reference scores; rows shorter than a chunk run one call."""
+    model, ref = fp32_pair
+    rows = random_rows([LONG, 7, 64, 1])
+    ids, mask = pad_batch(rows, pad_id=511, side=side)
+    chunked = nnx.merge(*nnx.split(model))
+    chunked.options = dataclasses.replace(chunked.options, mlp_chunk=50)
+    got, whole = jax_outputs(chunked, ids, mask), jax_outputs(model, ids, mask)
+    batch_ref = reference_outputs(ref, ids, mask)
+    for k in OUTPUTS:
+        assert rel(got[k], whole[k]) < 1e-6, (k, rel(got[k], whole[k]))
+        assert rel(got[k], batch_ref[k]) < 1e-5, k
+
+
+def test_token_chunks_cover_every_token_once():
+    """Each token's output comes from its own input, whatever the chunking: a token-wise function
+    that would show a double application (x -> 2x + position) is applied exactly once."""
+    x = jnp.arange(2 * 103 * 3, dtype=jnp.float32).reshape(2, 103, 3)
+    fn = lambda h: 2 * h + 1  # noqa: E731
+    for chunk in (None, 1, 10, 50, 102, 103, 500):
+        np.testing.assert_array_equal(np.asarray(token_chunks(fn, x, chunk)), np.asarray(fn(x)), str(chunk))
+    with pytest.raises(ValueError, match="mlp_chunk must be at least 1"):
+        ModelOptions(mlp_chunk=0)
 
 
 def test_batch_composition_does_not_change_scores(fp32_pair):

@@ -8,8 +8,12 @@ way on any machine, and no test allocates more than a few MB."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +26,7 @@ from urm_jax.cli import main as cli_main
 from urm_jax.config import DTypePolicy, ModelConfig
 from urm_jax.model.urm import ModelOptions, abstract_model
 from urm_jax.scoring import Scorer
-from urm_jax.scoring import engine
+from urm_jax.scoring import engine, fit
 from urm_jax.scoring.fit import SequenceTooLong, forward_bytes, plan_bucket
 from urm_jax.serve.batcher import warmup_shapes
 
@@ -41,23 +45,45 @@ def cfg(model):
     return ModelConfig.from_hf_dir(model)
 
 
-def xla_bytes(cfg, rows, length, attention, compute):
+def xla_bytes(cfg, rows, length, attention, compute, mlp_chunk=None):
     """XLA's buffer assignment of the real scoring forward: temporaries + outputs (the weights
     and ids are arguments, resident before the batch runs)."""
-    options = ModelOptions(DTypePolicy(compute=compute, gate="float32"), attention=attention)
+    options = ModelOptions(DTypePolicy(compute=compute, gate="float32"), attention=attention,
+                           mlp_chunk=mlp_chunk)
     graphdef, state = nnx.split(abstract_model(cfg, options))
     ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     stats = engine.forward_batch.lower(graphdef, state, ids, ids).compile().memory_analysis()
     return stats.temp_size_in_bytes + stats.output_size_in_bytes
 
 
+@pytest.mark.parametrize("mlp_chunk", [None, 256])
 @pytest.mark.parametrize("attention", ["reference", "blockwise"])
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
-def test_estimate_bounds_xla_buffer_assignment(cfg, attention, compute):
+def test_estimate_bounds_xla_buffer_assignment(cfg, attention, compute, mlp_chunk):
     for rows, length in ((1, 256), (2, 1024), (1, 2048), (1, 1000)):
-        measured = xla_bytes(cfg, rows, length, attention, compute)
-        estimate = forward_bytes(cfg, rows, length, attention)
+        measured = xla_bytes(cfg, rows, length, attention, compute, mlp_chunk)
+        estimate = forward_bytes(cfg, rows, length, attention, mlp_chunk=mlp_chunk)
         assert measured <= estimate <= 3 * measured, (rows, length, measured, estimate)
+
+
+def test_long_rows_run_the_mlp_in_chunks(model, cfg):
+    """The scorer runs the MLP a chunk of tokens at a time on CPU, which takes the [L,
+    intermediate] buffers out of a long row's peak (a wide MLP, as real models have: 8x hidden)."""
+    scorer = Scorer(model)
+    assert scorer.mlp_chunk == fit.MLP_CHUNK["cpu"] == scorer.model.options.mlp_chunk
+    wide = dataclasses.replace(cfg, intermediate_size=8 * cfg.hidden_size)
+    whole = xla_bytes(wide, 1, 4096, "blockwise", "float32")
+    chunked = xla_bytes(wide, 1, 4096, "blockwise", "float32", mlp_chunk=512)
+    assert chunked < 0.6 * whole, (chunked, whole)
+    assert forward_bytes(wide, 1, 4096, "blockwise", mlp_chunk=512) < forward_bytes(wide, 1, 4096, "blockwise")
+
+
+def test_scoring_imports_no_torch():
+    """Scoring token ids needs neither transformers' torch import (~190 MB resident) nor its
+    tokenizer: importing the scoring engine and the CLI leaves torch unloaded."""
+    code = ("import sys, urm_jax.scoring, urm_jax.cli; "
+            "sys.exit(3 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ, JAX_PLATFORMS="cpu")).returncode == 0
 
 
 def test_the_841_gb_line_runs_blockwise(model, cfg, caplog):

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from transformers import AutoTokenizer
 
 from urm_jax.data.samples import data_path, sample_examples
 from urm_jax.data.tokenizer import cached_llama3_tokenizer_dir
@@ -164,6 +163,8 @@ def _run_demo(work: Path, *, overwrite: bool = False) -> bool:
     started = time.time()
 
     step("1. Llama-3 tokenizer from Meta's llama-models wheel (offline), [PAD] = 128256")
+    from transformers import AutoTokenizer  # here: it imports torch (see the docstring)
+
     tok_dir = cached_llama3_tokenizer_dir()
     tok = AutoTokenizer.from_pretrained(tok_dir)
     print(f"{tok_dir}: {len(tok)} tokens, bos {tok.bos_token_id}, eot {tok.convert_tokens_to_ids('<|eot_id|>')}, "

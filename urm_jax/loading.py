@@ -36,16 +36,18 @@ def load_params_any(path: str | Path, cfg: ModelConfig, progress: bool = False,
 
 def load_model(path: str | Path, *, compute_dtype: str | None = None, param_dtype: str | None = None,
                gate_dtype: str | None = None, remat: str = "none", attention: str = "reference",
-               mesh=None, rules=None, progress: bool = False) -> tuple[URM, ModelConfig]:
+               mesh=None, rules=None, progress: bool = False,
+               mlp_chunk: int | None = None) -> tuple[URM, ModelConfig]:
     """(model, config) with the checkpoint's own dtypes unless overridden: compute in the
     backbone's stored dtype (what the HF reference does), gate in the checkpoint's gate dtype.
     With `mesh` (and optional `rules`, see `urm_jax.sharding`), parameters are sharded as they
     are read. `attention`: see `urm_jax.model.attention` (reference: HF's eager op by op, the
-    parity path)."""
+    parity path). `mlp_chunk`: tokens per row the MLP runs on at a time (inference; see
+    `urm_jax.model.urm.token_chunks`)."""
     cfg = load_config_any(path)
     policy = DTypePolicy.for_checkpoint(cfg, compute_dtype)
     policy = DTypePolicy(param=param_dtype, compute=policy.compute, gate=gate_dtype or policy.gate)
-    options = ModelOptions(policy, remat=remat, attention=attention)
+    options = ModelOptions(policy, remat=remat, attention=attention, mlp_chunk=mlp_chunk)
     shardings = None if mesh is None else param_shardings(cfg, mesh, rules, options)
     params = load_params_any(path, cfg, progress=progress, shardings=shardings)
     return model_from_params(cfg, params, options), cfg

@@ -67,15 +67,19 @@ class URMOutputs(NamedTuple):
 class ModelOptions:
     """How a URM is built and run, apart from its shape (`ModelConfig`): the dtype policy, the remat
     policy (`none` | `full` | `dots`, per decoder layer), the attention implementation (see
-    `urm_jax.model.attention`), Pallas interpret mode (CPU tests), and LoRA adapters (training).
-    ValueError for an unknown remat or attention name."""
+    `urm_jax.model.attention`), Pallas interpret mode (CPU tests), LoRA adapters (training), and
+    `mlp_chunk`: tokens per row the MLP runs on at a time (None: whole rows; see `token_chunks`).
+    ValueError for an unknown remat or attention name, or an mlp_chunk under 1."""
     dtypes: DTypePolicy = DTypePolicy()
     remat: str = "none"
     attention: str = "reference"  # see urm_jax.model.attention: auto | reference | xla | cudnn | splash | blockwise
     attention_interpret: bool = False  # run Pallas kernels in interpret mode (CPU tests)
     lora: LoraConfig | None = None  # adapters on the kernels its targets select (training)
+    mlp_chunk: int | None = None  # scoring: bounds the [B, L, intermediate] buffers of long rows
 
     def __post_init__(self):
+        if self.mlp_chunk is not None and self.mlp_chunk < 1:
+            raise ValueError(f"mlp_chunk must be at least 1 token, got {self.mlp_chunk}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not in {sorted(REMAT_POLICIES)}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:  # availability: when a model is built
@@ -185,13 +189,40 @@ def decoder_layer(cfg: ModelConfig, options: ModelOptions, x, w: dict, cos, sin,
     with jax.named_scope("o_proj"):
         o = checkpoint_name(proj("blhd,hde->ble", attn, "o_proj"), "o_proj")
         x = constrain(x + o, ("batch", "seq", "act_embed"))
-    with jax.named_scope("mlp"):
+    def mlp(x):
         h = rms_norm(x, w["post_attn_norm"], cfg.rms_norm_eps)
         gate = checkpoint_name(proj("ble,ef->blf", h, "gate_proj"), "mlp_gate")
         up = checkpoint_name(proj("ble,ef->blf", h, "up_proj"), "mlp_up")
         act = constrain(swiglu(gate, up), ("batch", "seq", "mlp"))
         down = checkpoint_name(proj("blf,fe->ble", act, "down_proj"), "mlp_out")
-        return constrain(x + down, ("batch", "seq", "act_embed"))
+        return x + down
+
+    with jax.named_scope("mlp"):
+        # Chunks only without dropout: a LoRA dropout key would repeat its mask in every chunk.
+        chunk = options.mlp_chunk if lora_key is None else None
+        return constrain(token_chunks(mlp, x, chunk), ("batch", "seq", "act_embed"))
+
+
+def token_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None) -> jax.Array:
+    """fn(x) for a token-wise `fn` ([B, l, D] -> [B, l, D], each token on its own, as the MLP),
+    run on at most `chunk` tokens of every row at a time (None, or rows of at most `chunk` tokens:
+    one call), so its intermediates ([B, chunk, F] instead of [B, L, F]) stay small on long rows.
+
+    n = ceil(L / chunk) equal chunks of c = ceil(L / n) tokens; the last one starts at L - c and
+    may overlap its neighbour, recomputing a few tokens from the same inputs (no padded copy of
+    x). Same values as one call up to the matmuls' summation order (XLA picks kernels per shape)."""
+    length = x.shape[1]
+    if chunk is None or length <= chunk:
+        return fn(x)
+    n = -(-length // chunk)
+    size = -(-length // n)
+
+    def step(i, out):
+        start = jnp.minimum(i * size, length - size)
+        part = jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(out, fn(part).astype(out.dtype), start, axis=1)
+
+    return jax.lax.fori_loop(0, n, step, jnp.zeros_like(x))
 
 
 def _flat(x: jax.Array, kernel: jax.Array, in_axes: int):

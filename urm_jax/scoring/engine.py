@@ -51,7 +51,7 @@ from urm_jax.errors import DeviceMemoryError
 from urm_jax.loading import load_config_any, load_model, load_tokenizer
 from urm_jax.model.attention import resolve as resolve_attention
 from urm_jax.scoring.fit import (BucketPlan, SequenceTooLong, available_bytes, format_bytes,
-                                 longest_fitting, plan_bucket, too_long_message)
+                                 longest_fitting, mlp_chunk, plan_bucket, too_long_message)
 from urm_jax.scoring.results import EnsembleScores, Scores
 from urm_jax.sharding import AxisRules, make_mesh, mesh_key, use_mesh
 
@@ -145,9 +145,12 @@ class Scorer:
         if truncation not in ("error", "left"):
             raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
         self.path = str(model)
+        # Long rows run the MLP a chunk of tokens at a time (fit.MLP_CHUNK): its [rows, L,
+        # intermediate] buffers were most of a long row's memory.
+        self.mlp_chunk = mlp_chunk()
         self.model, self.cfg = load_model(model, compute_dtype=compute_dtype,
                                           param_dtype=param_dtype, gate_dtype=gate_dtype,
-                                          attention=attention)
+                                          attention=attention, mlp_chunk=self.mlp_chunk)
         self.tokenizer = load_tokenizer(model)
         self.max_length = max_length or self.cfg.max_position_embeddings
         self.truncation = truncation
@@ -200,7 +203,8 @@ class Scorer:
                 rows = min(rows, max(1, self.batch_tokens // length))
             plan = plan_bucket(self.cfg, length, max_rows=self._round_rows(rows),
                                num_devices=self.num_devices, attention=self.attention,
-                               budget=self.memory_budget, switch_attention=self.switch_attention)
+                               budget=self.memory_budget, switch_attention=self.switch_attention,
+                               mlp_chunk=self.mlp_chunk)
             asked = resolve_attention(self.attention, length=length)
             if plan.fits and plan.attention != asked:
                 logger.warning(f"{self.path}: {length}-token batches run with {plan.attention} attention: "
@@ -223,7 +227,8 @@ class Scorer:
         plan = self.bucket_plan(self.bucket_for(num_tokens))
         if not plan.fits:
             longest = longest_fitting(self.cfg, self.buckets, attention=self.attention,
-                                      budget=plan.budget, switch_attention=self.switch_attention)
+                                      budget=plan.budget, switch_attention=self.switch_attention,
+                                      mlp_chunk=self.mlp_chunk)
             raise SequenceTooLong(too_long_message(plan, num_tokens, longest=longest,
                                                    switch_attention=self.switch_attention))
 
