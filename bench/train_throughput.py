@@ -64,7 +64,9 @@ OPTIM = OptimConfig(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, cli
 class JaxRunner:
     def __init__(self, name, cfg, params, compute: str):
         self.name = name
-        options = ModelOptions(DTypePolicy(param="float32", compute=compute, gate="float32"))
+        # attention `auto`, what `urm-jax train` runs (TrainConfig.attention's default): on CPU the
+        # reference below AUTO_BLOCKWISE_LENGTH tokens, blockwise from there
+        options = ModelOptions(DTypePolicy(param="float32", compute=compute, gate="float32"), attention="auto")
         self.trainer = build_trainer(cfg, params, TrainConfig(optim=OPTIM), total_steps=10_000,
                                      mesh=make_mesh((1, 1, 1), jax.devices()[:1]), options=options)
         self.batch = None
