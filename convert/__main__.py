@@ -16,6 +16,7 @@ from urm_jax.hf.base import init_from_base
 from urm_jax.hf.export import to_hf
 from urm_jax.hf.load import from_hf
 from urm_jax.hf.verify import format_verify, verify
+from urm_jax.signals import INTERRUPTED_EXIT_CODE, run_until_sigterm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,11 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse `argv` (default sys.argv[1:]) and `run` it, library notices shown as one
-    `warning:` line each. Returns the exit code (0 ok, 1 verify found a difference, 2 bad input)."""
+    `warning:` line each. Returns the exit code (0 ok, 1 verify found a difference, 2 bad input,
+    130 Ctrl-C, 143 SIGTERM: then one `error:` line, and the output's temporary is removed)."""
     parser = build_parser()
     args = parser.parse_args(join_negative_values(parser, sys.argv[1:] if argv is None else argv))
-    with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
-        return run(args)
+    outputs = [] if args.command == "verify" else [args.out_dir]
+    try:
+        with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
+            # SIGTERM unwinds like Ctrl-C: the output's temporary is removed on the way out
+            return run_until_sigterm(lambda: run(args), outputs)
+    except KeyboardInterrupt:
+        kept = f"; nothing written to {outputs[0]}" if outputs else ""
+        print(f"error: interrupted (Ctrl-C): python -m convert {args.command} stopped{kept}",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
 
 
 def run(args: argparse.Namespace) -> int:

@@ -371,6 +371,65 @@ def test_sigkill_mid_to_hf_leaves_nothing_that_looks_complete(ckpt, src, tmp_pat
     run_ok("verify", out, ckpt)
 
 
+SIGNAL_AFTER = KILL_AFTER.replace("signal.SIGKILL)  # mid-write, no cleanup possible",
+                                  "int(sys.argv[4]))  # mid-write: the run unwinds")
+assert SIGNAL_AFTER != KILL_AFTER
+
+
+@pytest.mark.parametrize("command", ["from_hf", "to_hf"])
+@pytest.mark.parametrize("signum, code, line", [
+    (signal.SIGTERM, 143, "error: stopped by SIGTERM; nothing written to {out}"),
+    (signal.SIGINT, 130, "error: interrupted (Ctrl-C): python -m convert {command} stopped; nothing written to {out}")])
+def test_sigterm_and_ctrl_c_mid_conversion_leave_the_old_output_and_no_temporary(
+        src, ckpt, tmp_path, command, signum, code, line):
+    """SIGTERM (a scheduler, `kill`) or Ctrl-C in the middle of writing: one `error:` line, exit
+    143 / 130, no traceback, the temporary removed, the output replaced by --overwrite intact."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("previous output")
+    source = src if command == "from_hf" else ckpt
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AFTER.replace("sys.argv[3:]", "sys.argv[5:]"),
+                           "3", WRITES[command], "unused", str(int(signum)), command, str(source), str(out),
+                           "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == line.format(out=out, command=command), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert siblings(out) == [] and (out / "keep").read_text() == "previous output"
+
+
+def test_an_output_made_during_the_run_is_not_replaced_without_overwrite(src, tmp_path, capsys, monkeypatch):
+    """The existence check runs first; a directory that appears at OUT while the conversion writes
+    (a concurrent run, a user) is kept, and this run ends in one `error:` line, its temporary gone."""
+    out = tmp_path / "ckpt"
+    real = io_utils.fsync_tree
+
+    def appear_then_fsync(path):
+        if not out.exists():
+            out.mkdir()
+            (out / "precious").write_text("made meanwhile")
+        return real(path)
+    monkeypatch.setattr(io_utils, "fsync_tree", appear_then_fsync)
+    assert main(["from_hf", str(src), str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out} appeared while this command ran; nothing replaced (pass --overwrite to replace it)"]
+    assert (out / "precious").read_text() == "made meanwhile" and siblings(out) == []
+
+
+def test_an_output_that_holds_an_inputs_symlink_target_is_refused(src, tmp_path, capsys):
+    """A model directory whose weights are symlinks (a hub cache: snapshots/ -> blobs/): an output
+    that is, or contains, a link's target would destroy the input; refused even with --overwrite."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.copytree(src, snap)
+    blobs.mkdir()
+    weights = sorted(snap.glob("*.safetensors"))[0]
+    shutil.move(weights, blobs / "abc123")
+    weights.symlink_to(blobs / "abc123")
+    assert main(["from_hf", str(snap), str(blobs), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: OUT_DIR {blobs} contains the input") and str(weights) in err, err
+    assert (blobs / "abc123").is_file() and len(err.strip().splitlines()) == 1
+
+
 def test_live_runs_temporary_is_not_swept(src, tmp_path):
     """Only temporaries of dead processes on this host are removed."""
     out = tmp_path / "ckpt"

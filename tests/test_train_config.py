@@ -69,6 +69,7 @@ OUT_OF_RANGE = [
     ("loss.label_shift=.inf", "`loss.label_shift`: must be a finite number"),
     ("data.seq_len=4", "`data.seq_len`: must be >= 8"),
     ("data.max_segments=0", "`data.max_segments`: must be >= 1"),
+    ("data.max_segments=1000000000", "`data.max_segments`: 1000000000 segments cannot fit in a row of at most"),
     ("data.shuffle_seed=-1", "`data.shuffle_seed`: must be in [0, 4294967295], got -1"),
     ("seed=-5", "`seed`: must be in [0, 4294967295], got -5"),
     ("seed=4294967296", "`seed`: must be in [0, 4294967295]"),

@@ -26,7 +26,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import jax
@@ -57,6 +56,8 @@ from urm_jax.train import supervisor
 from urm_jax.train.config import TOPOLOGY_CHIPS, TrainConfigError, check_attention_length, load_train_config
 from urm_jax.train.loop import export_step, train
 from urm_jax.train.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, TrainingPreempted
+from urm_jax import signals
+from urm_jax.signals import Terminated  # noqa: F401  (this module's API too)
 
 
 API_KEY_ENV = "URM_JAX_API_KEY"
@@ -364,12 +365,6 @@ def load_ensemble(args):
                          attention=args.attention, memory_budget=args.memory_budget)
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread where it was between two Python steps. A BaseException,
-    like KeyboardInterrupt, so no `except Exception` swallows it and every atomic writer
-    (`urm_jax.io_utils`) on the way out removes its temporary."""
-
-
 def written_outputs(args) -> list[str]:
     """The outputs a command writes atomically (for the line a stopped command prints)."""
     if args.command == "eval":
@@ -378,75 +373,11 @@ def written_outputs(args) -> list[str]:
     return [str(getattr(args, name)) for name in names.get(args.command, ()) if getattr(args, name)]
 
 
-class _SigtermRaiser:
-    """While installed, SIGTERM raises Terminated in the main thread, wherever it is. Python runs
-    a signal handler between any two steps of the main thread, a finalizer (`__del__`, a weakref
-    or gc callback) included, and an exception cannot leave a finalizer: Python reports it as
-    "ignored" and the command goes on (in a blocking read: forever). So a Terminated that ends
-    up there is sent again, from a timer thread, to land in the code that comes next; sends
-    repeat until one lands, and stop before the previous handler is back."""
-
-    RESEND_S = 0.05  # how long after a swallowed Terminated it is sent again (not a deadline)
-
-    def __enter__(self):
-        self.done = False
-        self.in_hook = False
-        self.timers: list[threading.Timer] = []
-        self.previous = signal.signal(signal.SIGTERM, self.on_sigterm)
-        self.previous_hook, sys.unraisablehook = sys.unraisablehook, self.on_unraisable
-        return self
-
-    def on_sigterm(self, signum, frame):
-        if self.in_hook:  # raised inside the hook it would be lost too: send it once more
-            self.resend()
-            return
-        raise Terminated
-
-    def on_unraisable(self, unraisable):
-        if not isinstance(unraisable.exc_value, Terminated):
-            self.previous_hook(unraisable)
-            return
-        self.in_hook = True
-        try:
-            self.resend()
-        finally:
-            self.in_hook = False
-
-    def resend(self):
-        def send():
-            if not self.done:
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-        timer = threading.Timer(self.RESEND_S, send)
-        timer.daemon = True
-        self.timers.append(timer)
-        timer.start()
-
-    def __exit__(self, *exc):
-        self.done = True
-        for timer in self.timers:
-            timer.cancel()
-            timer.join()
-        signal.signal(signal.SIGTERM, self.previous)
-        sys.unraisablehook = self.previous_hook
-
-
 def run_until_sigterm(handler, args) -> int:
-    """`handler(args)` with SIGTERM raising Terminated: the command's temporaries are removed,
-    one `error:` line names what was not written, exit 143 (128 + SIGTERM). A command that
-    handles SIGTERM itself (train's checkpoint, serve's drain) installs its own handler over
-    this one while it runs. Python runs the handler between two of its steps: a SIGTERM that
-    arrives while XLA computes (one batch, one compile) takes effect when that returns; one
-    that lands in a finalizer is raised again after it (`_SigtermRaiser`)."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        return handler(args)
-    try:
-        with _SigtermRaiser():
-            return handler(args)
-    except Terminated:
-        outputs = written_outputs(args)
-        kept = f"; nothing written to {', '.join(outputs)}" if outputs else ""
-        print(f"error: stopped by SIGTERM{kept}", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_CODE
+    """`handler(args)` with SIGTERM raising Terminated (`urm_jax.signals.run_until_sigterm`): the
+    command's temporaries are removed, one `error:` line names what was not written (its
+    `written_outputs`), exit 143."""
+    return signals.run_until_sigterm(lambda: handler(args), written_outputs(args))
 
 
 def eval_output_dir(args) -> str:

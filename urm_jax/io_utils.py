@@ -90,6 +90,7 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
     OutputConflictError or OutputExistsError naming both paths, OSError naming the label when
     an output cannot be created."""
     ins = [(label, os.fspath(path), _resolved(path)) for label, path in inputs if path is not None]
+    ins += [(label, link, _resolved(link)) for label, path, _ in list(ins) for link in _links_inside(path)]
     outs = [(label, os.fspath(path), _resolved(path)) for label, path, *_ in outputs if path is not None]
     kinds = {label: rest[0] for label, path, *rest in outputs if path is not None and rest}
     for k, (label, path, real) in enumerate(outs):
@@ -108,6 +109,16 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
         if os.path.lexists(path) and not overwrite:
             raise OutputExistsError(f"{label} {path} already exists (pass --overwrite to replace it)")
         check_creatable(label, path)
+
+
+def _links_inside(path: str) -> list[str]:
+    """The symlinks anywhere under directory `path` (none when it is not a directory): a model
+    directory whose files link elsewhere (a hub cache's snapshot -> blobs) reads those targets,
+    and an output holding one would destroy what the input reads."""
+    if not os.path.isdir(path):
+        return []
+    return [os.path.join(root, name) for root, dirs, files in os.walk(path)
+            for name in dirs + files if os.path.islink(os.path.join(root, name))]
 
 
 def check_creatable(label: str, path: str | Path) -> None:
@@ -130,8 +141,11 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 def _name_output(err: OSError, path: Path, tmp: Path) -> OSError:
     """`err` naming the output `path` (not its temporary sibling) when a write failed."""
-    if err.errno in _WRITE_ERRNOS and err.filename in (None, str(tmp)):
+    name = None if err.filename is None else os.fspath(err.filename)
+    if err.errno in _WRITE_ERRNOS and (name is None or name == str(tmp)):
         return OSError(err.errno, err.strerror or str(err), str(path))
+    if err.errno in _WRITE_ERRNOS and name.startswith(str(tmp) + os.sep):  # a file inside it
+        return OSError(err.errno, err.strerror or str(err), str(path / name[len(str(tmp)) + 1:]))
     return err
 
 
@@ -205,6 +219,11 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            # Made while this ran (another run, a user): never replaced without --overwrite. An
+            # empty directory made between here and the rename is all the rename can replace.
+            raise OutputExistsError(f"{path} appeared while this command ran; nothing replaced "
+                                    "(pass --overwrite to replace it)")
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)

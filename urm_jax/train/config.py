@@ -101,6 +101,9 @@ class DataConfig:
         _at_least(self, "data.", seq_len=8)
         if self.max_segments is not None:
             _at_least(self, "data.", max_segments=1)
+            if self.max_segments > 2 * self.seq_len:  # a segment holds a token at least
+                raise TrainConfigError(f"`data.max_segments`: {self.max_segments} segments cannot fit in a "
+                                       f"row of at most 2 x data.seq_len = {2 * self.seq_len} tokens")
         _in_range(self, "data.", shuffle_seed=(0, MAX_SEED))
         if self.label_range is not None:
             try:

@@ -27,8 +27,7 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
-PREEMPTED_EXIT_CODE = 143  # what a shell reports for a process ended by SIGTERM (128 + 15)
-INTERRUPTED_EXIT_CODE = 130  # ... and by SIGINT (Ctrl-C, 128 + 2)
+from urm_jax.signals import INTERRUPTED_EXIT_CODE, SIGTERM_EXIT_CODE as PREEMPTED_EXIT_CODE  # noqa: E402,F401
 
 
 class TrainingPreempted(Exception):
