@@ -39,12 +39,14 @@ class SigtermRaiser:
         return self
 
     def on_sigterm(self, signum, frame):
+        """The SIGTERM handler: raise Terminated here (or, inside the hook, send it again)."""
         if self.in_hook:  # raised inside the hook it would be lost too: send it once more
             self.resend()
             return
         raise Terminated
 
     def on_unraisable(self, unraisable):
+        """`sys.unraisablehook`: a Terminated a finalizer swallowed is sent again; others pass on."""
         if not isinstance(unraisable.exc_value, Terminated):
             self.previous_hook(unraisable)
             return
@@ -55,6 +57,7 @@ class SigtermRaiser:
             self.in_hook = False
 
     def resend(self):
+        """SIGTERM to the main thread again after RESEND_S seconds, from a timer thread."""
         def send():
             if not self.done:
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
