@@ -464,7 +464,9 @@ def test_enospc_mid_from_hf(src, tmp_path, capsys, monkeypatch):
     assert main(["from_hf", str(src), str(out)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "No space left on device" in err[0], err
-    assert str(created[6]) in err[0]
+    # named where it would have been written (OUT_DIR/...), not in the hidden temporary
+    temp = next(p for p in Path(created[6]).parents if p.name.startswith(".ckpt.tmp-"))
+    assert str(out / Path(created[6]).relative_to(temp)) in err[0], err[0]
     assert list(tmp_path.iterdir()) == []
 
 
