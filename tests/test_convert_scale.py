@@ -288,12 +288,23 @@ def _safetensors(path: Path, header: dict, data: bytes) -> Path:
       "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, b"\0" * 24, "gap"),
     ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "the file has"),
     ({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, "bad entry"),
+    # bytes after the last tensor: the safetensors library refuses it ("not fully covered")
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 108, "the file has"),
 ])
 def test_bad_safetensors_headers(tmp_path, header, data, needle):
     _safetensors(tmp_path / "model.safetensors", header, data)
     with pytest.raises(ValueError, match=needle) as err:
         HFWeights(tmp_path)
     assert "model.safetensors" in str(err.value)
+
+
+def test_a_tensor_listed_twice_is_refused(tmp_path):
+    """JSON keeps the last of two equal keys; two entries for one tensor are a corrupt header."""
+    entry = '{"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
+    text = f'{{"a": {entry}, "a": {entry}}}'.encode()
+    (tmp_path / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * 8)
+    with pytest.raises(ValueError, match="tensor a is listed twice in the header"):
+        HFWeights(tmp_path)
 
 
 def test_fast_fill_is_deterministic_and_converts(tmp_path):

@@ -91,9 +91,11 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         if length > min(MAX_HEADER, size - 8):
             raise bad(f"header length {length} past the end of a {size}-byte file")
         try:
-            header = json.loads(handle.read(length))
+            header = json.loads(handle.read(length), object_pairs_hook=_unique_keys)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise bad(f"header is not JSON: {err}") from None
+        except _DuplicateKey as err:
+            raise bad(f"tensor {err} is listed twice in the header") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     header.pop("__metadata__", None)
@@ -116,9 +118,20 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         if begin != position:
             raise bad(f"tensor data overlaps or leaves a gap at byte {position}")
         position = end
-    if 8 + length + position > size:
+    if 8 + length + position != size:  # the safetensors library refuses both (truncated / not fully covered)
         raise bad(f"data needs {8 + length + position} bytes, the file has {size}")
     return infos
+
+
+class _DuplicateKey(Exception):
+    """A JSON object key seen twice (json.loads would keep the last silently)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(next(k for k in keys if keys.count(k) > 1))
+    return dict(pairs)
 
 
 def shard_name_inside(name: str) -> bool:
