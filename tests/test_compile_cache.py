@@ -270,6 +270,24 @@ def test_the_whole_cache_directory_stays_within_its_bound(tmp_path):
     assert programs and any(p.name.endswith("-cache") for p in files)  # both stores still hold some
 
 
+def test_a_bound_smaller_than_a_program_is_one_warning_line(model, tmp_path):
+    """A bound that cannot hold one program: `urm-jax score` runs, scores, and says once (not
+    JAX's raw UserWarning per program) that programs are not cached and what to raise."""
+    rows = tmp_path / "in.jsonl"
+    rows.write_text("".join(f'{{"input_ids": {list(range(1, n))}}}\n' for n in (5, 20, 40)))
+    done = subprocess.run([sys.executable, "-m", "urm_jax.cli", "score", "--model", str(model), "--input",
+                           str(rows), "--output", str(tmp_path / "out.jsonl"), "--no-progress"], cwd=ROOT,
+                          env=cli_env(1, URM_JAX_COMPILATION_CACHE=str(tmp_path / "cache"),
+                                      URM_JAX_COMPILATION_CACHE_GB="1e-9",
+                                      URM_JAX_COMPILATION_CACHE_MIN_SECONDS="0"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "larger than the compilation cache's bound are not cached" in warned[0] \
+        and warned[0].endswith("raise URM_JAX_COMPILATION_CACHE_GB"), done.stderr[-3000:]
+    assert "UserWarning" not in done.stderr and len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+
+
 def test_repair_waits_for_a_writer_holding_the_lock(tmp_path, monkeypatch):
     """An entry being written by another process (it holds JAX's lock between writing `-cache`
     and `-atime`) is not half-written: while the lock is held elsewhere, repair removes nothing."""

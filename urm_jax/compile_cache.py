@@ -87,6 +87,7 @@ _max_bytes = int(DEFAULT_SIZE_GB * 1e9)
 # JAX's own words (jax/_src/compiler.py) when one cache entry cannot be read or written: a
 # UserWarning per entry, with JAX's source line; commands show the first as one line.
 ENTRY_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for ")
+TOO_LARGE = re.compile(r"Cache value for key .* exceeds the maximum cache size of ")
 # JAX's LRU cache layout (jax/_src/lru_cache.py): `<key>-cache` + `<key>-atime`, and the file
 # lock it takes around every read, write and eviction.
 _CACHE_SUFFIX, _ATIME_SUFFIX, _LOCK_FILE = "-cache", "-atime", ".lockfile"
@@ -177,6 +178,9 @@ def unusable(directory: Path) -> str | None:
 def entry_warning(message: str) -> str | None:
     """The one line to show for JAX's warning `message` about a cache entry it could not read or
     write (None for any other message): the directory and what to change."""
+    if TOO_LARGE.match(message):  # JAX's LRU refuses an entry over its half of the bound
+        return (f"compiled programs larger than the compilation cache's bound are not cached (JAX: "
+                f"{message.split(' of size ', 1)[-1]}); raise {ENV_SIZE_GB}")
     if not ENTRY_ERROR.match(message):
         return None
     detail = message.split("': ", 1)[-1].strip().splitlines()[0]
