@@ -141,12 +141,12 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 def _name_output(err: OSError, path: Path, tmp: Path) -> OSError:
     """`err` naming the output `path` (not its temporary sibling) when a write failed."""
-    name = None if err.filename is None else os.fspath(err.filename)
-    if err.errno in _WRITE_ERRNOS and (name is None or name == str(tmp)):
-        return OSError(err.errno, err.strerror or str(err), str(path))
-    if err.errno in _WRITE_ERRNOS and name.startswith(str(tmp) + os.sep):  # a file inside it
-        return OSError(err.errno, err.strerror or str(err), str(path / name[len(str(tmp)) + 1:]))
-    return err
+    if err.errno not in _WRITE_ERRNOS:
+        return err
+    name = str(tmp) if err.filename is None else os.fspath(err.filename)
+    if name != str(tmp) and not name.startswith(str(tmp) + os.sep):
+        return err
+    return OSError(err.errno, err.strerror or str(err), str(path / os.path.relpath(name, tmp)))
 
 
 def _temp_sibling(path: Path) -> Path:

@@ -295,13 +295,16 @@ class BatchIterator:
     def plan(self, epoch: int) -> EpochPlan:
         """The global plan of ``epoch`` (cached for the current epoch)."""
         if self._plan is None or self._plan[0] != epoch:
-            row_len = (2 if self.pairs else 1) * self.seq_len  # a pair row holds both sides
-            units = self.max_segments // 2 if self.pairs and self.pack else self.max_segments
-            plan = plan_epoch(self.lengths, batch_size=self.batch_size, seq_len=row_len, seed=self.seed,
-                              epoch=epoch, pack=self.pack, max_segments=units,
-                              pack_window=self.pack_window, tokens_per_row=row_len)
-            self._plan = (epoch, plan)
+            self._plan = (epoch, self._plan_with(epoch, self.max_segments))
         return self._plan[1]
+
+    def _plan_with(self, epoch: int, max_segments: int) -> EpochPlan:
+        """``epoch``'s plan with at most ``max_segments`` segments a row (a pair takes two)."""
+        row_len = (2 if self.pairs else 1) * self.seq_len  # a pair row holds both sides
+        units = max_segments // 2 if self.pairs and self.pack else max_segments
+        return plan_epoch(self.lengths, batch_size=self.batch_size, seq_len=row_len, seed=self.seed,
+                          epoch=epoch, pack=self.pack, max_segments=units,
+                          pack_window=self.pack_window, tokens_per_row=row_len)
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Global batches in ``epoch`` (packing makes it vary slightly between epochs)."""
@@ -321,11 +324,7 @@ class BatchIterator:
         if not self.pack:
             return None
         now = self.plan(epoch).padding_efficiency
-        row_len = (2 if self.pairs else 1) * self.seq_len
-        units = self.max_segments // 2 if self.pairs else self.max_segments
-        doubled = plan_epoch(self.lengths, batch_size=self.batch_size, seq_len=row_len, seed=self.seed,
-                             epoch=epoch, pack=True, max_segments=2 * units, pack_window=self.pack_window,
-                             tokens_per_row=row_len).padding_efficiency
+        doubled = self._plan_with(epoch, 2 * self.max_segments).padding_efficiency
         if doubled - now < min_gain:
             return None
         return (f"data.max_segments={self.max_segments} limits packing: {2 * self.max_segments} would make "
