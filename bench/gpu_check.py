@@ -18,7 +18,10 @@ Rows of the table:
   fp32 tensors). The bf16 rows also show how far HF bf16 itself is from HF fp32 (the noise floor).
   `urm_jax.parity.run_parity` is not used: it runs the reference on the CPU.
 * train: stage-1 step (`build_trainer`, reparam loss, AdamW, gate frozen) on full rows, fp32
-  params, bf16 compute, remat full, attention auto (cudnn on GPU; xla is tried if cudnn fails).
+  params, bf16 compute, remat full and none, attention auto (cudnn on GPU; xla is tried if cudnn
+  fails); then the same step in PyTorch (`Check.train_hf`: HF SDPA, bf16 autocast, fused AdamW)
+  with and without gradient checkpointing, and the equal-work ratios (remat full vs
+  checkpointing, none vs none).
   tokens/s from the median step; MFU = `urm_jax.flops.train_flops` (6 N_matmul T + causal
   attention, remat not counted) / step time / `peak_flops_per_device` (H100 SXM: 989 TFLOP/s
   dense bf16; override with URM_JAX_PEAK_TFLOPS).
@@ -380,7 +383,7 @@ class Check:
 
     # training
 
-    def train(self, attention: str) -> None:
+    def train(self, attention: str, remat: str = "full", results: dict | None = None) -> None:
         import jax
 
         from urm_jax.config import DTypePolicy
@@ -393,10 +396,10 @@ class Check:
 
         rows, seq = self.args.train_batch, self.args.train_seq
         impl = resolve(attention)
-        setting = (f"{rows}x{seq} full rows, fp32 params, bf16 compute, remat full, "
+        setting = (f"{rows}x{seq} full rows, fp32 params, bf16 compute, remat {remat}, "
                    f"attention {attention}->{impl}, AdamW, gate frozen")
         options = ModelOptions(DTypePolicy(param="float32", compute="bfloat16", gate="float32"),
-                               remat="full", attention=attention)
+                               remat=remat, attention=attention)
         optim = OptimConfig(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, clip_norm=1.0)
         trainer = build_trainer(self.cfg, self.params, TrainConfig(optim=optim), total_steps=10_000,
                                 mesh=make_mesh((1, 1, 1), jax.devices()[:1]), options=options)
@@ -422,11 +425,66 @@ class Check:
         util = mfu(flops, med, 1, peak)
         mfu_text = f"MFU {100 * util:.1f}% of {peak / 1e12:.0f} TFLOP/s" if util is not None else "MFU n/a (no peak for this device)"
         ok = all(np.isfinite(losses))
-        add(f"train stage 1 ({attention}->{impl})", setting,
+        if results is not None:
+            results[f"urm-jax remat {remat}"] = rows * seq / med
+        add(f"train stage 1 ({attention}->{impl}, remat {remat})", setting,
             f"{fmt_rate(rows * seq / med)} tok/s, {1e3 * med:.0f} ms/step (median of {len(times)}; "
             f"first step incl. compile {first:.1f} s), {flops / med / 1e12:.3g} TFLOP/s, {mfu_text}; "
             f"loss {losses[0]:.3f}->{losses[-1]:.3f}" + ("" if ok else " NON-FINITE"),
             "ok" if ok else "FAIL")
+
+    def train_hf(self, checkpointing: bool, results: dict) -> None:
+        """The same stage-1 step in PyTorch: the checkpoint's HF class with SDPA attention, fp32
+        parameters under bf16 autocast (urm-jax's fp32 params + bf16 compute), the same loss
+        (reparam regression on means / log-stds), torch AdamW (fused) with weight decay on
+        matrices only, global-norm clip 1.0, the gate frozen; with or without HF's gradient
+        checkpointing (the counterpart of urm-jax's remat full / none)."""
+        import torch
+
+        rows, seq = self.args.train_batch, self.args.train_seq
+        model = load_hf(self.path, "float32", "float32", "sdpa", self.torch_device).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.startswith("weights."))  # the gate is frozen in stage 1
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        params = decay + no_decay
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-3},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=2e-6,
+                                fused=self.torch_device == "cuda")
+        rng = np.random.default_rng(0)
+        dev = self.torch_device
+        ids = torch.as_tensor(rng.integers(4, self.cfg.vocab_size - 2, (rows, seq)), device=dev)
+        mask = torch.ones((rows, seq), dtype=torch.long, device=dev)
+        labels = torch.as_tensor(rng.integers(0, 5, (rows, 5)), dtype=torch.float32, device=dev)
+        noise = torch.randn(labels.shape, generator=torch.Generator().manual_seed(0)).to(dev)
+        losses = []
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=dev, dtype=torch.bfloat16):
+                out = model(input_ids=ids, attention_mask=mask)
+            sample = out.means.float() + noise * out.log_stds.float().exp()
+            loss = ((sample - labels) ** 2).sum(-1).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())  # waits for the step
+            sync_torch(dev)
+
+        first, times = timed(step, warmup=2, reps=self.args.steps, budget=self.budget)
+        med = statistics.median(times)
+        name = f"HF sdpa{' + checkpointing' if checkpointing else ''}"
+        results[name] = rows * seq / med
+        ok = all(np.isfinite(losses))
+        add(f"train {name}", f"{rows}x{seq} full rows, fp32 params, bf16 autocast, torch AdamW{' (fused)' if dev == 'cuda' else ''}, "
+            f"gate frozen; transformers {version('transformers')}, torch {version('torch')}",
+            f"{fmt_rate(rows * seq / med)} tok/s, {1e3 * med:.0f} ms/step (median of {len(times)}; "
+            f"first {first:.1f} s); loss {losses[0]:.3f}->{losses[-1]:.3f}" + ("" if ok else " NON-FINITE"),
+            "ok" if ok else "FAIL")
+        del model, opt, params, decay, no_decay
 
     # scoring
 
@@ -552,12 +610,24 @@ def main() -> int:
                 continue
             section(budget, name, "HF eager vs urm-jax", lambda d=dtype, a=attention: check.parity(d, a))
 
+        train_results: dict[str, float] = {}
         if have_ckpt:
-            ran = section(budget, "train stage 1 (auto)", f"{args.train_batch}x{args.train_seq}",
-                          lambda: check.train("auto"), min_left=30.0)
-            if not ran and auto_is_cudnn() and ROWS[-1].status == "ERROR":
-                section(budget, "train stage 1 (xla fallback)", f"{args.train_batch}x{args.train_seq}",
-                        lambda: check.train("xla"), min_left=30.0)
+            for remat in ("full", "none"):
+                shape = f"{args.train_batch}x{args.train_seq}, remat {remat}"
+                ran = section(budget, "train stage 1 (auto)", shape,
+                              lambda r=remat: check.train("auto", r, train_results), min_left=30.0)
+                if not ran and auto_is_cudnn() and ROWS[-1].status == "ERROR":
+                    section(budget, "train stage 1 (xla fallback)", shape,
+                            lambda r=remat: check.train("xla", r, train_results), min_left=30.0)
+            if run_torch:
+                for checkpointing in (True, False):
+                    section(budget, "train HF sdpa", f"{args.train_batch}x{args.train_seq}",
+                            lambda c=checkpointing: check.train_hf(c, train_results), min_left=30.0)
+            pairs = [("urm-jax remat full", "HF sdpa + checkpointing"), ("urm-jax remat none", "HF sdpa")]
+            ratios = [f"{a} / {b} {train_results[a] / train_results[b]:.2f}x" for a, b in pairs
+                      if a in train_results and b in train_results]
+            if ratios:
+                add("train ratio", "tok/s, equal work (recompute matched)", ", ".join(ratios), "info")
         else:
             add("train stage 1", f"{args.train_batch}x{args.train_seq}", why_jax or "no checkpoint",
                 "MISSING" if why_jax else "SKIPPED")
