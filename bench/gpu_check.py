@@ -399,7 +399,7 @@ class Check:
         setting = (f"{rows}x{seq} full rows, fp32 params, bf16 compute, remat {remat}, "
                    f"attention {attention}->{impl}, AdamW, gate frozen")
         options = ModelOptions(DTypePolicy(param="float32", compute="bfloat16", gate="float32"),
-                               remat=remat, attention=attention)
+                               remat=remat, attention=attention, layer_loop="auto")
         optim = OptimConfig(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, clip_norm=1.0)
         trainer = build_trainer(self.cfg, self.params, TrainConfig(optim=optim), total_steps=10_000,
                                 mesh=make_mesh((1, 1, 1), jax.devices()[:1]), options=options)

@@ -1,7 +1,8 @@
 """Where the CPU time of the stage-1 train step goes: an XLA per-op breakdown by named scope.
 
     .venv/bin/python bench/profile_step.py [--quick] [--layers 12] [--batch 2] [--seq-len 256]
-        [--steps 3] [--compute float32] [--remat none] [--attention reference] [--top 25]
+        [--steps 3] [--compute float32] [--remat none] [--attention reference]
+        [--layer-loop auto] [--top 25]
 
 Builds the ~100M-parameter bench model of `bench/train_throughput.py` (same shape, same step:
 `build_trainer`, stage 1, AdamW), compiles the step with its optimised HLO dumped
@@ -156,6 +157,8 @@ def main() -> None:
     parser.add_argument("--compute", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--remat", default="none")
     parser.add_argument("--attention", default="reference")
+    parser.add_argument("--layer-loop", default="auto", choices=("auto", "scan", "unrolled"),
+                        help="the decoder layers' loop (auto: what `urm-jax train` runs)")
     parser.add_argument("--top", type=int, default=25, help="most expensive single ops listed")
     parser.add_argument("--quick", action="store_true", help="2 layers, 1 profiled step")
     args = parser.parse_args()
@@ -168,7 +171,7 @@ def main() -> None:
         cfg = ModelConfig.from_hf_dir(path)
         params = load_params_any(path, cfg)
     options = ModelOptions(DTypePolicy(param="float32", compute=args.compute, gate="float32"),
-                           remat=args.remat, attention=args.attention)
+                           remat=args.remat, attention=args.attention, layer_loop=args.layer_loop)
     train = TrainConfig(optim=OptimConfig(learning_rate=2e-6, warmup_ratio=0.0))
     trainer = build_trainer(cfg, params, train, total_steps=10_000,
                             mesh=make_mesh((1, 1, 1), jax.devices()[:1]), options=options)

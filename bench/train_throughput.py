@@ -64,9 +64,11 @@ OPTIM = OptimConfig(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, cli
 class JaxRunner:
     def __init__(self, name, cfg, params, compute: str):
         self.name = name
-        # attention `auto`, what `urm-jax train` runs (TrainConfig.attention's default): on CPU the
-        # reference below AUTO_BLOCKWISE_LENGTH tokens, blockwise from there
-        options = ModelOptions(DTypePolicy(param="float32", compute=compute, gate="float32"), attention="auto")
+        # attention and layer loop `auto`, what `urm-jax train` runs (TrainConfig.model_options): on
+        # CPU the reference attention below AUTO_BLOCKWISE_LENGTH tokens, blockwise from there, and
+        # the decoder layers unrolled (urm_jax.model.urm.LAYER_LOOP_AUTO)
+        options = ModelOptions(DTypePolicy(param="float32", compute=compute, gate="float32"), attention="auto",
+                               layer_loop="auto")
         self.trainer = build_trainer(cfg, params, TrainConfig(optim=OPTIM), total_steps=10_000,
                                      mesh=make_mesh((1, 1, 1), jax.devices()[:1]), options=options)
         self.batch = None

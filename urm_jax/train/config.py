@@ -369,9 +369,11 @@ class TrainConfig:
                            gate_param=p.gate_param)
 
     def model_options(self, attention_interpret: bool = False) -> ModelOptions:
-        """How the model runs in training: the dtypes, remat and attention of this config."""
+        """How the model runs in training: the dtypes, remat and attention of this config; the
+        layers unrolled where that trains faster (`layer_loop` auto: XLA:CPU, see
+        `urm_jax.model.urm.LAYER_LOOP_AUTO`)."""
         return ModelOptions(self.dtypes, remat=self.remat, attention=self.attention,
-                            attention_interpret=attention_interpret, lora=self.lora)
+                            attention_interpret=attention_interpret, lora=self.lora, layer_loop="auto")
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
