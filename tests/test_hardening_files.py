@@ -220,6 +220,24 @@ def test_convert_outputs_never_replace_inputs(capsys, hf_dir, ckpt, tmp_path):
         refused(capsys, convert_main, [cmd, src, existing], "already exists", keep=[existing])
 
 
+def test_outputs_never_replace_the_current_directory(capsys, hf_dir, ckpt, tmp_path, monkeypatch):
+    """`OUT_DIR .` (or `..`, or the cwd by its absolute name) with --overwrite would replace the
+    directory the user works in: refused by every command that replaces a directory output."""
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": {"input_ids": [4, 5]},
+                                                    "rejected": {"input_ids": [6, 7]}}])
+    for out, how in ((".", "is"), ("./", "is"), (work, "is"), ("..", "contains")):
+        for cmd, src in (("from_hf", hf_dir), ("init", hf_dir), ("to_hf", ckpt)):
+            refused(capsys, convert_main, [cmd, src, out, "--overwrite"], "OUT_DIR",
+                    f"{how} the current directory", keep=[work, src])
+        refused(capsys, cli_main, ["eval", "--model", hf_dir, "--pairs", pairs, "--output-dir", out,
+                                   "--overwrite", "--no-progress"], "--output-dir",
+                f"{how} the current directory", keep=[work, pairs])
+
+
 def test_train_never_replaces_its_inputs(capsys, ckpt, tmp_path):
     """Stage 2 pointed at stage 1's run directory would replace stage 1's final/ (its model);
     a data file named like a run output would be appended to."""
