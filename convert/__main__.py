@@ -16,7 +16,7 @@ from urm_jax.hf.base import init_from_base
 from urm_jax.hf.export import to_hf
 from urm_jax.hf.load import from_hf
 from urm_jax.hf.verify import format_verify, verify
-from urm_jax.signals import INTERRUPTED_EXIT_CODE, run_until_sigterm
+from urm_jax.signals import INTERRUPTED_EXIT_CODE, output_ids, run_until_sigterm, stopped_note
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(join_negative_values(parser, sys.argv[1:] if argv is None else argv))
     outputs = [] if args.command == "verify" else [args.out_dir]
+    before = output_ids(outputs)
     try:
         with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
             # SIGTERM unwinds like Ctrl-C: the output's temporary is removed on the way out
             return run_until_sigterm(lambda: run(args), outputs)
-    except KeyboardInterrupt:
-        kept = f"; nothing written to {outputs[0]}" if outputs else ""
-        print(f"error: interrupted (Ctrl-C): python -m convert {args.command} stopped{kept}",
-              file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # before the rename: nothing written; after it: OUT_DIR is whole
+        print(f"error: interrupted (Ctrl-C): python -m convert {args.command} stopped"
+              f"{stopped_note(before)}", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
 
 

@@ -433,6 +433,46 @@ def test_corrupt_header(fp32_src, tmp_path, capsys, how):
     run_err(capsys, ["from_hf", str(src), str(tmp_path / "out")], tmp_path / "out", SINGLE)
 
 
+def _edit_header(file: Path, edit) -> None:
+    """Let `edit(header dict)` change a safetensors file's JSON header; the data stays as it was."""
+    data = file.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+
+
+NORM = "model.norm.weight"
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda h: h[NORM].update(data_offsets=[str(x) for x in h[NORM]["data_offsets"]]),
+     [NORM, "data_offsets", "two non-negative integers"]),
+    (lambda h: h[NORM].update(data_offsets=[*h[NORM]["data_offsets"], 0]), [NORM, "data_offsets"]),
+    (lambda h: h[NORM].update(data_offsets=[float(x) for x in h[NORM]["data_offsets"]]),
+     [NORM, "data_offsets"]),
+    (lambda h: h[NORM].update(data_offsets=h[NORM]["data_offsets"][::-1]), [NORM, "begin <= end"]),
+    (lambda h: h[NORM].update(shape=[str(d) for d in h[NORM]["shape"]]),
+     [NORM, "shape", "non-negative integers"]),
+    (lambda h: h[NORM].update(shape=[True] * len(h[NORM]["shape"])), [NORM, "shape"]),
+    (lambda h: h[NORM].update(shape=h[NORM]["shape"][0]), [NORM, "shape", "list"]),
+    (lambda h: h[NORM].update(dtype=["F32"]), [NORM, "dtype", "F32"]),
+    (lambda h: h[NORM].pop("dtype"), [NORM, "dtype", "missing"]),
+    (lambda h: h.update({NORM: [h[NORM]["dtype"]]}), [NORM, "must be an object"]),
+    (lambda h: h.update(__metadata__={"format": 1}), ["__metadata__", "object of strings"]),
+], ids=["offsets-strings", "offsets-three", "offsets-floats", "offsets-reversed", "shape-strings",
+        "shape-bools", "shape-int", "dtype-list", "dtype-missing", "entry-list", "metadata-int"])
+def test_header_field_types(fp32_src, tmp_path, capsys, edit, needles):
+    """Every header field's JSON type is checked (as the safetensors library's strict parser does):
+    "8" for 8 or true for 1 is refused naming the tensor and the field, not coerced into a wrong
+    layout error later."""
+    src = _copy(fp32_src, tmp_path / "src")
+    _edit_header(src / SINGLE, edit)
+    run_err(capsys, ["from_hf", str(src), str(tmp_path / "out")], tmp_path / "out", SINGLE,
+            *needles)
+
+
 def test_index_names_missing_shard(sharded_src, tmp_path, capsys):
     src = _copy(sharded_src, tmp_path / "src")
     index = json.loads((src / INDEX).read_text())

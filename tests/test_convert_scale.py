@@ -287,7 +287,7 @@ def _safetensors(path: Path, header: dict, data: bytes) -> Path:
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, b"\0" * 24, "gap"),
     ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "the file has"),
-    ({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, "bad entry"),
+    ({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, "tensor a: dtype must be one of"),
     # bytes after the last tensor: the safetensors library refuses it ("not fully covered")
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 108, "the file has"),
 ])
@@ -406,6 +406,53 @@ def test_sigterm_and_ctrl_c_mid_conversion_leave_the_old_output_and_no_temporary
     assert proc.stderr.strip().splitlines()[-1] == line.format(out=out, command=command), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert siblings(out) == [] and (out / "keep").read_text() == "previous output"
+
+
+class _InterruptedFinalizer:
+    def __del__(self):
+        raise KeyboardInterrupt  # a Ctrl-C landing in a finalizer (tqdm's bar has one)
+
+
+@pytest.mark.parametrize("command", ["from_hf", "to_hf", "init"])
+@pytest.mark.parametrize("where", ["bar close", "finalizer"])
+def test_ctrl_c_as_the_progress_bar_closes_is_never_swallowed(src, ckpt, tmp_path, capsys,
+                                                              monkeypatch, command, where):
+    """Ctrl-C as the progress bar closes (the conversion's last step before the rename): raised
+    there, nothing is written; landing in a finalizer, where Python swallows it ("Exception
+    ignored ... KeyboardInterrupt", then exit 0 before), it is raised again, so the command exits
+    130 with one `error:` line either way, and says OUT_DIR was written whole when the rename
+    came first (resends are held off here, so the swallowed one surfaces as the run ends)."""
+    from urm_jax import signals
+    from urm_jax.hf import streams
+
+    real_exit = streams.Progress.__exit__
+
+    def exit_interrupted(self, *exc):
+        if where == "bar close":
+            bar = self.bar
+
+            def close_interrupted():  # once: tqdm's finalizer closes it again later
+                del bar.close
+                raise KeyboardInterrupt
+            bar.close = close_interrupted
+            return real_exit(self, *exc)
+        real_exit(self, *exc)
+        _InterruptedFinalizer()  # dropped at once: its __del__ runs here
+    monkeypatch.setattr(streams.Progress, "__exit__", exit_interrupted)
+    monkeypatch.setattr(signals.SigtermRaiser, "RESEND_S", 3600.0)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main([command, str(ckpt if command == "to_hf" else src), str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    stopped = f"error: interrupted (Ctrl-C): python -m convert {command} stopped"
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"{stopped}; nothing written to {out}" if where == "bar close" else
+        f"{stopped}; {out} was written in full before it stopped"], err
+    assert siblings(out) == [] and out.exists() == (where == "finalizer")
+    if where == "finalizer" and command != "init":  # init's fresh heads differ from src's
+        monkeypatch.undo()
+        run_ok("verify", *((out, ckpt) if command == "to_hf" else (src, out)))
 
 
 def test_an_output_made_during_the_run_is_not_replaced_without_overwrite(src, tmp_path, capsys, monkeypatch):

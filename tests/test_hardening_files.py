@@ -220,6 +220,24 @@ def test_convert_outputs_never_replace_inputs(capsys, hf_dir, ckpt, tmp_path):
         refused(capsys, convert_main, [cmd, src, existing], "already exists", keep=[existing])
 
 
+def test_outputs_never_replace_the_current_directory(capsys, hf_dir, ckpt, tmp_path, monkeypatch):
+    """`OUT_DIR .` (or `..`, or the cwd by its absolute name) with --overwrite would replace the
+    directory the user works in: refused by every command that replaces a directory output."""
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": {"input_ids": [4, 5]},
+                                                    "rejected": {"input_ids": [6, 7]}}])
+    for out, how in ((".", "is"), ("./", "is"), (work, "is"), ("..", "contains")):
+        for cmd, src in (("from_hf", hf_dir), ("init", hf_dir), ("to_hf", ckpt)):
+            refused(capsys, convert_main, [cmd, src, out, "--overwrite"], "OUT_DIR",
+                    f"{how} the current directory", keep=[work, src])
+        refused(capsys, cli_main, ["eval", "--model", hf_dir, "--pairs", pairs, "--output-dir", out,
+                                   "--overwrite", "--no-progress"], "--output-dir",
+                f"{how} the current directory", keep=[work, pairs])
+
+
 def test_train_never_replaces_its_inputs(capsys, ckpt, tmp_path):
     """Stage 2 pointed at stage 1's run directory would replace stage 1's final/ (its model);
     a data file named like a run output would be appended to."""
@@ -482,8 +500,10 @@ def test_downcast_overflow_names_the_tensor(capsys, hf_dir, tmp_path, cmd, dtype
         source = tmp_path / "ckpt"
         ok(convert_main, "from_hf", src, source)  # float32: fits
     out = tmp_path / "out"
+    # the advice names the flag that chose this tensor's dtype (the gate has its own)
+    advice = "(e.g. --gate-dtype float32)" if dtype_flag[0] == "--gate-dtype" else "(e.g. --dtype keep"
     refused(capsys, convert_main, [cmd, source, out, *dtype_flag], "beyond", "range",
-            key if cmd != "to_hf" else "-> tensor " + key, keep=[source], absent=[out])
+            key if cmd != "to_hf" else "-> tensor " + key, advice, keep=[source], absent=[out])
     ok(convert_main, cmd, source, out)  # the default (keep) fits
 
 
@@ -491,7 +511,7 @@ def test_fresh_heads_and_scoring_casts_are_range_checked(capsys, hf_dir, ids_fil
     # `--init-std` is capped at 10 on the command line (no float16 overflow is reachable there);
     # the library's own check still guards any caller.
     from urm_jax.hf.base import init_from_base
-    with pytest.raises(ValueError, match=r"fresh head weights\.fc.*beyond float16"):
+    with pytest.raises(ValueError, match=r"fresh head weights\.fc.*beyond float16.*--gate-dtype float32"):
         init_from_base(hf_dir, tmp_path / "out", init_std=1e6, progress=False)
     assert not (tmp_path / "out").exists()
     src = copy(hf_dir, tmp_path / "src")
@@ -541,11 +561,13 @@ def test_finite_helpers():
     big = np.array([[1.0, 7e4]], np.float32)
     with np.errstate(over="ignore"), pytest.raises(NonFiniteError,
                                                    match=r"w: a value beyond float16's range .* 70000"):
-        check_cast(big, big.T.astype(np.float16), "w")  # any layout: a transposed cast too
-    with pytest.raises(NonFiniteError, match="beyond float16's range"):
-        checked_astype(np.array([np.inf, 7e4], np.float32), np.float16, "w")  # one new Inf
-    assert checked_astype(np.array([np.inf, 6e4], np.float32), np.float16, "w")[1] == 60000  # kept Inf
-    assert checked_astype(bf16, np.float32, "w").dtype == np.float32  # widening: no check needed
+        check_cast(big, big.T.astype(np.float16), "w", wider="--dtype keep")  # any layout: a transposed cast too
+    with pytest.raises(NonFiniteError, match=r"beyond float16's range.*\(e\.g\. --gate-dtype float32\)"):
+        checked_astype(np.array([np.inf, 7e4], np.float32), np.float16, "w",
+                       wider="--gate-dtype float32")  # one new Inf; the advice names the caller's flag
+    assert checked_astype(np.array([np.inf, 6e4], np.float32), np.float16, "w",
+                          wider="-")[1] == 60000  # kept Inf
+    assert checked_astype(bf16, np.float32, "w", wider="-").dtype == np.float32  # widening: no check needed
 
 
 def test_score_output_lines_are_strict_json(capsys, hf_dir, tmp_path):

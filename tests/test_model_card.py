@@ -101,6 +101,40 @@ def test_eval_numbers_of_another_model_are_refused(chat_ckpt, tmp_path, capsys, 
             tmp_path / "hf", str(other), *needles)
 
 
+def assert_card_as_with_transformers(ckpt: Path, tmp_path: Path, *argv: str) -> None:
+    """`to_hf`'s card, written from the tokenizer's JSON files, is the text it was when the
+    tokenizer was loaded with transformers (`load_tokenizer`) for it."""
+    from urm_jax.data.tokenization import load_tokenizer
+    from urm_jax.hf import export
+
+    run_ok("to_hf", str(ckpt), str(tmp_path / "card_json"), *argv)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export, "card_tokenizer", load_tokenizer)
+        run_ok("to_hf", str(ckpt), str(tmp_path / "card_tf"), *argv)
+    assert ((tmp_path / "card_json" / "README.md").read_text()
+            == (tmp_path / "card_tf" / "README.md").read_text())
+
+
+def test_card_from_tokenizer_files_as_from_transformers(chat_ckpt, tmp_path):
+    assert_card_as_with_transformers(chat_ckpt[0], tmp_path, "--license", "apache-2.0")
+
+
+def test_to_hf_with_a_tokenizer_imports_neither_torch_nor_transformers(chat_ckpt, tmp_path):
+    """The card's tokenizer facts come from its JSON files: `python -m convert to_hf` of a
+    checkpoint carrying a tokenizer never imports transformers or torch (seconds of imports)."""
+    ckpt, out = chat_ckpt[0], tmp_path / "hf"
+    assert (ckpt / "tokenizer.json").is_file()
+    script = ("import sys\n"
+              "from convert.__main__ import main\n"
+              f"assert main(['to_hf', {str(ckpt)!r}, {str(out)!r}]) == 0\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert "apply_chat_template" in card_parts(out)[2]
+
+
 def test_chatml_card_reads_the_reward_at_im_end(tmp_path):
     """A ChatML model's snippet cuts the template's trailing newline, as urm-jax's policy does."""
     with pytest.MonkeyPatch.context() as mp:
@@ -117,6 +151,7 @@ def test_chatml_card_reads_the_reward_at_im_end(tmp_path):
         shutil.copy2(f, src / f.name)
     run_ok("from_hf", str(src), str(tmp_path / "ckpt"))
     run_ok("to_hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    assert_card_as_with_transformers(tmp_path / "ckpt", tmp_path)
     meta, _, code = card_parts(tmp_path / "hf")
     assert "base_model" not in meta and "license" not in meta  # unknown: left out
     assert 'text.rindex(\'<|im_end|>\')' in code
@@ -163,6 +198,7 @@ def test_snippet_runs_without_tokenizer_or_chat_template(tmp_path, capsys, ships
     assert len(warnings) == 1 and needle in warnings[0], warnings
     hub = [] if tokenizer is None else ["--base-model", "org/tiny"]
     run_ok("to_hf", str(tmp_path / "init"), str(tmp_path / "hf"), *hub)
+    assert_card_as_with_transformers(tmp_path / "init", tmp_path, *hub)
     _, body, code = card_parts(tmp_path / "hf")
     assert "apply_chat_template" not in code
     # Published files carry no local path: the base is its Hub id, else its directory's name.

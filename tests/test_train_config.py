@@ -8,6 +8,7 @@ of training; two cases run the real command in a subprocess."""
 import dataclasses
 import subprocess
 import sys
+import warnings as warnings_module
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,37 @@ def test_the_real_command(overrides, message, base_model, tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [message], done.stderr[-2000:]
     assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("overrides, ignored", [
+    (["data.pack=true", "data.max_segments=8"], "data.pack=true, data.max_segments=8 change nothing"),
+    (["data.pack=false", "data.max_segments=8"], "data.max_segments=8 changes nothing"),
+    (["remat=full"], "remat=full changes nothing"),
+    ([], None),  # the recipe's own data.pack: false asks for nothing the cached path does otherwise
+    (["stage2_cached_features=false", "data.pack=true", "data.max_segments=8", "remat=full"], None),
+    # held-out pairs are batched as packed token rows: the data keys apply to them
+    ([f"data.eval={ROOT / 'data/samples/preference_sample.jsonl'}", "data.max_segments=8",
+      "remat=dots"], "remat=dots changes nothing"),
+], ids=["pack+max_segments", "max_segments", "remat", "recipe", "uncached", "with-eval"])
+def test_settings_cached_stage2_ignores_are_named_once(overrides, ignored, base_model, capsys, tmp_path,
+                                                        no_training):
+    """Stage 2 on cached features (the default) trains the gate on pooled features: token-row
+    settings the user gave (packing, its segment cap, remat) would change nothing. The run says
+    so in one `warning:` line at its start, naming them and stage2_cached_features=false; not for
+    keys left at their defaults, nor when the run trains on token rows."""
+    capsys.readouterr()
+    with pytest.raises(AssertionError, match="training started"):
+        cli.main(["train", STAGE2, f"model={base_model}", f"output_dir={tmp_path / 'run'}",
+                  "global_batch_size=8", *overrides])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    if ignored is None:
+        assert warnings == []
+        return
+    assert len(warnings) == 1 and ignored in warnings[0], warnings
+    assert ("data.max_segments" in warnings[0]) == ("data.max_segments" in ignored), warnings
+    assert "cached features" in warnings[0] and "stage2_cached_features=false" in warnings[0]
+    # without `notices` (a run's saved config.yaml read back holds every key): no warning
+    with warnings_module.catch_warnings(record=True) as seen:
+        warnings_module.simplefilter("always")
+        load_train_config(STAGE2, ["model=m", "output_dir=o", *overrides])
+    assert seen == []

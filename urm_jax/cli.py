@@ -468,7 +468,7 @@ def run_train(args) -> int:
     supervisor.adopt()
     # Before anything touches a JAX backend (imports do not): jax.distributed must come first.
     maybe_initialize(args.coordinator, args.num_processes, args.process_id)
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, args.overrides, notices=True)  # warns of ignored keys
     try:
         final = train(cfg, allow_changes=tuple(args.allow_config_change))
     except TrainingPreempted as stop:

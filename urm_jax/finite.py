@@ -94,10 +94,13 @@ def _largest_magnitude(values: np.ndarray) -> float:
     return worst
 
 
-def check_cast(src: np.ndarray, out: np.ndarray, what: str, *, src_finite: bool = False) -> None:
+def check_cast(src: np.ndarray, out: np.ndarray, what: str, *, wider: str,
+               src_finite: bool = False) -> None:
     """After `out` was cast from `src` (any layout: a transpose may sit between them):
     NonFiniteError naming `what` when the cast overflowed, i.e. a finite value of `src` became
-    Inf in `out`'s narrower dtype. A cast keeps NaN and Inf and can only add Infs, so comparing
+    Inf in `out`'s narrower dtype. `wider` is the setting that keeps a wider dtype for this
+    tensor, e.g. "--dtype keep or float32", "--gate-dtype float32" (the caller knows which flag
+    or config key chose the dtype: the gate has its own). A cast keeps NaN and Inf and can only add Infs, so comparing
     counts is exact whatever the element order. `src_finite`: `src` is known to hold none (it
     was checked), so `out` alone is scanned. Free when the cast cannot overflow."""
     if out.dtype.name not in EXPONENT_MASKS or src.dtype.name not in EXPONENT_MASKS or not narrows(
@@ -108,16 +111,17 @@ def check_cast(src: np.ndarray, out: np.ndarray, what: str, *, src_finite: bool 
         raise NonFiniteError(
             f"{what}: a value beyond {out.dtype.name}'s range (largest finite "
             f"{max_finite(out.dtype):g}; the tensor's largest magnitude is "
-            f"{_largest_magnitude(src):g}) would become Inf; keep a wider dtype (e.g. --dtype "
-            "keep or float32) or rescale the weights")
+            f"{_largest_magnitude(src):g}) would become Inf; keep a wider dtype (e.g. {wider}) "
+            "or rescale the weights")
 
 
-def checked_astype(values: np.ndarray, dtype, what: str) -> np.ndarray:
-    """`values.astype(dtype)`, refusing a cast that overflows (`check_cast`)."""
+def checked_astype(values: np.ndarray, dtype, what: str, *, wider: str) -> np.ndarray:
+    """`values.astype(dtype)`, refusing a cast that overflows (`check_cast`; `wider`: the
+    setting that keeps a wider dtype)."""
     with np.errstate(over="ignore"):  # an overflow is refused just below, naming the tensor
         out = values.astype(dtype, copy=False)
     if out is not values:
-        check_cast(values, out, what)
+        check_cast(values, out, what, wider=wider)
     return out
 
 

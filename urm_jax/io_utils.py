@@ -78,7 +78,8 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
                   outputs: Iterable[tuple[str, str | Path | None]], *, overwrite: bool) -> None:
     """The one rule every command applies to its outputs, before any slow work: an output may
     not be, contain or lie inside an input (a model directory, an input file), nor another
-    output of the same run, whatever `overwrite` says (`--overwrite` never destroys an input);
+    output of the same run, nor be or contain the current directory, whatever `overwrite` says
+    (`--overwrite` never destroys an input or the directory the user works in);
     and an existing output (a dangling symlink included) is refused unless `overwrite`; an
     output that cannot be created (under a file, in a directory not writable) is refused too.
 
@@ -106,9 +107,22 @@ def check_outputs(inputs: Iterable[tuple[str, str | Path | None]],
             if how:
                 raise OutputConflictError(f"{label} {path} {how} {other_label} {other_path}: two "
                                           "outputs of one run need two separate paths")
+        _check_not_cwd(label, path, real)
         if os.path.lexists(path) and not overwrite:
             raise OutputExistsError(f"{label} {path} already exists (pass --overwrite to replace it)")
         check_creatable(label, path)
+
+
+def _check_not_cwd(label: str, path: str, real: Path) -> None:
+    """Refuse an output that is the current directory or one of its ancestors (`.`, `..`, $HOME
+    when working under it): an output is replaced whole, which would delete the directory the
+    user stands in, whatever `--overwrite` says (`urm-jax demo` refuses its workdir likewise)."""
+    cwd = _resolved(Path.cwd())
+    how = "is" if real == cwd or _same_file(real, cwd) else "contains" if real in cwd.parents else None
+    if how:
+        raise OutputConflictError(f"{label} {path} {how} the current directory ({cwd}): an output "
+                                  "is replaced whole (not even --overwrite replaces the directory "
+                                  "you work in); choose another path")
 
 
 def _links_inside(path: str) -> list[str]:

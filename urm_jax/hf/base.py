@@ -32,7 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from urm_jax.hf.load import write_checkpoint
-from urm_jax.hf.mapping import TABLE, is_gate, is_head
+from urm_jax.hf.mapping import TABLE, is_gate, is_head, wider_dtype_flag
 from urm_jax.hf.plan import ConversionError, jax_shapes
 from urm_jax.hf.safetensors_io import HFWeights
 from urm_jax.attributes import HELPSTEER2, check_label_range, preset_label_range
@@ -87,7 +87,8 @@ def fresh_heads(cfg: ModelConfig, *, seed: int, std: float, score_dtype: str,
         else:
             rng = np.random.default_rng([seed, index])
             heads[entry.hf_key] = checked_astype(rng.standard_normal(shape, np.float32) * np.float32(std),
-                                                 dtype, f"fresh head {entry.hf_key} (--init-std {std:g})")
+                                                 dtype, f"fresh head {entry.hf_key} (--init-std {std:g})",
+                                                 wider=wider_dtype_flag(entry))
     return heads
 
 

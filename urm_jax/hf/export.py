@@ -15,11 +15,11 @@ from urm_jax.checkpoint import ParamsReader, copy_tokenizer_files, load_config
 from urm_jax.config import np_dtype
 from urm_jax.finite import check_cast
 from urm_jax.hf.card import model_card, provenance, read_eval_metrics
-from urm_jax.data.tokenization import load_tokenizer
-from urm_jax.hf.mapping import Alloc
+from urm_jax.hf.mapping import Alloc, wider_dtype_flag
 from urm_jax.hf.plan import (ckpt_chunk_rows, output_dtypes, plan_from_ckpt, row_units,
                              unit_progress, warn_if_pad_is_eos)
 from urm_jax.hf.safetensors_io import SafetensorsWriter, parse_size
+from urm_jax.hf.tokenizer_files import card_tokenizer
 from urm_jax.hf.streams import BufferPool, Progress, ordered_map, pooled, readahead
 from urm_jax.io_utils import atomic_dir, check_outputs
 from urm_jax.provenance import publishable
@@ -54,7 +54,7 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
     provenance(cfg.hf_config, str(ckpt_dir / "config.json"))  # the card's fields, before any work
     evaluated = (read_eval_metrics(eval_metrics, ckpt_dir, cfg) if eval_metrics is not None
                  else None)  # refused before anything is written when it is another model's
-    tokenizer = load_tokenizer(ckpt_dir)
+    tokenizer = card_tokenizer(ckpt_dir)  # JSON facts for the card: no transformers import
     reader = ParamsReader(ckpt_dir, allow_nonfinite=allow_nonfinite)
     plans = plan_from_ckpt(reader, cfg, dtype, gate_dtype)
     warn_if_pad_is_eos(cfg, str(ckpt_dir))
@@ -71,14 +71,14 @@ def to_hf(ckpt_dir, out_dir, *, dtype="keep", gate_dtype=None, max_shard_size="5
                     with np.errstate(over="ignore"):  # refused just below, naming the tensor
                         np.copyto(out, rows, casting="unsafe")
                     check_cast(rows, out, f"{ckpt_dir}: parameter {entry.jax_name} -> tensor "
-                               f"{entry.hf_key} ({out.dtype.name})")
+                               f"{entry.hf_key} ({out.dtype.name})", wider=wider_dtype_flag(entry))
         else:
             block = reader.read(plan.path, start, stop, alloc)
             for key, value in plan.unit_tensors(start, stop, block):
                 with writer.region(key, alloc=alloc) as out:
                     entry.to_hf_into(value, out, alloc)
                     check_cast(value, out, f"{ckpt_dir}: parameter {entry.jax_name} -> tensor "
-                               f"{key} ({out.dtype.name})")
+                               f"{key} ({out.dtype.name})", wider=wider_dtype_flag(entry))
         return unit_progress(plan, start, stop, np_dtype(plan.out).itemsize)
 
     units = row_units(plans, ckpt_chunk_rows(reader))

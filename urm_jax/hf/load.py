@@ -14,7 +14,7 @@ import numpy as np
 from urm_jax.checkpoint import checkpoint_writer
 from urm_jax.config import ModelConfig, np_dtype
 from urm_jax.finite import check_cast, check_finite, checked_astype
-from urm_jax.hf.mapping import Alloc, Box, get_path, normalize_box, set_path
+from urm_jax.hf.mapping import Alloc, Box, get_path, normalize_box, set_path, wider_dtype_flag
 from urm_jax.hf.plan import (Plan, hf_chunk_rows, output_dtypes, plan_from_hf,
                              plan_progress, row_units, unit_progress, warn_if_pad_is_eos)
 from urm_jax.hf.safetensors_io import HFWeights
@@ -37,17 +37,19 @@ def read_box(weights: HFWeights, plan: Plan, box: Box, allow_nonfinite: bool = F
     entry, out = plan.entry, np_dtype(plan.out)
     if not entry.stacked:
         return checked_astype(np.asarray(entry.to_jax_box(rows_of(entry.hf_key), plan.shape, box, alloc)),
-                              out, f"{weights.where(entry.hf_key)}: tensor {entry.hf_key}")
+                              out, f"{weights.where(entry.hf_key)}: tensor {entry.hf_key}",
+                              wider=wider_dtype_flag(entry))
     layers = range(box[0].start, box[0].stop)
     keys = entry.hf_keys(layers)
     parts = (entry.to_jax_box(rows_of(key), plan.shape[1:], box[1:], alloc) for key in keys)
     if len(layers) == 1:  # one layer: no extra copy into a stacked buffer
         return checked_astype(np.asarray(next(parts))[None], out,
-                              f"{weights.where(keys[0])}: tensor {keys[0]}")
+                              f"{weights.where(keys[0])}: tensor {keys[0]}", wider=wider_dtype_flag(entry))
     block = np.empty((len(layers), *(s.stop - s.start for s in box[1:])), out)
     for k, part in enumerate(parts):
         block[k] = part
-        check_cast(np.asarray(part), block[k], f"{weights.where(keys[k])}: tensor {keys[k]}")
+        check_cast(np.asarray(part), block[k], f"{weights.where(keys[k])}: tensor {keys[k]}",
+                   wider=wider_dtype_flag(entry))
     return block
 
 
@@ -71,7 +73,8 @@ def fill_rows(weights: HFWeights, plan: Plan, start: int, stop: int, out: np.nda
             if not allow_nonfinite:
                 check_finite(src, f"{weights.where(key)}: tensor {key}")
             entry.to_jax_into(src, dst, alloc)
-            check_cast(src, dst, f"{weights.where(key)}: tensor {key}", src_finite=not allow_nonfinite)
+            check_cast(src, dst, f"{weights.where(key)}: tensor {key}", src_finite=not allow_nonfinite,
+                       wider=wider_dtype_flag(entry))
 
 
 

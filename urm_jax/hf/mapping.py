@@ -183,6 +183,12 @@ def is_gate(entry: Entry) -> bool:
     return is_gate_path(entry.path)
 
 
+def wider_dtype_flag(entry: Entry) -> str:
+    """The convert option that keeps a wider dtype for `entry`'s tensor, for an overflow's advice:
+    the gate's dtype is its own flag (--gate-dtype, which has no `keep`), the rest follow --dtype."""
+    return "--gate-dtype float32" if is_gate(entry) else "--dtype keep or float32"
+
+
 def is_head(entry: Entry) -> bool:
     """Value head or gate: the URM parameters a base Llama checkpoint does not have."""
     return entry.path[0] in HEAD_GROUPS

@@ -98,17 +98,15 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             raise bad(f"tensor {err} is listed twice in the header") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(v, str) for v in metadata.values())):
+        raise bad(f"__metadata__ must be an object of strings, got {metadata!r}")
     infos, spans = {}, []
     for key, meta in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-            shape = tuple(int(d) for d in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"bad entry for tensor {key}: {meta!r}") from None
+        dtype, shape, (begin, end) = _entry_fields(key, meta, bad)
         info = TensorInfo(file, dtype, shape, 8 + length + begin)
-        if end - begin != info.nbytes or min(shape, default=0) < 0:
+        if end - begin != info.nbytes:
             raise bad(f"tensor {key}: shape {list(shape)} {dtype} needs {info.nbytes} bytes, "
                       f"offsets give {end - begin}")
         infos[key] = info
@@ -121,6 +119,34 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     if 8 + length + position != size:  # the safetensors library refuses both (truncated / not fully covered)
         raise bad(f"data needs {8 + length + position} bytes, the file has {size}")
     return infos
+
+
+def _is_count(value) -> bool:
+    # JSON's true/false parse as Python bools, which are ints; "8" and 8.0 are not integers either
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_fields(key: str, meta, bad: Callable[[str], WeightsError]):
+    """(dtype name, shape, (begin, end)) of header entry `key`, each field's JSON type checked
+    the way the safetensors library's strict parser does: `dtype` one of its names, `shape` a
+    list of non-negative integers, `data_offsets` two non-negative integers, begin <= end.
+    WeightsError (from `bad`) names the tensor and the field."""
+    if not isinstance(meta, dict):
+        raise bad(f"tensor {key}: entry must be an object with dtype, shape and data_offsets, "
+                  f"got {meta!r}")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in meta:
+            raise bad(f"tensor {key}: {field} is missing")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise bad(f"tensor {key}: dtype must be one of {', '.join(SAFETENSORS_DTYPES)}, got {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"tensor {key}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)
+            and offsets[0] <= offsets[1]):
+        raise bad(f"tensor {key}: data_offsets must be two non-negative integers [begin, end] "
+                  f"with begin <= end, got {offsets!r}")
+    return SAFETENSORS_DTYPES[dtype], tuple(shape), tuple(offsets)
 
 
 class _DuplicateKey(Exception):

@@ -93,7 +93,7 @@ class Progress:
     def __init__(self, desc: str, total_bytes: int, total_tensors: int, enabled: bool):
         self.bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                         disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-        self.tensors, self.total = 0.0, total_tensors
+        self.tensors, self.total, self.enabled = 0.0, total_tensors, enabled
 
     def update(self, nbytes: int, tensors: float) -> None:
         """Advance by `nbytes` bytes and `tensors` HF tensors (a fraction for part of an unstacked one)."""
@@ -105,7 +105,17 @@ class Progress:
         return self
 
     def __exit__(self, *exc):
-        self.bar.close()
+        # Closed and released here, so tqdm's finalizer runs now (before the caller renames its
+        # output into place), not at some later garbage collection; a Ctrl-C landing inside
+        # that finalizer is swallowed by Python and raised again by `signals.SigtermRaiser`.
+        bar, self.bar = self.bar, None
+        try:
+            bar.close()
+        except BaseException:  # Ctrl-C mid-close: end the bar's line, so the error line is whole
+            if self.enabled:
+                sys.stderr.write("\n")
+            raise
+        del bar
 
 
 

@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -20,6 +21,7 @@ import yaml
 
 from urm_jax.attributes import check_label_range
 from urm_jax.config import DTypePolicy, ModelConfig
+from urm_jax.errors import NoticeWarning
 from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from urm_jax.model.attention import resolve as resolve_attention, splash_length_problem, target_platform
 from urm_jax.model.lora import LoraConfig
@@ -500,17 +502,64 @@ def apply_override(raw: dict, override: str) -> None:
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = (), *,
-                      runnable: bool = True) -> TrainConfig:
+                      runnable: bool = True, notices: bool = False) -> TrainConfig:
     """The validated TrainConfig of a YAML recipe (or none) plus `key=value` overrides.
     `runnable`: also require what a training run needs (model, output_dir, data.train); a
-    memory plan does not. TrainConfigError names the file or key on any problem."""
+    memory plan does not. `notices`: warn (one NoticeWarning, which commands show as one
+    `warning:` line) about settings the user gave that this run ignores
+    (`ignored_by_cached_features`); for a run's start, not for a saved config.yaml read back,
+    which holds every key. TrainConfigError names the file or key on any problem."""
     raw = load_raw(Path(path)) if path is not None else {}
     for override in overrides:
         apply_override(raw, override)
     cfg = config_from_dict(raw)
     if runnable:
         cfg.check_runnable()
+    ignored = ignored_by_cached_features(raw, cfg) if notices else []
+    if ignored:
+        warnings.warn(NoticeWarning(
+            f"{', '.join(ignored)} {'change' if len(ignored) > 1 else 'changes'} nothing in this run: stage 2 on cached features (the "
+            "default, stage2_cached_features) trains the gate on one pooled feature per response, "
+            "computed once without gradients, so there are no token rows to pack and no backbone "
+            "backward pass to rematerialize; set stage2_cached_features=false to train on token "
+            "rows, where they apply"), stacklevel=2)
     return cfg
+
+
+# Settings of token-row training that stage 2 on cached features does not use, and the values
+# that ask for something it then does not do: packing (data.pack: true) with a cap on segments a
+# row (data.max_segments: any), and rematerialization (remat other than none: every backbone pass
+# is forward only). `data.pack: false` asks for nothing the cached path does otherwise (the
+# bundled stage-2 recipe sets it). The held-out pairs (`data.eval`) are batched as token rows,
+# packed by the data keys, so those count as used when a run has them.
+CACHED_FEATURES_IGNORE = {("data", "pack"): lambda v: v is True,
+                          ("data", "max_segments"): lambda v: v is not None,
+                          ("remat",): lambda v: v != "none"}
+
+
+def ignored_by_cached_features(raw: dict, cfg: TrainConfig) -> list[str]:
+    """`key=value` of each setting in `raw` (what the user gave: the recipe, its `base:` chain and
+    the overrides; defaults are not in it) that `cfg`'s run ignores because it trains stage 2 on
+    cached features (`CACHED_FEATURES_IGNORE`; the data keys only without `data.eval`); [] for
+    any other run."""
+    if not cfg.use_features:
+        return []
+    found = []
+    for path, asks in CACHED_FEATURES_IGNORE.items():
+        if path[0] == "data" and cfg.data.eval:  # the held-out pairs' token rows use them
+            continue
+        node, given = raw, True
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                given = False
+                break
+            node = node[part]
+        value = cfg
+        for part in path:
+            value = getattr(value, part)
+        if given and asks(value):
+            found.append(f"{'.'.join(path)}={str(value).lower() if isinstance(value, bool) else value}")
+    return found
 
 
 def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict:

@@ -330,7 +330,9 @@ def save_model(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, trainer:
                 if writer is not None:
                     writer.write(path, start, checked_astype(
                         np.asarray(block), dtype, f"{out_dir}: parameter {'.'.join(path)} "
-                        f"(precision.save / gate_save {dtype.name})"))
+                        f"(precision.save / gate_save {dtype.name})",
+                        wider=("precision.gate_save: float32" if is_gate(path)
+                               else "precision.save: keep or float32")))
     multihost_utils.sync_global_devices("urm-jax model checkpoint written")
     return Path(out_dir)
 
