@@ -286,7 +286,11 @@ def test_mesh_equals_one_device_and_shards_adapters(tiny):
     for (path, a), b, s in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want),
                                jax.tree.leaves(start)):
         name = jax.tree_util.keystr(path)
-        assert np.max(np.abs(a - b)) <= 1e-3 * max(np.max(np.abs(b - s)), 1e-6), name
+        # 2e-3 of each leaf's update: sharded sums round differently. The worst leaf is o_proj's
+        # lora_a (its B starts at zero, so its gradients start at zero and its update is the
+        # smallest, and the same rounding the largest share of it): 7.6e-4 with the layer scan,
+        # 1.3e-3 with the layers unrolled (training on CPU); every other leaf is under 5e-5.
+        assert np.max(np.abs(a - b)) <= 2e-3 * max(np.max(np.abs(b - s)), 1e-6), name
     for a, b in zip(m8, m1):
         assert rel(a["loss"], b["loss"]) < 1e-5 and rel(a["grad_norm"], b["grad_norm"]) < 1e-5
     shardings = param_shardings(cfg, make_mesh((1, 4, 2), jax.devices()[:8]), None, train.model_options())
