@@ -28,7 +28,8 @@ Comparisons (sizes: the full run; --quick shrinks everything to a smoke test):
            on one new compilation cache: compile seconds cold / warm per phase (trace, lower,
            XLA, cache load, save), whole-process wall.
   convert  `convert from_hf` and `to_hf` vs `cp -r` of the same bytes and vs transformers
-           load + save_pretrained, warm and cold page cache, peak RSS.
+           load + save_pretrained, warm and cold page cache, peak RSS; each command starts
+           after a `sync` (untimed), so none pays the write-back another one left.
 
 Float32 everywhere (TRL/HF train in float32 on CPU by default). The machine's load average is
 printed with every table: on a shared machine quote ratios, not absolute figures.
@@ -428,6 +429,9 @@ def compare_convert(args, shape: dict, work: Path) -> None:
                 if cache == "cold":
                     evict(src)
                     evict(ckpt)
+                # Start each command with nothing left to write back: a command that does not
+                # fsync (cp) leaves ~2 GB dirty, and the next one (a convert's fsync) would pay it.
+                os.sync()
                 got = run_process(commands[name](out), env=env, log=work / "convert.log")
                 if got["returncode"]:
                     raise RuntimeError(f"{name} failed; see {work / 'convert.log'}")

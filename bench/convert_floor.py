@@ -14,7 +14,9 @@ library before running the real command line (`convert.__main__.main`):
     -checks         ... and no finiteness check, no per-chunk checksum (written or verified)
 
 against `cp -r` (copy_file_range: the kernel copies page cache to page cache, no fsync, no
-check) and `cp -r` followed by an fsync of every copied file (`sync FILE...`). The rows show
+check) and `cp -r` followed by an fsync of every copied file (`sync FILE...`). Every command
+starts after a `sync` (untimed): without it, one that leaves its output unwritten (cp, the
+-fsync variants) hands its write-back to the next. The rows show
 how far from `cp` the conversion could get if each guarantee were dropped; none of the
 stripped variants is a usable converter.
 """
@@ -93,6 +95,7 @@ def main() -> None:
         names = list(commands) if r % 2 == 0 else list(commands)[::-1]
         for name in names:
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # untimed: no command pays the write-back of the one before (cp never fsyncs)
             got = run_process(commands[name](out), env=dict(env, URM_FLOOR=levels.get(name, "full")),
                               log=work / "floor.log")
             if got["returncode"]:
