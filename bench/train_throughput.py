@@ -1,7 +1,7 @@
 """Stage-1 training throughput: urm-jax (`build_trainer`, 1-device mesh) vs the HF PyTorch reference
 (`LlamaForSequenceClassificationWithNormal_Weights`) with torch.optim.AdamW, side by side in one run.
 
-    .venv/bin/python bench/train_throughput.py [--quick] [--batch 2] [--seq-lens 256 512] [--steps 3]
+    .venv/bin/python bench/train_throughput.py [--quick] [--batch 2] [--seq-lens 256 512] [--steps 3] [--scan-too]
 
 Same ~100M-parameter Llama shape, same random checkpoint (urm_jax/hf/synthetic.py), same batch of
 full-length rows (every token real, so tokens/s = rows * seq_len / s), same loss (reparam
@@ -62,13 +62,13 @@ OPTIM = OptimConfig(learning_rate=2e-6, weight_decay=1e-3, warmup_ratio=0.0, cli
 
 
 class JaxRunner:
-    def __init__(self, name, cfg, params, compute: str):
+    def __init__(self, name, cfg, params, compute: str, layer_loop: str = "auto"):
         self.name = name
         # attention and layer loop `auto`, what `urm-jax train` runs (TrainConfig.model_options): on
         # CPU the reference attention below AUTO_BLOCKWISE_LENGTH tokens, blockwise from there, and
         # the decoder layers unrolled (urm_jax.model.urm.LAYER_LOOP_AUTO)
         options = ModelOptions(DTypePolicy(param="float32", compute=compute, gate="float32"), attention="auto",
-                               layer_loop="auto")
+                               layer_loop=layer_loop)
         self.trainer = build_trainer(cfg, params, TrainConfig(optim=OPTIM), total_steps=10_000,
                                      mesh=make_mesh((1, 1, 1), jax.devices()[:1]), options=options)
         self.batch = None
@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="one length (256), one timed round")
     parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--scan-too", action="store_true",
+                        help="also urm-jax fp32 with the layers as a scan (what accelerators run)")
     args = parser.parse_args()
     if args.quick:
         args.seq_lens, args.steps = [256], 1
@@ -136,6 +138,8 @@ def main() -> None:
         runners = [JaxRunner("urm-jax fp32", cfg, params, "float32")]
         if not args.skip_bf16:
             runners.append(JaxRunner("urm-jax bf16 compute", cfg, params, "bfloat16"))
+        if args.scan_too:
+            runners.append(JaxRunner("urm-jax fp32 layer scan", cfg, params, "float32", layer_loop="scan"))
         del params
         runners += [TorchRunner("HF sdpa fp32", path, "sdpa"), TorchRunner("HF eager fp32", path, "eager")]
 
@@ -164,7 +168,7 @@ def main() -> None:
     print(f"shape: hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads / {cfg.num_kv_heads} KV, "
           f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}; batch {args.batch} full rows; "
           f"median of {args.steps} timed step(s) after 1 warm-up\n")
-    header = (f"{'implementation':<22} {'seq':>5} {'tokens/step':>11} {'warm-up s':>9} {'s/step':>8} "
+    header = (f"{'implementation':<24} {'seq':>5} {'tokens/step':>11} {'warm-up s':>9} {'s/step':>8} "
               f"{'tokens/s':>9} {'best tok/s':>10} {'GFLOP/s':>8} {'CPU s/step':>10} "
               f"{'÷ HF sdpa':>9} {'÷ HF eager':>10}")
     print(header)
@@ -177,7 +181,7 @@ def main() -> None:
             first, times, cpu = results[(r.name, seq_len)]
             median = statistics.median(times)
             ratios = f"{tps[r.name] / tps['HF sdpa fp32']:>9.2f} {tps[r.name] / tps['HF eager fp32']:>10.2f}"
-            print(f"{r.name:<22} {seq_len:>5} {tokens:>11} {first:>9.1f} {median:>8.2f} {tps[r.name]:>9.1f} "
+            print(f"{r.name:<24} {seq_len:>5} {tokens:>11} {first:>9.1f} {median:>8.2f} {tps[r.name]:>9.1f} "
                   f"{tokens / min(times):>10.1f} {flops / median / 1e9:>8.1f} {statistics.median(cpu):>10.2f} "
                   f"{ratios}")
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
