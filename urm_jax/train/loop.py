@@ -391,8 +391,9 @@ def export_step(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
 def feature_iterator(cfg: TrainConfig, run: RunDirectory, model_cfg: ModelConfig, params, examples,
                      mesh, progress: bool) -> FeatureIterator:
     """Stage-2 fast path: pool every pair once with the frozen backbone (cached on disk)."""
-    # The frozen backbone alone: stage 2's adapters (gate kernels only) never touch the features.
-    options = dataclasses.replace(cfg.model_options(), lora=None)
+    # The frozen backbone alone: stage 2's adapters (gate kernels only) never touch the features;
+    # a forward only, so the layer scan (one compile; unrolling pays off in a backward)
+    options = dataclasses.replace(cfg.model_options(), lora=None, layer_loop="scan")
     key = cache_key(cfg.model, examples, cfg.data.seq_len, options.dtypes.compute)
 
     def compute():

@@ -176,7 +176,9 @@ def make_eval_step(cfg: ModelConfig, train: TrainConfig, options: ModelOptions) 
     """eval(trainable, frozen, batch) -> metric sums of one batch (no gradients). Token batches
     without an accumulation axis; stage 2 evaluates through the backbone (eval pairs are not
     cached). The noise key is fixed, so reparam eval losses are comparable across steps."""
-    binder = ModelBinder(cfg, options)
+    # A forward only: the layer scan (unrolling pays off in the backward, and costs compile time
+    # per eval shape; urm_jax.model.urm.LAYER_LOOP_AUTO)
+    binder = ModelBinder(cfg, dataclasses.replace(options, layer_loop="scan"))
     key = jax.random.fold_in(jax.random.key(train.seed), 2**31 - 1)
 
     def evaluate(trainable, frozen, batch):
