@@ -7,7 +7,15 @@ line and exit 2 for bad input, exit 1 when `verify` finds a difference."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+
+# The signals `main` answers (Ctrl-C: 130, SIGTERM: 143, one `error:` line each). Until it can, a
+# Ctrl-C would land inside some module's import below (a traceback, or a half-imported numpy and
+# exit 1): run as a command, they wait, blocked, and are delivered once `main` is ready.
+ANSWERED = {signal.SIGINT, signal.SIGTERM}
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, ANSWERED)
 
 from urm_jax.attributes import DEFAULT_PRESET, PRESETS, parse_attributes, parse_label_range
 from urm_jax.cli_args import OneLineParser, join_negative_values, number, seed
@@ -99,18 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warning_lines():  # library notices (pad id == eos id) as one `warning:` line
             # SIGTERM unwinds like Ctrl-C: the output's temporary is removed on the way out
-            return run_until_sigterm(lambda: run(args), outputs)
+            return run_until_sigterm(lambda: run(args, unblock=True), outputs)
     except KeyboardInterrupt:  # before the rename: nothing written; after it: OUT_DIR is whole
         print(f"error: interrupted (Ctrl-C): python -m convert {args.command} stopped"
               f"{stopped_note(before)}", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, unblock: bool = False) -> int:
     """Run one parsed command. Prints `wrote OUT_DIR` (from_hf, to_hf, init) or verify's report, and
     returns 0, or 1 when verify finds a tensor that differs; bad input (USER_ERRORS: a missing or
     corrupt checkpoint, a config field out of range, an existing output without --overwrite, a full
-    disk) prints one `error:` line and returns 2."""
+    disk) prints one `error:` line and returns 2. `unblock`: first deliver the signals held
+    while the command imported its modules (the caller answers them)."""
+    if unblock:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ANSWERED)
     try:
         if args.command == "verify":
             lines, same = format_verify(verify(args.hf_dir, args.ckpt_dir,

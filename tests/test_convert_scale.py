@@ -408,6 +408,34 @@ def test_sigterm_and_ctrl_c_mid_conversion_leave_the_old_output_and_no_temporary
     assert siblings(out) == [] and (out / "keep").read_text() == "previous output"
 
 
+# A signal that arrives while `python -m convert` imports its modules: sent (held) before the
+# command's module even starts, so it is pending throughout the imports, deterministically.
+SIGNAL_DURING_IMPORTS = """
+import os, runpy, signal, sys
+signum = int(sys.argv[1])
+signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+os.kill(os.getpid(), signum)
+sys.argv = ["convert", *sys.argv[2:]]
+runpy.run_module("convert", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("signum, code, line", [
+    (signal.SIGTERM, 143, "error: stopped by SIGTERM; nothing written to {out}"),
+    (signal.SIGINT, 130, "error: interrupted (Ctrl-C): python -m convert from_hf stopped; nothing written to {out}")])
+def test_a_signal_during_the_imports_is_answered_once_the_command_can(src, tmp_path, signum, code, line):
+    """Ctrl-C or SIGTERM while `python -m convert` still imports its modules: held until the
+    command can answer, then one `error:` line and 130 / 143, no traceback (found by the stop-20
+    review: a Ctrl-C in the first 0.2 s printed a KeyboardInterrupt traceback from inside an
+    import, once an ImportError and exit 1)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_DURING_IMPORTS, str(int(signum)), "from_hf", str(src),
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == line.format(out=out), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not out.exists() and siblings(out) == []
+
+
 class _InterruptedFinalizer:
     def __del__(self):
         raise KeyboardInterrupt  # a Ctrl-C landing in a finalizer (tqdm's bar has one)

@@ -141,3 +141,24 @@ def test_a_failed_background_fsync_fails_the_output(tmp_path, monkeypatch):
             assert failed
     assert caught.value.filename.endswith("big.bin")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_overwrite_replaces_a_symlinked_output_not_its_target(tmp_path, dangling):
+    """`OUT --overwrite` where OUT is a symlink: the link itself is replaced by the new output and
+    the directory it pointed to is left alone (found by the stop-20 review: the rename worked,
+    then removing the old link failed with 'Cannot call rmtree on a symbolic link', exit 2, and a
+    hidden `.OUT.old-PID` link stayed behind)."""
+    target = tmp_path / "elsewhere"
+    if not dangling:
+        target.mkdir()
+        (target / "keep.txt").write_text("theirs")
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    with io_utils.atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("ours")
+    assert out.is_dir() and not out.is_symlink()
+    assert (out / "new.txt").read_text() == "ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if dangling else ["elsewhere", "out"])
+    if not dangling:
+        assert (target / "keep.txt").read_text() == "theirs"

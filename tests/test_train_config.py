@@ -16,7 +16,7 @@ import pytest
 from faults import ROOT, cli_env, write_tiny_base
 from urm_jax import cli
 from urm_jax.train import loop
-from urm_jax.train.config import load_train_config
+from urm_jax.train.config import LossConfig, TrainConfig, load_train_config
 
 STAGE1 = str(ROOT / "configs/train/tiny_stage1.yaml")
 STAGE2 = str(ROOT / "configs/train/tiny_stage2.yaml")
@@ -246,3 +246,18 @@ def test_settings_cached_stage2_ignores_are_named_once(overrides, ignored, base_
         warnings_module.simplefilter("always")
         load_train_config(STAGE2, ["model=m", "output_dir=o", *overrides])
     assert seen == []
+
+
+@pytest.mark.parametrize("trainable, cached", [
+    (None, True), (("gate", "value_head"), True), (("gate",), True),
+    (("gate", "backbone/layers/q_proj"), False), (("*q_proj*",), False), (("gate", "backbone"), False),
+    (("backbone/final_norm",), False)])
+def test_stage2_trainable_patterns_that_reach_the_backbone_leave_the_cached_path(trainable, cached):
+    """Features pooled once cannot follow a trained backbone: a stage-2 run whose `trainable`
+    patterns select any backbone parameter goes through the backbone (found by the stop-20
+    review: `trainable=[gate,backbone/layers/q_proj]` trained the gate only and recorded q_proj
+    as trained)."""
+    train = TrainConfig(stage=2, loss=LossConfig(kind="bt"), trainable=trainable)
+    assert train.use_features is cached
+    assert TrainConfig(stage=2, loss=LossConfig(kind="bt"), trainable=trainable,
+                       stage2_cached_features=False).use_features is False

@@ -238,11 +238,12 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             # empty directory made between here and the rename is all the rename can replace.
             raise OutputExistsError(f"{path} appeared while this command ran; nothing replaced "
                                     "(pass --overwrite to replace it)")
-        if path.exists():
+        if path.exists() or path.is_symlink():
+            # A symlink (to a directory or dangling) is replaced itself: its target is not ours
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)
             tmp.rename(path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         else:
             tmp.rename(path)
         fsync_path(path.parent)

@@ -35,7 +35,7 @@ from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from urm_jax.model.attention import allowed_mask, attention, needs_dense_mask, target_platform
 from urm_jax.model.attention import check_available as check_attention
 from urm_jax.model.lora import LORA_A, LORA_B, Kernel, LoraConfig
-from urm_jax.model.paths import LORA, Path, is_gate, leaf_paths
+from urm_jax.model.paths import LORA, Path, is_gate, leaf_paths, matches
 from urm_jax.model.rope import apply_rope, cos_sin
 from urm_jax.sharding import constrain, named_sharding
 
@@ -510,6 +510,15 @@ def lora_target_paths(lora: LoraConfig) -> list[Path]:
     """The kernel paths `lora.targets` select in any URM (ValueError naming the pattern when one
     selects no projection kernel): the check a training config runs before any model exists."""
     return list(lora_targets(lora, _structure()))
+
+
+@functools.lru_cache(maxsize=64)
+def reaches_backbone(patterns: tuple[str, ...]) -> bool:
+    """Whether the trainable path `patterns` select a backbone parameter (e.g. `backbone`,
+    `*q_proj*`). Stage 2 cannot train those on features pooled once (the features would not
+    follow them); its LoRA adapters sit on gate kernels only (TrainConfig refuses others)."""
+    paths = leaf_paths(nnx.state(_structure(), nnx.Param).to_pure_dict())
+    return any(matches(path, pattern) for path in paths if path[0] == "backbone" for pattern in patterns)
 
 
 def _adapter_params(values: dict, targets: dict[Path, Kernel], r: int) -> dict:

@@ -26,7 +26,7 @@ from urm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from urm_jax.model.attention import resolve as resolve_attention, splash_length_problem, target_platform
 from urm_jax.model.lora import LoraConfig
 from urm_jax.model.paths import LORA, check_patterns, is_gate, path_name
-from urm_jax.model.urm import REMAT_POLICIES, ModelOptions, lora_target_paths
+from urm_jax.model.urm import REMAT_POLICIES, ModelOptions, lora_target_paths, reaches_backbone
 
 
 class TrainConfigError(ValueError):
@@ -359,8 +359,11 @@ class TrainConfig:
 
     @property
     def use_features(self) -> bool:
-        """Stage 2's fast path: train the gate on pooled features cached once."""
-        return self.stage == 2 and self.stage2_cached_features
+        """Stage 2's fast path: train the gate on pooled features cached once; not when the
+        trainable patterns reach the backbone: the features would not follow its parameters, so
+        such a run goes through the backbone (as `stage2_cached_features: false`)."""
+        return (self.stage == 2 and self.stage2_cached_features
+                and not reaches_backbone(tuple(self.trainable_patterns)))
 
     @property
     def dtypes(self) -> DTypePolicy:
@@ -520,9 +523,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), *,
         warnings.warn(NoticeWarning(
             f"{', '.join(ignored)} {'change' if len(ignored) > 1 else 'changes'} nothing in this run: stage 2 on cached features (the "
             "default, stage2_cached_features) trains the gate on one pooled feature per response, "
-            "computed once without gradients, so there are no token rows to pack and no backbone "
-            "backward pass to rematerialize; set stage2_cached_features=false to train on token "
-            "rows, where they apply"), stacklevel=2)
+            "computed once without gradients by a pass that packs every side as its own segment "
+            "and never runs a backward pass (nothing to rematerialize); set "
+            "stage2_cached_features=false to train on token rows, where they apply"), stacklevel=2)
     return cfg
 
 
