@@ -33,6 +33,9 @@ def test_auto_unrolls_on_cpu_only():
 def test_training_asks_for_auto_scoring_keeps_the_scan():
     assert TrainConfig().model_options().layer_loop == "auto"
     assert ModelOptions().layer_loop == "scan"
+    # with remat, unrolled layers keep more recomputed activations live (test_memory's bound)
+    assert TrainConfig(remat="full").model_options().layer_loop == "scan"
+    assert TrainConfig(remat="dots").model_options().layer_loop == "scan"
 
 
 def _while_loops(fn, *args) -> int:

@@ -58,7 +58,9 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 # dynamic-update-slices each layer in, and the forward stacks the saved activations the same way;
 # the ~100M bench model's stage-1 step (12 layers, fp32, 2 x 512 tokens, attention auto) took
 # 7.46 -> 6.86 CPU s/step unrolled (-8%), 3.53 -> 3.43 at 2 x 256 (interleaved, load ~4).
-# Scoring keeps `scan`: a forward has no such buffers and compiles once per bucket shape.
+# Scoring keeps `scan`: a forward has no such buffers and compiles once per bucket shape; so does
+# training with remat (TrainConfig.model_options: unrolled, XLA keeps more recomputed activations
+# live and the step's peak memory grows ~1.5x).
 LAYER_LOOPS = ("scan", "unrolled", "auto")
 LAYER_LOOP_AUTO = {"cpu": "unrolled"}
 

@@ -376,9 +376,13 @@ class TrainConfig:
     def model_options(self, attention_interpret: bool = False) -> ModelOptions:
         """How the model runs in training: the dtypes, remat and attention of this config; the
         layers unrolled where that trains faster (`layer_loop` auto: XLA:CPU, see
-        `urm_jax.model.urm.LAYER_LOOP_AUTO`)."""
+        `urm_jax.model.urm.LAYER_LOOP_AUTO`) unless remat is on: unrolled, XLA keeps several
+        layers' recomputed activations live at once, and the step's peak memory outgrows what
+        remat is for (test_memory's stage-1 step, remat full: 0.31 GB unrolled, 0.20 GB estimated
+        and met with the scan)."""
         return ModelOptions(self.dtypes, remat=self.remat, attention=self.attention,
-                            attention_interpret=attention_interpret, lora=self.lora, layer_loop="auto")
+                            attention_interpret=attention_interpret, lora=self.lora,
+                            layer_loop="auto" if self.remat == "none" else "scan")
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
