@@ -14,12 +14,11 @@ which `load_tokenizer` refuses), `card_tokenizer` falls back to `load_tokenizer`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from urm_jax.data.tokenization import load_tokenizer
-from urm_jax.validate import MetadataError
+from urm_jax.validate import read_json
 
 # tokenizer_config.json / special_tokens_map.json keys whose values transformers adds to the
 # vocabulary as whole tokens when they are missing from it (besides added_tokens_decoder)
@@ -101,16 +100,8 @@ def _special_tokens(source: dict) -> list[str]:
 
 def _read_object(path: Path) -> dict:
     """The JSON object in `path` ({} when the file is absent); MetadataError naming the file when
-    it is not one."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MetadataError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise MetadataError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    it is not one (`read_json`)."""
+    return read_json(path) if path.is_file() else {}
 
 
 def card_tokenizer(directory: str | Path) -> Any:
